@@ -1,0 +1,32 @@
+"""fastft: fast, memory-lean fine-tuning methods for Hugging Face transformers models.
+
+    report = fastft.patch(model, fastft.LoRAConfig(r=16))
+    print(report)            # what was patched, and the backend each module runs on
+    ...train with any trainer...
+    fastft.save(model, "adapter")          # or fastft.export_peft(model, "peft-adapter")
+    fastft.unpatch(model, merge=True)      # a plain model again, updates folded in
+"""
+__version__ = "0.1.0"
+
+from . import nn, ops
+from .config import LoRAConfig
+from .dispatch import backends
+from .io import load, save
+from .patch import is_patched, patch, unpatch
+from .peft_compat import export_peft, from_peft
+from .report import PatchReport
+
+__all__ = [
+    "LoRAConfig",
+    "PatchReport",
+    "backends",
+    "export_peft",
+    "from_peft",
+    "is_patched",
+    "load",
+    "nn",
+    "ops",
+    "patch",
+    "save",
+    "unpatch",
+]

@@ -1,0 +1,94 @@
+"""``fastft.save`` / ``fastft.load``: adapter weights (safetensors) and the configs (JSON), nothing else.
+
+A saved directory holds ``fastft_adapter.safetensors`` (keys ``<qualified module name>.<tensor name>``)
+and ``fastft_config.json`` (the configs, the patched module names per method, the fastft version).
+``load`` onto a plain model patches it with the saved configs first; onto a patched model it checks
+that the same modules are patched and copies the weights in.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import config_from_dict
+from .patch import patch, patch_state, unpatch
+
+WEIGHTS_NAME = "fastft_adapter.safetensors"
+CONFIG_NAME = "fastft_config.json"
+
+
+def _require_state(model: nn.Module, what: str):
+    state = patch_state(model)
+    if state is None:
+        raise ValueError(f"fastft.{what}: this model is not patched by fastft; call fastft.patch(model, config) first.")
+    return state
+
+
+def save(model: nn.Module, directory: str | os.PathLike) -> None:
+    """Write the adapter weights and configs of a patched model to ``directory`` (created if needed)."""
+    from . import __version__
+
+    state = _require_state(model, "save")
+    tensors = {}
+    modules: dict[str, list[str]] = {}
+    for plan in state.plans:
+        names = modules.setdefault(plan.config.method, [])
+        for name, module in plan.swaps:
+            names.append(name)
+            for key, value in module.adapter_state_dict().items():
+                tensors[f"{name}.{key}"] = value.detach().contiguous().cpu()
+    os.makedirs(directory, exist_ok=True)
+    save_file(tensors, os.path.join(directory, WEIGHTS_NAME))
+    meta = {"fastft_version": __version__, "configs": [c.to_dict() for c in state.configs], "modules": modules}
+    with open(os.path.join(directory, CONFIG_NAME), "w") as f:
+        json.dump(meta, f, indent=2)
+
+
+def load(model: nn.Module, directory: str | os.PathLike):
+    """Load what :func:`save` wrote; patches a plain model first. Returns the :class:`PatchReport`."""
+    from .patch import build_report
+
+    config_path = os.path.join(directory, CONFIG_NAME)
+    weights_path = os.path.join(directory, WEIGHTS_NAME)
+    for path in (config_path, weights_path):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"fastft.load: {path} is missing; is {directory!r} a fastft.save directory?")
+    with open(config_path) as f:
+        meta = json.load(f)
+    configs = [config_from_dict(c) for c in meta["configs"]]
+    patched_here = patch_state(model) is None
+    if patched_here:
+        patch(model, configs)
+    state = patch_state(model)
+    try:
+        if [c.to_dict() for c in state.configs] != [c.to_dict() for c in configs]:
+            raise ValueError(
+                f"fastft.load: the model is patched with {state.configs} but {directory!r} holds {configs}; "
+                "unpatch it first or load onto the plain model."
+            )
+        tensors = load_file(weights_path)
+        per_module = defaultdict(dict)
+        for key, value in tensors.items():
+            name, _, tensor_name = key.rpartition(".")
+            per_module[name][tensor_name] = value
+        for plan in state.plans:
+            saved = meta["modules"].get(plan.config.method, [])
+            names = [name for name, _ in plan.swaps]
+            if names != saved:
+                missing, extra = sorted(set(saved) - set(names)), sorted(set(names) - set(saved))
+                raise ValueError(
+                    f"fastft.load: the saved {plan.config.method} adapter covers different modules than this model "
+                    f"(saved but absent here: {missing[:5]}; here but not saved: {extra[:5]})."
+                )
+            for name, module in plan.swaps:
+                param = next(module.parameters())
+                module.load_adapter_state_dict({k: v.to(param.device) for k, v in per_module[name].items()})
+    except Exception:
+        if patched_here:
+            unpatch(model, merge=False)
+        raise
+    return build_report(model)

@@ -1,0 +1,6 @@
+"""Drop-in ``nn.Module`` replacements, one method per file."""
+from .lora import LoRALinear
+
+FASTFT_MODULES = (LoRALinear,)
+
+__all__ = ["LoRALinear", "FASTFT_MODULES"]

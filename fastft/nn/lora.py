@@ -1,0 +1,224 @@
+"""``LoRALinear``: a drop-in for ``nn.Linear`` / bitsandbytes ``Linear4bit`` with a low-rank update.
+
+    y = x Wᵀ + b + s · dropout(x) Aᵀ Bᵀ,      A: r×in (``lora_A``), B: out×r (``lora_B``)
+
+with ``s = alpha / r`` (or ``alpha / sqrt(r)`` with rslora). The frozen base layer is kept, untouched, as
+the child ``base_layer`` (so ``unpatch`` can put it back); only ``lora_A`` and ``lora_B`` train (``lora_A``
+stays frozen with ``train_a=False``). The adapter parameters are float32, as PEFT keeps them; the op
+computes in the input's dtype (or the autocast dtype, or a 4-bit layer's ``compute_dtype``).
+
+The parameter shapes and meaning are PEFT's (``lora_A.weight`` is r×in, ``lora_B.weight`` out×r), so
+``fastft.export_peft`` writes them unchanged.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch import Tensor, nn
+
+from ..bnb import four_bit_weight, is_linear4bit, requantize_like
+from ..config import LoRAConfig
+from ..ops.lora import lora_linear
+
+
+def check_linear(layer: nn.Module, what: str = "LoRA") -> None:
+    """Raise a clear error unless ``layer`` is an ``nn.Linear`` with a float weight or a ``Linear4bit``."""
+    if is_linear4bit(layer):
+        return
+    if isinstance(layer, nn.Linear) and layer.weight.is_floating_point():
+        return
+    detail = ""
+    if isinstance(layer, nn.Linear):
+        detail = f" (its weight is {layer.weight.dtype}: only float weights and bitsandbytes 4-bit are supported)"
+    raise TypeError(
+        f"fastft {what} patches nn.Linear and bitsandbytes Linear4bit layers; got {type(layer).__name__}{detail}."
+    )
+
+
+class LoRALinear(nn.Module):
+    """LoRA over a frozen linear layer; see the module docstring for the math.
+
+    Args:
+        base_layer: the ``nn.Linear`` or quantized bitsandbytes ``Linear4bit`` to adapt (kept as a child).
+        config: a :class:`fastft.LoRAConfig` (r, alpha, dropout, rslora, train_a, init are used here).
+    """
+
+    op = "lora_linear"
+
+    def __init__(self, base_layer: nn.Module, config: LoRAConfig):
+        super().__init__()
+        if not isinstance(config, LoRAConfig):
+            raise TypeError(f"LoRALinear needs a fastft.LoRAConfig, got {type(config).__name__}")
+        check_linear(base_layer)
+        self.is_4bit = is_linear4bit(base_layer)
+        if self.is_4bit:
+            four_bit_weight(base_layer)  # raises now if the layer holds no quantization state
+        if config.init == "pissa" and self.is_4bit:
+            raise ValueError(
+                "init='pissa' needs a float base weight (the base becomes the residual W - s·BA); "
+                "patch the unquantized model, then quantize the residual, or use init='default'."
+            )
+        self.base_layer = base_layer
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        self.r = config.r
+        self.alpha = config.alpha
+        self.rslora = config.rslora
+        self.scale = config.scale
+        self.dropout_p = config.dropout
+        self.train_a = config.train_a
+        self.init = config.init
+        device = base_layer.weight.device
+        self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, device=device), requires_grad=self.train_a)
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.r, device=device))
+        self._initialise()
+
+    @classmethod
+    def from_linear(cls, layer: nn.Module, config: LoRAConfig) -> "LoRALinear":
+        """Wrap ``layer`` (an ``nn.Linear`` or a bitsandbytes ``Linear4bit``)."""
+        return cls(layer, config)
+
+    @property
+    def kind(self) -> str:
+        return "qlora" if self.is_4bit else "lora"
+
+    def report_detail(self) -> str:
+        parts = [f"r={self.r}", f"s={self.scale:g}"]
+        if self.dropout_p:
+            parts.append(f"dropout={self.dropout_p:g}")
+        if not self.train_a:
+            parts.append("A frozen")
+        if self.init != "default":
+            parts.append(f"init={self.init}")
+        return " ".join(parts)
+
+    def _initialise(self) -> None:
+        with torch.no_grad():
+            if self.init == "default":
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            elif self.init == "gaussian":
+                nn.init.normal_(self.lora_A, std=1.0 / self.r)
+            else:
+                self._init_pissa()
+
+    def _init_pissa(self) -> None:
+        weight = self.base_layer.weight
+        if min(weight.shape) < self.r:
+            raise ValueError(f"init='pissa' needs r <= min(out, in) = {min(weight.shape)}, got r={self.r}")
+        u, s, vh = torch.linalg.svd(weight.detach().float(), full_matrices=False)
+        root = (s[: self.r] / self.scale).sqrt()
+        self.lora_A.copy_(root[:, None] * vh[: self.r])
+        self.lora_B.copy_(u[:, : self.r] * root[None, :])
+        # the initial factors are kept (not trained, not in the state dict) to undo or export the residual
+        self.register_buffer("pissa_A0", self.lora_A.detach().clone(), persistent=False)
+        self.register_buffer("pissa_B0", self.lora_B.detach().clone(), persistent=False)
+        weight.copy_((weight.float() - self.scale * self.lora_B @ self.lora_A).to(weight.dtype))
+
+    # ---------------------------------------------------------------- forward
+    def _compute_dtype(self, x: Tensor) -> torch.dtype:
+        if self.is_4bit and self.base_layer.compute_dtype is not None:
+            return self.base_layer.compute_dtype
+        if torch.is_autocast_enabled(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+        return x.dtype
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"{type(self).__name__}: the input's last dimension is {x.shape[-1]} but this layer takes "
+                f"{self.in_features} features (input shape {tuple(x.shape)})."
+            )
+        input_dtype = x.dtype
+        dtype = self._compute_dtype(x)
+        x = x.to(dtype)
+        if self.is_4bit:
+            weight = four_bit_weight(self.base_layer)
+        else:
+            weight = self.base_layer.weight.to(dtype)
+        bias = self.base_layer.bias
+        bias = None if bias is None else bias.to(dtype)
+        mask = None
+        if self.training and self.dropout_p > 0.0:
+            mask = torch.empty(x.shape, device=x.device).bernoulli_(1.0 - self.dropout_p).bool()
+        y = lora_linear(x, weight, bias, self.lora_A.to(dtype), self.lora_B.to(dtype), self.scale, self.dropout_p, mask)
+        return y.to(input_dtype) if self.is_4bit else y
+
+    # ------------------------------------------------------------- adapters
+    def adapter_parameters(self) -> dict[str, nn.Parameter]:
+        """The parameters this module adds (trainable or not)."""
+        return {"lora_A": self.lora_A, "lora_B": self.lora_B}
+
+    def adapter_state_dict(self) -> dict[str, Tensor]:
+        """What ``fastft.save`` stores for this module."""
+        state = {"lora_A": self.lora_A.detach(), "lora_B": self.lora_B.detach()}
+        if self.init == "pissa":
+            state.update(pissa_A0=self.pissa_A0, pissa_B0=self.pissa_B0)
+        return state
+
+    def load_adapter_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Load :meth:`adapter_state_dict` output, checking names and shapes."""
+        expected = set(self.adapter_state_dict())
+        if set(state) != expected:
+            raise ValueError(f"adapter state has keys {sorted(state)}, expected {sorted(expected)}")
+        with torch.no_grad():
+            for name in ("lora_A", "lora_B"):
+                param = getattr(self, name)
+                if state[name].shape != param.shape:
+                    raise ValueError(f"{name}: saved shape {tuple(state[name].shape)} != {tuple(param.shape)}")
+                param.copy_(state[name])
+            if self.init == "pissa":
+                # re-derive the residual from the saved initial factors, whatever this SVD produced
+                weight = self.base_layer.weight
+                original = weight.float() + self.scale * self.pissa_B0 @ self.pissa_A0
+                A0, B0 = state["pissa_A0"].to(original), state["pissa_B0"].to(original)
+                weight.copy_((original - self.scale * B0 @ A0).to(weight.dtype))
+                self.pissa_A0.copy_(A0)
+                self.pissa_B0.copy_(B0)
+
+    def delta_weight(self) -> Tensor:
+        """``s · B A`` (out×in, float32): what merging adds to the base weight."""
+        return self.scale * (self.lora_B.detach().float() @ self.lora_A.detach().float())
+
+    def peft_factors(self) -> tuple[Tensor, Tensor, float]:
+        """(A, B, extra) of an equivalent PEFT LoRA on the *original* base weight.
+
+        For PiSSA the base holds the residual, so the equivalent update is ``s·(BA - B0A0)``: a rank-2r
+        LoRA with A' = [A; A0], B' = [B, -B0]. ``extra`` is the rank multiplier (1 or 2).
+        """
+        A, B = self.lora_A.detach().float(), self.lora_B.detach().float()
+        if self.init != "pissa":
+            return A, B, 1
+        return torch.cat([A, self.pissa_A0.float()], 0), torch.cat([B, -self.pissa_B0.float()], 1), 2
+
+    def unpatched(self, merge: bool) -> nn.Module:
+        """The plain layer to put back: with the update folded in (``merge``) or dropped.
+
+        Dropping a PiSSA update restores the original weight (the residual plus the initial factors).
+        Merging into a 4-bit base dequantizes, adds and re-quantizes (with a warning: that rounds).
+        """
+        base = self.base_layer
+        if merge:
+            delta = self.delta_weight()
+        elif self.init == "pissa":
+            delta = self.scale * (self.pissa_B0.float() @ self.pissa_A0.float())
+        else:
+            return base
+        if self.is_4bit:
+            warnings.warn(
+                "fastft.unpatch(merge=True) on a 4-bit base: the weight is dequantized, merged and re-quantized, "
+                "which rounds the merged weight to 4 bits again.",
+                stacklevel=3,
+            )
+            merged = four_bit_weight(base).dequantize(torch.float32) + delta.to(base.weight.device)
+            return requantize_like(base, merged)
+        with torch.no_grad():
+            base.weight.copy_((base.weight.float() + delta.to(base.weight.device)).to(base.weight.dtype))
+        return base
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, alpha={self.alpha}, "
+            f"scale={self.scale:g}, dropout={self.dropout_p}, train_a={self.train_a}, init={self.init!r}"
+        )

@@ -1,0 +1,73 @@
+"""Dequantize a bitsandbytes 4-bit (NF4 / FP4) weight.
+
+Format (bitsandbytes ``Params4bit``): the row-major flattening ``w`` of an out×in matrix is cut into
+blocks of ``blocksize`` elements; element ``i`` is stored as a 4-bit code ``c_i`` packed two to a byte,
+the even element in the high nibble (byte ``i // 2``; high nibble if ``i`` is even, low nibble if odd).
+
+    w_i = code[c_i] · absmax[i // blocksize]
+
+``code`` is the 16-entry table of the quant type (NF4 or FP4, ``QuantState.code``). With nested
+("double") quantization the absmax vector is itself stored blockwise in 8 bits:
+
+    absmax_j = code2[q_j] · absmax2[j // blocksize2] + offset
+
+:func:`unnest_absmax` undoes that once per call (the vector is ``in·out / blocksize`` long, 1/64 of
+the weight at the default block size), so every consumer sees a plain float32 ``absmax``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..dispatch import backend_for, register_op
+
+register_op("dequantize_4bit", ("torch", "triton"))
+
+
+def unnest_absmax(absmax_codes: Tensor, code2: Tensor, absmax2: Tensor, blocksize2: int, offset: float | Tensor) -> Tensor:
+    """Float32 absmax from its 8-bit blockwise encoding (bitsandbytes' nested quant state)."""
+    n = absmax_codes.numel()
+    scale = absmax2.float().repeat_interleave(blocksize2)[:n]
+    return code2.float()[absmax_codes.reshape(-1).long()] * scale + offset
+
+
+def dequantize_4bit_reference(
+    packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int, shape: tuple[int, int], dtype: torch.dtype
+) -> Tensor:
+    """The formula above in PyTorch, computed in float32 and cast to ``dtype``."""
+    n = shape[0] * shape[1]
+    data = packed.reshape(-1).view(torch.uint8)
+    codes = torch.stack((data >> 4, data & 0xF), dim=-1).reshape(-1)[:n]
+    scale = absmax.float().repeat_interleave(blocksize)[:n]
+    return (code.float()[codes.long()] * scale).reshape(shape).to(dtype)
+
+
+def dequantize_4bit(
+    packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int, shape: tuple[int, int], dtype: torch.dtype
+) -> Tensor:
+    """Dense ``shape`` matrix of ``dtype`` from a packed 4-bit weight, on the backend chosen for its device."""
+    if absmax.dtype != torch.float32:
+        raise TypeError(f"dequantize_4bit expects a float32 absmax (unnest it first), got {absmax.dtype}")
+    if backend_for("dequantize_4bit", packed.device) == "triton":
+        from ..kernels.dequantize_4bit import dequantize_4bit as kernel
+
+        return kernel(packed, absmax, code, blocksize, shape, dtype)
+    return dequantize_4bit_reference(packed, absmax, code, blocksize, shape, dtype)
+
+
+@dataclass
+class FourBitWeight:
+    """A packed 4-bit weight as plain tensors: what the ops and kernels take."""
+
+    packed: Tensor  # uint8 codes, two per byte (high nibble first)
+    absmax: Tensor  # float32, one per block
+    code: Tensor  # float32, 16 entries
+    blocksize: int
+    shape: tuple[int, int]  # (out_features, in_features)
+    dtype: torch.dtype  # dtype of the original weight
+    quant_type: str
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
+        return dequantize_4bit(self.packed, self.absmax, self.code, self.blocksize, self.shape, dtype or self.dtype)

@@ -1,0 +1,195 @@
+"""The LoRA linear op: a frozen base GEMM plus a trainable low-rank update, with a lean backward.
+
+Forward, for x (N×K), frozen W (O×K, dense or bitsandbytes 4-bit), optional frozen bias b (O),
+trainable A (R×K), B (O×R), scale s, and an optional dropout mask m with keep probability 1-p::
+
+    x̃  = x ⊙ m / (1 - p)          (x̃ = x without dropout)
+    xa = x̃ Aᵀ                      (N×R)
+    y  = x Wᵀ + b + s · xa Bᵀ      (N×O)
+
+Backward, for the upstream gradient g = ∂L/∂y (N×O)::
+
+    gb = g B                       (N×R)
+    dx = g W + s · (gb A) ⊙ m / (1 - p)
+    dA = s · gbᵀ x̃                 (R×K)
+    dB = s · gᵀ xa                 (O×R)
+
+What is saved for backward: ``xa`` always (dB needs it), ``x`` only when A trains (dA needs x̃, which
+is rebuilt from x and the mask), and the boolean mask with dropout. The base output, x̃ and the
+dequantized weight are never saved; W is re-read (re-dequantized for a 4-bit base) in backward.
+W and b receive no gradient.
+
+Registered as the ``torch.library`` ops ``fastft::lora_linear`` and ``fastft::lora_linear_backward``
+(with fake kernels, so ``torch.compile`` traces through them). The PyTorch implementation here is the
+reference and runs on every device; the Triton kernels in ``fastft.kernels.lora`` run on CUDA.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from ..dispatch import backend_for, register_op
+from .dequantize_4bit import FourBitWeight, dequantize_4bit
+
+register_op("lora_linear", ("torch", "triton"))
+
+_EMPTY = torch.empty(0)
+
+
+def _dense_weight(weight: Tensor, absmax: Optional[Tensor], code: Optional[Tensor], blocksize: int, shape: tuple[int, int], dtype: torch.dtype) -> Tensor:
+    if absmax is None:
+        return weight
+    return dequantize_4bit(weight, absmax, code, blocksize, shape, dtype)
+
+
+def _dropped(x: Tensor, mask: Optional[Tensor], p: float) -> Tensor:
+    if mask is None:
+        return x
+    return x * mask * (1.0 / (1.0 - p))
+
+
+def lora_forward_reference(
+    x: Tensor, weight: Tensor, absmax: Optional[Tensor], code: Optional[Tensor], blocksize: int, out_features: int,
+    bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, scale: float, mask: Optional[Tensor], p: float,
+) -> tuple[Tensor, Tensor]:
+    """Forward of the formula above in PyTorch; returns (y, xa)."""
+    w = _dense_weight(weight, absmax, code, blocksize, (out_features, x.shape[1]), x.dtype)
+    xa = _dropped(x, mask, p) @ lora_A.t()
+    y = torch.nn.functional.linear(x, w, bias)
+    y.addmm_(xa, lora_B.t(), alpha=scale)
+    return y, xa
+
+
+def lora_backward_reference(
+    grad_y: Tensor, x: Tensor, xa: Tensor, weight: Tensor, absmax: Optional[Tensor], code: Optional[Tensor],
+    blocksize: int, in_features: int, lora_A: Tensor, lora_B: Tensor, scale: float, mask: Optional[Tensor], p: float,
+    need_dx: bool, need_dA: bool, need_dB: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Backward of the formula above in PyTorch; returns (dx, dA, dB), empty where not needed."""
+    dx = dA = dB = _EMPTY
+    gb = grad_y @ lora_B if (need_dx or need_dA) else None
+    if need_dx:
+        w = _dense_weight(weight, absmax, code, blocksize, (grad_y.shape[1], in_features), grad_y.dtype)
+        dx = grad_y @ w
+        if mask is None:
+            dx.addmm_(gb, lora_A, alpha=scale)
+        else:
+            dx.add_((gb @ lora_A) * mask, alpha=scale / (1.0 - p))
+    if need_dA:
+        dA = torch.mm(gb.t(), _dropped(x, mask, p)).mul_(scale)
+    if need_dB:
+        dB = torch.mm(grad_y.t(), xa).mul_(scale)
+    return dx, dA, dB
+
+
+@torch.library.custom_op("fastft::lora_linear", mutates_args=())
+def _lora_linear_op(
+    x: Tensor, weight: Tensor, absmax: Optional[Tensor], code: Optional[Tensor], blocksize: int, out_features: int,
+    bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, scale: float, mask: Optional[Tensor], p: float,
+) -> tuple[Tensor, Tensor]:
+    args = (x, weight, absmax, code, blocksize, out_features, bias, lora_A, lora_B, scale, mask, p)
+    if backend_for("lora_linear", x.device) == "triton":
+        from ..kernels.lora import lora_forward
+
+        return lora_forward(*args)
+    return lora_forward_reference(*args)
+
+
+@_lora_linear_op.register_fake
+def _(x, weight, absmax, code, blocksize, out_features, bias, lora_A, lora_B, scale, mask, p):
+    return x.new_empty(x.shape[0], out_features), x.new_empty(x.shape[0], lora_A.shape[0])
+
+
+@torch.library.custom_op("fastft::lora_linear_backward", mutates_args=())
+def _lora_linear_backward_op(
+    grad_y: Tensor, x: Tensor, xa: Tensor, weight: Tensor, absmax: Optional[Tensor], code: Optional[Tensor],
+    blocksize: int, in_features: int, lora_A: Tensor, lora_B: Tensor, scale: float, mask: Optional[Tensor], p: float,
+    need_dx: bool, need_dA: bool, need_dB: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    args = (grad_y, x, xa, weight, absmax, code, blocksize, in_features, lora_A, lora_B, scale, mask, p,
+            need_dx, need_dA, need_dB)
+    if backend_for("lora_linear", grad_y.device) == "triton":
+        from ..kernels.lora import lora_backward
+
+        return lora_backward(*args)
+    return lora_backward_reference(*args)
+
+
+@_lora_linear_backward_op.register_fake
+def _(grad_y, x, xa, weight, absmax, code, blocksize, in_features, lora_A, lora_B, scale, mask, p, need_dx, need_dA, need_dB):
+    empty = grad_y.new_empty(0)
+    return (
+        grad_y.new_empty(grad_y.shape[0], in_features) if need_dx else empty,
+        grad_y.new_empty(lora_A.shape) if need_dA else empty,
+        grad_y.new_empty(lora_B.shape) if need_dB else empty,
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, absmax, code, blocksize, out_features, bias, lora_A, lora_B, scale, mask, p = inputs
+    _, xa = output
+    need_dx, need_dA, need_dB = ctx.needs_input_grad[0], ctx.needs_input_grad[7], ctx.needs_input_grad[8]
+    keep_x = x if need_dA else None
+    keep_mask = mask if (need_dx or need_dA) else None
+    ctx.save_for_backward(keep_x, xa, weight, absmax, code, lora_A, lora_B, keep_mask)
+    ctx.meta = (blocksize, x.shape[1], scale, p, need_dx, need_dA, need_dB)
+
+
+def _backward(ctx, grad_y, _grad_xa):
+    x, xa, weight, absmax, code, lora_A, lora_B, mask = ctx.saved_tensors
+    blocksize, in_features, scale, p, need_dx, need_dA, need_dB = ctx.meta
+    if x is None:
+        x = xa.new_empty(0)
+    dx, dA, dB = _lora_linear_backward_op(
+        grad_y.contiguous(), x, xa, weight, absmax, code, blocksize, in_features, lora_A, lora_B, scale, mask, p,
+        need_dx, need_dA, need_dB,
+    )
+    return (
+        dx if need_dx else None, None, None, None, None, None, None,
+        dA if need_dA else None, dB if need_dB else None, None, None, None,
+    )
+
+
+_lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def lora_linear(
+    x: Tensor,
+    weight: Union[Tensor, FourBitWeight],
+    bias: Optional[Tensor],
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scale: float,
+    dropout_p: float = 0.0,
+    dropout_mask: Optional[Tensor] = None,
+) -> Tensor:
+    """``x Wᵀ + b + scale · (dropout(x) Aᵀ) Bᵀ`` over the last dimension of ``x`` (see the module docstring).
+
+    ``weight`` is a dense (out×in) tensor of ``x``'s dtype or a :class:`~fastft.ops.dequantize_4bit.FourBitWeight`;
+    ``lora_A``, ``lora_B`` and ``bias`` must already be in ``x``'s dtype. ``dropout_mask`` is a boolean
+    tensor of ``x``'s shape (True = keep) or None for no dropout.
+    """
+    in_features = lora_A.shape[1]
+    if x.shape[-1] != in_features:
+        raise ValueError(f"lora_linear: input's last dimension is {x.shape[-1]}, the layer expects {in_features}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, in_features)
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    mask2 = None
+    if dropout_mask is not None and dropout_p > 0.0:
+        mask2 = dropout_mask.reshape(-1, in_features)
+    if isinstance(weight, FourBitWeight):
+        out_features = weight.shape[0]
+        y, _ = _lora_linear_op(
+            x2, weight.packed, weight.absmax, weight.code, weight.blocksize, out_features, bias,
+            lora_A, lora_B, float(scale), mask2, float(dropout_p),
+        )
+    else:
+        out_features = weight.shape[0]
+        y, _ = _lora_linear_op(
+            x2, weight, None, None, 0, out_features, bias, lora_A, lora_B, float(scale), mask2, float(dropout_p)
+        )
+    return y.reshape(*lead, out_features)

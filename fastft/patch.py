@@ -1,0 +1,260 @@
+"""``fastft.patch`` / ``fastft.unpatch``: swap a model's layers for fastft modules, reversibly.
+
+The path of one call:
+  1. every config is planned against the model (targets resolved, new modules built): any error is
+     raised here, and whatever a half-built plan touched is undone, so a failed patch leaves the model
+     exactly as it was;
+  2. the plans are applied (model-level edits, then module swaps on the parent instances — never on
+     transformers classes), everything that is not an adapter parameter is frozen, and the patch state is
+     recorded on the model instance (``model._fastft_patch``) so ``unpatch``, ``save`` and ``export_peft``
+     can find it;
+  3. a :class:`~fastft.report.PatchReport` lists each patched module with the backend it will run on.
+
+Methods plug in by registering a planner for their config class (:func:`register_planner`): a function
+``(model, config) -> Plan``. A :class:`Plan` holds the module swaps and optional model-level
+:class:`Edit` objects (apply / revert pairs) for what is not a module swap.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, Sequence
+
+from torch import nn
+
+from .config import LoRAConfig, MethodConfig
+from .dispatch import backend_for
+from .report import PatchedModule, PatchReport, count_parameters, logical_numel
+from .targets import resolve_targets
+
+STATE_ATTR = "_fastft_patch"
+
+
+class Edit(Protocol):
+    """A model-level change a method makes besides swapping modules (e.g. a weight permutation)."""
+
+    def apply(self, model: nn.Module) -> None: ...
+
+    def revert(self, model: nn.Module, merge: bool) -> None: ...
+
+
+@dataclass
+class Plan:
+    """What one config does to a model: module swaps (qualified name -> new module) and edits."""
+
+    config: MethodConfig
+    swaps: list[tuple[str, nn.Module]] = field(default_factory=list)
+    edits: list[Any] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def discard(self) -> None:
+        """Undo whatever building the new modules changed (e.g. PiSSA's residual weight)."""
+        for _, module in self.swaps:
+            module.unpatched(merge=False)
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        params = []
+        for _, module in self.swaps:
+            params.extend(module.adapter_parameters().values())
+        for edit in self.edits:
+            params.extend(getattr(edit, "adapter_parameters", lambda: [])())
+        return params
+
+
+@dataclass
+class PatchState:
+    """Recorded on the patched model instance."""
+
+    plans: list[Plan]
+    requires_grad: dict[str, bool]
+
+    @property
+    def configs(self) -> list[MethodConfig]:
+        return [plan.config for plan in self.plans]
+
+    def modules(self) -> list[tuple[str, nn.Module]]:
+        return [swap for plan in self.plans for swap in plan.swaps]
+
+
+Planner = Callable[[nn.Module, MethodConfig], Plan]
+PLANNERS: dict[type, Planner] = {}
+
+
+def register_planner(config_class: type, planner: Planner) -> None:
+    PLANNERS[config_class] = planner
+
+
+def plan_module_swaps(model: nn.Module, config: MethodConfig, build: Callable[[nn.Module, Any], nn.Module]) -> Plan:
+    """Plan for methods that replace each targeted linear layer by ``build(layer, config)``."""
+    targets = resolve_targets(model, config.targets, config.layers)
+    plan = Plan(config)
+    try:
+        for name, layer in targets:
+            plan.swaps.append((name, build(layer, config)))
+    except Exception:
+        plan.discard()
+        raise
+    return plan
+
+
+def _plan_lora(model: nn.Module, config: LoRAConfig) -> Plan:
+    from .nn.lora import LoRALinear
+
+    return plan_module_swaps(model, config, LoRALinear.from_linear)
+
+
+register_planner(LoRAConfig, _plan_lora)
+
+
+def patch_state(model: nn.Module) -> PatchState | None:
+    """The fastft patch state of ``model``, or None if it is not patched."""
+    return model.__dict__.get(STATE_ATTR)
+
+
+def is_patched(model: nn.Module) -> bool:
+    return patch_state(model) is not None
+
+
+def _refuse_foreign(model: nn.Module) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fastft.patch expects a torch.nn.Module, got {type(model).__name__}")
+    if is_patched(model):
+        n = len(patch_state(model).modules())
+        raise ValueError(
+            f"this model is already patched by fastft ({n} modules). Call fastft.unpatch(model) first, "
+            "or pass every config in one call: fastft.patch(model, [config_a, config_b])."
+        )
+    if any(type(m).__module__.startswith("peft.") for m in model.modules()):
+        raise ValueError(
+            "this is a PEFT model (it contains PEFT adapter layers). fastft patches plain transformers models: "
+            "load a PEFT LoRA adapter with fastft.from_peft(base_model, adapter_dir), or call "
+            "peft_model.merge_and_unload() / .get_base_model() first."
+        )
+    from .nn import FASTFT_MODULES
+
+    inner = [n for n, m in model.named_modules() if isinstance(m, FASTFT_MODULES)]
+    if inner:
+        raise ValueError(f"this model already contains fastft modules ({inner[:3]}...); unpatch it first.")
+
+
+def _device_of(model: nn.Module) -> str:
+    for param in model.parameters():
+        return str(param.device)
+    return "cpu"
+
+
+def _swap(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def build_report(model: nn.Module) -> PatchReport:
+    """The report of a patched model as it stands now (devices and flags read afresh)."""
+    state = patch_state(model)
+    rows = []
+    for name, module in state.modules():
+        device = next(module.parameters()).device
+        trainable = sum(logical_numel(p) for p in module.adapter_parameters().values() if p.requires_grad)
+        detail = getattr(module, "report_detail", lambda: "")()
+        rows.append(
+            PatchedModule(
+                name=name,
+                kind=module.kind,
+                backend=backend_for(module.op, device),
+                shape=f"{module.in_features}->{module.out_features}",
+                trainable=trainable,
+                detail=detail,
+            )
+        )
+    trainable, total = count_parameters(model)
+    notes = [note for plan in state.plans for note in plan.notes]
+    return PatchReport(
+        model=type(model).__name__,
+        device=_device_of(model),
+        modules=rows,
+        trainable_params=trainable,
+        total_params=total,
+        methods=[repr(c) for c in state.configs],
+        notes=notes,
+    )
+
+
+def patch(model: nn.Module, config: MethodConfig | Sequence[MethodConfig]) -> PatchReport:
+    """Patch ``model`` in place with one config or a list of configs; return a :class:`PatchReport`.
+
+    Everything that is not an adapter parameter ends frozen. On any error the model is left unchanged.
+    """
+    configs = list(config) if isinstance(config, (list, tuple)) else [config]
+    if not configs:
+        raise ValueError("fastft.patch needs at least one config, e.g. fastft.LoRAConfig(r=16).")
+    for cfg in configs:
+        if type(cfg) not in PLANNERS:
+            raise TypeError(
+                f"fastft.patch: {type(cfg).__name__} is not a fastft config; "
+                f"use one of {[c.__name__ for c in PLANNERS]}."
+            )
+    methods = [cfg.method for cfg in configs]
+    if len(set(methods)) != len(methods):
+        raise ValueError(f"fastft.patch: one config per method, got methods {methods}.")
+    _refuse_foreign(model)
+
+    plans: list[Plan] = []
+    try:
+        for cfg in configs:
+            plans.append(PLANNERS[type(cfg)](model, cfg))
+        names = [name for plan in plans for name, _ in plan.swaps]
+        if len(set(names)) != len(names):
+            twice = sorted({n for n in names if names.count(n) > 1})
+            raise ValueError(f"two configs target the same modules: {twice[:5]}")
+    except Exception:
+        for plan in plans:
+            plan.discard()
+        raise
+
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    applied: list[tuple[str, nn.Module]] = []
+    edits_done: list[Any] = []
+    try:
+        for plan in plans:
+            for edit in plan.edits:
+                edit.apply(model)
+                edits_done.append(edit)
+            for name, module in plan.swaps:
+                original = model.get_submodule(name)
+                _swap(model, name, module)
+                applied.append((name, original))
+    except Exception:
+        for name, original in reversed(applied):
+            _swap(model, name, original)
+        for edit in reversed(edits_done):
+            edit.revert(model, merge=False)
+        for plan in plans:
+            plan.discard()
+        raise
+
+    adapter_ids = {id(p) for plan in plans for p in plan.adapter_parameters()}
+    for param in model.parameters():
+        if id(param) not in adapter_ids:
+            param.requires_grad_(False)
+    model.__dict__[STATE_ATTR] = PatchState(plans=plans, requires_grad=requires_grad)
+    return build_report(model)
+
+
+def unpatch(model: nn.Module, merge: bool = True) -> nn.Module:
+    """Restore plain modules. ``merge=True`` folds each update into the base weight, ``False`` drops it.
+
+    The original ``requires_grad`` flags come back. Returns the model.
+    """
+    state = patch_state(model)
+    if state is None:
+        raise ValueError("fastft.unpatch: this model is not patched by fastft (nothing to undo).")
+    for plan in reversed(state.plans):
+        for name, module in reversed(plan.swaps):
+            _swap(model, name, module.unpatched(merge))
+        for edit in reversed(plan.edits):
+            edit.revert(model, merge)
+    del model.__dict__[STATE_ATTR]
+    for name, param in model.named_parameters():
+        if name in state.requires_grad:
+            param.requires_grad_(state.requires_grad[name])
+    return model

@@ -1,0 +1,153 @@
+"""Interchange with PEFT: ``export_peft`` writes a directory ``peft.PeftModel.from_pretrained`` loads;
+``from_peft`` patches a plain model from a PEFT LoRA adapter directory.
+
+PEFT's on-disk format (``adapter_config.json`` + ``adapter_model.safetensors``): weight keys are
+``base_model.model.<qualified module name>.lora_A.weight`` (r×in) and ``...lora_B.weight`` (out×r); the
+scale is ``lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``). ``target_modules`` is written as the
+list of full qualified names, which PEFT matches exactly, so it patches the same modules fastft did.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import LoRAConfig
+from .patch import patch, patch_state, unpatch
+
+PEFT_PREFIX = "base_model.model."
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_WEIGHTS_BIN = "adapter_model.bin"
+
+
+def _task_type(model: nn.Module) -> str | None:
+    return "CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else None
+
+
+def export_peft(model: nn.Module, directory: str | os.PathLike) -> None:
+    """Write the LoRA adapters of a patched model as a PEFT adapter directory.
+
+    ``PeftModel.from_pretrained(original_base_model, directory)`` then gives the same logits. A PiSSA
+    adapter (whose base holds the residual) is written as the equivalent rank-2r LoRA on the original
+    weight, with alpha scaled so the scale is unchanged.
+    """
+    state = patch_state(model)
+    if state is None:
+        raise ValueError("fastft.export_peft: this model is not patched by fastft.")
+    lora_plans = [plan for plan in state.plans if isinstance(plan.config, LoRAConfig)]
+    others = [plan.config.method for plan in state.plans if not isinstance(plan.config, LoRAConfig)]
+    if not lora_plans or others:
+        raise ValueError(
+            f"fastft.export_peft writes LoRA adapters only; this model is patched with {[c.method for c in state.configs]}."
+        )
+    config: LoRAConfig = lora_plans[0].config
+    tensors, names, multiplier = {}, [], 1
+    for name, module in lora_plans[0].swaps:
+        A, B, multiplier = module.peft_factors()
+        dtype = module.lora_A.dtype
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = A.to(dtype).contiguous().cpu()
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = B.to(dtype).contiguous().cpu()
+        names.append(name)
+    r = config.r * multiplier
+    alpha = config.alpha * (math.sqrt(multiplier) if config.rslora else multiplier)
+    peft_config = {
+        "peft_type": "LORA",
+        "task_type": _task_type(model),
+        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": config.dropout,
+        "target_modules": names,
+        "use_rslora": config.rslora,
+        "use_dora": False,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "modules_to_save": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+    os.makedirs(directory, exist_ok=True)
+    save_file(tensors, os.path.join(directory, PEFT_WEIGHTS))
+    with open(os.path.join(directory, PEFT_CONFIG), "w") as f:
+        json.dump(peft_config, f, indent=2)
+
+
+_UNSUPPORTED = {
+    "rank_pattern": lambda v: bool(v),
+    "alpha_pattern": lambda v: bool(v),
+    "fan_in_fan_out": lambda v: bool(v),
+    "modules_to_save": lambda v: bool(v),
+    "layer_replication": lambda v: bool(v),
+    "lora_bias": lambda v: bool(v),
+    "use_dora": lambda v: bool(v),
+    "bias": lambda v: v not in (None, "none"),
+}
+
+
+def _read_peft_weights(directory: str) -> dict[str, torch.Tensor]:
+    path = os.path.join(directory, PEFT_WEIGHTS)
+    if os.path.exists(path):
+        return load_file(path)
+    path = os.path.join(directory, PEFT_WEIGHTS_BIN)
+    if os.path.exists(path):
+        return torch.load(path, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"fastft.from_peft: no {PEFT_WEIGHTS} or {PEFT_WEIGHTS_BIN} in {directory!r}.")
+
+
+def from_peft(model: nn.Module, directory: str | os.PathLike):
+    """Patch a plain ``model`` with fastft LoRA from a PEFT LoRA adapter directory; returns the report."""
+    directory = os.fspath(directory)
+    config_path = os.path.join(directory, PEFT_CONFIG)
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"fastft.from_peft: {config_path} is missing; is {directory!r} a PEFT adapter?")
+    with open(config_path) as f:
+        peft_config = json.load(f)
+    if peft_config.get("peft_type") != "LORA":
+        raise ValueError(f"fastft.from_peft reads LoRA adapters; this one is {peft_config.get('peft_type')!r}.")
+    bad = [key for key, test in _UNSUPPORTED.items() if key in peft_config and test(peft_config[key])]
+    if bad:
+        raise ValueError(
+            f"fastft.from_peft: this adapter uses PEFT options fastft does not read yet: "
+            f"{ {k: peft_config[k] for k in bad} }."
+        )
+    weights = _read_peft_weights(directory)
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in weights.items():
+        if not key.startswith(PEFT_PREFIX):
+            raise ValueError(f"fastft.from_peft: unexpected weight name {key!r} (expected {PEFT_PREFIX}...).")
+        stem = key[len(PEFT_PREFIX):]
+        for part in ("lora_A", "lora_B"):
+            suffix = f".{part}.weight"
+            if stem.endswith(suffix):
+                factors.setdefault(stem[: -len(suffix)], {})[part] = value
+                break
+        else:
+            raise ValueError(f"fastft.from_peft: weight {key!r} is not a LoRA A/B matrix.")
+    incomplete = [name for name, f in factors.items() if set(f) != {"lora_A", "lora_B"}]
+    if incomplete:
+        raise ValueError(f"fastft.from_peft: modules with only one of lora_A/lora_B: {incomplete[:5]}")
+    config = LoRAConfig(
+        r=int(peft_config["r"]),
+        alpha=float(peft_config["lora_alpha"]),
+        dropout=float(peft_config.get("lora_dropout") or 0.0),
+        targets=tuple(factors),
+        rslora=bool(peft_config.get("use_rslora", False)),
+    )
+    report = patch(model, config)
+    try:
+        for name, module in patch_state(model).modules():
+            device = module.lora_A.device
+            module.load_adapter_state_dict({k: v.to(device) for k, v in factors[name].items()})
+    except Exception:
+        unpatch(model, merge=False)
+        raise
+    return report

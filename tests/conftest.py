@@ -1,0 +1,17 @@
+"""Test setup: run Triton kernels on the CPU through the interpreter when there is no GPU.
+
+TRITON_INTERPRET must be in the environment before any ``@triton.jit`` kernel is decorated, so it is set
+here, before fastft (and fastft.kernels) is imported by any test module.
+"""
+import os
+import warnings
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+warnings.filterwarnings("ignore", message=".*kernels-community.*")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

@@ -1,0 +1,77 @@
+"""Shared test helpers: the one tolerance table, comparison, and tiny models built from config classes."""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+# One table, per dtype, for comparing an implementation with a reference evaluated at the same input
+# precision (float64 entries: against an exact float64 evaluation of the formula).
+TOLERANCES = {
+    torch.float64: dict(atol=1e-12, rtol=1e-10),
+    torch.float32: dict(atol=1e-5, rtol=1e-5),
+    torch.float16: dict(atol=1e-3, rtol=1e-3),
+    torch.bfloat16: dict(atol=1e-2, rtol=1e-2),
+}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None, msg: str = "") -> None:
+    """``torch.testing.assert_close`` with the table's tolerance for ``dtype`` (default: actual's dtype)."""
+    tol = TOLERANCES[dtype or actual.dtype]
+    torch.testing.assert_close(actual.to(expected.dtype), expected, **tol, msg=lambda m: f"{msg}\n{m}" if msg else m)
+
+
+@contextlib.contextmanager
+def backend(name: str):
+    """Force FASTFT_BACKEND inside a block."""
+    old = os.environ.get("FASTFT_BACKEND")
+    os.environ["FASTFT_BACKEND"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["FASTFT_BACKEND"]
+        else:
+            os.environ["FASTFT_BACKEND"] = old
+
+
+def tiny_config(family: str):
+    """A small config of a decoder family: llama, qwen2 (GQA, q/k/v biases), mistral, gemma."""
+    import transformers as tf
+
+    common = dict(vocab_size=96, hidden_size=64, intermediate_size=88, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    if family == "llama":
+        return tf.LlamaConfig(**common)
+    if family == "qwen2":
+        return tf.Qwen2Config(**common)  # q/k/v carry biases
+    if family == "mistral":
+        return tf.MistralConfig(**common, sliding_window=None)
+    if family == "gemma":
+        return tf.GemmaConfig(**common, head_dim=16)
+    raise ValueError(family)
+
+
+def tiny_model(family: str = "llama", dtype: torch.dtype = torch.float32, seed: int = 0):
+    """A small CausalLM of ``family`` with random weights (nothing is downloaded), in eval mode."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    config = tiny_config(family)
+    cls = {"llama": tf.LlamaForCausalLM, "qwen2": tf.Qwen2ForCausalLM, "mistral": tf.MistralForCausalLM,
+           "gemma": tf.GemmaForCausalLM}[family]
+    model = cls(config).to(dtype)
+    return model.eval()
+
+
+def randomize_lora(model, seed: int = 1, std: float = 0.1) -> None:
+    """Give every fastft LoRA module non-zero A and B (B starts at zero, which hides bugs)."""
+    from fastft.nn import LoRALinear
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, LoRALinear):
+                module.lora_A.copy_(torch.randn(module.lora_A.shape, generator=gen) * std)
+                module.lora_B.copy_(torch.randn(module.lora_B.shape, generator=gen) * std)
