@@ -4,8 +4,9 @@
 
 with ``s = alpha / r`` (or ``alpha / sqrt(r)`` with rslora). The frozen base layer is kept, untouched, as
 the child ``base_layer`` (so ``unpatch`` can put it back); only ``lora_A`` and ``lora_B`` train (``lora_A``
-stays frozen with ``train_a=False``). The adapter parameters are float32, as PEFT keeps them; the op
-computes in the input's dtype (or the autocast dtype, or a 4-bit layer's ``compute_dtype``).
+stays frozen with ``train_a=False``). The adapter parameters take the base weight's dtype, except that
+half-precision and 4-bit bases get float32 adapters (PEFT's rule, so optimizers step in full precision);
+the op computes in the input's dtype (or the autocast dtype, or a 4-bit layer's ``compute_dtype``).
 
 The parameter shapes and meaning are PEFT's (``lora_A.weight`` is r×in, ``lora_B.weight`` out×r), so
 ``fastft.export_peft`` writes them unchanged.
@@ -35,6 +36,13 @@ def check_linear(layer: nn.Module, what: str = "LoRA") -> None:
     raise TypeError(
         f"fastft {what} patches nn.Linear and bitsandbytes Linear4bit layers; got {type(layer).__name__}{detail}."
     )
+
+
+def adapter_dtype(base_layer: nn.Module) -> torch.dtype:
+    """float32 for half-precision and 4-bit bases, else the base weight's dtype (PEFT's rule)."""
+    if is_linear4bit(base_layer) or base_layer.weight.dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return base_layer.weight.dtype
 
 
 class LoRALinear(nn.Module):
@@ -71,8 +79,11 @@ class LoRALinear(nn.Module):
         self.train_a = config.train_a
         self.init = config.init
         device = base_layer.weight.device
-        self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, device=device), requires_grad=self.train_a)
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.r, device=device))
+        dtype = adapter_dtype(base_layer)
+        self.lora_A = nn.Parameter(
+            torch.empty(self.r, self.in_features, device=device, dtype=dtype), requires_grad=self.train_a
+        )
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.r, device=device, dtype=dtype))
         self._initialise()
 
     @classmethod
@@ -107,14 +118,14 @@ class LoRALinear(nn.Module):
         weight = self.base_layer.weight
         if min(weight.shape) < self.r:
             raise ValueError(f"init='pissa' needs r <= min(out, in) = {min(weight.shape)}, got r={self.r}")
-        u, s, vh = torch.linalg.svd(weight.detach().float(), full_matrices=False)
+        u, s, vh = torch.linalg.svd(weight.detach().to(self.lora_A.dtype), full_matrices=False)
         root = (s[: self.r] / self.scale).sqrt()
         self.lora_A.copy_(root[:, None] * vh[: self.r])
         self.lora_B.copy_(u[:, : self.r] * root[None, :])
         # the initial factors are kept (not trained, not in the state dict) to undo or export the residual
         self.register_buffer("pissa_A0", self.lora_A.detach().clone(), persistent=False)
         self.register_buffer("pissa_B0", self.lora_B.detach().clone(), persistent=False)
-        weight.copy_((weight.float() - self.scale * self.lora_B @ self.lora_A).to(weight.dtype))
+        weight.copy_((weight.to(self.lora_A.dtype) - self.scale * self.lora_B @ self.lora_A).to(weight.dtype))
 
     # ---------------------------------------------------------------- forward
     def _compute_dtype(self, x: Tensor) -> torch.dtype:
@@ -171,15 +182,15 @@ class LoRALinear(nn.Module):
             if self.init == "pissa":
                 # re-derive the residual from the saved initial factors, whatever this SVD produced
                 weight = self.base_layer.weight
-                original = weight.float() + self.scale * self.pissa_B0 @ self.pissa_A0
+                original = weight.to(self.lora_A.dtype) + self.scale * self.pissa_B0 @ self.pissa_A0
                 A0, B0 = state["pissa_A0"].to(original), state["pissa_B0"].to(original)
                 weight.copy_((original - self.scale * B0 @ A0).to(weight.dtype))
                 self.pissa_A0.copy_(A0)
                 self.pissa_B0.copy_(B0)
 
     def delta_weight(self) -> Tensor:
-        """``s · B A`` (out×in, float32): what merging adds to the base weight."""
-        return self.scale * (self.lora_B.detach().float() @ self.lora_A.detach().float())
+        """``s · B A`` (out×in, in the adapter dtype): what merging adds to the base weight."""
+        return self.scale * (self.lora_B.detach() @ self.lora_A.detach())
 
     def peft_factors(self) -> tuple[Tensor, Tensor, float]:
         """(A, B, extra) of an equivalent PEFT LoRA on the *original* base weight.
@@ -187,10 +198,10 @@ class LoRALinear(nn.Module):
         For PiSSA the base holds the residual, so the equivalent update is ``s·(BA - B0A0)``: a rank-2r
         LoRA with A' = [A; A0], B' = [B, -B0]. ``extra`` is the rank multiplier (1 or 2).
         """
-        A, B = self.lora_A.detach().float(), self.lora_B.detach().float()
+        A, B = self.lora_A.detach(), self.lora_B.detach()
         if self.init != "pissa":
             return A, B, 1
-        return torch.cat([A, self.pissa_A0.float()], 0), torch.cat([B, -self.pissa_B0.float()], 1), 2
+        return torch.cat([A, self.pissa_A0], 0), torch.cat([B, -self.pissa_B0], 1), 2
 
     def unpatched(self, merge: bool) -> nn.Module:
         """The plain layer to put back: with the update folded in (``merge``) or dropped.
@@ -202,7 +213,7 @@ class LoRALinear(nn.Module):
         if merge:
             delta = self.delta_weight()
         elif self.init == "pissa":
-            delta = self.scale * (self.pissa_B0.float() @ self.pissa_A0.float())
+            delta = self.scale * (self.pissa_B0 @ self.pissa_A0)
         else:
             return base
         if self.is_4bit:
@@ -211,10 +222,10 @@ class LoRALinear(nn.Module):
                 "which rounds the merged weight to 4 bits again.",
                 stacklevel=3,
             )
-            merged = four_bit_weight(base).dequantize(torch.float32) + delta.to(base.weight.device)
+            merged = four_bit_weight(base).dequantize(torch.float32) + delta.to(base.weight.device, torch.float32)
             return requantize_like(base, merged)
         with torch.no_grad():
-            base.weight.copy_((base.weight.float() + delta.to(base.weight.device)).to(base.weight.dtype))
+            base.weight.copy_((base.weight.to(delta.dtype) + delta.to(base.weight.device)).to(base.weight.dtype))
         return base
 
     def extra_repr(self) -> str:
