@@ -1,9 +1,9 @@
 """``fastft.patch`` / ``fastft.unpatch``: swap a model's layers for fastft modules, reversibly.
 
 The path of one call:
-  1. every config is planned against the model (targets resolved, new modules built): any error is
-     raised here, and whatever a half-built plan touched is undone, so a failed patch leaves the model
-     exactly as it was;
+  1. every config is planned against the model (targets resolved, new modules built and validated,
+     nothing in the model modified): a bad config or target raises here and leaves the model exactly as
+     it was;
   2. the plans are applied (model-level edits, then module swaps on the parent instances — never on
      transformers classes), everything that is not an adapter parameter is frozen, and the patch state is
      recorded on the model instance (``model._fastft_patch``) so ``unpatch``, ``save`` and ``export_peft``
@@ -46,8 +46,13 @@ class Plan:
     edits: list[Any] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
+    def attach(self) -> None:
+        """Second phase of building: initialisation that touches the base layers (e.g. PiSSA's residual)."""
+        for _, module in self.swaps:
+            getattr(module, "attach", lambda: None)()
+
     def discard(self) -> None:
-        """Undo whatever building the new modules changed (e.g. PiSSA's residual weight)."""
+        """Undo what :meth:`attach` changed (exact up to float rounding for a weight rewrite)."""
         for _, module in self.swaps:
             module.unpatched(merge=False)
 
@@ -84,22 +89,19 @@ def register_planner(config_class: type, planner: Planner) -> None:
 
 
 def plan_module_swaps(model: nn.Module, config: MethodConfig, build: Callable[[nn.Module, Any], nn.Module]) -> Plan:
-    """Plan for methods that replace each targeted linear layer by ``build(layer, config)``."""
+    """Plan for methods that replace each targeted linear layer by ``build(layer, config)``.
+
+    ``build`` validates and allocates but must not modify the layer; anything that does belongs in the
+    module's ``attach()``, which ``patch`` calls once every plan is built.
+    """
     targets = resolve_targets(model, config.targets, config.layers)
-    plan = Plan(config)
-    try:
-        for name, layer in targets:
-            plan.swaps.append((name, build(layer, config)))
-    except Exception:
-        plan.discard()
-        raise
-    return plan
+    return Plan(config, swaps=[(name, build(layer, config)) for name, layer in targets])
 
 
 def _plan_lora(model: nn.Module, config: LoRAConfig) -> Plan:
     from .nn.lora import LoRALinear
 
-    return plan_module_swaps(model, config, LoRALinear.from_linear)
+    return plan_module_swaps(model, config, lambda layer, cfg: LoRALinear.from_linear(layer, cfg, defer_attach=True))
 
 
 register_planner(LoRAConfig, _plan_lora)
@@ -198,24 +200,18 @@ def patch(model: nn.Module, config: MethodConfig | Sequence[MethodConfig]) -> Pa
         raise ValueError(f"fastft.patch: one config per method, got methods {methods}.")
     _refuse_foreign(model)
 
-    plans: list[Plan] = []
-    try:
-        for cfg in configs:
-            plans.append(PLANNERS[type(cfg)](model, cfg))
-        names = [name for plan in plans for name, _ in plan.swaps]
-        if len(set(names)) != len(names):
-            twice = sorted({n for n in names if names.count(n) > 1})
-            raise ValueError(f"two configs target the same modules: {twice[:5]}")
-    except Exception:
-        for plan in plans:
-            plan.discard()
-        raise
+    plans = [PLANNERS[type(cfg)](model, cfg) for cfg in configs]
+    names = [name for plan in plans for name, _ in plan.swaps]
+    if len(set(names)) != len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"two configs target the same modules: {twice[:5]}")
 
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     applied: list[tuple[str, nn.Module]] = []
     edits_done: list[Any] = []
     try:
         for plan in plans:
+            plan.attach()
             for edit in plan.edits:
                 edit.apply(model)
                 edits_done.append(edit)

@@ -55,7 +55,7 @@ class LoRALinear(nn.Module):
 
     op = "lora_linear"
 
-    def __init__(self, base_layer: nn.Module, config: LoRAConfig):
+    def __init__(self, base_layer: nn.Module, config: LoRAConfig, defer_attach: bool = False):
         super().__init__()
         if not isinstance(config, LoRAConfig):
             raise TypeError(f"LoRALinear needs a fastft.LoRAConfig, got {type(config).__name__}")
@@ -67,6 +67,10 @@ class LoRALinear(nn.Module):
             raise ValueError(
                 "init='pissa' needs a float base weight (the base becomes the residual W - s·BA); "
                 "patch the unquantized model, then quantize the residual, or use init='default'."
+            )
+        if config.init == "pissa" and min(base_layer.weight.shape) < config.r:
+            raise ValueError(
+                f"init='pissa' needs r <= min(out, in) = {min(base_layer.weight.shape)}, got r={config.r}"
             )
         self.base_layer = base_layer
         self.in_features = base_layer.in_features
@@ -84,12 +88,14 @@ class LoRALinear(nn.Module):
             torch.empty(self.r, self.in_features, device=device, dtype=dtype), requires_grad=self.train_a
         )
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.r, device=device, dtype=dtype))
-        self._initialise()
+        self.attached = False
+        if not defer_attach:
+            self.attach()
 
     @classmethod
-    def from_linear(cls, layer: nn.Module, config: LoRAConfig) -> "LoRALinear":
+    def from_linear(cls, layer: nn.Module, config: LoRAConfig, defer_attach: bool = False) -> "LoRALinear":
         """Wrap ``layer`` (an ``nn.Linear`` or a bitsandbytes ``Linear4bit``)."""
-        return cls(layer, config)
+        return cls(layer, config, defer_attach=defer_attach)
 
     @property
     def kind(self) -> str:
@@ -105,7 +111,15 @@ class LoRALinear(nn.Module):
             parts.append(f"init={self.init}")
         return " ".join(parts)
 
-    def _initialise(self) -> None:
+    def attach(self) -> None:
+        """Initialise A and B; for PiSSA also turn the base weight into the residual.
+
+        ``fastft.patch`` builds every module with ``defer_attach=True`` and attaches them only once all
+        targets are validated, so an invalid config never modifies a weight.
+        """
+        if self.attached:
+            return
+        self.attached = True
         with torch.no_grad():
             if self.init == "default":
                 nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
@@ -116,8 +130,6 @@ class LoRALinear(nn.Module):
 
     def _init_pissa(self) -> None:
         weight = self.base_layer.weight
-        if min(weight.shape) < self.r:
-            raise ValueError(f"init='pissa' needs r <= min(out, in) = {min(weight.shape)}, got r={self.r}")
         u, s, vh = torch.linalg.svd(weight.detach().to(self.lora_A.dtype), full_matrices=False)
         root = (s[: self.r] / self.scale).sqrt()
         self.lora_A.copy_(root[:, None] * vh[: self.r])
@@ -210,6 +222,8 @@ class LoRALinear(nn.Module):
         Merging into a 4-bit base dequantizes, adds and re-quantizes (with a warning: that rounds).
         """
         base = self.base_layer
+        if not self.attached:
+            return base
         if merge:
             delta = self.delta_weight()
         elif self.init == "pissa":
