@@ -22,6 +22,14 @@ def four_bit_weight(module: nn.Module) -> FourBitWeight:
     """The :class:`FourBitWeight` of a quantized ``Linear4bit`` (its weight must already be quantized)."""
     weight = module.weight
     state = getattr(weight, "quant_state", None)
+    if state is not None and getattr(state, "packing_format_for_cpu", False):
+        # bitsandbytes repacks a CPU weight into a private layout the first time its own forward runs in
+        # eval mode without grad (on CPUs with AVX512-BF16); put the standard layout back, as bitsandbytes
+        # itself does before saving or moving the weight.
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+        state = weight.quant_state
     if state is None:
         raise ValueError(
             "this Linear4bit holds no quantization state yet: bitsandbytes quantizes the weight when the layer "

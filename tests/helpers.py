@@ -75,3 +75,39 @@ def randomize_lora(model, seed: int = 1, std: float = 0.1) -> None:
             if isinstance(module, LoRALinear):
                 module.lora_A.copy_(torch.randn(module.lora_A.shape, generator=gen) * std)
                 module.lora_B.copy_(torch.randn(module.lora_B.shape, generator=gen) * std)
+
+
+def quantize_linears(model, nested: bool = True, quant_type: str = "nf4", compute_dtype=torch.float32):
+    """Replace every nn.Linear inside the decoder layers by a bitsandbytes Linear4bit of the same weight."""
+    import bitsandbytes as bnb
+
+    for name, module in list(model.named_modules()):
+        if type(module) is torch.nn.Linear and ".layers." in f".{name}":
+            q = bnb.nn.Linear4bit(
+                module.in_features, module.out_features, bias=module.bias is not None,
+                compute_dtype=compute_dtype, compress_statistics=nested, quant_type=quant_type,
+            )
+            q.load_state_dict(module.state_dict())
+            q = q.to(module.weight.device)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, q)
+    return model
+
+
+def dequantized_copy(model):
+    """A copy of ``model`` with every Linear4bit replaced by an nn.Linear holding its dequantized weight."""
+    import copy
+
+    from fastft.bnb import four_bit_weight, is_linear4bit
+
+    model = copy.deepcopy(model)
+    for name, module in list(model.named_modules()):
+        if is_linear4bit(module):
+            dense = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            with torch.no_grad():
+                dense.weight.copy_(four_bit_weight(module).dequantize(torch.float32))
+                if module.bias is not None:
+                    dense.bias.copy_(module.bias)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, dense)
+    return model
