@@ -12,6 +12,7 @@ from . import nn, ops
 from .config import LoRAConfig
 from .dispatch import backends
 from .io import load, save
+from . import methods  # noqa: F401  (registers the planners)
 from .patch import is_patched, patch, unpatch
 from .peft_compat import export_peft, from_peft
 from .report import PatchReport

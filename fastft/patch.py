@@ -11,8 +11,9 @@ The path of one call:
   3. a :class:`~fastft.report.PatchReport` lists each patched module with the backend it will run on.
 
 Methods plug in by registering a planner for their config class (:func:`register_planner`): a function
-``(model, config) -> Plan``. A :class:`Plan` holds the module swaps and optional model-level
-:class:`Edit` objects (apply / revert pairs) for what is not a module swap.
+``(model, config) -> Plan``, one file per method in ``fastft/methods/``. A :class:`Plan` holds the
+module swaps and optional model-level :class:`Edit` objects (apply / revert pairs) for what is not a
+module swap.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 from torch import nn
 
-from .config import LoRAConfig, MethodConfig
+from .config import MethodConfig
 from .dispatch import backend_for
 from .report import PatchedModule, PatchReport, count_parameters, logical_numel
 from .targets import resolve_targets
@@ -96,15 +97,6 @@ def plan_module_swaps(model: nn.Module, config: MethodConfig, build: Callable[[n
     """
     targets = resolve_targets(model, config.targets, config.layers)
     return Plan(config, swaps=[(name, build(layer, config)) for name, layer in targets])
-
-
-def _plan_lora(model: nn.Module, config: LoRAConfig) -> Plan:
-    from .nn.lora import LoRALinear
-
-    return plan_module_swaps(model, config, lambda layer, cfg: LoRALinear.from_linear(layer, cfg, defer_attach=True))
-
-
-register_planner(LoRAConfig, _plan_lora)
 
 
 def patch_state(model: nn.Module) -> PatchState | None:
@@ -186,6 +178,8 @@ def patch(model: nn.Module, config: MethodConfig | Sequence[MethodConfig]) -> Pa
 
     Everything that is not an adapter parameter ends frozen. On any error the model is left unchanged.
     """
+    from . import methods  # noqa: F401  (registers every method's planner)
+
     configs = list(config) if isinstance(config, (list, tuple)) else [config]
     if not configs:
         raise ValueError("fastft.patch needs at least one config, e.g. fastft.LoRAConfig(r=16).")
