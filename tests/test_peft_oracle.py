@@ -132,3 +132,22 @@ def test_patching_a_peft_model_points_to_from_peft():
     twin = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=2, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="from_peft"):
         fastft.patch(twin, fastft.LoRAConfig())
+
+
+def test_bf16_autocast_matches_peft():
+    base = tiny_model("llama", torch.float32)
+    ours = copy.deepcopy(base)
+    config = fastft.LoRAConfig(r=4, alpha=8)
+    fastft.patch(ours, config)
+    randomize_lora(ours)
+    twin = peft_twin(base, ours, config)
+    inputs = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, _ = forward_backward(ours, inputs)
+        twin_logits, _ = forward_backward(twin, inputs)
+    assert logits.dtype == twin_logits.dtype == torch.bfloat16
+    assert_close(logits, twin_logits, torch.bfloat16)
+    for name, module in lora_modules(ours).items():
+        target = twin.base_model.model.get_submodule(name)
+        assert module.lora_B.grad.dtype == torch.float32
+        assert_close(module.lora_B.grad, target.lora_B["default"].weight.grad, torch.bfloat16, msg=name)
