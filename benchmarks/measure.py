@@ -1,0 +1,395 @@
+"""Measurement helpers shared by the benchmarks (and the demo): what they count, precisely.
+
+Every helper takes a zero-argument callable ``fn`` and runs it once (``time_interleaved`` runs several
+callables many times). The quantities are chosen to carry over from this CPU-only machine to a GPU
+(see DESIGN.md, "Measuring without a GPU"):
+
+``saved_bytes(fn)`` / ``saved_tensors(fn)``
+    Bytes of the tensors autograd keeps for backward while ``fn()`` runs, as seen by
+    ``torch.autograd.graph.saved_tensors_hooks`` (every ``ctx.save_for_backward`` and every tensor a
+    built-in backward formula saves). Each saved tensor is charged the size of its whole *untyped
+    storage* (``untyped_storage().nbytes()``): that is the memory the graph keeps alive, even when it
+    saved only a view. Each storage is counted once (deduplicated by ``untyped_storage().data_ptr()``).
+    Not counted: ``nn.Parameter`` objects, views of a parameter (``tensor._base`` is a parameter), and
+    tensors whose storage is the storage of a tensor passed in ``parameters`` (e.g. a ``.detach()``
+    alias of a weight) — the model holds those anyway. Intermediates a backward creates and frees are
+    not "saved" and not counted here (``peak_live_bytes`` sees them).
+
+``peak_live_bytes(fn)``
+    The peak, during ``fn()``, of the bytes held at once by tensors that ``fn`` allocated: the highest
+    point of the running sum of allocations (+) and of frees (-) of those allocations, starting from
+    zero when ``fn`` starts. Tensors alive before ``fn`` starts are not counted, and neither are their
+    frees. On CPU the events come from ``torch.profiler`` with ``profile_memory=True``: every allocation
+    and free of PyTorch's CPU allocator with its exact requested size and address, in time order
+    (PyTorch may log a one-line warning about blocks "allocated before the profiling started": those
+    are the ignored frees). On CUDA it is ``torch.cuda.max_memory_allocated() -
+    torch.cuda.memory_allocated()`` around ``fn`` after resetting the peak: the caching allocator's block
+    sizes (rounded up to 512 bytes), where frees of older tensors do lower the level. Memory allocated
+    outside PyTorch's allocator (BLAS workspaces, the Python heap) is not seen.
+
+``time_interleaved({name: fn}, repeats, warmup)``
+    Wall-clock time of each provider, measured in one process with the providers interleaved
+    round-robin (so drifts in clock speed, cache and memory state hit all of them alike). The first
+    ``warmup`` rounds are discarded. CPU: ``time.perf_counter`` around one call; the intra-op thread
+    count (``torch.get_num_threads()``) is recorded with the result. CUDA: the device is synchronised
+    before starting and before stopping the clock. Returns the median and the 20th / 80th
+    percentiles per provider. Never put a threshold on these numbers in a test.
+
+``flops(fn)`` / ``flops_by_op(fn)``
+    Floating-point operations counted by ``torch.utils.flop_counter.FlopCounterMode``: matrix
+    products, convolutions and the attention kernels it has formulas for, 2 per multiply-add;
+    elementwise work counts 0. Two additions: the in-place forms ``addmm_`` / ``baddbmm_`` are counted
+    like ``addmm`` / ``baddbmm`` (FlopCounterMode alone skips them), and calls to ops outside ``aten``
+    (``torch.library`` custom ops such as ``fastft::lora_linear``, opaque to FlopCounterMode) are run
+    through their device kernel with the counter still active, so the aten ops inside the op's PyTorch
+    implementation are counted. A Triton or C++ kernel inside such an op is opaque and counts 0: count
+    FLOPs with the reference backend (``FASTFT_BACKEND=torch``), which computes the same products.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+__all__ = [
+    "SavedTensor",
+    "Timing",
+    "flops",
+    "flops_by_op",
+    "format_bytes",
+    "peak_live_bytes",
+    "live_bytes_deltas",
+    "peak_of_running_sum",
+    "saved_bytes",
+    "saved_tensors",
+    "time_interleaved",
+]
+
+MiB = 1024 * 1024
+
+
+def format_bytes(n: float) -> str:
+    """``n`` bytes as a short human-readable string (binary units)."""
+    for unit, size in (("GiB", 1024**3), ("MiB", MiB), ("KiB", 1024)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+# --------------------------------------------------------------------------- saved for backward
+@dataclass(frozen=True)
+class SavedTensor:
+    """One tensor autograd saved during ``fn()``.
+
+    ``storage_bytes`` is the size of the tensor's whole untyped storage; ``counted`` says whether
+    :func:`saved_bytes` charges it, and ``reason`` why (``"counted"``, ``"parameter"``,
+    ``"view of a parameter"``, ``"storage of a listed parameter"``, ``"storage already counted"``,
+    ``"no storage"``).
+    """
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    storage_bytes: int
+    counted: bool
+    reason: str
+
+
+def _storage_key(tensor: torch.Tensor) -> int | None:
+    try:
+        storage = tensor.untyped_storage()
+    except (RuntimeError, NotImplementedError):  # tensor subclasses / tensors without storage
+        return None
+    if storage.nbytes() == 0:
+        return None
+    return storage.data_ptr()
+
+
+def _parameter_storages(parameters: nn.Module | Iterable[Any]) -> set[int]:
+    """Storage pointers of the given parameters (modules contribute all their parameters and buffers)."""
+    items = [parameters] if isinstance(parameters, (nn.Module, torch.Tensor)) else list(parameters)
+    keys: set[int] = set()
+    for item in items:
+        tensors = [*item.parameters(), *item.buffers()] if isinstance(item, nn.Module) else [item]
+        for tensor in tensors:
+            key = _storage_key(tensor)
+            if key is not None:
+                keys.add(key)
+    return keys
+
+
+def saved_tensors(fn: Callable[[], Any], parameters: nn.Module | Iterable[Any] = ()) -> list[SavedTensor]:
+    """Run ``fn()`` once and list every tensor autograd saved for backward, in the order saved.
+
+    ``parameters``: modules or tensors whose storages are excluded besides ``nn.Parameter`` objects and
+    their views (pass the model to also exclude its buffers and detached aliases of its weights).
+    See the module docstring for exactly what is counted.
+    """
+    excluded_storages = _parameter_storages(parameters)
+    seen_storages: set[int] = set()
+    records: list[SavedTensor] = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        key = _storage_key(tensor)
+        size = 0 if key is None else tensor.untyped_storage().nbytes()
+        if isinstance(tensor, nn.Parameter):
+            reason = "parameter"
+        elif isinstance(tensor._base, nn.Parameter):
+            reason = "view of a parameter"
+        elif key is None:
+            reason = "no storage"
+        elif key in excluded_storages:
+            reason = "storage of a listed parameter"
+        elif key in seen_storages:
+            reason = "storage already counted"
+        else:
+            reason = "counted"
+            seen_storages.add(key)
+        records.append(SavedTensor(tuple(tensor.shape), tensor.dtype, size, reason == "counted", reason))
+        return tensor
+
+    def unpack(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        fn()
+    return records
+
+
+def saved_bytes(fn: Callable[[], Any], parameters: nn.Module | Iterable[Any] = ()) -> int:
+    """Bytes of the non-parameter storages autograd saves for backward during ``fn()``, each counted once.
+
+    ``fn`` should build the graph (run the forward) and may also run the backward; only what is
+    saved is counted, so a forward-only ``fn`` gives the same number. See :func:`saved_tensors`.
+    """
+    return sum(record.storage_bytes for record in saved_tensors(fn, parameters) if record.counted)
+
+
+# --------------------------------------------------------------------------- peak live bytes
+@contextlib.contextmanager
+def _quiet_native_stderr():
+    """Silence file descriptor 2 (the profiler prints banner lines from C++ when it starts and stops)."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _cpu_allocator_events(fn: Callable[[], Any]) -> list[tuple[int, int, int]]:
+    """(time ns, address, +bytes allocated / -bytes freed) of the CPU allocator's events during ``fn()``.
+
+    Read from the profiler's event tree (allocation records carry the block's address), sorted by time.
+    """
+    from torch._C._profiler import _ExtraFields_Allocation
+    from torch.profiler import ProfilerActivity, profile
+
+    profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _quiet_native_stderr():
+        profiler.start()
+    try:
+        fn()
+    finally:
+        with _quiet_native_stderr():
+            profiler.stop()
+    events = []
+    pending = list(profiler.profiler.kineto_results.experimental_event_tree())
+    while pending:
+        node = pending.pop()
+        pending.extend(node.children)
+        fields = node.extra_fields
+        if isinstance(fields, _ExtraFields_Allocation) and fields.device.type == "cpu":
+            events.append((node.start_time_ns, fields.ptr, fields.alloc_size))
+    events.sort(key=lambda event: event[0])
+    return events
+
+
+def live_bytes_deltas(events: Iterable[tuple[int, int, int]]) -> list[int]:
+    """The allocations, and the frees of blocks allocated among ``events`` (others' frees are dropped)."""
+    live: dict[int, int] = {}
+    deltas = []
+    for _, address, size in events:
+        if size > 0:
+            live[address] = size
+            deltas.append(size)
+        elif address in live:
+            deltas.append(-live.pop(address))
+    return deltas
+
+
+def peak_of_running_sum(deltas: Iterable[int]) -> int:
+    """max(0, highest prefix sum of ``deltas``): the peak live bytes of an allocation/free sequence."""
+    live = peak = 0
+    for delta in deltas:
+        live += delta
+        peak = max(peak, live)
+    return peak
+
+
+def peak_live_bytes(fn: Callable[[], Any], device: str | torch.device = "cpu") -> int:
+    """Peak bytes of the tensors ``fn()`` allocates, live at once, on ``device``; see the module docstring."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return max(0, torch.cuda.max_memory_allocated(device) - start)
+    if device.type != "cpu":
+        raise ValueError(f"peak_live_bytes measures on 'cpu' or 'cuda', not {device.type!r}")
+    return peak_of_running_sum(live_bytes_deltas(_cpu_allocator_events(fn)))
+
+
+# --------------------------------------------------------------------------- timing
+@dataclass(frozen=True)
+class Timing:
+    """Seconds per call of one provider: median and 20th / 80th percentiles of the timed rounds."""
+
+    median_s: float
+    p20_s: float
+    p80_s: float
+    repeats: int
+    warmup: int
+    threads: int
+    device: str
+    samples_s: tuple[float, ...] = field(repr=False)
+
+    def __str__(self) -> str:
+        return (
+            f"{self.median_s * 1e3:.2f} ms (p20 {self.p20_s * 1e3:.2f}, p80 {self.p80_s * 1e3:.2f}; "
+            f"{self.repeats} runs, {self.device}, {self.threads} threads)"
+        )
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    """Linear-interpolated percentile ``q`` in [0, 100] of already sorted values."""
+    if len(sorted_values) == 1:
+        return sorted_values[0]
+    position = (len(sorted_values) - 1) * q / 100.0
+    low = int(position)
+    high = min(low + 1, len(sorted_values) - 1)
+    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low)
+
+
+def time_interleaved(
+    providers: Mapping[str, Callable[[], Any]],
+    repeats: int = 10,
+    warmup: int = 2,
+    device: str | torch.device = "cpu",
+) -> dict[str, Timing]:
+    """Time each provider ``repeats`` times, round-robin, after ``warmup`` untimed rounds.
+
+    Round ``i`` calls every provider once, in the given order rotated by ``i`` (so no provider always
+    runs first). Returns ``{name: Timing}`` in the order of ``providers``.
+    """
+    if not providers:
+        raise ValueError("time_interleaved needs at least one provider")
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"time_interleaved: repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
+    device = torch.device(device)
+    on_cuda = device.type == "cuda"
+    names = list(providers)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(warmup + repeats):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            if on_cuda:
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            providers[name]()
+            if on_cuda:
+                torch.cuda.synchronize(device)
+            elapsed = time.perf_counter() - start
+            if round_index >= warmup:
+                samples[name].append(elapsed)
+    threads = torch.get_num_threads()
+    results = {}
+    for name in names:
+        values = sorted(samples[name])
+        results[name] = Timing(
+            median_s=statistics.median(values),
+            p20_s=_percentile(values, 20),
+            p80_s=_percentile(values, 80),
+            repeats=repeats,
+            warmup=warmup,
+            threads=threads,
+            device=str(device),
+            samples_s=tuple(samples[name]),
+        )
+    return results
+
+
+# --------------------------------------------------------------------------- FLOPs
+_FOREIGN_NAMESPACES_SKIPPED = ("aten", "prim", "prims")
+
+
+def _addmm_inplace_flops(self_shape, mat1_shape, mat2_shape, *args, out_shape=None, **kwargs) -> int:
+    """``self.addmm_(mat1, mat2)``: 2·m·k·n, as FlopCounterMode counts ``addmm`` (the add is not counted)."""
+    m, k = mat1_shape
+    n = mat2_shape[1]
+    return 2 * m * k * n
+
+
+def _baddbmm_inplace_flops(self_shape, batch1_shape, batch2_shape, *args, out_shape=None, **kwargs) -> int:
+    """``self.baddbmm_(b1, b2)``: 2·b·m·k·n, as FlopCounterMode counts ``baddbmm``."""
+    b, m, k = batch1_shape
+    n = batch2_shape[2]
+    return 2 * b * m * k * n
+
+
+def _in_place_formulas() -> dict[Any, Any]:
+    """FlopCounterMode ``custom_mapping`` entries (formulas over shapes) for the in-place matmuls."""
+    aten = torch.ops.aten
+    return {aten.addmm_: _addmm_inplace_flops, aten.baddbmm_: _baddbmm_inplace_flops}
+
+
+class _RunCustomOpsThroughTheirKernels(TorchDispatchMode):
+    """Runs non-aten ops by redispatching to their device kernel, so the aten ops inside stay visible.
+
+    Entered inside a ``FlopCounterMode``: aten ops pass through to the counter; a custom op (opaque to
+    the counter) is called below the Python dispatch key with this mode re-entered, so the aten ops its
+    implementation calls are dispatched again and counted.
+    """
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if isinstance(func, torch._ops.OpOverload) and func.namespace not in _FOREIGN_NAMESPACES_SKIPPED:
+            flat = tree_leaves((args, kwargs))
+            tensor = next((a for a in flat if isinstance(a, torch.Tensor)), None)
+            key = None if tensor is None else getattr(torch._C.DispatchKey, tensor.device.type.upper(), None)
+            if key is not None:
+                with self:
+                    return func.redispatch(torch._C.DispatchKeySet(key), *args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def flops_by_op(fn: Callable[[], Any]) -> dict[str, int]:
+    """Run ``fn()`` once; FLOPs per aten op (``"aten.mm"`` ...), as counted in the module docstring."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False, custom_mapping=_in_place_formulas())
+    with counter, _RunCustomOpsThroughTheirKernels():
+        fn()
+    return {str(op): int(n) for op, n in counter.get_flop_counts().get("Global", {}).items()}
+
+
+def flops(fn: Callable[[], Any]) -> int:
+    """Total FLOPs of ``fn()`` (forward and, if ``fn`` runs it, backward); see the module docstring."""
+    return sum(flops_by_op(fn).values())
