@@ -1,0 +1,454 @@
+"""Triton kernels of the LoRA op (``fastft.ops.lora``), over a dense or a bitsandbytes 4-bit base weight.
+
+The op, for x (M×K), frozen W (N×K), bias b, A (R×K), B (N×R), scale s, dropout mask m, keep 1-p::
+
+    x̃ = x ⊙ m / (1-p)      xa = x̃ Aᵀ      y = x Wᵀ + b + s · xa Bᵀ
+    gb = g B               dx = g W + s · (gb A) ⊙ m / (1-p)
+    dA = s · gbᵀ x̃         dB = s · gᵀ xa
+
+Two kernels do all of it:
+
+* ``_matmul_kernel``: ``C = s · P (Q ⊙ m_Q · keep_scale)`` for strided P (I×L), Q (L×J) and an optional
+  mask on Q, used for the four skinny products (xa, gb, dA, dB). Transposes are strides, never copies:
+  xa is computed as ``(A x̃ᵀ)ᵀ`` so the mask always sits on the right operand. The reduction may be split
+  over a second grid axis (split-K): when the output has few tiles and the reduction is long (dA and dB
+  reduce over every token), each split writes a float32 partial and the partials are summed afterwards.
+* ``_linear_lowrank_kernel``: ``out = act · W' + s · (U V) [⊙ m · keep_scale] + bias`` per output tile in
+  one pass and one store. The forward runs it with act = x, W' = Wᵀ, U = xa, V = Bᵀ and the bias; the
+  input gradient with act = g, W' = W, U = gb, V = A and the mask. The low-rank term (a small ``tl.dot``
+  loop over the rank), its scale and mask and the bias form the tile's initial accumulator, then the
+  base GEMM's K-loop adds into it: the order is free in float32, and it keeps one accumulator live
+  instead of two. A 4-bit W is dequantized tile by tile inside the K-loop (``load_dequantized_tile``,
+  reading W at transposed indices in the forward), so the dense weight never exists in memory.
+
+Launches: forward = xa, y (2); backward = gb, dx, dA, dB (up to 4, only those needed).
+
+Numerics: every dot accumulates in float32 (float64 for float64 inputs, with the scales passed as
+float64 so that path is exact to float64 too); results are stored once in x's dtype (the intermediates xa
+and gb too, as in the reference). float32 operands use ``input_precision="ieee"`` unless torch allows
+TF32. Tiling is in :func:`choose_tiles` (grouped tile order for L2 reuse; a launch that runs out of shared
+memory retries with leaner tiles, :func:`smaller_tiles`). Under the Triton interpreter (CPU tensors)
+tiles are small, bfloat16 dot operands are upcast to float32 (its bf16 ``tl.dot`` is wrong) and bfloat16
+stores are rounded by hand (its float32 -> bfloat16 cast truncates).
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, replace
+from typing import Callable, Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from triton.runtime.errors import OutOfResources
+
+from .dequantize_4bit import cast_to, check_4bit_weight, load_dequantized_tile
+
+_INT32_LIMIT = 2**31
+_GROUP_M = 8
+
+
+@triton.jit
+def _mma(a, b, acc, UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """``acc + a @ b`` in acc's dtype; with UPCAST_DOT the operands are widened to float32 first."""
+    if UPCAST_DOT:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
+
+
+@triton.jit
+def _tile_coordinates(pid, n_rows, n_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(tile row, tile column) of program ``pid``, walking GROUP_M tile rows column by column (L2 reuse)."""
+    tiles_m = tl.cdiv(n_rows, BLOCK_M)
+    tiles_n = tl.cdiv(n_cols, BLOCK_N)
+    tiles_per_group = GROUP_M * tiles_n
+    first_m = (pid // tiles_per_group) * GROUP_M
+    group_rows = min(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % tiles_per_group) % group_rows
+    pid_n = (pid % tiles_per_group) // group_rows
+    return pid_m, pid_n
+
+
+@triton.jit
+def _matmul_kernel(
+    p_ptr, q_ptr, keep_ptr, out_ptr,
+    I, J, L, l_per_split,
+    stride_pi, stride_pl, stride_ql, stride_qj, stride_keep_l, stride_keep_j, stride_oi, stride_oj, stride_split,
+    scale: tl.float64, keep_scale: tl.float64,
+    HAS_MASK: tl.constexpr, ACC_DTYPE: tl.constexpr, UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    INDEX_DTYPE: tl.constexpr,
+    ROUND_BF16_BY_HAND: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_L: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """``out[split] = scale · Σ_{l in split} P[:, l] (Q ⊙ keep · keep_scale)[l, :]`` for one I×J tile.
+
+    Program (t, split) reduces over ``l in [split · l_per_split, (split+1) · l_per_split)``; with one split
+    ``out`` is the result, otherwise ``out`` is an ACC_DTYPE (splits × I × J) buffer summed by the caller.
+    """
+    pid_i, pid_j = _tile_coordinates(tl.program_id(0), I, J, BLOCK_I, BLOCK_J, GROUP_M)
+    scale = tl.full((), scale, ACC_DTYPE)
+    keep_scale = tl.full((), keep_scale, ACC_DTYPE)
+    split = tl.program_id(1)
+    offs_i = (pid_i * BLOCK_I + tl.arange(0, BLOCK_I)).to(INDEX_DTYPE)
+    offs_j = (pid_j * BLOCK_J + tl.arange(0, BLOCK_J)).to(INDEX_DTYPE)
+    l_start = split * l_per_split
+    l_end = min(L, l_start + l_per_split)
+    q_dtype = q_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=ACC_DTYPE)
+    for l0 in range(l_start, l_end, BLOCK_L):
+        offs_l = (l0 + tl.arange(0, BLOCK_L)).to(INDEX_DTYPE)
+        in_l = offs_l < l_end
+        p_mask = (offs_i[:, None] < I) & in_l[None, :]
+        q_mask = in_l[:, None] & (offs_j[None, :] < J)
+        p = tl.load(p_ptr + offs_i[:, None] * stride_pi + offs_l[None, :] * stride_pl, mask=p_mask, other=0.0)
+        q = tl.load(q_ptr + offs_l[:, None] * stride_ql + offs_j[None, :] * stride_qj, mask=q_mask, other=0.0)
+        if HAS_MASK:
+            keep = tl.load(keep_ptr + offs_l[:, None] * stride_keep_l + offs_j[None, :] * stride_keep_j,
+                           mask=q_mask, other=0)
+            q = tl.where(keep != 0, q.to(ACC_DTYPE) * keep_scale, 0.0)
+            q = cast_to(q, q_dtype, ROUND_BF16_BY_HAND)
+        acc = _mma(p, q, acc, UPCAST_DOT, INPUT_PRECISION)
+    acc = acc * scale
+    out_ptrs = out_ptr + split * stride_split + offs_i[:, None] * stride_oi + offs_j[None, :] * stride_oj
+    out_mask = (offs_i[:, None] < I) & (offs_j[None, :] < J)
+    tl.store(out_ptrs, cast_to(acc, out_ptr.dtype.element_ty, ROUND_BF16_BY_HAND), mask=out_mask)
+
+
+@triton.jit
+def _linear_lowrank_kernel(
+    act_ptr, w_ptr, absmax_ptr, code_ptr, u_ptr, v_ptr, bias_ptr, keep_ptr, out_ptr,
+    M, N, K, R,
+    stride_am, stride_ak, stride_wk, stride_wn, stride_um, stride_ur, stride_vr, stride_vn,
+    stride_keep_m, stride_keep_n, stride_om, stride_on,
+    scale: tl.float64, keep_scale: tl.float64,
+    FOUR_BIT: tl.constexpr, W_ROWS_ALONG_N: tl.constexpr, BLOCKSIZE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, INDEX_DTYPE: tl.constexpr,
+    ROUND_BF16_BY_HAND: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """One BLOCK_M×BLOCK_N tile of ``out = act·W' + scale·(U V)[⊙ keep·keep_scale] + bias``.
+
+    act is M×K, W' is K×N, U is M×R, V is R×N. The tile's accumulator starts as the low-rank term,
+    ``Σ_r-blocks U[:, r] @ V[r, :]`` scaled (and masked), plus the bias; the K-loop then adds
+    ``act[:, k-block] @ W'[k-block, :]``, where a dense W' is read through its strides and a 4-bit W' is
+    dequantized per tile (W is stored N×K if W_ROWS_ALONG_N, i.e. W' = Wᵀ, else K×N, and
+    ``load_dequantized_tile`` reads it at the matching indices); one store in out's dtype ends it.
+    """
+    pid_m, pid_n = _tile_coordinates(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    scale = tl.full((), scale, ACC_DTYPE)
+    keep_scale = tl.full((), keep_scale, ACC_DTYPE)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(INDEX_DTYPE)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(INDEX_DTYPE)
+    in_m = offs_m < M
+    in_n = offs_n < N
+    act_dtype = act_ptr.dtype.element_ty
+    out_mask = in_m[:, None] & in_n[None, :]
+
+    # Low-rank term, dropout mask and bias first: they become the K-loop's initial accumulator, so one
+    # BLOCK_M×BLOCK_N float32 accumulator is live instead of two.
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        in_r = offs_r < R
+        u = tl.load(u_ptr + offs_m[:, None] * stride_um + offs_r[None, :] * stride_ur,
+                    mask=in_m[:, None] & in_r[None, :], other=0.0)
+        v = tl.load(v_ptr + offs_r[:, None] * stride_vr + offs_n[None, :] * stride_vn,
+                    mask=in_r[:, None] & in_n[None, :], other=0.0)
+        acc = _mma(u, v, acc, UPCAST_DOT, INPUT_PRECISION)
+    if HAS_MASK:
+        keep = tl.load(keep_ptr + offs_m[:, None] * stride_keep_m + offs_n[None, :] * stride_keep_n,
+                       mask=out_mask, other=0)
+        acc = tl.where(keep != 0, acc * (scale * keep_scale), 0.0)
+    else:
+        acc = acc * scale
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=in_n, other=0.0).to(ACC_DTYPE)[None, :]
+
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = (k0 + tl.arange(0, BLOCK_K)).to(INDEX_DTYPE)
+        in_k = offs_k < K
+        a = tl.load(act_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
+                    mask=in_m[:, None] & in_k[None, :], other=0.0)
+        if FOUR_BIT:
+            if W_ROWS_ALONG_N:
+                w = load_dequantized_tile(w_ptr, absmax_ptr, code_ptr, offs_n[None, :], offs_k[:, None], N, K,
+                                          BLOCKSIZE)
+            else:
+                w = load_dequantized_tile(w_ptr, absmax_ptr, code_ptr, offs_k[:, None], offs_n[None, :], K, N,
+                                          BLOCKSIZE)
+            w = cast_to(w, act_dtype, ROUND_BF16_BY_HAND)
+        else:
+            w = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                        mask=in_k[:, None] & in_n[None, :], other=0.0)
+        acc = _mma(a, w, acc, UPCAST_DOT, INPUT_PRECISION)
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, cast_to(acc, out_ptr.dtype.element_ty, ROUND_BF16_BY_HAND), mask=out_mask)
+
+
+# ----------------------------------------------------------------------------------------------- launch
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """Block sizes of one launch: an m×n output tile, k per reduction step, warps and pipeline stages."""
+
+    m: int
+    n: int
+    k: int
+    warps: int
+    stages: int
+
+
+def _block(dim: int, cap: int) -> int:
+    """Smallest power of two ≥ dim, within [16, cap] (16 is tl.dot's smallest tile)."""
+    return max(16, min(cap, triton.next_power_of_2(max(dim, 1))))
+
+
+def choose_tiles(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device, four_bit: bool = False) -> Tiles:
+    """Tiles for an m×n output reducing over k.
+
+    GPU: up to 128×128 output tiles (a skinny dimension such as the rank gets its own power of two, at
+    least 16), BLOCK_K 64 for 16-bit operands and 32 for float32 or a 4-bit weight (whose dequantization
+    already costs registers), 8 warps for a full 128×128 tile. Interpreter (CPU tensors): at most 32, so
+    tests run fast and shapes of a few dozen cross tile edges.
+    """
+    if device.type == "cpu":
+        return Tiles(_block(m, 32), _block(n, 32), _block(k, 32), 4, 1)
+    block_m, block_n = _block(m, 128), _block(n, 128)
+    block_k = _block(k, 32 if (dtype == torch.float32 or four_bit) else 64)
+    return Tiles(block_m, block_n, block_k, 8 if block_m * block_n >= 128 * 128 else 4, 2 if four_bit else 3)
+
+
+def smaller_tiles(tiles: Tiles) -> Optional[Tiles]:
+    """The next, leaner configuration to try after ``tiles`` ran out of shared memory (None: none left).
+
+    Fewer pipeline stages first, then a shorter reduction step, then a smaller output tile (GPUs with
+    less shared memory than an A100, e.g. a T4's 64 KiB, take this path once per shape class).
+    """
+    if tiles.stages > 2:
+        return replace(tiles, stages=tiles.stages - 1)
+    if tiles.k > 16:
+        return replace(tiles, k=tiles.k // 2)
+    if max(tiles.m, tiles.n) > 32:
+        m, n = (tiles.m // 2, tiles.n) if tiles.m >= tiles.n else (tiles.m, tiles.n // 2)
+        return replace(tiles, m=m, n=n, warps=4)
+    return None
+
+
+_WORKING_TILES: dict = {}
+
+
+def launch_with_fallback(key, tiles: Tiles, launch: Callable[[Tiles], None]) -> None:
+    """``launch(tiles)``, shrinking the tiles while the GPU reports too little shared memory for them.
+
+    ``key`` identifies the kernel specialization and shape class; the configuration that worked is
+    remembered for it, so the retries happen once.
+    """
+    tiles = _WORKING_TILES.get((key, tiles), tiles)
+    first = tiles
+    while True:
+        try:
+            launch(tiles)
+        except OutOfResources:
+            tiles = smaller_tiles(tiles)
+            if tiles is None:
+                raise
+            continue
+        if tiles != first:
+            _WORKING_TILES[(key, first)] = tiles
+        return
+
+
+def _dot_flags(dtype: torch.dtype, device: torch.device) -> dict:
+    interpreting = device.type == "cpu"
+    tf32 = dtype == torch.float32 and not interpreting and torch.backends.cuda.matmul.allow_tf32
+    return dict(
+        ACC_DTYPE=tl.float64 if dtype == torch.float64 else tl.float32,
+        UPCAST_DOT=interpreting and dtype == torch.bfloat16,
+        INPUT_PRECISION="tf32" if tf32 else "ieee",
+        ROUND_BF16_BY_HAND=interpreting,
+    )
+
+
+def _index_dtype(*tensors: Optional[Tensor], extra: int = 0):
+    """int64 offsets when some tensor's largest element offset (or ``extra``) reaches 2**31, else int32."""
+    largest = extra
+    for t in tensors:
+        if t is not None and t.numel() > 0:
+            largest = max(largest, sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())))
+    return tl.int64 if largest + 256 >= _INT32_LIMIT else tl.int32
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def scaled_matmul(p: Tensor, q: Tensor, out: Tensor, scale: float = 1.0, keep: Optional[Tensor] = None,
+                  keep_scale: float = 1.0, split: Optional[int] = None) -> Tensor:
+    """``out = scale · p @ (q ⊙ keep · keep_scale)`` for strided 2-D views (keep: uint8, q's shape).
+
+    ``split`` forces the number of reduction splits; by default one on the interpreter, and on a GPU as
+    many as it takes to give every SM work when the output has few tiles and the reduction is long.
+    """
+    (I, L), (_, J) = p.shape, q.shape
+    if out.numel() == 0:
+        return out
+    interpreting = p.device.type == "cpu"
+    tiles = choose_tiles(I, J, L, p.dtype, p.device)
+    if split is None:
+        n_tiles = triton.cdiv(I, tiles.m) * triton.cdiv(J, tiles.n)
+        split = 1 if interpreting else min(triton.cdiv(_sm_count(p.device.index or 0), n_tiles),
+                                           triton.cdiv(L, tiles.k) // 4, 32)
+    split = max(1, split)
+    keep_strides = (keep.stride(0), keep.stride(1)) if keep is not None else (0, 0)
+    flags = _dot_flags(p.dtype, p.device)
+
+    def launch(t: Tiles) -> None:
+        l_blocks = max(1, triton.cdiv(L, t.k))
+        l_per_split = triton.cdiv(l_blocks, min(split, l_blocks)) * t.k
+        n_splits = max(1, triton.cdiv(L, l_per_split))
+        partial_dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+        target = out if n_splits == 1 else torch.empty((n_splits, I, J), dtype=partial_dtype, device=out.device)
+        if n_splits == 1:
+            strides = (out.stride(0), out.stride(1), 0)
+        else:
+            strides = (target.stride(1), target.stride(2), target.stride(0))
+        _matmul_kernel[(triton.cdiv(I, t.m) * triton.cdiv(J, t.n), n_splits)](
+            p, q, keep if keep is not None else q, target,
+            I, J, L, l_per_split,
+            p.stride(0), p.stride(1), q.stride(0), q.stride(1), *keep_strides, *strides,
+            float(scale), float(keep_scale),
+            HAS_MASK=keep is not None, INDEX_DTYPE=_index_dtype(p, q, keep, target),
+            BLOCK_I=t.m, BLOCK_J=t.n, BLOCK_L=t.k, GROUP_M=_GROUP_M, num_warps=t.warps, num_stages=t.stages, **flags,
+        )
+        if n_splits > 1:
+            out.copy_(target.sum(dim=0))
+
+    launch_with_fallback(("matmul", p.device, p.dtype, keep is not None), tiles, launch)
+    return out
+
+
+def fused_linear_lowrank(
+    act: Tensor, w: Tensor, four_bit: Optional[tuple[Tensor, Tensor, int]], w_rows_along_n: bool, u: Tensor, v: Tensor,
+    scale: float, bias: Optional[Tensor], keep: Optional[Tensor], keep_scale: float, out: Tensor,
+) -> Tensor:
+    """``out = act @ W' + scale · (u @ v) [⊙ keep · keep_scale] + bias`` in one kernel.
+
+    W' (K×N) is the strided view ``w`` when ``four_bit`` is None; otherwise ``w`` holds the packed codes
+    of W, stored N×K (W' = Wᵀ) if ``w_rows_along_n`` else K×N, and ``four_bit`` = (absmax, code, blocksize).
+    """
+    (M, K), N, R = act.shape, out.shape[1], u.shape[1]
+    if out.numel() == 0:
+        return out
+    tiles = choose_tiles(M, N, K, act.dtype, act.device, four_bit=four_bit is not None)
+    block_r = _block(R, 16 if act.device.type == "cpu" else 64)
+    if four_bit is None:
+        absmax = code = w
+        blocksize, stride_wk, stride_wn, w_extent = 0, w.stride(0), w.stride(1), 0
+    else:
+        absmax, code, blocksize = four_bit
+        stride_wk = stride_wn = 0
+        w_extent = N * K
+    index_dtype = _index_dtype(act, None if four_bit else w, u, v, keep, out, extra=w_extent)
+    flags = _dot_flags(act.dtype, act.device)
+
+    def launch(t: Tiles) -> None:
+        _linear_lowrank_kernel[(triton.cdiv(M, t.m) * triton.cdiv(N, t.n),)](
+            act, w, absmax, code, u, v, bias if bias is not None else out, keep if keep is not None else act, out,
+            M, N, K, R,
+            act.stride(0), act.stride(1), stride_wk, stride_wn, u.stride(0), u.stride(1), v.stride(0), v.stride(1),
+            *((keep.stride(0), keep.stride(1)) if keep is not None else (0, 0)), out.stride(0), out.stride(1),
+            float(scale), float(keep_scale),
+            FOUR_BIT=four_bit is not None, W_ROWS_ALONG_N=w_rows_along_n, BLOCKSIZE=blocksize,
+            HAS_BIAS=bias is not None, HAS_MASK=keep is not None, INDEX_DTYPE=index_dtype,
+            BLOCK_M=t.m, BLOCK_N=t.n, BLOCK_K=t.k, BLOCK_R=block_r, GROUP_M=_GROUP_M,
+            num_warps=t.warps, num_stages=t.stages, **flags,
+        )
+
+    key = ("linear_lowrank", act.device, act.dtype, four_bit is not None, w_rows_along_n)
+    launch_with_fallback(key, tiles, launch)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ entry points
+
+
+def _four_bit_parts(weight: Tensor, absmax: Optional[Tensor], code: Optional[Tensor], blocksize: int, numel: int):
+    if absmax is None:
+        return weight, None
+    packed, absmax, code = check_4bit_weight(weight, absmax, code, blocksize, numel)
+    return packed, (absmax, code, blocksize)
+
+
+def _keep_mask(mask: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
+    if mask is None:
+        return None
+    if mask.shape != like.shape:
+        raise ValueError(f"dropout mask has shape {tuple(mask.shape)}, expected {tuple(like.shape)}")
+    return mask.to(torch.bool).view(torch.uint8)
+
+
+def _check_operands(
+    dtype: torch.dtype, weight: Optional[Tensor], weight_shape: tuple[int, int], **others: Optional[Tensor]
+) -> None:
+    """Dense weight of ``weight_shape`` and every other operand in the activations' ``dtype``."""
+    if weight is not None and (tuple(weight.shape) != weight_shape or weight.dtype != dtype):
+        raise ValueError(f"dense weight must be {weight_shape} of {dtype}, got {tuple(weight.shape)} of {weight.dtype}")
+    for name, t in others.items():
+        if t is not None and t.dtype != dtype:
+            raise ValueError(f"{name} must be {dtype} like the activations, got {t.dtype}")
+
+
+def lora_forward(
+    x: Tensor, weight: Tensor, absmax: Optional[Tensor], code: Optional[Tensor], blocksize: int, out_features: int,
+    bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, scale: float, mask: Optional[Tensor], p: float,
+) -> tuple[Tensor, Tensor]:
+    """``(y, xa)`` of the LoRA forward (see the module docstring); two launches: xa, then fused y."""
+    x = x.contiguous()
+    M, K = x.shape
+    R = lora_A.shape[0]
+    dense = weight if absmax is None else None
+    _check_operands(x.dtype, dense, (out_features, K), lora_A=lora_A, lora_B=lora_B, bias=bias)
+    w, four_bit = _four_bit_parts(weight, absmax, code, blocksize, out_features * K)
+    keep = _keep_mask(mask, x)
+    keep_scale = 1.0 / (1.0 - p) if keep is not None else 1.0
+    xa = x.new_empty(M, R)
+    scaled_matmul(lora_A, x.t(), xa.t(), keep=None if keep is None else keep.t(), keep_scale=keep_scale)
+    y = x.new_empty(M, out_features)
+    fused_linear_lowrank(x, w if four_bit else weight.t(), four_bit, True, xa, lora_B.t(), scale,
+                         None if bias is None else bias.contiguous(), None, 1.0, y)
+    return y, xa
+
+
+def lora_backward(
+    grad_y: Tensor, x: Tensor, xa: Tensor, weight: Tensor, absmax: Optional[Tensor], code: Optional[Tensor],
+    blocksize: int, in_features: int, lora_A: Tensor, lora_B: Tensor, scale: float, mask: Optional[Tensor], p: float,
+    need_dx: bool, need_dA: bool, need_dB: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dx, dA, dB)`` of the LoRA backward, empty tensors where not needed (see the module docstring)."""
+    g = grad_y.contiguous()
+    M, N = g.shape
+    R = lora_A.shape[0]
+    empty = g.new_empty(0)
+    dx = dA = dB = empty
+    keep_scale = 1.0 / (1.0 - p) if mask is not None else 1.0
+    dense = weight if (need_dx and absmax is None) else None
+    _check_operands(g.dtype, dense, (N, in_features), lora_A=lora_A, lora_B=lora_B, xa=xa, x=x if need_dA else None)
+    gb = scaled_matmul(g, lora_B, g.new_empty(M, R)) if (need_dx or need_dA) else None
+    if need_dx:
+        w, four_bit = _four_bit_parts(weight, absmax, code, blocksize, N * in_features)
+        dx = g.new_empty(M, in_features)
+        fused_linear_lowrank(g, w, four_bit, False, gb, lora_A, scale, None, _keep_mask(mask, dx), keep_scale, dx)
+    if need_dA:
+        x = x.contiguous()
+        dA = g.new_empty(R, in_features)
+        scaled_matmul(gb.t(), x, dA, scale=scale, keep=_keep_mask(mask, x), keep_scale=keep_scale)
+    if need_dB:
+        dB = g.new_empty(N, R)
+        scaled_matmul(g.t(), xa, dB, scale=scale)
+    return dx, dA, dB
