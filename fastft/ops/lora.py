@@ -35,8 +35,6 @@ from .dequantize_4bit import FourBitWeight, dequantize_4bit
 
 register_op("lora_linear", ("torch", "triton"))
 
-_EMPTY = torch.empty(0)
-
 
 def _dense_weight(weight: Tensor, absmax: Optional[Tensor], code: Optional[Tensor], blocksize: int, shape: tuple[int, int], dtype: torch.dtype) -> Tensor:
     if absmax is None:
@@ -68,7 +66,7 @@ def lora_backward_reference(
     need_dx: bool, need_dA: bool, need_dB: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Backward of the formula above in PyTorch; returns (dx, dA, dB), empty where not needed."""
-    dx = dA = dB = _EMPTY
+    dx = dA = dB = grad_y.new_empty(0)
     gb = grad_y @ lora_B if (need_dx or need_dA) else None
     if need_dx:
         w = _dense_weight(weight, absmax, code, blocksize, (grad_y.shape[1], in_features), grad_y.dtype)
