@@ -20,12 +20,14 @@ callables many times). The quantities are chosen to carry over from this CPU-onl
     point of the running sum of allocations (+) and of frees (-) of those allocations, starting from
     zero when ``fn`` starts. Tensors alive before ``fn`` starts are not counted, and neither are their
     frees. On CPU the events come from ``torch.profiler`` with ``profile_memory=True``: every allocation
-    and free of PyTorch's CPU allocator with its exact requested size and address, in time order
-    (PyTorch may log a one-line warning about blocks "allocated before the profiling started": those
-    are the ignored frees). On CUDA it is ``torch.cuda.max_memory_allocated() -
-    torch.cuda.memory_allocated()`` around ``fn`` after resetting the peak: the caching allocator's block
-    sizes (rounded up to 512 bytes), where frees of older tensors do lower the level. Memory allocated
-    outside PyTorch's allocator (BLAS workspaces, the Python heap) is not seen.
+    and free of PyTorch's CPU allocator with its exact requested size and address, in time order, read
+    from the profiler's event tree (``experimental_event_tree``, the private API PyTorch's own memory
+    profiler reads; pinned by the tests). PyTorch may log a one-line warning about blocks "allocated
+    before the profiling started": those are the ignored frees. On CUDA it is
+    ``torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated()`` around ``fn`` after resetting
+    the peak: the caching allocator's block sizes (rounded up to 512 bytes), where frees of older
+    tensors do lower the level. Memory allocated outside PyTorch's allocator (BLAS workspaces, the
+    Python heap) is not seen.
 
 ``time_interleaved({name: fn}, repeats, warmup)``
     Wall-clock time of each provider, measured in one process with the providers interleaved
