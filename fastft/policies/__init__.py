@@ -124,6 +124,40 @@ def _loss_runner(inputs: dict[str, Any], closure: Callable | None) -> Callable[[
     return run
 
 
+def build_context(
+    model: nn.Module,
+    batch: Any = None,
+    closure: Callable[[nn.Module], Any] | None = None,
+    budget: float | None = None,
+    seed: int = 0,
+    options: dict[str, Any] | None = None,
+) -> Context:
+    """The candidates (parameters that require grad now) and the backward-FLOP model of ``model``.
+
+    ``ctx.backward_flops(indices)`` gives the exact backward FLOPs of training any subset of
+    ``ctx.candidates``. Nothing in the model changes. ``select_trainable`` builds one; tests and the
+    benchmark use it to check a choice against every alternative.
+    """
+    if closure is not None and not callable(closure):
+        raise ValueError("closure= must be a callable taking the model and returning the loss.")
+    candidates = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not candidates:
+        raise ValueError(
+            "no parameter of this model requires grad, so there is nothing to choose from; unfreeze the model "
+            "(full fine-tuning) or patch it with fastft.patch first."
+        )
+    inputs = _inputs(model, batch)
+
+    def run_forward(m):
+        return closure(m) if closure is not None else m(**inputs)
+
+    stack = find_layer_stack(model)
+    layer_of = [None if stack is None else stack.index_of(name) for name, _ in candidates]
+    blocks = [] if stack is None else list(stack.blocks)
+    cost = build_cost_model(model, candidates, run_forward, blocks, stack.prefix if stack else "", _token_shape(inputs))
+    return Context(model, candidates, stack, layer_of, cost, budget, seed, dict(options or {}))
+
+
 def select_trainable(
     model: nn.Module,
     policy: str,
@@ -157,8 +191,7 @@ def select_trainable(
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed={seed!r}: use an integer.")
     budget = _check_budget(budget)
-    candidates = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if not candidates:
+    if not any(p.requires_grad for p in model.parameters()):
         raise ValueError(
             "no parameter of this model requires grad, so there is nothing to choose from; unfreeze the model "
             "(full fine-tuning) or patch it with fastft.patch first."
@@ -167,27 +200,17 @@ def select_trainable(
     n_layers = 0 if stack is None else len(stack.blocks)
     POLICIES[policy].check(budget, options, n_layers)
     closure = options.get("closure")
-    if closure is not None and not callable(closure):
-        raise ValueError("closure= must be a callable taking the model and returning the loss.")
-    inputs = _inputs(model, options.get("batch"))
-    if policy == "flops":
-        if options.get("batch") is not None and isinstance(options["batch"], tuple):
-            raise ValueError("policy 'flops' probes with real data: pass a batch of inputs, not a shape.")
-        options = {**options, "loss_run": _loss_runner(inputs, closure)}
-
-    def run_forward(m):
-        return closure(m) if closure is not None else m(**inputs)
-
-    layer_of = [None if stack is None else stack.index_of(name) for name, _ in candidates]
-    blocks = [] if stack is None else list(stack.blocks)
-    cost = build_cost_model(model, candidates, run_forward, blocks, stack.prefix if stack else "", _token_shape(inputs))
-    ctx = Context(model, candidates, stack, layer_of, cost, budget, seed, options)
+    if policy == "flops" and isinstance(options.get("batch"), tuple):
+        raise ValueError("policy 'flops' probes with real data: pass a batch of inputs, not a shape.")
+    loss_run = _loss_runner(_inputs(model, options.get("batch")), closure) if policy == "flops" else None
+    ctx = build_context(model, options.get("batch"), closure, budget=budget, seed=seed, options=options)
+    ctx.options["loss_run"] = loss_run
     choice: Choice = POLICIES[policy].choose(ctx)
 
     # ------------------------------------------------------------------ apply (nothing failed so far)
     selected = set(choice.selected)
     flags = {id(p): (p, p.requires_grad) for p in model.parameters()}
-    for j, (_, param) in enumerate(candidates):
+    for j, (_, param) in enumerate(ctx.candidates):
         param.requires_grad_(j in selected)
     where = ctx.cut_for(ctx.lowest(selected))
     cut = None
@@ -265,4 +288,4 @@ def unselect(model: nn.Module) -> nn.Module:
     return model
 
 
-__all__ = ["POLICIES", "SelectionReport", "select_trainable", "selection_state", "unselect"]
+__all__ = ["POLICIES", "SelectionReport", "build_context", "select_trainable", "selection_state", "unselect"]

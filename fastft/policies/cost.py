@@ -372,7 +372,7 @@ def _grad_shapes(root: Tensor, nodes) -> dict[Any, tuple[int, ...]]:
             handles.append(node.register_prehook(prehook))
     leaves = [n.variable for n in nodes if type(n).__name__ == "AccumulateGrad"]
     try:
-        torch.autograd.grad(root.sum(), leaves, allow_unused=True)
+        torch.autograd.grad(root.sum(), leaves, allow_unused=True, retain_graph=True)
     finally:
         for handle in handles:
             handle.remove()

@@ -6,13 +6,13 @@ in the forward, or the input of its layer under reentrant checkpointing). Choosi
 group is e = min_{j∈S} group_j costs
 
     cost(S) = A(e) + Σ_{j∈S} ( w_j + Σ_{(c, t) ∈ conds_j, t < e} c )
-    A(e)    = Σ_{(c, t) ∈ shared, t ≥ e} c
+    A(e)    = Σ_{(c, t) ∈ shared, t ≥ e} c  +  Σ_j Σ_{(c, t) ∈ conds_j, t ≥ e} c
 
 - ``w_j``: FLOPs only j needs (its weight gradient);
 - ``shared``: activation-gradient products every tensor at depth ≤ t needs (the dX of the layers above);
   the backward pays them once it must reach depth e ≤ t;
-- ``conds_j``: products j needs that the backward pays anyway once it reaches depth ≤ t (LoRA's g·B, which
-  both dA and dX use).
+- ``conds_j``: products needed when j is chosen *or* the backward reaches depth ≤ t, whoever is chosen
+  (LoRA's g·B, which both dA and dX use): j pays them only while the backward stops above t.
 
 The programme: for each depth e (top first), a 0/1 knapsack over the candidates above e plus at least one
 of the candidates at e, with capacity ``capacity - A(e)``; the best over all e wins. Knapsack weights are
@@ -46,7 +46,7 @@ class SelectionProblem:
             raise ValueError("values, weights, groups and conds must have one entry per candidate")
 
     def depth_cost(self, e: int) -> int:
-        return sum(c for c, t in self.shared if t >= e)
+        return sum(c for c, t in self.shared if t >= e) + sum(c for conds in self.conds for c, t in conds if t >= e)
 
     def weight_at(self, j: int, e: int) -> int:
         return self.weights[j] + sum(c for c, t in self.conds[j] if t < e)
