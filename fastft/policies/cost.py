@@ -261,7 +261,6 @@ def build_cost_model(
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.func import functional_call
 
-    candidate_ids = {id(p) for _, p in candidates}
     modes = [(m, m.training) for m in model.modules()]
     leaves = [Leaf("param", name) for name, _ in candidates]
     n_params = len(leaves)
@@ -277,9 +276,6 @@ def build_cost_model(
                 fake = fake_mode.from_tensor(param.detach()).requires_grad_(True)
                 fakes[name] = fake
                 leaf_of_tensor[id(fake)] = index
-            for name, param in model.named_parameters():
-                if id(param) not in candidate_ids:
-                    fakes[name] = fake_mode.from_tensor(param.detach())
 
             def add_pseudo(layer_index):
                 def hook(module, args, kwargs):
