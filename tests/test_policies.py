@@ -99,6 +99,17 @@ def test_report_flops_equal_flop_counter_on_a_real_step(family, lora, eager, pol
     assert "backward FLOPs" in str(report)
 
 
+def test_qlora_model_flops_equal_flop_counter():
+    from helpers import quantize_linears
+
+    model = quantize_linears(tiny_model("llama"))
+    fastft.patch(model, fastft.LoRAConfig(r=4))
+    model.train()
+    batch = ids()
+    report = fastft.select_trainable(model, "flops", budget=0.5, batch=batch)
+    assert backward_flops(model, batch) == report.backward_flops <= report.budget_flops
+
+
 def test_layers_backpropagates_nothing_below_the_lowest_trainable_layer():
     batch = ids()
     model = train_model()

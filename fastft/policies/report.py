@@ -108,8 +108,9 @@ class SelectionReport:
             f"backward FLOPs: {self.backward_flops:,} of {self.full_backward_flops:,} with every candidate "
             f"trainable ({100 * self.flops_ratio:.2f}%)"
             + ("" if self.budget_flops is None else f"; budget {self.budget_flops:,}"),
-            f"backward stops at: {self.cut or 'the bottom of the model'} (input detached); "
-            f"gradient checkpointing: {self.checkpointing}",
+            (f"backward stops at the input of {self.cut} (detached)" if self.cut else
+             "backward reaches the bottom of the model (a trainable tensor lies below the decoder layers)")
+            + f"; gradient checkpointing: {self.checkpointing}",
         ]
         out += [f"note: {n}" for n in self.notes]
         return "\n".join(out)
