@@ -115,7 +115,7 @@ def choose(ctx: Context) -> Choice:
         cheapest = min(ctx.backward_flops([j]) for j in index_of)
         raise ValueError(
             f"budget={ctx.budget} allows {capacity:,} backward FLOPs, less than training the cheapest single "
-            f"tensor costs ({cheapest:,} FLOPs, {cheapest / full:.4f} of full fine-tuning); raise the budget."
+            f"tensor costs ({cheapest:,} FLOPs, {cheapest / full:.4f} of training every candidate); raise the budget."
         )
     notes = []
     if not exact:
