@@ -61,7 +61,7 @@ def choose(ctx: Context) -> Choice:
     summary = []
     groups = matrix_groups(ctx)
     for layer in sorted(groups):
-        for block, units in groups[layer].items():
+        for units in groups[layer].values():
             names = list(units)
             count = len(names) // 2 if layer % 2 == 0 else (len(names) + 1) // 2
             for unit in rng.sample(names, count):
