@@ -40,8 +40,10 @@ callables many times). The quantities are chosen to carry over from this CPU-onl
 ``flops(fn)`` / ``flops_by_op(fn)``
     Floating-point operations counted by ``torch.utils.flop_counter.FlopCounterMode``: matrix
     products, convolutions and the attention kernels it has formulas for, 2 per multiply-add;
-    elementwise work counts 0. Two additions: the in-place forms ``addmm_`` / ``baddbmm_`` are counted
-    like ``addmm`` / ``baddbmm`` (FlopCounterMode alone skips them), and calls to ops outside ``aten``
+    elementwise work counts 0. Three additions: the in-place forms ``addmm_`` / ``baddbmm_`` are counted
+    like ``addmm`` / ``baddbmm`` (FlopCounterMode alone skips them), the CPU fused attention kernels
+    (``_scaled_dot_product_flash_attention_for_cpu`` and its backward) with torch's formulas for the CUDA
+    ones (FlopCounterMode alone counts them 0; causal masking is not discounted), and calls to ops outside ``aten``
     (``torch.library`` custom ops such as ``fastft::lora_linear``, opaque to FlopCounterMode) are run
     through their device kernel with the counter still active, so the aten ops inside the op's PyTorch
     implementation are counted. A Triton or C++ kernel inside such an op is opaque and counts 0: count
@@ -356,10 +358,32 @@ def _baddbmm_inplace_flops(self_shape, batch1_shape, batch2_shape, *args, out_sh
     return 2 * b * m * k * n
 
 
+def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """``_scaled_dot_product_flash_attention_for_cpu``: torch's own SDPA formula (FlopCounterMode has it for
+    the CUDA kernels only)."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_attention_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None,
+                                  **kwargs) -> int:
+    """``_scaled_dot_product_flash_attention_for_cpu_backward``: torch's own SDPA backward formula."""
+    from torch.utils.flop_counter import sdpa_backward_flop_count
+
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
 def _in_place_formulas() -> dict[Any, Any]:
-    """FlopCounterMode ``custom_mapping`` entries (formulas over shapes) for the in-place matmuls."""
+    """FlopCounterMode ``custom_mapping`` entries (formulas over shapes): the in-place matmuls, and the CPU
+    fused attention kernels, counted with the formulas torch uses for the CUDA ones."""
     aten = torch.ops.aten
-    return {aten.addmm_: _addmm_inplace_flops, aten.baddbmm_: _baddbmm_inplace_flops}
+    return {
+        aten.addmm_: _addmm_inplace_flops,
+        aten.baddbmm_: _baddbmm_inplace_flops,
+        aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flops,
+    }
 
 
 class _RunCustomOpsThroughTheirKernels(TorchDispatchMode):

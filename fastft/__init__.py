@@ -15,6 +15,7 @@ from .io import load, save
 from . import methods  # noqa: F401  (registers the planners)
 from .patch import is_patched, patch, unpatch
 from .peft_compat import export_peft, from_peft
+from .policies import SelectionReport, select_trainable, unselect
 from .report import PatchReport
 
 __all__ = [
@@ -30,4 +31,7 @@ __all__ = [
     "patch",
     "save",
     "unpatch",
+    "SelectionReport",
+    "select_trainable",
+    "unselect",
 ]

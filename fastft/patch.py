@@ -108,9 +108,17 @@ def is_patched(model: nn.Module) -> bool:
     return patch_state(model) is not None
 
 
+def _refuse_selected(model: nn.Module, what: str) -> None:
+    from .policies import selection_state
+
+    if selection_state(model) is not None:
+        raise ValueError(f"fastft.{what}: this model has a fastft.select_trainable selection; call fastft.unselect(model) first.")
+
+
 def _refuse_foreign(model: nn.Module) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"fastft.patch expects a torch.nn.Module, got {type(model).__name__}")
+    _refuse_selected(model, "patch")
     if is_patched(model):
         n = len(patch_state(model).modules())
         raise ValueError(
@@ -238,6 +246,7 @@ def unpatch(model: nn.Module, merge: bool = True) -> nn.Module:
     state = patch_state(model)
     if state is None:
         raise ValueError("fastft.unpatch: this model is not patched by fastft (nothing to undo).")
+    _refuse_selected(model, "unpatch")
     for plan in reversed(state.plans):
         for name, module in reversed(plan.swaps):
             _swap(model, name, module.unpatched(merge))

@@ -434,8 +434,8 @@ def lora_backward(
     g = grad_y.contiguous()
     M, N = g.shape
     R = lora_A.shape[0]
-    empty = g.new_empty(0)
-    dx = dA = dB = empty
+    # three distinct empties: a custom op's outputs may not alias one another
+    dx, dA, dB = g.new_empty(0), g.new_empty(0), g.new_empty(0)
     keep_scale = 1.0 / (1.0 - p) if mask is not None else 1.0
     dense = weight if (need_dx and absmax is None) else None
     _check_operands(g.dtype, dense, (N, in_features), lora_A=lora_A, lora_B=lora_B, xa=xa, x=x if need_dA else None)

@@ -66,7 +66,8 @@ def lora_backward_reference(
     need_dx: bool, need_dA: bool, need_dB: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Backward of the formula above in PyTorch; returns (dx, dA, dB), empty where not needed."""
-    dx = dA = dB = grad_y.new_empty(0)
+    # three distinct empties: a custom op's outputs may not alias one another
+    dx, dA, dB = grad_y.new_empty(0), grad_y.new_empty(0), grad_y.new_empty(0)
     gb = grad_y @ lora_B if (need_dx or need_dA) else None
     if need_dx:
         w = _dense_weight(weight, absmax, code, blocksize, (grad_y.shape[1], in_features), grad_y.dtype)
@@ -117,11 +118,10 @@ def _lora_linear_backward_op(
 
 @_lora_linear_backward_op.register_fake
 def _(grad_y, x, xa, weight, absmax, code, blocksize, in_features, lora_A, lora_B, scale, mask, p, need_dx, need_dA, need_dB):
-    empty = grad_y.new_empty(0)
     return (
-        grad_y.new_empty(grad_y.shape[0], in_features) if need_dx else empty,
-        grad_y.new_empty(lora_A.shape) if need_dA else empty,
-        grad_y.new_empty(lora_B.shape) if need_dB else empty,
+        grad_y.new_empty(grad_y.shape[0], in_features) if need_dx else grad_y.new_empty(0),
+        grad_y.new_empty(lora_A.shape) if need_dA else grad_y.new_empty(0),
+        grad_y.new_empty(lora_B.shape) if need_dB else grad_y.new_empty(0),
     )
 
 
