@@ -126,7 +126,7 @@ def dora_row_norm_backward_reference(
     need_dA: bool, need_dB: bool,
 ) -> tuple[Tensor, Tensor]:
     """(dA, dB) of the row norm, empty where not needed."""
-    dA = dB = lora_A.new_empty(0)
+    dA, dB = lora_A.new_empty(0), lora_B.new_empty(0)
     dq = _norm_backward_terms(grad_norm, norm, eps)
     dtype = norm.dtype
     A, B = lora_A.to(dtype), lora_B.to(dtype)
@@ -286,7 +286,7 @@ def dora_backward_reference(
 
     ``saved`` is the output y (``saved_is_output``) or the pre-scale output z; empty when dg is not needed.
     """
-    dx = dA = dB = dg = grad_y.new_empty(0)
+    dx, dA, dB, dg = (grad_y.new_empty(0) for _ in range(4))  # distinct: custom-op outputs may not alias
     dense = None
 
     def w() -> Tensor:
