@@ -9,7 +9,7 @@ with trainable A (R×K), B (O×R) and magnitude m (O). The module (``fastft.nn.D
 autograd joins them, so ``∂L/∂m = ∂L/∂g / n`` and, when the norm is not detached, ``∂L/∂n = -∂L/∂g · m/n²``
 flows into the row-norm op's backward.
 
-``dora_row_norm(W, A, B, ‖W‖², s, eps) -> (n, P)``, n of O entries, P = W Aᵀ (O×R)::
+``dora_row_norm(W, A, B, ‖W‖², s, eps) -> (n, P)``, n of O entries, P = W Aᵀ (O×R), both float32 (float64 for float64)::
 
     q_i = ‖W_i‖² + 2s·B_i·P_i + s²·B_i G B_iᵀ,     G = A Aᵀ (R×R)
     n_i = max(sqrt(max(q_i, 0)), eps)
@@ -109,9 +109,9 @@ def dora_row_norm_reference(
     weight: Tensor, absmax: Optional[Tensor], code: Optional[Tensor], blocksize: int, out_features: int,
     lora_A: Tensor, lora_B: Tensor, weight_sq_norm: Tensor, scale: float, eps: float,
 ) -> tuple[Tensor, Tensor]:
-    """(n, P = W Aᵀ) in PyTorch."""
+    """(n, P = W Aᵀ) in PyTorch, both in ``weight_sq_norm``'s dtype (P computed in A's)."""
     w = _dense_weight(weight, absmax, code, blocksize, (out_features, lora_A.shape[1]), lora_A.dtype)
-    proj = w @ lora_A.t()
+    proj = (w @ lora_A.t()).to(weight_sq_norm.dtype)
     return row_norm_from_projection(weight_sq_norm, proj, lora_A, lora_B, scale, eps), proj
 
 
@@ -156,7 +156,7 @@ def _dora_row_norm_op(
 
 @_dora_row_norm_op.register_fake
 def _(weight, absmax, code, blocksize, out_features, lora_A, lora_B, weight_sq_norm, scale, eps):
-    return weight_sq_norm.new_empty(out_features), lora_A.new_empty(out_features, lora_A.shape[0])
+    return weight_sq_norm.new_empty(out_features), weight_sq_norm.new_empty(out_features, lora_A.shape[0])
 
 
 @torch.library.custom_op("fastft::dora_row_norm_backward", mutates_args=())
@@ -257,15 +257,29 @@ def dora_forward_reference(
     return y, xa, z
 
 
+def _column_dot(a: Tensor, b: Tensor, bias: Optional[Tensor], dtype: torch.dtype, chunk_elements: int = 1 << 20) -> Tensor:
+    """``Σ_t a[t] ⊙ (b[t] - bias)`` in ``dtype``; 16-bit inputs are widened a block of rows at a time, so each
+    product is exact in float32 without a full-size float32 temporary."""
+    if a.dtype == dtype:
+        product = a * b if bias is None else (b - bias).mul_(a)
+        return product.sum(0)
+    out = torch.zeros(a.shape[1], dtype=dtype, device=a.device)
+    step = max(1, chunk_elements // max(1, a.shape[1]))
+    for start in range(0, a.shape[0], step):
+        rows = b[start:start + step].to(dtype)
+        if bias is not None:
+            rows -= bias
+        out += rows.mul_(a[start:start + step]).sum(0)
+    return out
+
+
 def _pre_scale_dot(grad_y: Tensor, saved: Tensor, saved_is_output: bool, bias: Optional[Tensor], g: Tensor,
                    x: Tensor, xa: Tensor, w: Callable, lora_B: Tensor, scale: float) -> Tensor:
     """dg = Σ_tokens gy ⊙ z, with z saved, or recovered from y as (y - b)/g (rows with g = 0 recomputed)."""
     dtype = g.dtype
+    dot = _column_dot(grad_y, saved, bias if saved_is_output else None, dtype)
     if not saved_is_output:
-        return (grad_y * saved).sum(0, dtype=dtype)
-    product = saved * grad_y if bias is None else (saved - bias).mul_(grad_y)
-    dot = product.sum(0, dtype=dtype)
-    del product
+        return dot
     zero = g == 0
     dg = dot / torch.where(zero, torch.ones_like(g), g)
     if bool(zero.any()):
