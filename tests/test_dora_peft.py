@@ -155,6 +155,26 @@ def test_magnitude_starts_at_the_row_norms_so_dora_equals_lora_at_init():
         assert_close(dora(**inputs).logits, lora(**inputs).logits)
 
 
+def test_bf16_autocast_matches_peft_dora():
+    base = tiny_model("llama", torch.float32)
+    ours = copy.deepcopy(base)
+    config = fastft.LoRAConfig(r=4, alpha=8, dora=True)
+    fastft.patch(ours, config)
+    randomize_dora(ours)
+    twin = peft_dora_twin(base, ours, config)
+    inputs = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, _ = forward_backward(ours, inputs)
+        twin_logits, _ = forward_backward(twin, inputs)
+    assert logits.dtype == twin_logits.dtype == torch.bfloat16
+    assert_close(logits, twin_logits, torch.bfloat16)
+    for name, module in dora_modules(ours).items():
+        target = twin.base_model.model.get_submodule(name)
+        assert module.lora_magnitude_vector.grad.dtype == torch.float32
+        assert_close(module.lora_magnitude_vector.grad, target.lora_magnitude_vector["default"].weight.grad,
+                     torch.bfloat16, msg=name)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_export_peft_loads_in_peft_with_identical_logits(family, tmp_path):
     base = tiny_model(family, torch.float64)
