@@ -275,7 +275,8 @@ def _column_dot(a: Tensor, b: Tensor, bias: Optional[Tensor], dtype: torch.dtype
 
 def _pre_scale_dot(grad_y: Tensor, saved: Tensor, saved_is_output: bool, bias: Optional[Tensor], g: Tensor,
                    x: Tensor, xa: Tensor, w: Callable, lora_B: Tensor, scale: float) -> Tensor:
-    """dg = Σ_tokens gy ⊙ z, with z saved, or recovered from y as (y - b)/g (rows with g = 0 recomputed)."""
+    """dg = Σ_tokens gy ⊙ z, with z saved, or recovered from y as (y - b)/g; the rows with g = 0 are recomputed
+    (finding them is a host synchronisation on a GPU, where the Triton kernel, which needs none, is the default)."""
     dtype = g.dtype
     dot = _column_dot(grad_y, saved, bias if saved_is_output else None, dtype)
     if not saved_is_output:
