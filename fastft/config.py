@@ -118,7 +118,10 @@ class LoRAConfig(MethodConfig):
             raise ValueError(f"LoRAConfig.dropout={self.dropout!r}: dropout must be in [0, 1).")
         if self.init not in self.INITS:
             raise ValueError(f"LoRAConfig.init={self.init!r}: choose one of {list(self.INITS)}.")
-        for name in ("rslora", "train_a", "dora", "dora_detach_norm"):
+        for name in ("rslora", "train_a"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"LoRAConfig.{name}={getattr(self, name)!r}: must be True or False.")
+        for name in ("dora", "dora_detach_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"LoRAConfig.{name}={getattr(self, name)!r}: must be True or False.")
         if not self.dora_detach_norm and not self.dora:

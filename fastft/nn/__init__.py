@@ -4,4 +4,5 @@ from .dora import DoRALinear
 
 FASTFT_MODULES = (LoRALinear,)
 
-__all__ = ["LoRALinear", "FASTFT_MODULES", "DoRALinear"]
+__all__ = ["LoRALinear", "FASTFT_MODULES"]
+__all__ += ["DoRALinear"]

@@ -3,4 +3,5 @@ from .dequantize_4bit import FourBitWeight, dequantize_4bit
 from .lora import lora_linear
 from .dora import dora_linear, dora_row_norm
 
-__all__ = ["FourBitWeight", "dequantize_4bit", "lora_linear", "dora_linear", "dora_row_norm"]
+__all__ = ["FourBitWeight", "dequantize_4bit", "lora_linear"]
+__all__ += ["dora_linear", "dora_row_norm"]
