@@ -86,6 +86,13 @@ class LoRAConfig(MethodConfig):
             residual ``W - s·BA``, so the model is unchanged at init).
         layers: indices of the decoder layers to touch (``None``: all). Modules outside the decoder stack
             (``lm_head``) are touched only when named in ``targets``.
+        dora: weight-decomposed LoRA (DoRA; QDoRA over a 4-bit base): ``y = g ⊙ (x Wᵀ + s·(x Aᵀ) Bᵀ) + b``
+            with ``g = m / ‖W + s·BA‖`` per output row and m a trainable magnitude vector
+            (``lora_magnitude_vector``), initialised to the row norms so DoRA equals LoRA at init. See
+            :class:`fastft.nn.DoRALinear`.
+        dora_detach_norm: with ``dora``, treat the row norm as a constant in backward (the DoRA paper's
+            section 4.3, and PEFT's behaviour; the default). ``False`` gives the exact gradient through the
+            norm to A and B, at the cost of one more out×in×r product in backward.
     """
 
     method: ClassVar[str] = "lora"
@@ -99,6 +106,8 @@ class LoRAConfig(MethodConfig):
     train_a: bool = True
     init: str = "default"
     layers: Sequence[int] | None = None
+    dora: bool = False
+    dora_detach_norm: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
@@ -112,6 +121,14 @@ class LoRAConfig(MethodConfig):
         for name in ("rslora", "train_a"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"LoRAConfig.{name}={getattr(self, name)!r}: must be True or False.")
+        for name in ("dora", "dora_detach_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"LoRAConfig.{name}={getattr(self, name)!r}: must be True or False.")
+        if not self.dora_detach_norm and not self.dora:
+            raise ValueError(
+                "LoRAConfig.dora_detach_norm=False only applies to DoRA: set dora=True as well, or leave "
+                "dora_detach_norm at its default."
+            )
         self.targets = _check_targets(self.targets)
         self.layers = _check_layers(self.layers)
         self.dropout = float(self.dropout)

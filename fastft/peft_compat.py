@@ -3,7 +3,8 @@
 
 PEFT's on-disk format (``adapter_config.json`` + ``adapter_model.safetensors``): weight keys are
 ``base_model.model.<qualified module name>.lora_A.weight`` (r×in) and ``...lora_B.weight`` (out×r); the
-scale is ``lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``). ``target_modules`` is written as the
+scale is ``lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``). A DoRA adapter (``use_dora``) adds
+``...lora_magnitude_vector`` (out), the magnitude m of ``W' = m ⊙ (W + s·BA) / ‖W + s·BA‖``. ``target_modules`` is written as the
 list of full qualified names, which PEFT matches exactly, so it patches the same modules fastft did.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ PEFT_PREFIX = "base_model.model."
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_WEIGHTS_BIN = "adapter_model.bin"
+MAGNITUDE = "lora_magnitude_vector"
 
 
 def _task_type(model: nn.Module) -> str | None:
@@ -30,7 +32,7 @@ def _task_type(model: nn.Module) -> str | None:
 
 
 def export_peft(model: nn.Module, directory: str | os.PathLike) -> None:
-    """Write the LoRA adapters of a patched model as a PEFT adapter directory.
+    """Write the LoRA (or DoRA) adapters of a patched model as a PEFT adapter directory.
 
     ``PeftModel.from_pretrained(original_base_model, directory)`` then gives the same logits. A PiSSA
     adapter (whose base holds the residual) is written as the equivalent rank-2r LoRA on the original
@@ -52,6 +54,9 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> None:
         dtype = module.lora_A.dtype
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = A.to(dtype).contiguous().cpu()
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = B.to(dtype).contiguous().cpu()
+        if config.dora:
+            magnitude = module.lora_magnitude_vector.detach()
+            tensors[f"{PEFT_PREFIX}{name}.{MAGNITUDE}"] = magnitude.contiguous().cpu()
         names.append(name)
     r = config.r * multiplier
     alpha = config.alpha * (math.sqrt(multiplier) if config.rslora else multiplier)
@@ -64,7 +69,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> None:
         "lora_dropout": config.dropout,
         "target_modules": names,
         "use_rslora": config.rslora,
-        "use_dora": False,
+        "use_dora": config.dora,
         "bias": "none",
         "fan_in_fan_out": False,
         "init_lora_weights": True,
@@ -88,7 +93,6 @@ _UNSUPPORTED = {
     "modules_to_save": lambda v: bool(v),
     "layer_replication": lambda v: bool(v),
     "lora_bias": lambda v: bool(v),
-    "use_dora": lambda v: bool(v),
     "bias": lambda v: v not in (None, "none"),
 }
 
@@ -104,7 +108,8 @@ def _read_peft_weights(directory: str) -> dict[str, torch.Tensor]:
 
 
 def from_peft(model: nn.Module, directory: str | os.PathLike):
-    """Patch a plain ``model`` with fastft LoRA from a PEFT LoRA adapter directory; returns the report."""
+    """Patch a plain ``model`` with fastft LoRA (DoRA for ``use_dora``) from a PEFT adapter directory; returns
+    the report."""
     directory = os.fspath(directory)
     config_path = os.path.join(directory, PEFT_CONFIG)
     if not os.path.exists(config_path):
@@ -120,27 +125,34 @@ def from_peft(model: nn.Module, directory: str | os.PathLike):
             f"{ {k: peft_config[k] for k in bad} }."
         )
     weights = _read_peft_weights(directory)
+    dora = bool(peft_config.get("use_dora", False))
+    # PEFT saves the DoRA magnitude as ".lora_magnitude_vector" (older versions: "...vector.weight")
+    suffixes = {f".{part}.weight": part for part in ("lora_A", "lora_B")}
+    if dora:
+        suffixes.update({f".{MAGNITUDE}": MAGNITUDE, f".{MAGNITUDE}.weight": MAGNITUDE})
     factors: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in weights.items():
         if not key.startswith(PEFT_PREFIX):
             raise ValueError(f"fastft.from_peft: unexpected weight name {key!r} (expected {PEFT_PREFIX}...).")
         stem = key[len(PEFT_PREFIX):]
-        for part in ("lora_A", "lora_B"):
-            suffix = f".{part}.weight"
+        for suffix, part in suffixes.items():
             if stem.endswith(suffix):
                 factors.setdefault(stem[: -len(suffix)], {})[part] = value
                 break
         else:
-            raise ValueError(f"fastft.from_peft: weight {key!r} is not a LoRA A/B matrix.")
-    incomplete = [name for name, f in factors.items() if set(f) != {"lora_A", "lora_B"}]
+            what = "a LoRA A/B matrix or DoRA magnitude" if dora else "a LoRA A/B matrix"
+            raise ValueError(f"fastft.from_peft: weight {key!r} is not {what}.")
+    parts = {"lora_A", "lora_B", MAGNITUDE} if dora else {"lora_A", "lora_B"}
+    incomplete = [name for name, f in factors.items() if set(f) != parts]
     if incomplete:
-        raise ValueError(f"fastft.from_peft: modules with only one of lora_A/lora_B: {incomplete[:5]}")
+        raise ValueError(f"fastft.from_peft: modules without all of {sorted(parts)}: {incomplete[:5]}")
     config = LoRAConfig(
         r=int(peft_config["r"]),
         alpha=float(peft_config["lora_alpha"]),
         dropout=float(peft_config.get("lora_dropout") or 0.0),
         targets=tuple(factors),
         rslora=bool(peft_config.get("use_rslora", False)),
+        dora=dora,
     )
     report = patch(model, config)
     try:

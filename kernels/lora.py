@@ -23,6 +23,12 @@ Two kernels do all of it:
 
 Launches: forward = xa, y (2); backward = gb, dx, dA, dB (up to 4, only those needed).
 
+Building blocks shared with other kernel families (DoRA, ``fastft.kernels.dora``): ``lowrank_tile`` (the
+low-rank term of a tile), ``accumulate_linear`` (a GEMM's K-loop over a dense or 4-bit W, optionally
+scaling act's columns), and the fused kernel's DoRA hooks (a column scale on act, a per-column scale of
+the result before the bias, a second store of the unscaled result); ``scaled_matmul`` and
+``fused_linear_lowrank`` are the launchers.
+
 Numerics: every dot accumulates in float32 (float64 for float64 inputs, with the scales passed as
 float64 so that path is exact to float64 too); results are stored once in x's dtype (the intermediates xa
 and gb too, as in the reference). float32 operands use ``input_precision="ieee"`` unless torch allows
@@ -117,40 +123,9 @@ def _matmul_kernel(
 
 
 @triton.jit
-def _linear_lowrank_kernel(
-    act_ptr, w_ptr, absmax_ptr, code_ptr, u_ptr, v_ptr, bias_ptr, keep_ptr, out_ptr,
-    M, N, K, R,
-    stride_am, stride_ak, stride_wk, stride_wn, stride_um, stride_ur, stride_vr, stride_vn,
-    stride_keep_m, stride_keep_n, stride_om, stride_on,
-    scale: tl.float64, keep_scale: tl.float64,
-    FOUR_BIT: tl.constexpr, W_ROWS_ALONG_N: tl.constexpr, BLOCKSIZE: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, INDEX_DTYPE: tl.constexpr,
-    ROUND_BF16_BY_HAND: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr,
-):
-    """One BLOCK_M×BLOCK_N tile of ``out = act·W' + scale·(U V)[⊙ keep·keep_scale] + bias``.
-
-    act is M×K, W' is K×N, U is M×R, V is R×N. The tile's accumulator starts as the low-rank term,
-    ``Σ_r-blocks U[:, r] @ V[r, :]`` scaled (and masked), plus the bias; the K-loop then adds
-    ``act[:, k-block] @ W'[k-block, :]``, where a dense W' is read through its strides and a 4-bit W' is
-    dequantized per tile (W is stored N×K if W_ROWS_ALONG_N, i.e. W' = Wᵀ, else K×N, and
-    ``load_dequantized_tile`` reads it at the matching indices); one store in out's dtype ends it.
-    """
-    pid_m, pid_n = _tile_coordinates(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    scale = tl.full((), scale, ACC_DTYPE)
-    keep_scale = tl.full((), keep_scale, ACC_DTYPE)
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(INDEX_DTYPE)
-    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(INDEX_DTYPE)
-    in_m = offs_m < M
-    in_n = offs_n < N
-    act_dtype = act_ptr.dtype.element_ty
-    out_mask = in_m[:, None] & in_n[None, :]
-
-    # Low-rank term, dropout mask and bias first: they become the K-loop's initial accumulator, so one
-    # BLOCK_M×BLOCK_N float32 accumulator is live instead of two.
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+def lowrank_tile(acc, u_ptr, v_ptr, offs_m, offs_n, in_m, in_n, R, stride_um, stride_ur, stride_vr, stride_vn,
+                 UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr):
+    """``acc + U[offs_m, :] @ V[:, offs_n]`` for U (M×R) and V (R×N), a ``tl.dot`` per BLOCK_R of the rank."""
     for r0 in range(0, R, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         in_r = offs_r < R
@@ -159,20 +134,32 @@ def _linear_lowrank_kernel(
         v = tl.load(v_ptr + offs_r[:, None] * stride_vr + offs_n[None, :] * stride_vn,
                     mask=in_r[:, None] & in_n[None, :], other=0.0)
         acc = _mma(u, v, acc, UPCAST_DOT, INPUT_PRECISION)
-    if HAS_MASK:
-        keep = tl.load(keep_ptr + offs_m[:, None] * stride_keep_m + offs_n[None, :] * stride_keep_n,
-                       mask=out_mask, other=0)
-        acc = tl.where(keep != 0, acc * (scale * keep_scale), 0.0)
-    else:
-        acc = acc * scale
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=in_n, other=0.0).to(ACC_DTYPE)[None, :]
+    return acc
 
+
+@triton.jit
+def accumulate_linear(
+    acc, act_ptr, w_ptr, absmax_ptr, code_ptr, act_scale_ptr, offs_m, offs_n, in_m, in_n, K, N,
+    stride_am, stride_ak, stride_wk, stride_wn,
+    FOUR_BIT: tl.constexpr, W_ROWS_ALONG_N: tl.constexpr, BLOCKSIZE: tl.constexpr, HAS_ACT_SCALE: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, INDEX_DTYPE: tl.constexpr,
+    ROUND_BF16_BY_HAND: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """``acc + (act[offs_m, :] [⊙ act_scale]) @ W'[:, offs_n]``: the K-loop of a GEMM with act (M×K), W' (K×N).
+
+    A dense W' is read through its strides; a 4-bit W' is dequantized per tile (W stored N×K if
+    W_ROWS_ALONG_N, i.e. W' = Wᵀ, else K×N). With HAS_ACT_SCALE each act column k is multiplied by
+    ``act_scale[k]`` in ACC precision and rounded back to act's dtype before the dot (DoRA's ``g ⊙ grad``).
+    """
+    act_dtype = act_ptr.dtype.element_ty
     for k0 in range(0, K, BLOCK_K):
         offs_k = (k0 + tl.arange(0, BLOCK_K)).to(INDEX_DTYPE)
         in_k = offs_k < K
         a = tl.load(act_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
                     mask=in_m[:, None] & in_k[None, :], other=0.0)
+        if HAS_ACT_SCALE:
+            column_scale = tl.load(act_scale_ptr + offs_k, mask=in_k, other=0.0).to(acc.dtype)
+            a = cast_to(a.to(acc.dtype) * column_scale[None, :], act_dtype, ROUND_BF16_BY_HAND)
         if FOUR_BIT:
             if W_ROWS_ALONG_N:
                 w = load_dequantized_tile(w_ptr, absmax_ptr, code_ptr, offs_n[None, :], offs_k[:, None], N, K,
@@ -185,8 +172,71 @@ def _linear_lowrank_kernel(
             w = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
                         mask=in_k[:, None] & in_n[None, :], other=0.0)
         acc = _mma(a, w, acc, UPCAST_DOT, INPUT_PRECISION)
-    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-    tl.store(out_ptrs, cast_to(acc, out_ptr.dtype.element_ty, ROUND_BF16_BY_HAND), mask=out_mask)
+    return acc
+
+
+@triton.jit
+def _linear_lowrank_kernel(
+    act_ptr, w_ptr, absmax_ptr, code_ptr, u_ptr, v_ptr, bias_ptr, keep_ptr, out_ptr,
+    act_scale_ptr, out_scale_ptr, pre_scale_ptr,
+    M, N, K, R,
+    stride_am, stride_ak, stride_wk, stride_wn, stride_um, stride_ur, stride_vr, stride_vn,
+    stride_keep_m, stride_keep_n, stride_om, stride_on,
+    scale: tl.float64, keep_scale: tl.float64,
+    FOUR_BIT: tl.constexpr, W_ROWS_ALONG_N: tl.constexpr, BLOCKSIZE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_ACT_SCALE: tl.constexpr, HAS_OUT_SCALE: tl.constexpr, STORE_PRE_SCALE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, INDEX_DTYPE: tl.constexpr,
+    ROUND_BF16_BY_HAND: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """One BLOCK_M×BLOCK_N tile of ``out = act·W' + scale·(U V)[⊙ keep·keep_scale] + bias``.
+
+    act is M×K, W' is K×N, U is M×R, V is R×N. The tile's accumulator starts as the low-rank term,
+    ``Σ_r-blocks U[:, r] @ V[r, :]`` scaled (and masked), plus the bias; the K-loop
+    (:func:`accumulate_linear`) then adds ``act[:, k-block] @ W'[k-block, :]``; one store in out's dtype
+    ends it. DoRA's hooks (all off for LoRA): HAS_ACT_SCALE multiplies act's column k by
+    ``act_scale[k]``; HAS_OUT_SCALE makes the epilogue ``out_scale[n] · acc + bias`` (the bias then joins
+    after the scaling); STORE_PRE_SCALE also stores the accumulator before that epilogue to ``pre_scale``
+    (out's strides).
+    """
+    pid_m, pid_n = _tile_coordinates(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    scale = tl.full((), scale, ACC_DTYPE)
+    keep_scale = tl.full((), keep_scale, ACC_DTYPE)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(INDEX_DTYPE)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(INDEX_DTYPE)
+    in_m = offs_m < M
+    in_n = offs_n < N
+    out_mask = in_m[:, None] & in_n[None, :]
+
+    # Low-rank term, dropout mask and bias first: they become the K-loop's initial accumulator, so one
+    # BLOCK_M×BLOCK_N float32 accumulator is live instead of two.
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    acc = lowrank_tile(acc, u_ptr, v_ptr, offs_m, offs_n, in_m, in_n, R, stride_um, stride_ur, stride_vr, stride_vn,
+                       UPCAST_DOT, INPUT_PRECISION, BLOCK_R)
+    if HAS_MASK:
+        keep = tl.load(keep_ptr + offs_m[:, None] * stride_keep_m + offs_n[None, :] * stride_keep_n,
+                       mask=out_mask, other=0)
+        acc = tl.where(keep != 0, acc * (scale * keep_scale), 0.0)
+    else:
+        acc = acc * scale
+    if HAS_BIAS:
+        if not HAS_OUT_SCALE:
+            acc += tl.load(bias_ptr + offs_n, mask=in_n, other=0.0).to(ACC_DTYPE)[None, :]
+
+    acc = accumulate_linear(acc, act_ptr, w_ptr, absmax_ptr, code_ptr, act_scale_ptr, offs_m, offs_n, in_m, in_n, K, N,
+                            stride_am, stride_ak, stride_wk, stride_wn, FOUR_BIT, W_ROWS_ALONG_N, BLOCKSIZE,
+                            HAS_ACT_SCALE, UPCAST_DOT, INPUT_PRECISION, INDEX_DTYPE, ROUND_BF16_BY_HAND, BLOCK_K)
+    out_offsets = offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    if STORE_PRE_SCALE:
+        tl.store(pre_scale_ptr + out_offsets, cast_to(acc, pre_scale_ptr.dtype.element_ty, ROUND_BF16_BY_HAND),
+                 mask=out_mask)
+    if HAS_OUT_SCALE:
+        acc = acc * tl.load(out_scale_ptr + offs_n, mask=in_n, other=0.0).to(ACC_DTYPE)[None, :]
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=in_n, other=0.0).to(ACC_DTYPE)[None, :]
+    tl.store(out_ptr + out_offsets, cast_to(acc, out_ptr.dtype.element_ty, ROUND_BF16_BY_HAND), mask=out_mask)
 
 
 # ----------------------------------------------------------------------------------------------- launch
@@ -334,17 +384,27 @@ def scaled_matmul(p: Tensor, q: Tensor, out: Tensor, scale: float = 1.0, keep: O
 
 
 def fused_linear_lowrank(
-    act: Tensor, w: Tensor, four_bit: Optional[tuple[Tensor, Tensor, int]], w_rows_along_n: bool, u: Tensor, v: Tensor,
-    scale: float, bias: Optional[Tensor], keep: Optional[Tensor], keep_scale: float, out: Tensor,
+    act: Tensor, w: Tensor, four_bit: Optional[tuple[Tensor, Tensor, int]], w_rows_along_n: bool,
+    u: Optional[Tensor], v: Optional[Tensor], scale: float, bias: Optional[Tensor], keep: Optional[Tensor],
+    keep_scale: float, out: Tensor, act_scale: Optional[Tensor] = None, out_scale: Optional[Tensor] = None,
+    pre_scale_out: Optional[Tensor] = None,
 ) -> Tensor:
     """``out = act @ W' + scale · (u @ v) [⊙ keep · keep_scale] + bias`` in one kernel.
 
     W' (K×N) is the strided view ``w`` when ``four_bit`` is None; otherwise ``w`` holds the packed codes
     of W, stored N×K (W' = Wᵀ) if ``w_rows_along_n`` else K×N, and ``four_bit`` = (absmax, code, blocksize).
+    ``u``/``v`` None: no low-rank term. DoRA's hooks: ``act_scale`` (K) scales act's columns,
+    ``out_scale`` (N) makes it ``out = out_scale ⊙ (act @ W' + scale · u @ v) + bias``, and
+    ``pre_scale_out`` (out's shape and strides) also receives the value before that scaling.
     """
-    (M, K), N, R = act.shape, out.shape[1], u.shape[1]
+    (M, K), N = act.shape, out.shape[1]
+    R = 0 if u is None else u.shape[1]
+    if u is None:
+        u = v = act  # never read with R = 0
     if out.numel() == 0:
         return out
+    if pre_scale_out is not None and pre_scale_out.stride() != out.stride():
+        raise ValueError("pre_scale_out must have out's strides")
     tiles = choose_tiles(M, N, K, act.dtype, act.device, four_bit=four_bit is not None)
     block_r = _block(R, 16 if act.device.type == "cpu" else 64)
     if four_bit is None:
@@ -360,17 +420,22 @@ def fused_linear_lowrank(
     def launch(t: Tiles) -> None:
         _linear_lowrank_kernel[(triton.cdiv(M, t.m) * triton.cdiv(N, t.n),)](
             act, w, absmax, code, u, v, bias if bias is not None else out, keep if keep is not None else act, out,
+            act_scale if act_scale is not None else out, out_scale if out_scale is not None else out,
+            pre_scale_out if pre_scale_out is not None else out,
             M, N, K, R,
             act.stride(0), act.stride(1), stride_wk, stride_wn, u.stride(0), u.stride(1), v.stride(0), v.stride(1),
             *((keep.stride(0), keep.stride(1)) if keep is not None else (0, 0)), out.stride(0), out.stride(1),
             float(scale), float(keep_scale),
             FOUR_BIT=four_bit is not None, W_ROWS_ALONG_N=w_rows_along_n, BLOCKSIZE=blocksize,
             HAS_BIAS=bias is not None, HAS_MASK=keep is not None, INDEX_DTYPE=index_dtype,
+            HAS_ACT_SCALE=act_scale is not None, HAS_OUT_SCALE=out_scale is not None,
+            STORE_PRE_SCALE=pre_scale_out is not None,
             BLOCK_M=t.m, BLOCK_N=t.n, BLOCK_K=t.k, BLOCK_R=block_r, GROUP_M=_GROUP_M,
             num_warps=t.warps, num_stages=t.stages, **flags,
         )
 
-    key = ("linear_lowrank", act.device, act.dtype, four_bit is not None, w_rows_along_n)
+    key = ("linear_lowrank", act.device, act.dtype, four_bit is not None, w_rows_along_n,
+           act_scale is not None, out_scale is not None, pre_scale_out is not None)
     launch_with_fallback(key, tiles, launch)
     return out
 

@@ -212,9 +212,11 @@ common = dict(UPCAST_DOT=False, INPUT_PRECISION="ieee", INDEX_DTYPE=tl.int32, RO
 variants = [(True, True, "*bf16"), (True, False, "*fp16"), (False, False, "*bf16"), (False, True, "*fp64")]
 for four_bit, forward, ty in variants:
     pointers = dict(act_ptr=ty, w_ptr="*u8" if four_bit else ty, absmax_ptr="*fp32", code_ptr="*fp32",
-                    u_ptr=ty, v_ptr=ty, bias_ptr=ty, keep_ptr="*u8", out_ptr=ty)
+                    u_ptr=ty, v_ptr=ty, bias_ptr=ty, keep_ptr="*u8", out_ptr=ty,
+                    act_scale_ptr="*fp32", out_scale_ptr="*fp32", pre_scale_ptr=ty)
     build(lora._linear_lowrank_kernel, pointers, dict(
         common, FOUR_BIT=four_bit, W_ROWS_ALONG_N=forward, BLOCKSIZE=64, HAS_BIAS=forward, HAS_MASK=not forward,
+        HAS_ACT_SCALE=False, HAS_OUT_SCALE=False, STORE_PRE_SCALE=False,
         ACC_DTYPE=tl.float64 if ty == "*fp64" else tl.float32, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, BLOCK_R=16),
         8, 2)
 build(lora._matmul_kernel, dict(p_ptr="*fp16", q_ptr="*fp16", keep_ptr="*u8", out_ptr="*fp32"),

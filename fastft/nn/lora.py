@@ -54,11 +54,17 @@ class LoRALinear(nn.Module):
     """
 
     op = "lora_linear"
+    supports_dora = False  # fastft.nn.DoRALinear, the subclass that does, sets it
 
     def __init__(self, base_layer: nn.Module, config: LoRAConfig, defer_attach: bool = False):
         super().__init__()
         if not isinstance(config, LoRAConfig):
             raise TypeError(f"LoRALinear needs a fastft.LoRAConfig, got {type(config).__name__}")
+        if config.dora and not self.supports_dora:
+            raise TypeError(
+                f"{type(self).__name__} does not do DoRA; build DoRA layers with LoRALinear.from_linear(layer, config) "
+                "or fastft.nn.DoRALinear(layer, config)."
+            )
         check_linear(base_layer)
         self.is_4bit = is_linear4bit(base_layer)
         if self.is_4bit:
@@ -94,7 +100,12 @@ class LoRALinear(nn.Module):
 
     @classmethod
     def from_linear(cls, layer: nn.Module, config: LoRAConfig, defer_attach: bool = False) -> "LoRALinear":
-        """Wrap ``layer`` (an ``nn.Linear`` or a bitsandbytes ``Linear4bit``)."""
+        """Wrap ``layer`` (an ``nn.Linear`` or a bitsandbytes ``Linear4bit``); a :class:`fastft.nn.DoRALinear`
+        when ``config.dora``."""
+        if getattr(config, "dora", False) and not cls.supports_dora:
+            from .dora import DoRALinear
+
+            cls = DoRALinear
         return cls(layer, config, defer_attach=defer_attach)
 
     @property
@@ -165,8 +176,12 @@ class LoRALinear(nn.Module):
         mask = None
         if self.training and self.dropout_p > 0.0:
             mask = torch.empty(x.shape, device=x.device).bernoulli_(1.0 - self.dropout_p).bool()
-        y = lora_linear(x, weight, bias, self.lora_A.to(dtype), self.lora_B.to(dtype), self.scale, self.dropout_p, mask)
+        y = self._run_op(x, weight, bias, self.lora_A.to(dtype), self.lora_B.to(dtype), mask)
         return y.to(input_dtype) if self.is_4bit else y
+
+    def _run_op(self, x: Tensor, weight, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, mask: Tensor | None) -> Tensor:
+        """The op on prepared operands (all in the compute dtype); subclasses (DoRA) swap it."""
+        return lora_linear(x, weight, bias, lora_A, lora_B, self.scale, self.dropout_p, mask)
 
     # ------------------------------------------------------------- adapters
     def adapter_parameters(self) -> dict[str, nn.Parameter]:

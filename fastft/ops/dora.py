@@ -1,0 +1,461 @@
+"""The DoRA ops: the row norm ‖W + s·BA‖ from the low-rank factors, and the magnitude-scaled LoRA linear.
+
+DoRA (weight-decomposed low-rank adaptation) replaces a frozen W (O×K, dense or bitsandbytes 4-bit) by::
+
+    W' = diag(g) (W + s·BA),    g = m / n,    n_i = ‖W_i + s·B_i A‖    (one norm per output row i)
+
+with trainable A (R×K), B (O×R) and magnitude m (O). The module (``fastft.nn.DoRALinear``) computes
+``n = dora_row_norm(...)``, then ``g = m / n`` in plain PyTorch (an O-vector), then ``y = dora_linear(...)``;
+autograd joins them, so ``∂L/∂m = ∂L/∂g / n`` and, when the norm is not detached, ``∂L/∂n = -∂L/∂g · m/n²``
+flows into the row-norm op's backward.
+
+``dora_row_norm(W, A, B, ‖W‖², s, eps) -> (n, P)``, n of O entries, P = W Aᵀ (O×R), both float32 (float64 for float64)::
+
+    q_i = ‖W_i‖² + 2s·B_i·P_i + s²·B_i G B_iᵀ,     G = A Aᵀ (R×R)
+    n_i = max(sqrt(max(q_i, 0)), eps)
+
+``‖W_i‖²`` is a constant of the frozen weight that the caller computes once (for a 4-bit base from its
+dequantized weight); per call the op does one O×K×R product (P) and O×R×R work: the O×K matrix
+``W + s·BA`` is never formed. q is computed in float32 (float64 for float64 inputs) from P, B and G.
+The expansion loses relative accuracy only where ``‖W_i + s·B_i A‖ ≪ ‖W_i‖`` (an update that nearly
+cancels its row), which DoRA's small updates do not reach.
+``eps`` (:data:`NORM_EPS`, 1e-6) guards a zero norm: an all-zero row of ``W + s·BA`` gets n = eps instead
+of 0, so g = m/eps stays finite where PEFT divides 0 by 0. The clamp has zero gradient.
+Backward (used only when the norm is not detached), for ``dn = ∂L/∂n``::
+
+    dq = dn / (2n)   where sqrt(q) > eps, else 0
+    dB = 2s · diag(dq) (P + s·B G)
+    dA = 2s · (diag(dq) B)ᵀ W + 2s² · (Bᵀ diag(dq) B) A       (one more R×O×K product, W re-read)
+
+Saved: n and P (O and O×R). W, A, B are the caller's tensors.
+
+``dora_linear(x, W, b, A, B, g, s, mask, p) -> y``, for x (N×K) and g (O)::
+
+    no dropout:   xa = x Aᵀ,    z = x Wᵀ + s·xa Bᵀ,    y = g ⊙ z + b
+    dropout:      x̃ = x ⊙ mask / (1-p),   xa = x̃ Aᵀ,   z = x̃ Wᵀ + s·xa Bᵀ
+                  y = x Wᵀ + b + (g - 1) ⊙ z + s·xa Bᵀ
+
+The dropout form is PEFT's: the base path sees x, the DoRA path the dropped x̃, i.e.
+``y = x Wᵀ + b + (g-1) ⊙ x̃ Wᵀ + g ⊙ s·xa Bᵀ``. Its second full GEMM, x̃ Wᵀ, is one no algebra removes:
+the mask sits on the reduction dimension, so x Wᵀ and x̃ Wᵀ are different products of W and y needs
+both. Without dropout there is one GEMM, as in LoRA. Backward, for ``gy = ∂L/∂y`` and ``gz = g ⊙ gy``::
+
+    gb = gz B = gy (diag(g) B)
+    dx = gz W + s·gb A                                    (no dropout)
+    dx = gy W + ((gz - gy) W + s·gb A) ⊙ mask/(1-p)       (dropout: the second GEMM again)
+    dA = s·gbᵀ x̃       dB = s·gzᵀ xa       dg = Σ_tokens gy ⊙ z
+
+What is saved for backward: ``xa``; ``x`` when A trains (and the mask with dropout); g; and, when g
+needs a gradient, one output-sized tensor for ``dg``:
+
+* the layer's own output y — without dropout, when x is saved anyway, and when there is no bias or the
+  output is float32/float64. The pre-scale output is recovered as ``z = (y - b) / g``; the rows where
+  g = 0 (a zero magnitude, e.g. from a PEFT adapter of an all-zero weight row) carry no trace of z in y
+  and are recomputed from x, W, xa and B for those rows alone. y is usually saved by the next op as
+  well (an activation, a product, attention), so the storage is shared rather than doubled.
+* otherwise the pre-scale output z itself (with dropout it is not recoverable from y without the
+  second GEMM's result; a half-precision y with a large bias would recover z inexactly).
+
+Never saved: W + s·BA or BA, the base output x Wᵀ beside y, x̃, a dequantized weight. W is re-read
+(re-dequantized for a 4-bit base) in backward. W and b get no gradient.
+
+Registered as ``torch.library`` ops (``fastft::dora_row_norm``, ``fastft::dora_linear`` and their
+backward ops) with fake kernels. The PyTorch implementation here is the reference and runs on every
+device; the Triton kernels in ``fastft.kernels.dora`` run on CUDA.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Union
+
+import torch
+from torch import Tensor
+
+from ..dispatch import backend_for, register_op
+from .dequantize_4bit import FourBitWeight
+from .lora import _dense_weight, _dropped
+
+register_op("dora_row_norm", ("torch", "triton"))
+register_op("dora_linear", ("torch", "triton"))
+
+NORM_EPS = 1e-6
+"""Lower bound of a DoRA row norm: a zero row of ``W + s·BA`` divides by this instead of by 0."""
+
+
+def norm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype DoRA computes row norms in: float64 for float64, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def output_recoverable(x_dtype: torch.dtype, has_bias: bool) -> bool:
+    """Whether ``z = (y - b) / g`` recovers the pre-scale output to its own precision."""
+    return not has_bias or x_dtype in (torch.float32, torch.float64)
+
+
+# ------------------------------------------------------------------------------------------- row norm
+
+
+def row_norm_from_projection(
+    weight_sq_norm: Tensor, proj: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, eps: float
+) -> Tensor:
+    """n from ‖W_i‖², P = W Aᵀ, A and B (see the module docstring), in ``weight_sq_norm``'s dtype."""
+    dtype = weight_sq_norm.dtype
+    A, B, P = lora_A.to(dtype), lora_B.to(dtype), proj.to(dtype)
+    gram = A @ A.t()
+    q = weight_sq_norm + 2.0 * scale * (B * P).sum(1) + scale * scale * ((B @ gram) * B).sum(1)
+    return q.clamp_min(0.0).sqrt().clamp_min(eps)
+
+
+def dora_row_norm_reference(
+    weight: Tensor, absmax: Optional[Tensor], code: Optional[Tensor], blocksize: int, out_features: int,
+    lora_A: Tensor, lora_B: Tensor, weight_sq_norm: Tensor, scale: float, eps: float,
+) -> tuple[Tensor, Tensor]:
+    """(n, P = W Aᵀ) in PyTorch, both in ``weight_sq_norm``'s dtype (P computed in A's)."""
+    w = _dense_weight(weight, absmax, code, blocksize, (out_features, lora_A.shape[1]), lora_A.dtype)
+    proj = (w @ lora_A.t()).to(weight_sq_norm.dtype)
+    return row_norm_from_projection(weight_sq_norm, proj, lora_A, lora_B, scale, eps), proj
+
+
+def _norm_backward_terms(grad_norm: Tensor, norm: Tensor, eps: float) -> Tensor:
+    """dq = dn / (2n) where the norm is not clamped at eps, 0 where it is."""
+    return torch.where(norm > eps, grad_norm.to(norm.dtype) / (2.0 * norm), torch.zeros_like(norm))
+
+
+def dora_row_norm_backward_reference(
+    grad_norm: Tensor, norm: Tensor, proj: Tensor, weight: Tensor, absmax: Optional[Tensor],
+    code: Optional[Tensor], blocksize: int, lora_A: Tensor, lora_B: Tensor, scale: float, eps: float,
+    need_dA: bool, need_dB: bool,
+) -> tuple[Tensor, Tensor]:
+    """(dA, dB) of the row norm, empty where not needed."""
+    dA, dB = lora_A.new_empty(0), lora_B.new_empty(0)
+    dq = _norm_backward_terms(grad_norm, norm, eps)
+    dtype = norm.dtype
+    A, B = lora_A.to(dtype), lora_B.to(dtype)
+    if need_dB:
+        dB = (2.0 * scale * dq[:, None] * (proj.to(dtype) + scale * (B @ (A @ A.t())))).to(lora_B.dtype)
+    if need_dA:
+        w = _dense_weight(weight, absmax, code, blocksize, (lora_B.shape[0], lora_A.shape[1]), lora_A.dtype)
+        weighted_B = dq[:, None] * B
+        dA = (weighted_B.t().to(lora_A.dtype) @ w).to(dtype)
+        dA.addmm_(B.t() @ weighted_B, A, alpha=scale)
+        dA = dA.mul_(2.0 * scale).to(lora_A.dtype)
+    return dA, dB
+
+
+@torch.library.custom_op("fastft::dora_row_norm", mutates_args=())
+def _dora_row_norm_op(
+    weight: Tensor, absmax: Optional[Tensor], code: Optional[Tensor], blocksize: int, out_features: int,
+    lora_A: Tensor, lora_B: Tensor, weight_sq_norm: Tensor, scale: float, eps: float,
+) -> tuple[Tensor, Tensor]:
+    args = (weight, absmax, code, blocksize, out_features, lora_A, lora_B, weight_sq_norm, scale, eps)
+    if backend_for("dora_row_norm", lora_A.device) == "triton":
+        from ..kernels.dora import dora_row_norm
+
+        return dora_row_norm(*args)
+    return dora_row_norm_reference(*args)
+
+
+@_dora_row_norm_op.register_fake
+def _(weight, absmax, code, blocksize, out_features, lora_A, lora_B, weight_sq_norm, scale, eps):
+    return weight_sq_norm.new_empty(out_features), weight_sq_norm.new_empty(out_features, lora_A.shape[0])
+
+
+@torch.library.custom_op("fastft::dora_row_norm_backward", mutates_args=())
+def _dora_row_norm_backward_op(
+    grad_norm: Tensor, norm: Tensor, proj: Tensor, weight: Tensor, absmax: Optional[Tensor],
+    code: Optional[Tensor], blocksize: int, lora_A: Tensor, lora_B: Tensor, scale: float, eps: float,
+    need_dA: bool, need_dB: bool,
+) -> tuple[Tensor, Tensor]:
+    args = (grad_norm, norm, proj, weight, absmax, code, blocksize, lora_A, lora_B, scale, eps, need_dA, need_dB)
+    if backend_for("dora_row_norm", lora_A.device) == "triton":
+        from ..kernels.dora import dora_row_norm_backward
+
+        return dora_row_norm_backward(*args)
+    return dora_row_norm_backward_reference(*args)
+
+
+@_dora_row_norm_backward_op.register_fake
+def _(grad_norm, norm, proj, weight, absmax, code, blocksize, lora_A, lora_B, scale, eps, need_dA, need_dB):
+    empty = lora_A.new_empty(0)
+    return (lora_A.new_empty(lora_A.shape) if need_dA else empty,
+            lora_B.new_empty(lora_B.shape) if need_dB else empty)
+
+
+def _norm_setup_context(ctx, inputs, output):
+    weight, absmax, code, blocksize, out_features, lora_A, lora_B, weight_sq_norm, scale, eps = inputs
+    norm, proj = output
+    ctx.save_for_backward(norm, proj, weight, absmax, code, lora_A, lora_B)
+    ctx.meta = (blocksize, scale, eps, ctx.needs_input_grad[5], ctx.needs_input_grad[6])
+
+
+def _norm_backward(ctx, grad_norm, _grad_proj):
+    norm, proj, weight, absmax, code, lora_A, lora_B = ctx.saved_tensors
+    blocksize, scale, eps, need_dA, need_dB = ctx.meta
+    dA, dB = _dora_row_norm_backward_op(
+        grad_norm.contiguous(), norm, proj, weight, absmax, code, blocksize, lora_A, lora_B, scale, eps,
+        need_dA, need_dB,
+    )
+    return None, None, None, None, None, dA if need_dA else None, dB if need_dB else None, None, None, None
+
+
+_dora_row_norm_op.register_autograd(_norm_backward, setup_context=_norm_setup_context)
+
+
+def _weight_parts(weight: Union[Tensor, FourBitWeight]):
+    if isinstance(weight, FourBitWeight):
+        return weight.packed, weight.absmax, weight.code, weight.blocksize, weight.shape[0]
+    return weight, None, None, 0, weight.shape[0]
+
+
+def dora_row_norm(
+    weight: Union[Tensor, FourBitWeight], lora_A: Tensor, lora_B: Tensor, weight_sq_norm: Tensor, scale: float,
+    eps: float = NORM_EPS,
+) -> Tensor:
+    """Row norms ``n_i = max(‖W_i + scale·B_i A‖, eps)`` from ``weight_sq_norm`` = ‖W_i‖² (module docstring).
+
+    ``weight`` is dense (of ``lora_A``'s dtype) or a :class:`FourBitWeight`; ``lora_A`` and ``lora_B`` share
+    a dtype. The result has ``weight_sq_norm``'s dtype (float32 or float64). Differentiable in A and B
+    (call it on detached factors, or under ``torch.no_grad()``, for the detached norm).
+    """
+    packed, absmax, code, blocksize, out_features = _weight_parts(weight)
+    if weight_sq_norm.shape != (out_features,):
+        raise ValueError(f"dora_row_norm: weight_sq_norm must have shape ({out_features},), "
+                         f"got {tuple(weight_sq_norm.shape)}")
+    norm, _ = _dora_row_norm_op(packed, absmax, code, blocksize, out_features, lora_A, lora_B, weight_sq_norm,
+                                float(scale), float(eps))
+    return norm
+
+
+# ------------------------------------------------------------------------------------------- linear
+
+
+def dora_forward_reference(
+    x: Tensor, weight: Tensor, absmax: Optional[Tensor], code: Optional[Tensor], blocksize: int, out_features: int,
+    bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, g: Tensor, scale: float, mask: Optional[Tensor],
+    p: float, keep_pre_scale: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, xa, z) of the formula above in PyTorch; z is empty unless ``keep_pre_scale`` or dropout."""
+    w = _dense_weight(weight, absmax, code, blocksize, (out_features, x.shape[1]), x.dtype)
+    empty = x.new_empty(0)
+    if mask is None:
+        xa = x @ lora_A.t()
+        z = torch.nn.functional.linear(x, w)
+        z.addmm_(xa, lora_B.t(), alpha=scale)
+        if keep_pre_scale:
+            y = torch.empty_like(z)
+            y = torch.mul(z, g, out=y) if bias is None else torch.addcmul(bias, z, g, out=y)
+            return y, xa, z
+        y = z.mul_(g) if bias is None else torch.addcmul(bias, z, g, out=z)
+        return y, xa, empty
+    dropped = _dropped(x, mask, p)
+    xa = dropped @ lora_A.t()
+    z = torch.nn.functional.linear(dropped, w)
+    del dropped
+    z.addmm_(xa, lora_B.t(), alpha=scale)
+    y = torch.nn.functional.linear(x, w, bias)
+    y.addmm_(xa, lora_B.t(), alpha=scale)
+    y.addcmul_(z, g - 1.0)
+    return y, xa, z
+
+
+def _column_dot(a: Tensor, b: Tensor, bias: Optional[Tensor], dtype: torch.dtype, chunk_elements: int = 1 << 20) -> Tensor:
+    """``Σ_t a[t] ⊙ (b[t] - bias)`` in ``dtype``; 16-bit inputs are widened a block of rows at a time, so each
+    product is exact in float32 without a full-size float32 temporary."""
+    if a.dtype == dtype:
+        product = a * b if bias is None else (b - bias).mul_(a)
+        return product.sum(0)
+    out = torch.zeros(a.shape[1], dtype=dtype, device=a.device)
+    step = max(1, chunk_elements // max(1, a.shape[1]))
+    for start in range(0, a.shape[0], step):
+        rows = b[start:start + step].to(dtype)
+        if bias is not None:
+            rows -= bias
+        out += rows.mul_(a[start:start + step]).sum(0)
+    return out
+
+
+def _pre_scale_dot(grad_y: Tensor, saved: Tensor, saved_is_output: bool, bias: Optional[Tensor], g: Tensor,
+                   x: Tensor, xa: Tensor, w: Callable, lora_B: Tensor, scale: float) -> Tensor:
+    """dg = Σ_tokens gy ⊙ z, with z saved, or recovered from y as (y - b)/g; the rows with g = 0 are recomputed
+    (finding them is a host synchronisation on a GPU, where the Triton kernel, which needs none, is the default)."""
+    dtype = g.dtype
+    dot = _column_dot(grad_y, saved, bias if saved_is_output else None, dtype)
+    if not saved_is_output:
+        return dot
+    zero = g == 0
+    dg = dot / torch.where(zero, torch.ones_like(g), g)
+    if bool(zero.any()):
+        rows = zero.nonzero().squeeze(1)
+        z_rows = x @ w()[rows].t()
+        z_rows.addmm_(xa, lora_B[rows].t(), alpha=scale)
+        dg[rows] = (grad_y[:, rows] * z_rows).sum(0, dtype=dtype)
+    return dg
+
+
+def dora_backward_reference(
+    grad_y: Tensor, x: Tensor, xa: Tensor, saved: Tensor, saved_is_output: bool, weight: Tensor,
+    absmax: Optional[Tensor], code: Optional[Tensor], blocksize: int, in_features: int, bias: Optional[Tensor],
+    lora_A: Tensor, lora_B: Tensor, g: Tensor, scale: float, mask: Optional[Tensor], p: float,
+    need_dx: bool, need_dA: bool, need_dB: bool, need_dg: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dA, dB, dg) of the formula above in PyTorch, empty where not needed.
+
+    ``saved`` is the output y (``saved_is_output``) or the pre-scale output z; empty when dg is not needed.
+    """
+    dx, dA, dB, dg = (grad_y.new_empty(0) for _ in range(4))  # distinct: custom-op outputs may not alias
+    dense = None
+
+    def w() -> Tensor:
+        nonlocal dense
+        if dense is None:
+            dense = _dense_weight(weight, absmax, code, blocksize, (grad_y.shape[1], in_features), grad_y.dtype)
+        return dense
+
+    gz = torch.mul(grad_y, g, out=torch.empty_like(grad_y)) if (need_dx or need_dA or need_dB) else None
+    gb = gz @ lora_B if (need_dx or need_dA) else None
+    if need_dx:
+        if mask is None:
+            dx = gz @ w()
+            dx.addmm_(gb, lora_A, alpha=scale)
+        else:
+            dx = grad_y @ w()
+            masked = torch.mul(grad_y, g - 1.0, out=torch.empty_like(grad_y)) @ w()
+            masked.addmm_(gb, lora_A, alpha=scale)
+            dx.add_(masked.mul_(mask), alpha=1.0 / (1.0 - p))
+    if need_dA:
+        dA = torch.mm(gb.t(), _dropped(x, mask, p)).mul_(scale)
+    if need_dB:
+        dB = torch.mm(gz.t(), xa).mul_(scale)
+    del gz, gb
+    if need_dg:
+        dg = _pre_scale_dot(grad_y, saved, saved_is_output, bias, g, x, xa, w, lora_B, scale)
+    return dx, dA, dB, dg
+
+
+@torch.library.custom_op("fastft::dora_linear", mutates_args=())
+def _dora_linear_op(
+    x: Tensor, weight: Tensor, absmax: Optional[Tensor], code: Optional[Tensor], blocksize: int, out_features: int,
+    bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, g: Tensor, scale: float, mask: Optional[Tensor],
+    p: float, keep_pre_scale: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    args = (x, weight, absmax, code, blocksize, out_features, bias, lora_A, lora_B, g, scale, mask, p, keep_pre_scale)
+    if backend_for("dora_linear", x.device) == "triton":
+        from ..kernels.dora import dora_forward
+
+        return dora_forward(*args)
+    return dora_forward_reference(*args)
+
+
+@_dora_linear_op.register_fake
+def _(x, weight, absmax, code, blocksize, out_features, bias, lora_A, lora_B, g, scale, mask, p, keep_pre_scale):
+    has_z = keep_pre_scale or mask is not None
+    return (x.new_empty(x.shape[0], out_features), x.new_empty(x.shape[0], lora_A.shape[0]),
+            x.new_empty(x.shape[0], out_features) if has_z else x.new_empty(0))
+
+
+@torch.library.custom_op("fastft::dora_linear_backward", mutates_args=())
+def _dora_linear_backward_op(
+    grad_y: Tensor, x: Tensor, xa: Tensor, saved: Tensor, saved_is_output: bool, weight: Tensor,
+    absmax: Optional[Tensor], code: Optional[Tensor], blocksize: int, in_features: int, bias: Optional[Tensor],
+    lora_A: Tensor, lora_B: Tensor, g: Tensor, scale: float, mask: Optional[Tensor], p: float,
+    need_dx: bool, need_dA: bool, need_dB: bool, need_dg: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    args = (grad_y, x, xa, saved, saved_is_output, weight, absmax, code, blocksize, in_features, bias, lora_A, lora_B,
+            g, scale, mask, p, need_dx, need_dA, need_dB, need_dg)
+    if backend_for("dora_linear", grad_y.device) == "triton":
+        from ..kernels.dora import dora_backward
+
+        return dora_backward(*args)
+    return dora_backward_reference(*args)
+
+
+@_dora_linear_backward_op.register_fake
+def _(grad_y, x, xa, saved, saved_is_output, weight, absmax, code, blocksize, in_features, bias, lora_A, lora_B,
+      g, scale, mask, p, need_dx, need_dA, need_dB, need_dg):
+    empty = grad_y.new_empty(0)
+    return (
+        grad_y.new_empty(grad_y.shape[0], in_features) if need_dx else empty,
+        grad_y.new_empty(lora_A.shape) if need_dA else empty,
+        grad_y.new_empty(lora_B.shape) if need_dB else empty,
+        g.new_empty(g.shape) if need_dg else empty,
+    )
+
+
+def _linear_setup_context(ctx, inputs, output):
+    x, weight, absmax, code, blocksize, out_features, bias, lora_A, lora_B, g, scale, mask, p, keep_pre_scale = inputs
+    y, xa, z = output
+    need = ctx.needs_input_grad
+    need_dx, need_dA, need_dB, need_dg = need[0], need[7], need[8], need[9]
+    saved_is_output = need_dg and mask is None and not keep_pre_scale
+    if saved_is_output:
+        saved = y
+    elif need_dg:
+        saved = z
+    else:
+        saved = None
+    keep_x = x if (need_dA or saved_is_output) else None
+    keep_mask = mask if (need_dx or need_dA) else None
+    ctx.save_for_backward(keep_x, xa, saved, weight, absmax, code, bias, lora_A, lora_B, g, keep_mask)
+    ctx.meta = (saved_is_output, blocksize, x.shape[1], scale, p, need_dx, need_dA, need_dB, need_dg)
+
+
+def _linear_backward(ctx, grad_y, _grad_xa, _grad_z):
+    x, xa, saved, weight, absmax, code, bias, lora_A, lora_B, g, mask = ctx.saved_tensors
+    saved_is_output, blocksize, in_features, scale, p, need_dx, need_dA, need_dB, need_dg = ctx.meta
+    empty = xa.new_empty(0)
+    dx, dA, dB, dg = _dora_linear_backward_op(
+        grad_y.contiguous(), empty if x is None else x, xa, empty if saved is None else saved, saved_is_output,
+        weight, absmax, code, blocksize, in_features, bias, lora_A, lora_B, g, scale, mask, p,
+        need_dx, need_dA, need_dB, need_dg,
+    )
+    return (
+        dx if need_dx else None, None, None, None, None, None, None,
+        dA if need_dA else None, dB if need_dB else None, dg if need_dg else None, None, None, None, None,
+    )
+
+
+_dora_linear_op.register_autograd(_linear_backward, setup_context=_linear_setup_context)
+
+
+def dora_linear(
+    x: Tensor,
+    weight: Union[Tensor, FourBitWeight],
+    bias: Optional[Tensor],
+    lora_A: Tensor,
+    lora_B: Tensor,
+    g: Tensor,
+    scale: float,
+    dropout_p: float = 0.0,
+    dropout_mask: Optional[Tensor] = None,
+) -> Tensor:
+    """``g ⊙ (x Wᵀ + scale·(x Aᵀ) Bᵀ) + b`` over the last dimension of ``x`` (dropout: module docstring).
+
+    ``weight`` is a dense (out×in) tensor of ``x``'s dtype or a :class:`FourBitWeight`; ``lora_A``, ``lora_B``
+    and ``bias`` must be in ``x``'s dtype; ``g`` (out) is float32 (float64 for float64 ``x``) and may require
+    grad. ``dropout_mask`` is a boolean tensor of ``x``'s shape (True = keep) or None.
+    """
+    in_features = lora_A.shape[1]
+    if x.shape[-1] != in_features:
+        raise ValueError(f"dora_linear: input's last dimension is {x.shape[-1]}, the layer expects {in_features}")
+    packed, absmax, code, blocksize, out_features = _weight_parts(weight)
+    if g.shape != (out_features,):
+        raise ValueError(f"dora_linear: g must have shape ({out_features},), got {tuple(g.shape)}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, in_features)
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    mask2 = None
+    if dropout_mask is not None and dropout_p > 0.0:
+        mask2 = dropout_mask.reshape(-1, in_features)
+    # The output y can stand in for the pre-scale output in backward only when x is saved anyway (A trains)
+    # and y holds z to its own precision; otherwise z is kept (see the module docstring).
+    grad_on = torch.is_grad_enabled()
+    x_saved = grad_on and lora_A.requires_grad
+    keep_pre_scale = (
+        grad_on and g.requires_grad and mask2 is None
+        and not (x_saved and output_recoverable(x.dtype, bias is not None))
+    )
+    y, _, _ = _dora_linear_op(
+        x2, packed, absmax, code, blocksize, out_features, bias, lora_A, lora_B, g, float(scale), mask2,
+        float(dropout_p), keep_pre_scale,
+    )
+    return y.reshape(*lead, out_features)

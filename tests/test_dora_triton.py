@@ -1,0 +1,277 @@
+"""The Triton DoRA kernels (fastft.kernels.dora) against the PyTorch reference ops, under the interpreter.
+
+Same conventions as tests/test_lora_triton.py: same-dtype comparisons with the shared tolerance table,
+shapes off every block size (tokens 37, in 70, out 45; rank 20 spans two rank blocks), powers-of-two
+scales and a low-rank term smaller than the base term in 16-bit cases (so the reference's extra
+roundings stay at the output's own precision). g lies in [0.5, 1.5]; in 16-bit cases it is a power of two
+(1/2, 1, 2), since the reference rounds g ⊙ gy where the kernels round g ⊙ B or scale in float32.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_close, backend
+
+import fastft
+from fastft.ops.dequantize_4bit import dequantize_4bit
+from fastft.ops.dora import (
+    NORM_EPS, dora_backward_reference, dora_forward_reference, dora_row_norm_backward_reference,
+    dora_row_norm_reference,
+)
+from test_lora_triton import IN, OUT, TOKENS, quantize
+
+dora_kernels = pytest.importorskip("fastft.kernels.dora")
+
+
+def make_case(dtype, quant=None, bias=True, dropout=False, rank=5, out=OUT, in_features=IN, scale=None,
+              keep_pre_scale=False, zero_g=(), seed=0):
+    """Positional arguments of dora_forward, and an upstream gradient; quant = (quant_type, nested) or None."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, std=1.0):
+        return (torch.randn(*shape, generator=gen) * std).to(dtype)
+
+    if scale is None:
+        scale = 0.5 if dtype in (torch.float16, torch.bfloat16) else 0.7
+    x = randn(TOKENS, in_features)
+    W = randn(out, in_features, std=in_features ** -0.5)
+    A = randn(rank, in_features, std=in_features ** -0.5)
+    B = randn(out, rank, std=0.3 * rank ** -0.5)
+    b = randn(out, std=0.5) if bias else None
+    norm_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    if dtype in (torch.float16, torch.bfloat16):  # powers of two: g ⊙ gy and g ⊙ B round alike (exactly)
+        g = (2.0 ** torch.randint(-1, 2, (out,), generator=gen)).to(norm_dtype)
+    else:
+        g = (0.5 + torch.rand(out, generator=gen)).to(norm_dtype)
+    g[list(zero_g)] = 0.0
+    p = 0.5 if dropout else 0.0
+    mask = (torch.rand(TOKENS, in_features, generator=gen) >= p) if dropout else None
+    if quant is None:
+        weight, absmax, code, blocksize = W, None, None, 0
+    else:
+        fb = quantize(W.float() if dtype == torch.float64 else W, *quant)
+        weight, absmax, code, blocksize = fb.packed, fb.absmax, fb.code, fb.blocksize
+    grad = randn(TOKENS, out)
+    return (x, weight, absmax, code, blocksize, out, b, A, B, g, scale, mask, p, keep_pre_scale), grad
+
+
+CASES = {
+    "fp32-dense-bias": dict(dtype=torch.float32),
+    "fp32-dense-keep-z-r20": dict(dtype=torch.float32, bias=False, rank=20, keep_pre_scale=True),
+    "fp32-dense-dropout": dict(dtype=torch.float32, dropout=True),
+    "fp16-dense-bias-r16": dict(dtype=torch.float16, rank=16),
+    "fp16-dense-dropout-keep-z": dict(dtype=torch.float16, dropout=True, bias=False),
+    "fp32-nf4-nested-bias": dict(dtype=torch.float32, quant=("nf4", True)),
+    "fp16-fp4-plain-keep-z-r16": dict(dtype=torch.float16, quant=("fp4", False), bias=False, rank=16,
+                                      keep_pre_scale=True),
+    "fp32-fp4-nested-dropout-odd-total": dict(dtype=torch.float32, quant=("fp4", True), dropout=True,
+                                              in_features=IN + 1),
+    "fp64-dense-bias": dict(dtype=torch.float64),
+    "fp64-nf4-nested-dropout": dict(dtype=torch.float64, quant=("nf4", True), dropout=True),
+}
+
+
+def widened(args, g_index):
+    """``args`` with 16-bit tensors (and g, at ``g_index``) in float64: the reference then computes exactly."""
+    wide = [t.double() if isinstance(t, torch.Tensor) and t.dtype in (torch.float16, torch.bfloat16) else t
+            for t in args]
+    wide[g_index] = wide[g_index].double()
+    return wide
+
+
+def sums_of_gemms_rounded_apart(case):
+    """With dropout in 16 bits, y, z and dx each sum two GEMMs (or a GEMM and a scaled z); a reference run
+    rounds the parts separately, the kernels partly together, and the two can sit 2 ulps apart: those are
+    compared with the exact value instead. The rest round at the same points (g a power of two)."""
+    return case["dtype"] in (torch.float16, torch.bfloat16) and case.get("dropout", False)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_forward_matches_reference(name):
+    args, _ = make_case(**CASES[name])
+    got, expected = dora_kernels.dora_forward(*args), list(dora_forward_reference(*args))
+    if sums_of_gemms_rounded_apart(CASES[name]):
+        exact = dora_forward_reference(*widened(args, 9))
+        expected[0], expected[2] = exact[0].to(expected[0].dtype), exact[2].to(expected[2].dtype)
+    for t, ref, what in zip(got, expected, ("y", "xa", "z")):
+        assert t.shape == ref.shape and t.dtype == ref.dtype, what
+        assert_close(t, ref, msg=what)
+
+
+def backward_args(forward_args, grad, need=(True, True, True, True)):
+    x, weight, absmax, code, blocksize, _, bias, A, B, g, scale, mask, p, keep_pre_scale = forward_args
+    y, xa, z = dora_forward_reference(*forward_args)
+    saved_is_output = mask is None and not keep_pre_scale
+    saved = y if saved_is_output else z
+    return (grad, x, xa, saved, saved_is_output, weight, absmax, code, blocksize, x.shape[1], bias, A, B, g, scale,
+            mask, p, *need)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_backward_matches_reference(name):
+    args, grad = make_case(**CASES[name])
+    bargs = backward_args(args, grad)
+    dtype = CASES[name]["dtype"]
+    got = dora_kernels.dora_backward(*bargs)
+    expected = list(dora_backward_reference(*bargs))
+    if sums_of_gemms_rounded_apart(CASES[name]):
+        expected[0] = dora_backward_reference(*widened(bargs, 13))[0].to(dtype)
+    for t, ref, what in zip(got, expected, "dx dA dB dg".split()):
+        assert t.shape == ref.shape and t.dtype == ref.dtype, what
+        assert_close(t, ref, dtype, msg=what)  # dg is float32 from 16-bit operands
+
+
+@pytest.mark.parametrize("quant", [None, ("nf4", True)], ids=["dense", "nf4"])
+def test_zero_g_columns_are_recomputed_inside_the_kernel(quant):
+    """g = 0 in columns 0, 33 and 44 (two column blocks): dg there comes from x, W, xa and B, not from y."""
+    args, grad = make_case(torch.float32, quant=quant, zero_g=(0, 33, 44))
+    bargs = backward_args(args, grad)
+    assert bargs[4]  # recovered from the output y
+    got, expected = dora_kernels.dora_backward(*bargs), dora_backward_reference(*bargs)
+    for t, ref, what in zip(got, expected, "dx dA dB dg".split()):
+        assert_close(t, ref, msg=what)
+    z = dora_forward_reference(*args[:-1], True)[2]
+    assert_close(got[3], (grad * z).sum(0), msg="dg against the pre-scale output itself")
+    assert got[3][[0, 33, 44]].abs().min() > 0
+
+
+@pytest.mark.parametrize("need", [(True, False, False, False), (False, True, False, False),
+                                  (False, False, True, False), (False, False, False, True)],
+                         ids=["dx", "dA", "dB", "dg"])
+def test_backward_computes_only_what_is_needed(need):
+    args, grad = make_case(torch.float32)
+    bargs = backward_args(args, grad, need)
+    for t, ref, needed, what in zip(dora_kernels.dora_backward(*bargs), dora_backward_reference(*bargs), need,
+                                    "dx dA dB dg".split()):
+        if needed:
+            assert_close(t, ref, msg=what)
+        else:
+            assert t.numel() == 0, what
+
+
+NORM_CASES = {
+    "fp32-dense": dict(dtype=torch.float32),
+    "fp32-dense-r20": dict(dtype=torch.float32, rank=20),
+    "fp16-nf4-nested": dict(dtype=torch.float16, quant=("nf4", True)),
+    "fp32-fp4-plain": dict(dtype=torch.float32, quant=("fp4", False), rank=20),
+    "fp64-dense": dict(dtype=torch.float64),
+}
+
+
+def norm_args(dtype, quant=None, rank=5):
+    args, _ = make_case(dtype, quant=quant, rank=rank)
+    x, weight, absmax, code, blocksize, out, _, A, B, *_ = args
+    sq_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    dense = weight if quant is None else dequantize_4bit(weight, absmax, code, blocksize, (out, A.shape[1]),
+                                                         torch.float32)
+    sq = (dense.to(sq_dtype) ** 2).sum(1)
+    sq[3] = 0.0  # as for an all-zero row (with B's row zeroed below): the norm is eps there
+    B = B.clone()
+    B[3] = 0.0
+    return (weight, absmax, code, blocksize, out, A, B, sq, 0.75, NORM_EPS)
+
+
+@pytest.mark.parametrize("name", list(NORM_CASES))
+def test_row_norm_matches_reference(name):
+    args = norm_args(**NORM_CASES[name])
+    (norm, proj), (norm_ref, proj_ref) = dora_kernels.dora_row_norm(*args), dora_row_norm_reference(*args)
+    assert norm.dtype == norm_ref.dtype and proj.dtype == proj_ref.dtype
+    check = NORM_CASES[name]["dtype"]  # P is rounded to that dtype in the reference
+    assert_close(proj, proj_ref, check, msg="P")
+    assert_close(norm, norm_ref, check, msg="n")
+    assert norm[3] == NORM_EPS
+
+
+@pytest.mark.parametrize("name", list(NORM_CASES))
+def test_row_norm_backward_matches_reference(name):
+    args = norm_args(**NORM_CASES[name])
+    weight, absmax, code, blocksize, out, A, B, sq, scale, eps = args
+    norm, proj = dora_row_norm_reference(*args)
+    grad = torch.randn(out, generator=torch.Generator().manual_seed(4), dtype=norm.dtype)
+    bargs = (grad, norm, proj, weight, absmax, code, blocksize, A, B, scale, eps, True, True)
+    for t, ref, what in zip(dora_kernels.dora_row_norm_backward(*bargs), dora_row_norm_backward_reference(*bargs),
+                            ("dA", "dB")):
+        assert t.shape == ref.shape and t.dtype == ref.dtype, what
+        assert_close(t, ref, msg=what)
+
+
+@pytest.mark.parametrize("detach_norm", [True, False], ids=["detached", "exact"])
+@pytest.mark.parametrize("quant", [None, ("nf4", True)], ids=["dense", "nf4"])
+def test_dora_layer_triton_equals_torch(quant, detach_norm):
+    """DoRALinear end to end (3-D input, bias, dropout in train mode) on both backends."""
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(IN, OUT)
+    if quant is None:
+        base = dense
+    else:
+        base = bnb.nn.Linear4bit(IN, OUT, compute_dtype=torch.float32, compress_statistics=True, quant_type="nf4")
+        base.load_state_dict(dense.state_dict())
+        base = base.to("cpu")
+    config = fastft.LoRAConfig(r=5, alpha=10, dropout=0.25, dora=True, dora_detach_norm=detach_norm)
+    with backend("torch"):
+        layer = fastft.nn.LoRALinear.from_linear(base, config)
+    torch.nn.init.normal_(layer.lora_B, std=0.1)
+    x = torch.randn(4, 9, IN)
+    g = torch.randn(4, 9, OUT)
+    results = {}
+    for name in ("torch", "triton"):
+        for mode in ("train", "eval"):
+            getattr(layer, mode)()
+            leaf = x.clone().requires_grad_(True)
+            layer.zero_grad(set_to_none=True)
+            torch.manual_seed(3)
+            with backend(name):
+                y = layer(leaf)
+                y.backward(g)
+            results[name, mode] = [y.detach(), leaf.grad, layer.lora_A.grad, layer.lora_B.grad,
+                                   layer.lora_magnitude_vector.grad]
+    for mode in ("train", "eval"):
+        for got, ref, what in zip(results["triton", mode], results["torch", mode], "y dx dA dB dm".split()):
+            assert_close(got, ref, msg=f"{mode} {what}")
+
+
+_COMPILE_SCRIPT = r"""
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fastft.kernels import dora, lora
+
+def build(fn, pointers, constexprs, num_warps, num_stages):
+    signature = {name: "constexpr" if name in constexprs else pointers.get(name, "i32") for name in fn.arg_names}
+    signature.update({name: "fp64" for name in ("scale", "keep_scale", "eps") if name in signature})
+    triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 80, 32),
+                   options=dict(num_warps=num_warps, num_stages=num_stages))
+
+common = dict(UPCAST_DOT=False, INPUT_PRECISION="ieee", INDEX_DTYPE=tl.int32, ROUND_BF16_BY_HAND=False)
+for four_bit, forward, ty in [(True, True, "*bf16"), (False, False, "*fp16")]:
+    pointers = dict(act_ptr=ty, w_ptr="*u8" if four_bit else ty, absmax_ptr="*fp32", code_ptr="*fp32",
+                    u_ptr=ty, v_ptr=ty, bias_ptr=ty, keep_ptr="*u8", out_ptr=ty,
+                    act_scale_ptr="*fp32", out_scale_ptr="*fp32", pre_scale_ptr=ty)
+    build(lora._linear_lowrank_kernel, pointers, dict(
+        common, FOUR_BIT=four_bit, W_ROWS_ALONG_N=forward, BLOCKSIZE=64, HAS_BIAS=forward, HAS_MASK=False,
+        HAS_ACT_SCALE=not forward, HAS_OUT_SCALE=forward, STORE_PRE_SCALE=forward, ACC_DTYPE=tl.float32,
+        BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, BLOCK_R=16, GROUP_M=8), 8, 2)
+build(dora._row_norm_kernel, dict(proj_ptr="*fp32", b_ptr="*bf16", gram_ptr="*fp32", sq_ptr="*fp32", norm_ptr="*fp32"),
+      dict(ACC_DTYPE=tl.float32, BLOCK_O=64, BLOCK_R=16), 4, 1)
+for four_bit, ty in [(True, "*bf16")]:
+    pointers = dict(gy_ptr=ty, saved_ptr=ty, bias_ptr=ty, g_ptr="*fp32", x_ptr=ty, w_ptr="*u8" if four_bit else ty,
+                    absmax_ptr="*fp32", code_ptr="*fp32", xa_ptr=ty, b_ptr=ty, out_ptr="*fp32")
+    build(dora._pre_scale_dot_kernel, pointers, dict(
+        common, SAVED_IS_OUTPUT=True, HAS_BIAS=True, FOUR_BIT=four_bit, BLOCKSIZE=64, ACC_DTYPE=tl.float32,
+        BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, BLOCK_R=16), 4, 1)
+print("compiled")
+"""
+
+
+def test_kernels_compile_for_a_cuda_gpu():
+    """Compile the DoRA kernels and the fused kernel's DoRA hooks for sm_80 (Triton ships ptxas; no GPU needed),
+    in a process without TRITON_INTERPRET: the interpreter accepts code the compiler rejects."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
