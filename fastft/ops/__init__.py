@@ -1,5 +1,8 @@
 """fastft ops: one op per file, each a ``torch.library`` custom op whose PyTorch implementation is the spec."""
 from .dequantize_4bit import FourBitWeight, dequantize_4bit
 from .lora import lora_linear
+from .hadamard import hadamard_matrix, hadamard_transform, is_hadamard_size
+from .fake_quantize import dequantize, fake_quantize, quantize
 
 __all__ = ["FourBitWeight", "dequantize_4bit", "lora_linear"]
+__all__ += ["hadamard_matrix", "hadamard_transform", "is_hadamard_size", "dequantize", "fake_quantize", "quantize"]
