@@ -69,7 +69,7 @@ SCALE_EPS = 1e-8
 GRANULARITIES = ("token", "channel", "group", "tensor")
 STE_MODES = ("identity", "clipped")
 
-register_op("fake_quantize", ("torch",))
+register_op("fake_quantize", ("torch", "triton"))
 
 
 # --------------------------------------------------------------------------- validation

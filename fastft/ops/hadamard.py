@@ -88,7 +88,7 @@ __all__ = [
 MAX_K_FACTOR = 2048
 """The largest K-factor built (its K×K product costs 2K flops per element, the dense matrix 2d)."""
 
-register_op("hadamard_transform", ("torch",))
+register_op("hadamard_transform", ("torch", "triton"))
 
 WILLIAMSON_FIRST_ROWS = {
     43: (
