@@ -98,7 +98,7 @@ def _minmax_partials_kernel(x_ptr, max_ptr, min_ptr, n, ACC_DTYPE: tl.constexpr,
 @triton.jit
 def _fake_quantize_groups_kernel(
     x_ptr, out_ptr, keep_ptr, stats_ptr,
-    n_groups, L, clip, eps,
+    n_groups, L, clip: tl.float64, eps: tl.float64,
     SYMMETRIC: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, STATS_GIVEN: tl.constexpr,
     NEED_MASK: tl.constexpr, ACC_DTYPE: tl.constexpr, IS_F64: tl.constexpr, ROUND_BF16_BY_HAND: tl.constexpr,
     BLOCK_G: tl.constexpr, CHUNK: tl.constexpr, N_CHUNKS: tl.constexpr,

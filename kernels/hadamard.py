@@ -29,7 +29,8 @@ formulas of ``kernels/fake_quantize.py``; the "kept" mask is stored as int8 when
 
 The summation order differs from the reference's (butterflies first, then H_K), so results agree to
 rounding; on integer-valued inputs (exact sums) they agree bit for bit, which the tests use to compare
-the quantized outputs exactly. Under the interpreter bfloat16 dot operands are upcast to float32 (its
+the quantized outputs exactly. The scalars (1/sqrt(d), clip_ratio, EPS) arrive as float64 and are
+rounded once to the compute dtype, as torch rounds a Python scalar. Under the interpreter bfloat16 dot operands are upcast to float32 (its
 bf16 ``tl.dot`` is wrong) and bfloat16 stores are rounded by hand.
 """
 from __future__ import annotations
@@ -69,7 +70,7 @@ def _butterflies(x, R: tl.constexpr, M: tl.constexpr, LOG2M: tl.constexpr):
 
 @triton.jit
 def _butterfly_rows_kernel(
-    x_ptr, keep_in_ptr, out_ptr, keep_out_ptr, n_rows, scale_d, clip, eps,
+    x_ptr, keep_in_ptr, out_ptr, keep_out_ptr, n_rows, scale_d: tl.float64, clip: tl.float64, eps: tl.float64,
     M: tl.constexpr, LOG2M: tl.constexpr, BLOCK_R: tl.constexpr,
     MASK_IN: tl.constexpr, QUANT: tl.constexpr, NEED_MASK: tl.constexpr,
     SYMMETRIC: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
@@ -122,7 +123,7 @@ def _factor_chunk(x_row, keep_row, l_ptr, chunk, K_L, K_PAD: tl.constexpr, M: tl
 
 @triton.jit
 def _factor_rows_kernel(
-    x_ptr, keep_in_ptr, l_ptr, out_ptr, keep_out_ptr, K_L, scale_d, clip, eps,
+    x_ptr, keep_in_ptr, l_ptr, out_ptr, keep_out_ptr, K_L, scale_d: tl.float64, clip: tl.float64, eps: tl.float64,
     K_PAD: tl.constexpr, M: tl.constexpr, LOG2M: tl.constexpr, BK: tl.constexpr,
     MASK_IN: tl.constexpr, QUANT: tl.constexpr, NEED_MASK: tl.constexpr,
     SYMMETRIC: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,

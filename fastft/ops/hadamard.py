@@ -389,17 +389,20 @@ def hadamard_transform_reference(x: Tensor, inverse: bool = False) -> Tensor:
     M = 1 << n
     y = x.to(ct).reshape(-1, K, M)
     rows = y.shape[0]
-    h = 1
+    h, spare = 1, None  # two buffers alternate; the input itself is never written
     while h < M:
-        y = y.reshape(rows, K, M // (2 * h), 2, h)
-        u, v = y[:, :, :, 0, :], y[:, :, :, 1, :]
-        y = torch.stack((u + v, u - v), dim=3)
+        out = torch.empty_like(y) if spare is None else spare
+        src = y.view(rows, K, M // (2 * h), 2, h)
+        dst = out.view(rows, K, M // (2 * h), 2, h)
+        torch.add(src[:, :, :, 0], src[:, :, :, 1], out=dst[:, :, :, 0])
+        torch.sub(src[:, :, :, 0], src[:, :, :, 1], out=dst[:, :, :, 1])
+        spare = None if h == 1 else y
+        y = out
         h *= 2
-    y = y.reshape(rows, K, M)
     if K > 1:
         HK = hadamard_k_factor(K, ct, x.device)
         y = torch.matmul(HK.t() if inverse else HK, y)
-    y = y * (1.0 / math.sqrt(d))
+    y = y * (1.0 / math.sqrt(d)) if d == 1 else y.mul_(1.0 / math.sqrt(d))  # d > 1: y is our own buffer
     return y.reshape(x.shape).to(x.dtype)
 
 
