@@ -186,7 +186,7 @@ def quantize_groups(
     n = x.numel()
     d = x.shape[-1]
     flags = quant_flags(bits, symmetric, compute, x.device)
-    stats = x.new_empty(0, dtype=compute)
+    stats = x.new_zeros(2, dtype=compute)
     if granularity == "tensor":
         block = 4096
         parts = triton.cdiv(n, block)
@@ -204,6 +204,8 @@ def quantize_groups(
     if granularity == "tensor":
         chunk, block_g = _MAX_TILE, 1
     grid = (triton.cdiv(n_groups, block_g),)
+    if not need_mask:
+        keep = x.new_zeros(1, dtype=torch.int8)  # never written; a valid pointer
     _fake_quantize_groups_kernel[grid](
         x, out, keep, stats, n_groups, L, float(clip_ratio), SCALE_EPS,
         STATS_GIVEN=granularity == "tensor", NEED_MASK=need_mask,

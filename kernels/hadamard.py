@@ -237,7 +237,7 @@ def rotate_rows(
         LOG2M=M.bit_length() - 1, M=M, **qflags,
     )
     clip = float(quant["clip_ratio"]) if quant else 1.0
-    dummy = x.new_empty(0, dtype=torch.int8)
+    dummy = x.new_zeros(1, dtype=torch.int8)  # a valid pointer for the arguments a specialization never reads
     keep_in = mask_in if mask_in is not None else dummy
     keep_out = keep if keep is not None else dummy
     scale_d = 1.0 / math.sqrt(d)
