@@ -10,7 +10,8 @@ is the reference's bit for bit::
 
 with vmax / vmin the group's max / min, ``rne`` round-half-to-even (:func:`round_half_even`, written with
 ``floor`` because the interpreter has no ``rint``) and ``/`` a correctly rounded division
-(``tl.math.div_rn``; Triton's plain ``/`` may be approximate on a GPU).
+(``tl.math.div_rn``; Triton's plain ``/`` may be approximate on a GPU). Launches disable FMA contraction
+(``enable_fp_fusion=False``) so that every product is rounded before it is added, as in torch.
 
 What is here:
 
@@ -210,7 +211,7 @@ def quantize_groups(
         x, out, keep, stats, n_groups, L, float(clip_ratio), SCALE_EPS,
         STATS_GIVEN=granularity == "tensor", NEED_MASK=need_mask,
         BLOCK_G=block_g, CHUNK=chunk, N_CHUNKS=triton.cdiv(L, chunk),
-        num_warps=8 if block_g * chunk >= 4096 else 4, **flags,
+        num_warps=8 if block_g * chunk >= 4096 else 4, enable_fp_fusion=False, **flags,
     )
 
 

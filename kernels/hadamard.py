@@ -30,7 +30,9 @@ formulas of ``kernels/fake_quantize.py``; the "kept" mask is stored as int8 when
 The summation order differs from the reference's (butterflies first, then H_K), so results agree to
 rounding; on integer-valued inputs (exact sums) they agree bit for bit, which the tests use to compare
 the quantized outputs exactly. The scalars (1/sqrt(d), clip_ratio, EPS) arrive as float64 and are
-rounded once to the compute dtype, as torch rounds a Python scalar. Under the interpreter bfloat16 dot operands are upcast to float32 (its
+rounded once to the compute dtype, as torch rounds a Python scalar. Every launch disables FMA contraction
+(``enable_fp_fusion=False``): torch rounds each product before the next operation, and so must the
+kernels for the scales to match bit for bit (e.g. ``hi - lo`` with ``hi = max·c``, ``lo = min·c``). Under the interpreter bfloat16 dot operands are upcast to float32 (its
 bf16 ``tl.dot`` is wrong) and bfloat16 stores are rounded by hand.
 """
 from __future__ import annotations
@@ -57,9 +59,8 @@ _BK_MAX = 64
 @triton.jit
 def _butterflies(x, R: tl.constexpr, M: tl.constexpr, LOG2M: tl.constexpr):
     """x (R × M) times Sylvester's S_M on the right: log2(M) stages of (u, v) -> (u + v, u - v)."""
-    for s in tl.static_range(LOG2M):
-        h: tl.constexpr = 1 << s
-        x = tl.reshape(x, (R, M // (2 * h), 2, h))
+    for s in tl.static_range(LOG2M):  # stage s pairs elements 2^s apart
+        x = tl.reshape(x, (R, M >> (s + 1), 2, 1 << s))
         x = tl.permute(x, (0, 1, 3, 2))
         u, v = tl.split(x)
         x = tl.join(u + v, u - v)
@@ -245,7 +246,7 @@ def rotate_rows(
         block_r = max(1, min(16, _MAX_TILE // M, triton.next_power_of_2(n_rows)))
         _butterfly_rows_kernel[(triton.cdiv(n_rows, block_r),)](
             x, keep_in, out, keep_out, n_rows, scale_d, clip, SCALE_EPS, BLOCK_R=block_r,
-            num_warps=8 if block_r * M >= 4096 else 4, **common,
+            num_warps=8 if block_r * M >= 4096 else 4, enable_fp_fusion=False, **common,
         )
         return
     k_l = K << a
@@ -255,7 +256,7 @@ def rotate_rows(
     _factor_rows_kernel[(n_rows,)](
         x, keep_in, left, out, keep_out, k_l, scale_d, clip, SCALE_EPS,
         K_PAD=left.shape[0], BK=bk, UPCAST_DOT=interpreting and x.dtype == torch.bfloat16,
-        INPUT_PRECISION="ieee", num_warps=8 if bk * M >= 4096 else 4, **common,
+        INPUT_PRECISION="ieee", num_warps=8 if bk * M >= 4096 else 4, enable_fp_fusion=False, **common,
     )
 
 

@@ -162,9 +162,10 @@ def test_gradient_is_the_opposite_transform(d, inverse):
     yr = xr @ (H if inverse else H.t())
     (want,) = torch.autograd.grad(yr, xr, grad)
     assert_close(dx, want)
-    with backend("torch"):
-        assert torch.autograd.gradcheck(lambda t: hadamard_transform(t, inverse=inverse), (x[:2],))
-        assert torch.autograd.gradgradcheck(lambda t: hadamard_transform(t, inverse=inverse), (x[:2],))
+    if d <= 16:  # numerical Jacobians cost d² evaluations: the small sizes cover both code paths
+        with backend("torch"):
+            assert torch.autograd.gradcheck(lambda t: hadamard_transform(t, inverse=inverse), (x[:1],))
+            assert torch.autograd.gradgradcheck(lambda t: hadamard_transform(t, inverse=inverse), (x[:1],))
 
 
 def test_nothing_is_saved_for_backward():

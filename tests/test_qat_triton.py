@@ -157,3 +157,53 @@ def test_all_zero_rows_are_zero():
     for granularity, rotate in itertools.product(("token", "group", "tensor"), (False, True)):
         out, mask = kernels_q.fake_quantize(x, 4, granularity, 16, False, 1.0, rotate, True)
         assert torch.equal(out, x) and mask.all()
+
+
+_COMPILE_SCRIPT = r"""
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fastft.kernels import fake_quantize as fq, hadamard as hd
+
+FP64_SCALARS = ("scale_d", "clip", "eps")
+
+def build(fn, pointers, constexprs, num_warps):
+    signature = {name: "constexpr" if name in constexprs else pointers.get(name, "i32") for name in fn.arg_names}
+    signature.update({name: "fp64" for name in FP64_SCALARS if name in signature})
+    triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 80, 32),
+                   options=dict(num_warps=num_warps, num_stages=1, enable_fp_fusion=False))
+
+def quant(ty, symmetric=False):
+    return dict(SYMMETRIC=symmetric, QMIN=-8.0 if symmetric else 0.0, QMAX=7.0 if symmetric else 255.0,
+                ACC_DTYPE=tl.float64 if ty == "*fp64" else tl.float32, IS_F64=ty == "*fp64", ROUND_BF16_BY_HAND=False)
+
+for ty in ("*bf16", "*fp16", "*fp32", "*fp64"):
+    for quant_on, mask_in in ((True, False), (False, True)):
+        flags = dict(QUANT=quant_on, NEED_MASK=quant_on, MASK_IN=mask_in, **quant(ty, symmetric=mask_in))
+        build(hd._butterfly_rows_kernel, dict(x_ptr=ty, keep_in_ptr="*i8", out_ptr=ty, keep_out_ptr="*i8"),
+              dict(flags, M=1024, LOG2M=10, BLOCK_R=4), 8)
+        for k_pad, bk, m in ((32, 32, 512), (192, 64, 64), (16, 16, 4)):
+            build(hd._factor_rows_kernel, dict(x_ptr=ty, keep_in_ptr="*i8", l_ptr=ty, out_ptr=ty, keep_out_ptr="*i8"),
+                  dict(flags, K_PAD=k_pad, BK=bk, M=m, LOG2M=m.bit_length() - 1, UPCAST_DOT=False,
+                       INPUT_PRECISION="ieee"), 8)
+    for n_chunks, given in ((1, False), (3, False), (2, True)):
+        build(fq._fake_quantize_groups_kernel, dict(x_ptr=ty, out_ptr=ty, keep_ptr="*i8", stats_ptr="*fp32"),
+              dict(STATS_GIVEN=given, NEED_MASK=True, BLOCK_G=4, CHUNK=1024, N_CHUNKS=n_chunks, **quant(ty)), 4)
+    build(fq._minmax_partials_kernel, dict(x_ptr=ty, max_ptr="*fp32", min_ptr="*fp32"),
+          dict(ACC_DTYPE=tl.float32, BLOCK=4096), 8)
+    build(fq._ste_mask_kernel, dict(g_ptr=ty, keep_ptr="*i8", out_ptr=ty), dict(BLOCK=4096), 8)
+print("compiled")
+"""
+
+
+def test_kernels_compile_for_a_cuda_gpu():
+    """The interpreter accepts code the compiler rejects: compile every kernel variant for sm_80 (Triton ships
+    ptxas, no GPU needed) in a process without TRITON_INTERPRET, with the launch options (no FMA contraction)."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]

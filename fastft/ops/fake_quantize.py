@@ -42,6 +42,11 @@ element) for ``ste="clipped"``.
 Export: :func:`quantize` returns the integer codes with ``scale`` and ``zero``; :func:`dequantize` maps
 them back, and ``fake_quantize(x) == dequantize(*quantize(x)).to(x.dtype)`` bit for bit on the reference
 backend (``quantize`` always runs the reference: it is for export, not the training step).
+
+Backends: this PyTorch reference (any device) and the Triton kernels of ``fastft.kernels.fake_quantize``
+(CUDA; rotate + per-token quantization is one fused kernel of ``fastft.kernels.hadamard``, the clipped
+STE backward is fused into the inverse rotation), which reproduce the reference's operations in order.
+Config code can validate arguments early with :func:`check_quant_args`.
 """
 from __future__ import annotations
 
@@ -57,9 +62,11 @@ __all__ = [
     "GRANULARITIES",
     "SCALE_EPS",
     "STE_MODES",
+    "check_quant_args",
     "dequantize",
     "fake_quantize",
     "fake_quantize_reference",
+    "qrange",
     "quantize",
 ]
 
