@@ -213,7 +213,7 @@ def weight_quantize_table(d: int, dtype, repeats: int, warmup: int) -> tuple[lis
 
 # --------------------------------------------------------------------------- output
 def _fmt_time(t: Optional[measure.Timing]) -> str:
-    return "unmeasured" if t is None else f"{t.median_s * 1e3:.2f}"
+    return "unmeasured" if t is None else f"{t.median_s * 1e3:.2f} ({t.p20_s * 1e3:.1f}-{t.p80_s * 1e3:.1f})"
 
 
 def format_tables(rows: list[Row], context: dict) -> str:
@@ -223,8 +223,9 @@ def format_tables(rows: list[Row], context: dict) -> str:
         f"{context['load'][1]} after (a loaded machine: ratios within one table are the figures to read)",
         "backend: fastft ops on this CPU run the PyTorch reference (the Triton kernels: CUDA only; unmeasured here)",
         "",
-        "1. Hadamard transform, forward (median ms; GFLOP counted = matmuls only; analytic = every add and multiply)",
-        f"{'d':>6}  {'K·2^n':>9}  {'fastft ms':>10}  {'dense ms':>10}  {'dense/fastft':>12}  "
+        "1. Hadamard transform, forward (median ms (p20-p80); GFLOP counted = matmuls only; analytic = every add "
+        "and multiply)",
+        f"{'d':>6}  {'K·2^n':>9}  {'fastft ms':>20}  {'dense ms':>22}  {'dense/fastft':>12}  "
         f"{'fastft GFLOP cnt/anl':>21}  {'dense GFLOP':>11}  verdict",
     ]
     by = {}
@@ -241,7 +242,7 @@ def format_tables(rows: list[Row], context: dict) -> str:
         verdict = ("met" if cheaper and faster else "NOT MET" if faster is False or not cheaper
                    else "FLOPs met, time unmeasured")
         out.append(
-            f"{d:>6}  {f'{K}·2^{n}':>9}  {_fmt_time(f.timing):>10}  {_fmt_time(dn.timing):>10}  {ratio:>12}  "
+            f"{d:>6}  {f'{K}·2^{n}':>9}  {_fmt_time(f.timing):>20}  {_fmt_time(dn.timing):>22}  {ratio:>12}  "
             f"{f'{f.counted_flops / 1e9:.3f} / {f.analytic_flops / 1e9:.3f}':>21}  {dn.counted_flops / 1e9:>11.2f}  {verdict}"
         )
     for table, title in (("rotate+quantize", "2. Rotate + per-token 8-bit fake quantization, forward+backward"),
