@@ -8,8 +8,9 @@
 //
 // Numerics, step by step the reference's (fastft/ops/hadamard.py, fastft/ops/fake_quantize.py):
 // * butterflies: stage h = 1, 2, ..., m/2 maps (v[j], v[j+h]) to (v[j] + v[j+h], v[j] - v[j+h]); the
-//   kernel fuses the first three stages into one pass over blocks of 8 and then does two stages per
-//   pass, with the same operations, so for k = 1 the transform is the reference's bit for bit;
+//   kernel runs the stages below the vector width inside vector registers (shuffles) and the others
+//   two per pass over the row, with the same operations in the same order, so for k = 1 the transform
+//   is the reference's bit for bit;
 // * the k x k product sums +-v over c = 0 .. k-1 in order (the reference's matmul sums in another
 //   order: results agree to rounding, exactly on integer-valued inputs);
 // * one multiplication by row_scale rounded to the compute type; then csrc/quantize.h.
@@ -33,60 +34,121 @@
 namespace fastft {
 namespace {
 
-// Sylvester's S_m (unnormalized) applied in place to v[0 .. m), m a power of two.
+// Vectors of 64 bytes (GCC / clang vector extensions; the compiler maps them onto the machine's registers).
+template <typename T>
+struct Vec;
+template <>
+struct Vec<float> {
+  typedef float type __attribute__((vector_size(64)));
+  typedef int32_t mask __attribute__((vector_size(64)));
+  static constexpr int lanes = 16;
+};
+template <>
+struct Vec<double> {
+  typedef double type __attribute__((vector_size(64)));
+  typedef int64_t mask __attribute__((vector_size(64)));
+  static constexpr int lanes = 8;
+};
+
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+#define FASTFT_SHUFFLE(x, ...) __builtin_shufflevector(x, x, __VA_ARGS__)
+#else
+#define FASTFT_SHUFFLE(x, ...) __builtin_shuffle(x, (decltype(upper_mask(x))){__VA_ARGS__})
+#endif
+
+template <typename V>
+inline V vload(const void* p) {
+  V v;
+  memcpy(&v, p, sizeof v);
+  return v;
+}
+template <typename V>
+inline void vstore(void* p, V v) {
+  memcpy(p, &v, sizeof v);
+}
+
+inline Vec<float>::mask upper_mask(Vec<float>::type);
+inline Vec<double>::mask upper_mask(Vec<double>::type);
+
+// One butterfly stage inside a vector: partner = x with lanes t and t ^ h swapped; the lower lane of each
+// pair keeps u + v (x + partner), the upper u - v (partner - x).
+template <typename V, typename M>
+inline V in_vector_stage(V x, V partner, M upper) {
+  V sum = x + partner, difference = partner - x;
+  return upper ? difference : sum;
+}
+
+// Stages h = 1 .. lanes/2 on every vector of v[0 .. m).
+inline void in_vector_stages(float* __restrict v, int64_t m) {
+  typedef Vec<float>::type V;
+  typedef Vec<float>::mask M;
+  const M u1 = {0, -1, 0, -1, 0, -1, 0, -1, 0, -1, 0, -1, 0, -1, 0, -1};
+  const M u2 = {0, 0, -1, -1, 0, 0, -1, -1, 0, 0, -1, -1, 0, 0, -1, -1};
+  const M u4 = {0, 0, 0, 0, -1, -1, -1, -1, 0, 0, 0, 0, -1, -1, -1, -1};
+  const M u8 = {0, 0, 0, 0, 0, 0, 0, 0, -1, -1, -1, -1, -1, -1, -1, -1};
+  for (int64_t i = 0; i < m; i += 16) {
+    V x = vload<V>(v + i);
+    x = in_vector_stage(x, FASTFT_SHUFFLE(x, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14), u1);
+    x = in_vector_stage(x, FASTFT_SHUFFLE(x, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13), u2);
+    x = in_vector_stage(x, FASTFT_SHUFFLE(x, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11), u4);
+    x = in_vector_stage(x, FASTFT_SHUFFLE(x, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7), u8);
+    vstore(v + i, x);
+  }
+}
+
+inline void in_vector_stages(double* __restrict v, int64_t m) {
+  typedef Vec<double>::type V;
+  typedef Vec<double>::mask M;
+  const M u1 = {0, -1, 0, -1, 0, -1, 0, -1};
+  const M u2 = {0, 0, -1, -1, 0, 0, -1, -1};
+  const M u4 = {0, 0, 0, 0, -1, -1, -1, -1};
+  for (int64_t i = 0; i < m; i += 8) {
+    V x = vload<V>(v + i);
+    x = in_vector_stage(x, FASTFT_SHUFFLE(x, 1, 0, 3, 2, 5, 4, 7, 6), u1);
+    x = in_vector_stage(x, FASTFT_SHUFFLE(x, 2, 3, 0, 1, 6, 7, 4, 5), u2);
+    x = in_vector_stage(x, FASTFT_SHUFFLE(x, 4, 5, 6, 7, 0, 1, 2, 3), u4);
+    vstore(v + i, x);
+  }
+}
+
+// Sylvester's S_m (unnormalized) applied in place to v[0 .. m), m a power of two: stage h = 1, 2, ...,
+// m/2 maps (v[j], v[j+h]) to (v[j] + v[j+h], v[j] - v[j+h]) in blocks of 2h, in this order. For
+// m >= lanes the stages below lanes run inside vectors, the others two at a time over whole vectors.
 template <typename T>
 void butterflies(T* __restrict v, int64_t m) {
-  int64_t h = 1;
-  if (m >= 8) {  // stages 1, 2, 4 on blocks of eight
-    for (int64_t i = 0; i < m; i += 8) {
-      T a[8];
-      for (int t = 0; t < 8; ++t) a[t] = v[i + t];
-      for (int t = 0; t < 8; t += 2) {
-        T u = a[t], w = a[t + 1];
-        a[t] = u + w;
-        a[t + 1] = u - w;
-      }
-      for (int t = 0; t < 8; t += 4) {
-        for (int s = 0; s < 2; ++s) {
-          T u = a[t + s], w = a[t + s + 2];
-          a[t + s] = u + w;
-          a[t + s + 2] = u - w;
+  typedef typename Vec<T>::type V;
+  constexpr int L = Vec<T>::lanes;
+  if (m < L) {
+    for (int64_t h = 1; h < m; h *= 2) {
+      for (int64_t i = 0; i < m; i += 2 * h) {
+        for (int64_t j = i; j < i + h; ++j) {
+          T u = v[j], w = v[j + h];
+          v[j] = u + w;
+          v[j + h] = u - w;
         }
       }
-      for (int s = 0; s < 4; ++s) {
-        T u = a[s], w = a[s + 4];
-        a[s] = u + w;
-        a[s + 4] = u - w;
-      }
-      for (int t = 0; t < 8; ++t) v[i + t] = a[t];
     }
-    h = 8;
+    return;
   }
+  in_vector_stages(v, m);
+  int64_t h = L;
   for (; 4 * h <= m; h *= 4) {  // stages h and 2h in one pass
     for (int64_t i = 0; i < m; i += 4 * h) {
-      T* __restrict p0 = v + i;
-      T* __restrict p1 = v + i + h;
-      T* __restrict p2 = v + i + 2 * h;
-      T* __restrict p3 = v + i + 3 * h;
-      for (int64_t j = 0; j < h; ++j) {
-        T a = p0[j], b = p1[j], c = p2[j], e = p3[j];
-        T ab = a + b, a_b = a - b, ce = c + e, c_e = c - e;
-        p0[j] = ab + ce;
-        p1[j] = a_b + c_e;
-        p2[j] = ab - ce;
-        p3[j] = a_b - c_e;
+      for (int64_t j = i; j < i + h; j += L) {
+        V a = vload<V>(v + j), b = vload<V>(v + j + h), c = vload<V>(v + j + 2 * h), e = vload<V>(v + j + 3 * h);
+        V ab = a + b, a_b = a - b, ce = c + e, c_e = c - e;
+        vstore(v + j, ab + ce);
+        vstore(v + j + h, a_b + c_e);
+        vstore(v + j + 2 * h, ab - ce);
+        vstore(v + j + 3 * h, a_b - c_e);
       }
     }
   }
-  for (; h < m; h *= 2) {  // at most one stage left
-    for (int64_t i = 0; i < m; i += 2 * h) {
-      T* __restrict p0 = v + i;
-      T* __restrict p1 = v + i + h;
-      for (int64_t j = 0; j < h; ++j) {
-        T u = p0[j], w = p1[j];
-        p0[j] = u + w;
-        p1[j] = u - w;
-      }
+  if (h < m) {  // one stage left
+    for (int64_t j = 0; j < h; j += L) {
+      V a = vload<V>(v + j), b = vload<V>(v + j + h);
+      vstore(v + j, a + b);
+      vstore(v + j + h, a - b);
     }
   }
 }
