@@ -499,6 +499,9 @@ def build_prebuilt(target: Path, kinds: tuple[str, ...] = ("cpu", "cuda"), log=p
             raise
         built = _compile(kind, tools, build_key(kind, tools), Path(target) / kind)
         built.origin = "prebuilt"
+        for leftover in built.path.parent.iterdir():  # keep the library, its stamp and the log
+            if leftover != built.path and leftover.name not in ("stamp.json", "build.log"):
+                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
         log(f"fastft: built the {LIBRARIES[kind].title} in {built.seconds:.1f} s with {tools.compiler} "
             f"({tools.version}): {built.path}")
         results.append(built)
