@@ -31,6 +31,7 @@ import csv
 import os
 import sys
 import traceback
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -240,6 +241,7 @@ def parse_args(argv):
 
 def main(argv=None) -> list[Row]:
     args = parse_args(argv)
+    warnings.filterwarnings("ignore", message=".*lru_cache.*")  # dynamo tracing the reference's cached helpers
     if args.threads:
         torch.set_num_threads(args.threads)
     load_before = _load_average()

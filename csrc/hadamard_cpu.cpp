@@ -20,6 +20,7 @@
 
 #include <algorithm>
 #include <exception>
+#include <type_traits>
 #include <vector>
 
 #ifdef _OPENMP
@@ -153,29 +154,38 @@ void butterflies(T* __restrict v, int64_t m) {
   }
 }
 
-// dst (k x m) = hk (k x k, +-1, row-major) times src (k x m).
+// dst (k x m) = hk (k x k, +-1, row-major) times src (k x m): dst[a][j] = sum over c = 0 .. k-1, in
+// order, of hk[a][c] * src[c][j]. A -1 flips the sign bit of src (exact, and a + (-b) is a - b in IEEE
+// arithmetic), so there is no branch on the signs; four rows a share each load of src.
 template <typename T>
 void k_factor_product(T* __restrict dst, const T* __restrict src, const int8_t* __restrict hk, int64_t k, int64_t m) {
-  constexpr int64_t B = 128 / sizeof(T);  // columns per block: two 512-bit registers
-  for (int64_t a = 0; a < k; ++a) {
-    const int8_t* row = hk + a * k;
-    int64_t m0 = 0;
-    for (; m0 + B <= m; m0 += B) {
-      T acc[B];
-      for (int t = 0; t < B; ++t) acc[t] = (T)0;
-      for (int64_t c = 0; c < k; ++c) {
-        const T* __restrict s = src + c * m + m0;
-        if (row[c] > 0) {
-          for (int t = 0; t < B; ++t) acc[t] += s[t];
-        } else {
-          for (int t = 0; t < B; ++t) acc[t] -= s[t];
+  typedef typename Vec<T>::type V;
+  typedef typename Vec<T>::mask M;
+  typedef typename std::remove_reference<decltype(M{}[0])>::type Bits;
+  constexpr int L = Vec<T>::lanes;
+  constexpr int A = 4;
+  const Bits sign_bit = (Bits)((typename std::make_unsigned<Bits>::type)1 << (8 * sizeof(Bits) - 1));
+  if (m % L == 0) {
+    std::vector<Bits> flips(A * k);
+    for (int64_t a0 = 0; a0 < k; a0 += A) {
+      const int rows = (int)std::min<int64_t>(A, k - a0);
+      for (int64_t c = 0; c < k; ++c)
+        for (int r = 0; r < A; ++r) flips[c * A + r] = (r < rows && hk[(a0 + r) * k + c] < 0) ? sign_bit : 0;
+      for (int64_t j = 0; j < m; j += L) {
+        V acc[A] = {};
+        for (int64_t c = 0; c < k; ++c) {
+          const M s = (M)vload<V>(src + c * m + j);
+          for (int r = 0; r < A; ++r) acc[r] += (V)(s ^ flips[c * A + r]);
         }
+        for (int r = 0; r < rows; ++r) vstore(dst + (a0 + r) * m + j, acc[r]);
       }
-      for (int t = 0; t < B; ++t) dst[a * m + m0 + t] = acc[t];
     }
-    for (int64_t j = m0; j < m; ++j) {
+    return;
+  }
+  for (int64_t a = 0; a < k; ++a) {  // short rows (m < lanes): scalar, the same operations
+    for (int64_t j = 0; j < m; ++j) {
       T acc = (T)0;
-      for (int64_t c = 0; c < k; ++c) acc = row[c] > 0 ? acc + src[c * m + j] : acc - src[c * m + j];
+      for (int64_t c = 0; c < k; ++c) acc += (hk[a * k + c] < 0 ? (T)-1 : (T)1) * src[c * m + j];
       dst[a * m + j] = acc;
     }
   }
