@@ -15,7 +15,8 @@ Where
     ``$FASTFT_CACHE_DIR``, else ``$XDG_CACHE_HOME/fastft``, else ``~/.cache/fastft``; one directory per
     build key, ``<root>/fastft_cpu-<key[:20]>/``, holding the copied sources, ``build.ninja``, the library
     and ``stamp.json``. Builds run in a temporary directory that is renamed into place when complete,
-    under a file lock, so concurrent processes never load a half-written library.
+    under a file lock, so concurrent processes never load a half-written library. Builds for older
+    sources are left in place (delete the directory to reclaim the space).
 
 The key
     ``source_key`` = SHA-256 of the C ABI version, the library, the bytes of every source and header it
@@ -34,7 +35,8 @@ Stale or corrupted builds
 Tools
     ninja: the ``ninja`` PyPI package (a dependency of fastft), else ``ninja`` on PATH. C++ compiler:
     ``$CXX``, else ``c++``, ``g++``, ``clang++`` on PATH; flags ``-O3 -std=c++17 -ffp-contract=off``,
-    plus ``-march=native`` and ``-fopenmp`` where the compiler accepts them, plus ``$FASTFT_CXXFLAGS``.
+    plus ``-march=native`` and ``-fopenmp`` where the compiler accepts them (probed once per compiler
+    binary and remembered in ``<root>/toolchain-*.json``), plus ``$FASTFT_CXXFLAGS``.
     nvcc: ``$FASTFT_NVCC``, else ``$CUDA_HOME/bin/nvcc``, ``nvcc`` on PATH, ``/usr/local/cuda/bin/nvcc``;
     architectures ``$FASTFT_CUDA_ARCHS`` (default ``80;90``: sm_80 and sm_90 code, plus compute_90 PTX
     that newer GPUs compile at load time); cudart is linked statically.
@@ -229,8 +231,31 @@ def _accepts(cxx: str, flags: list[str]) -> bool:
 
 
 def cpu_toolchain() -> Toolchain:
+    """The C++ compiler, its version and the flags it accepts (probed once per compiler, remembered in the cache)."""
     cxx = find_cxx()
     ninja = find_ninja()
+    stat = os.stat(cxx)
+    identity = json.dumps([os.path.realpath(cxx), stat.st_mtime_ns, stat.st_size, os.environ.get("FASTFT_CXXFLAGS", ""),
+                           ABI_VERSION])
+    memo = cache_root() / f"toolchain-{hashlib.sha256(identity.encode()).hexdigest()[:20]}.json"
+    try:
+        known = json.loads(memo.read_text())
+        return Toolchain(cxx, known["version"], known["cflags"], known["ldflags"], ninja, known["notes"])
+    except (OSError, ValueError, KeyError):
+        pass
+    tools = _probe_cpu_toolchain(cxx, ninja)
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(dict(version=tools.version, cflags=tools.cflags, ldflags=tools.ldflags,
+                                       notes=tools.notes)))
+        os.replace(tmp, memo)
+    except OSError:
+        pass
+    return tools
+
+
+def _probe_cpu_toolchain(cxx: str, ninja: str) -> Toolchain:
     version = _version(cxx)
     cflags = ["-O3", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-ffp-contract=off"]
     ldflags = ["-shared"]
@@ -509,7 +534,7 @@ def build_prebuilt(target: Path, kinds: tuple[str, ...] = ("cpu", "cuda"), log=p
 
 
 # --------------------------------------------------------------------------- python -m fastft.build
-def describe(built: Built, seconds: float) -> str:
+def describe(built: Built) -> str:
     spec = LIBRARIES[built.kind]
     what = {"built": f"built in {built.seconds:.1f} s", "cache": "up to date (cached build)",
             "prebuilt": "up to date (built at install time)"}[built.origin]
@@ -547,7 +572,6 @@ def main(argv=None) -> int:
     kinds = [k for k, wanted in (("cpu", args.cpu), ("cuda", args.cuda)) if wanted] or ["cpu", "cuda"]
     status = 0
     for kind in kinds:
-        start = time.perf_counter()
         try:
             lib, built = load(kind, force=args.force)
         except BuildError as error:
@@ -555,7 +579,7 @@ def main(argv=None) -> int:
             print(f"fastft {LIBRARIES[kind].title}: {'skipped' if skipped else 'FAILED'}: {error}")
             status = status if skipped else 1
             continue
-        print(describe(built, time.perf_counter() - start))
+        print(describe(built))
         if kind == "cuda":
             print(_device_line(lib))
     return status

@@ -372,6 +372,21 @@ def test_python_m_fastft_build_prints_what_where_and_which_compiler(cpu_library,
     assert str(build.cache_root()) in out
 
 
+def test_nested_dequantize_takes_bitsandbytes_state_fields():
+    """dequantize_4bit_nested (the CUDA kernel's entry, the reference here) equals bitsandbytes."""
+    bnb_functional = pytest.importorskip("bitsandbytes.functional")
+    from fastft.ops.dequantize_4bit import dequantize_4bit_nested
+
+    W = torch.randn(45, 71, generator=torch.Generator().manual_seed(0))
+    for quant_type in ("nf4", "fp4"):
+        packed, state = bnb_functional.quantize_4bit(W, blocksize=64, compress_statistics=True, quant_type=quant_type)
+        for dtype in (torch.float32, torch.bfloat16):
+            state.dtype = dtype
+            got = dequantize_4bit_nested(packed, state.absmax, state.state2.code, state.state2.absmax,
+                                         state.state2.blocksize, state.offset, state.code, 64, (45, 71), dtype)
+            assert torch.equal(got, bnb_functional.dequantize_4bit(packed, state))
+
+
 # --------------------------------------------------------------------------- the CUDA library
 def test_cuda_library_compiles_links_and_loads(cuda_library):
     assert cuda_library.path.exists() and "nvcc" in cuda_library.compiler
@@ -419,6 +434,14 @@ def test_cuda_kernels_match_the_reference_on_a_gpu(cuda_library):
     packed = torch.randint(0, 256, (96,), dtype=torch.uint8)
     absmax = torch.rand(3) + 0.5
     code = torch.linspace(-1, 1, 16)
+    codes = torch.randint(0, 256, (3,), dtype=torch.uint8)
+    code2, absmax2 = torch.linspace(-1, 1, 256), torch.rand(1) + 0.5
+    from fastft.ops.dequantize_4bit import unnest_absmax
+
+    nested_absmax = unnest_absmax(codes, code2, absmax2, 256, 0.25)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         got = _ext.dequantize_4bit(packed.cuda(), absmax.cuda(), code.cuda(), 64, (12, 16), dtype)
         assert torch.equal(got.cpu(), dequantize_4bit_reference(packed, absmax, code, 64, (12, 16), dtype))
+        got = _ext.dequantize_4bit(packed.cuda(), None, code.cuda(), 64, (12, 16), dtype,
+                                   nested=(codes.cuda(), code2.cuda(), absmax2.cuda(), 256, 0.25))
+        assert torch.equal(got.cpu(), dequantize_4bit_reference(packed, nested_absmax, code, 64, (12, 16), dtype))
