@@ -330,7 +330,7 @@ int check_args(const fastft_rows_args* p) {
   if (!dtype_supported(p->x_dtype) || !dtype_supported(p->out_dtype))
     return set_error("unsupported dtype codes x=%d out=%d (this build supports float32, bfloat16, float64%s)",
                      p->x_dtype, p->out_dtype, FASTFT_HAVE_FLOAT16 ? ", float16" : "");
-  if ((p->x_dtype == FASTFT_FLOAT64) != (p->out_dtype == FASTFT_FLOAT64) && p->out_dtype == FASTFT_FLOAT64)
+  if (p->out_dtype == FASTFT_FLOAT64 && p->x_dtype != FASTFT_FLOAT64)
     return set_error("a float64 output needs float64 input");
   if (p->rows > 0 && (!p->x || !p->out)) return set_error("x or out is NULL");
   if (p->x_row_stride < 0 || p->out_row_stride < p->d)

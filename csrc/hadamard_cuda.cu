@@ -108,7 +108,7 @@ __device__ void block_max_min(T& hi, T& lo, int& nan) {
 
 template <typename T, int PER_THREAD>
 __global__ void __launch_bounds__(kMaxThreads) rows_kernel(RowsParams p) {
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   T* buf = reinterpret_cast<T*>(smem_raw);
   const int tid = threadIdx.x, nthreads = blockDim.x;
   const int lane = tid & 31, warp = tid >> 5, warps = nthreads >> 5;
