@@ -391,6 +391,7 @@ def _print_end(outcome: Outcome, load_at_start: float | None) -> None:
         print(f"{len(outcome.failures)} FAILED (see above and the summary); the other cases ran.")
 
 
-def main(argv: list[str] | None = None) -> int:
-    outcome = run(argv)
+def main(argv: list[str] | None = None, benchmarks: list[Benchmark] | None = None) -> int:
+    """Run the suite; exit status 1 when a case failed (after everything else ran), else 0."""
+    outcome = run(argv, benchmarks)
     return 1 if outcome.failures else 0
