@@ -214,7 +214,7 @@ def result_measurements(result: dict) -> list:
     times = sorted(result["step_seconds"])
     q = lambda p: times[min(len(times) - 1, round(p * (len(times) - 1)))]  # noqa: E731
     m = lambda metric, unit, value, **kw: Measurement(provider, backend, role, "train", metric, unit, value, **kw)  # noqa: E731
-    note = f"{len(times)} steps after the first; own process"
+    note = f"{len(times)} steps after the first; each variant in its own process, one after the other (not interleaved)"
     out = [
         m("time", "s", statistics.median(times), p20=q(0.2), p80=q(0.8), note=note),
         m("final_loss", "nats", result["losses"][-1], note=f"after {len(result['losses'])} steps, same data and seed"),

@@ -342,8 +342,8 @@ SUITE_SWEEPS = {
     # (device type, sweep): (base point, {variable: values})
     ("cpu", "quick"): (dict(hidden=512, tokens=256, rank=16, dtype="float32"),
                        dict(hidden=[512, 1024], tokens=[256, 1024], rank=[16, 64], dtype=["float32", "bfloat16"])),
-    ("cpu", "full"): (dict(hidden=2048, tokens=1024, rank=16, dtype="float32"),
-                      dict(hidden=[512, 1024, 2048, 4096], tokens=[256, 1024, 4096], rank=[8, 16, 64, 256],
+    ("cpu", "full"): (dict(hidden=2048, tokens=512, rank=16, dtype="float32"),
+                      dict(hidden=[512, 1024, 2048, 4096], tokens=[128, 512, 2048], rank=[8, 16, 64, 256],
                            dtype=["float32", "bfloat16"])),
     ("cuda", "quick"): (dict(hidden=4096, tokens=4096, rank=16, dtype="bfloat16"),
                         dict(hidden=[2048, 4096], tokens=[4096, 16384], rank=[16, 64], dtype=["bfloat16", "float32"])),
@@ -353,8 +353,8 @@ SUITE_SWEEPS = {
 }
 QLORA_SUITE_SWEEPS = {
     ("cpu", "quick"): (dict(hidden=512, tokens=256, rank=16, dtype="float32"), dict(hidden=[512, 1024])),
-    ("cpu", "full"): (dict(hidden=2048, tokens=1024, rank=16, dtype="float32"),
-                      dict(hidden=[1024, 2048, 4096], tokens=[256, 1024, 4096], rank=[16, 64], dtype=["float32", "bfloat16"])),
+    ("cpu", "full"): (dict(hidden=2048, tokens=512, rank=16, dtype="float32"),
+                      dict(hidden=[1024, 2048, 4096], tokens=[128, 512, 2048], rank=[16, 64], dtype=["float32", "bfloat16"])),
     ("cuda", "quick"): (dict(hidden=4096, tokens=4096, rank=16, dtype="bfloat16"),
                         dict(hidden=[2048, 4096], tokens=[4096, 16384])),
     ("cuda", "full"): (dict(hidden=4096, tokens=4096, rank=16, dtype="bfloat16"),

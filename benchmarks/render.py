@@ -153,11 +153,20 @@ def _plot_group(plt, op: str, metric: str, group: list[dict[str, Any]], plot_dir
 
 
 # ----------------------------------------------------------------------------------- summary
+def format_seconds(value: float) -> str:
+    """Seconds as "812 µs", "12.3 ms" or "2.01 s" (three significant digits)."""
+    if abs(value) >= 1:
+        return f"{value:.3g} s"
+    if abs(value) >= 1e-3:
+        return f"{value * 1e3:.3g} ms"
+    return f"{value * 1e6:.3g} µs"
+
+
 def format_value(value: float | None, unit: str) -> str:
     if value is None:
         return "-"
     if unit == "s":
-        return f"{value * 1e3:.3g} ms"
+        return format_seconds(value)
     if unit == "bytes":
         return f"{value / 2**20:.3g} MiB"
     if unit == "flop":
@@ -185,38 +194,70 @@ def summary_tables(rows: list[dict[str, Any]], ops: list[str] | None = None,
         pairs = list(dict.fromkeys((r["metric"], r["mode"]) for r in op_rows))
         pairs.sort(key=lambda p: (METRIC_ORDER.index(p[0]) if p[0] in METRIC_ORDER else len(METRIC_ORDER),
                                   MODE_ORDER.index(p[1]) if p[1] in MODE_ORDER else len(MODE_ORDER)))
+        if metrics is not None:
+            pairs = [p for p in pairs if p in metrics]
+        configs = list(dict.fromkeys(r["config"] for r in op_rows))
+        if len(configs) == 1:  # one point (e.g. end to end): one table, a line per metric
+            out.append(f"Point: {configs[0].replace(' ', ', ')}\n")
+            out.append(_table_by_metric(pairs, op_rows))
+            continue
         for metric, mode in pairs:
-            if metrics is not None and (metric, mode) not in metrics:
-                continue
             group = [r for r in op_rows if r["metric"] == metric and r["mode"] == mode]
             out.append(_table(metric, mode, group, heading))
     return "\n".join(out)
 
 
-def _table(metric: str, mode: str, group: list[dict[str, Any]], heading: str) -> str:
-    unit = group[0]["unit"]
+def _columns(group: list[dict[str, Any]]) -> tuple[list[str], list[str], list[str]]:
+    """(every provider label in display order, the fastft ones, the peers)."""
     roles = {label(r): r["role"] for r in group}
     order = {"fastft": 0, "peer": 1, "floor": 2, "estimate": 3}
     names = sorted(roles, key=lambda n: (order.get(roles[n], 4), list(roles).index(n)))
-    fastft_names = [n for n in names if roles[n] == "fastft"]
-    peers = [n for n in names if roles[n] == "peer"]
+    return names, [n for n in names if roles[n] == "fastft"], [n for n in names if roles[n] == "peer"]
+
+
+def _ratio_cells(values: dict[str, float | None], fastft_names: list[str], peers: list[str]) -> list[str]:
+    """fastft / best (lowest) peer, for each fastft column."""
+    peer_values = [(values[p], p) for p in peers if values.get(p) is not None]
+    best = min(peer_values) if peer_values else None
+    cells = []
+    for name in fastft_names:
+        value = values.get(name)
+        if best is None or value is None or best[0] == 0:
+            cells.append("-")
+        else:
+            cells.append(f"{value / best[0]:.2f}× ({best[1]})")
+    return cells
+
+
+def _table_by_metric(pairs: list[tuple[str, str]], op_rows: list[dict[str, Any]]) -> str:
+    names, fastft_names, peers = _columns(op_rows)
+    header = ["metric", *names] + ([f"{n} / best peer" for n in fastft_names] if peers else [])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for metric, mode in pairs:
+        group = [r for r in op_rows if r["metric"] == metric and r["mode"] == mode]
+        unit = group[0]["unit"]
+        values = {label(r): r["p50"] for r in group}
+        row = [f"{metric.replace('_', ' ')} ({mode}{', median' if unit == 's' else ''})"]
+        row += [format_value(values.get(n), unit) for n in names]
+        if peers:
+            row += _ratio_cells(values, fastft_names, peers)
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _table(metric: str, mode: str, group: list[dict[str, Any]], heading: str) -> str:
+    unit = group[0]["unit"]
+    names, fastft_names, peers = _columns(group)
     configs = list(dict.fromkeys(r["config"] for r in group))
-    cells = {(r["config"], label(r)): r["p50"] for r in group}  # later rows win
     header = ["point", *names] + ([f"{n} / best peer" for n in fastft_names] if peers else [])
     lines = [f"{heading} {metric.replace('_', ' ')}, {mode}" + (" (median)" if unit == "s" else "") + "\n",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for config in configs:
+        values = {label(r): r["p50"] for r in group if r["config"] == config}  # later rows win
         row = [config.replace(" ", ", ")]
-        row += [format_value(cells.get((config, n)), unit) for n in names]
+        row += [format_value(values.get(n), unit) for n in names]
         if peers:
-            peer_values = [(cells[(config, p)], p) for p in peers if cells.get((config, p)) is not None]
-            best = min(peer_values) if peer_values else None
-            for n in fastft_names:
-                value = cells.get((config, n))
-                if best is None or value is None or best[0] == 0:
-                    row.append("-")
-                else:
-                    row.append(f"{value / best[0]:.2f}× ({best[1]})")
+            row += _ratio_cells(values, fastft_names, peers)
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 

@@ -128,7 +128,9 @@ def _fmt(value: float | None, unit: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     if unit == "s":
-        return f"{value * 1e3:.3g} ms"
+        from .render import format_seconds
+
+        return format_seconds(value)
     if unit == "bytes":
         from .measure import format_bytes
 

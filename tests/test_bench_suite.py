@@ -138,16 +138,19 @@ def test_a_raising_benchmark_is_reported_failed_and_the_run_goes_on(tmp_path, ca
 def test_summary_ratio_is_against_the_best_peer_never_a_floor_or_an_estimate():
     env = records.Environment("cpu", 2, "t", "tr", "f", "run-1")
 
-    def row(provider, role, value):
+    def row(provider, role, value, n=8):
         r = env.row(op="op", provider=provider, backend="torch" if role == "fastft" else "eager", role=role, mode="step",
-                    metric="time", unit="s", x_name="n", x_value="8", p50=value, p20=value, p80=value, config="n=8")
+                    metric="time", unit="s", x_name="n", x_value=str(n), p50=value, p20=value, p80=value, config=f"n={n}")
         return {k: getattr(r, k) for k in records.FIELDS}
 
     rows = [row("fastft", "fastft", 2e-3), row("peft", "peer", 4e-3), row("pytorch", "peer", 3e-3),
             row("frozen", "floor", 1e-3), row("roofline", "estimate", 0.5e-3)]
-    table = render.summary_tables(rows)
-    assert "| n=8 | 2 ms | 4 ms | 3 ms | 1 ms | 0.5 ms | 0.67× (pytorch) |" in table
-    assert "frozen (floor)" in table and "roofline (estimate)" in table
+    single_point = render.summary_tables(rows)  # one point: a line per metric
+    assert "| time (step, median) | 2 ms | 4 ms | 3 ms | 1 ms | 500 µs | 0.67× (pytorch) |" in single_point
+    sweep = render.summary_tables(rows + [row("fastft", "fastft", 9.0, n=16), row("peft", "peer", 3.0, n=16)])
+    assert "| n=8 | 2 ms | 4 ms | 3 ms | 1 ms | 500 µs | 0.67× (pytorch) |" in sweep
+    assert "| n=16 | 9 s | 3 s | - | - | - | 3.00× (peft) |" in sweep
+    assert "frozen (floor)" in sweep and "roofline (estimate)" in sweep
 
 
 def test_selection_by_name_and_tag_and_unknown_names_are_an_error():
@@ -211,3 +214,16 @@ def test_end_to_end_variants_train_to_the_same_losses(method):
 def test_a_failing_end_to_end_process_raises_with_its_error():
     with pytest.raises(RuntimeError, match="exited with status 2"):
         e2e.run_in_subprocess("lora", "no-such-provider", "quick", torch.device("cpu"), 1, timeout_s=120)
+
+
+def test_list_runs_nothing_and_max_minutes_records_the_cases_it_did_not_start(tmp_path, capsys):
+    fine = harness.Benchmark("fine", lambda ctx: [_trivial_case("fine", 0.001), _trivial_case("fine", 0.002)])
+    listed = suite.run(["--quick", "--list", "--out", str(tmp_path)], benchmarks=[fine])
+    assert "2 cases in 1 benchmarks (fine); expected duration about" in capsys.readouterr().out
+    assert listed.rows == [] and not (tmp_path / "results.csv").exists()
+
+    outcome = suite.run(["--quick", "--no-progress", "--max-minutes", "0", "--out", str(tmp_path)], benchmarks=[fine])
+    assert outcome.failures == []
+    _, rows = read_csv(tmp_path / "results.csv")
+    assert [r["metric"] for r in rows] == ["skipped", "skipped"]
+    assert all("--max-minutes 0 reached" in r["note"] for r in rows)
