@@ -255,7 +255,9 @@ def suite_benchmarks() -> list:
                           dtype=dtype)
             slowdown = 2.0 if method.prepare_base is not None else 1.0
             startup_s = 15.0  # a fresh Python importing torch, transformers, peft (and bitsandbytes)
-            estimate = startup_s + setup.steps * _step_flops(setup) * slowdown / ctx.gemm_flops_per_s
+
+            def estimate(ctx) -> float:  # called after the suite calibrated the machine
+                return startup_s * ctx.contention + setup.steps * _step_flops(setup) * slowdown / ctx.gemm_flops_per_s
 
             out = []
             for provider in method.providers:
@@ -267,11 +269,11 @@ def suite_benchmarks() -> list:
                     continue
 
                 def run(ctx, provider=provider) -> list:
-                    timeout = max(600.0, 10 * estimate)
+                    timeout = max(600.0, 10 * estimate(ctx))
                     return result_measurements(run_in_subprocess(method.name, provider, setup_name, ctx.device,
                                                                  torch.get_num_threads(), timeout))
 
-                out.append(Case(f"e2e-{method.name}", config, ("setup",), run, lambda ctx: estimate,
+                out.append(Case(f"e2e-{method.name}", config, ("setup",), run, estimate,
                                 name=f"e2e-{method.name} {provider} ({setup_name} Llama, own process)"))
             return out
 

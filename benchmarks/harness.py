@@ -163,6 +163,7 @@ class Context:
     warmup_ms: int = 25  # GPU: do_bench warm-up per call
     rep_ms: int = 100  # GPU: do_bench timed milliseconds per call
     gemm_flops_per_s: float = 5e10  # this machine's matmul speed now (for duration estimates only)
+    contention: float = 1.0  # 1-minute load average per core, at least 1 (scales fixed costs in estimates)
     peaks: Peaks | None = None  # GPU only
 
     @property
@@ -455,14 +456,15 @@ def measure_peaks(device: torch.device, dtypes: Iterable[str], size: int = 8192)
     return Peaks(flops, bandwidth, how)
 
 
-def calibrate_gemm(device: torch.device, size: int = 1024, repeats: int = 3) -> float:
-    """This machine's float32 matmul FLOP/s right now (a size³ GEMM; for duration estimates only)."""
+def calibrate_gemm(device: torch.device, size: int = 1024, repeats: int = 5) -> float:
+    """This machine's float32 matmul FLOP/s right now (median of size³ GEMMs; for duration estimates only)."""
+    import statistics
     import time
 
     a = torch.randn(size, size, device=device)
     b = torch.randn(size, size, device=device)
     a @ b
-    best = float("inf")
+    seconds = []
     for _ in range(repeats):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -470,8 +472,16 @@ def calibrate_gemm(device: torch.device, size: int = 1024, repeats: int = 3) -> 
         a @ b
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / max(best, 1e-9)
+        seconds.append(time.perf_counter() - start)
+    return 2 * size**3 / max(statistics.median(seconds), 1e-9)
+
+
+def contention() -> float:
+    """The 1-minute load average per core, at least 1: how much slower fixed costs (imports, start-up) run now."""
+    try:
+        return max(1.0, os.getloadavg()[0] / (os.cpu_count() or 1))
+    except (AttributeError, OSError):
+        return 1.0
 
 
 def layer_estimate(step_flops: float, providers: int, ctx: Context, slowdown: float = 1.0) -> float:
@@ -484,7 +494,7 @@ def layer_estimate(step_flops: float, providers: int, ctx: Context, slowdown: fl
     if ctx.on_gpu:
         return providers * 3 * ctx.rounds * (ctx.warmup_ms + ctx.rep_ms + 20) / 1e3 + 2.0
     steps = providers * (7 + 2 * (ctx.warmup + ctx.repeats))
-    return steps * step_flops * slowdown / ctx.gemm_flops_per_s + 0.4 * providers
+    return steps * step_flops * slowdown / ctx.gemm_flops_per_s + 0.4 * providers * ctx.contention
 
 
 def layer_case(

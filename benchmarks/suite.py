@@ -301,6 +301,7 @@ def run(argv: list[str] | None = None, benchmarks: list[Benchmark] | None = None
     cases = plan(selected, ctx, outcome)
 
     ctx.gemm_flops_per_s = harness.calibrate_gemm(ctx.device)
+    ctx.contention = 1.0 if ctx.on_gpu else harness.contention()
     if ctx.on_gpu:
         dtypes = sorted({str(c.config["dtype"]) for _, c in cases if str(c.config.get("dtype")) in harness.DTYPES})
         try:
@@ -308,7 +309,8 @@ def run(argv: list[str] | None = None, benchmarks: list[Benchmark] | None = None
         except Exception as error:
             outcome.note(f"roofline estimates skipped: measuring the device's peaks failed: {_describe(error)}")
     estimates = [max(0.0, c.estimate_s(ctx)) for _, c in cases]
-    outcome.expected_s = sum(estimates)
+    render_s = 0.0 if args.no_render else 0.5 * len(cases) * ctx.contention  # a plot or two per case, roughly
+    outcome.expected_s = sum(estimates) + render_s
 
     env = ctx.env
     load = load_average()
@@ -319,7 +321,8 @@ def run(argv: list[str] | None = None, benchmarks: list[Benchmark] | None = None
         print(f"roofline: {ctx.peaks.how} (estimates are labelled as such)")
     print(f"{len(cases)} cases in {len(selected)} benchmarks ({', '.join(b.name for b in selected) or 'none'}); "
           f"expected duration about {_duration(outcome.expected_s)} (estimated from a float32 GEMM at "
-          f"{ctx.gemm_flops_per_s / 1e9:.0f} GFLOP/s on this machine now)")
+          f"{ctx.gemm_flops_per_s / 1e9:.0f} GFLOP/s on this machine now"
+          + (f", fixed costs scaled by the load: {ctx.contention:.1f} runnable processes per core)" if ctx.contention > 1 else ")"))
     for note in outcome.notes:
         print(f"note: {note}")
     if args.list:
