@@ -88,9 +88,13 @@ def select(benchmarks: list[Benchmark], only: list[str], skip: list[str]) -> lis
 
 
 def _describe(error: BaseException) -> str:
-    """``Type: message`` plus where it was raised (the innermost frame of fastft or the benchmarks)."""
+    """``Type: message`` plus where it was raised: the innermost frame outside installed libraries."""
+    import sysconfig
+
     frames = traceback.extract_tb(error.__traceback__)
-    ours = [f for f in frames if "/fastft/" in f.filename or "/benchmarks/" in f.filename or "/kernels/" in f.filename]
+    library_dirs = {sysconfig.get_paths()[key] for key in ("stdlib", "purelib", "platlib")}
+    ours = [f for f in frames if "site-packages" not in f.filename
+            and not any(f.filename.startswith(d) for d in library_dirs)]
     where = ours[-1] if ours else (frames[-1] if frames else None)
     message = " ".join(str(error).split())
     text = f"{type(error).__name__}: {message}" if message else type(error).__name__

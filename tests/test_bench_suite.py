@@ -129,6 +129,7 @@ def test_a_raising_benchmark_is_reported_failed_and_the_run_goes_on(tmp_path, ca
     _, rows = read_csv(tmp_path / "results.csv")
     failed = {r["op"]: r["note"] for r in rows if r["metric"] == "failed"}
     assert set(failed) == {"broken", "unlisted"} and "kaboom" in failed["broken"]
+    assert "(at test_bench_suite.py:" in failed["broken"] and "in boom)" in failed["broken"]  # where it was raised
     assert [r["provider"] for r in rows if r["op"] == "fine"] == ["fastft", "peer"]  # ran after the failure
     summary = (tmp_path / "summary.md").read_text()
     assert "## FAILED" in summary and "kaboom: the kernel exploded" in summary
