@@ -95,7 +95,7 @@ def _plot_group(plt, op: str, metric: str, group: list[dict[str, Any]], plot_dir
     x_names = list(dict.fromkeys(r["x_name"] for r in group))
     unit = group[0]["unit"]
     scale, shown_unit = UNIT_SCALE.get(unit, (1.0, unit))
-    fig, axes = plt.subplots(len(modes), len(x_names), figsize=(3.6 * len(x_names) + 1.2, 2.8 * len(modes) + 0.8),
+    fig, axes = plt.subplots(len(modes), len(x_names), figsize=(max(7.0, 3.6 * len(x_names) + 1.2), 2.8 * len(modes) + 1.0),
                              squeeze=False)
     labels_seen = {}
     for i, mode in enumerate(modes):
@@ -126,7 +126,7 @@ def _plot_group(plt, op: str, metric: str, group: list[dict[str, Any]], plot_dir
                 labels_seen.setdefault(name, line)
             if numeric:
                 values = [float(x) for x in xs_raw]
-                if min(values) > 0 and max(values) / min(values) >= 4:
+                if x_name != "step" and min(values) > 0 and max(values) / min(values) >= 4:  # sizes: log2
                     ax.set_xscale("log", base=2)
                 ax.set_xticks(values)
                 ax.set_xticklabels(xs_raw)
