@@ -149,7 +149,19 @@ def _plot_group(plt, op: str, metric: str, group: list[dict[str, Any]], plot_dir
     path = plot_dir / f"{op}-{metric}.png"
     fig.savefig(path, dpi=80)
     plt.close(fig)
+    _shrink_png(path)
     return path
+
+
+def _shrink_png(path: Path) -> None:
+    """Re-save the plot with a 64-colour palette (a few times smaller; Pillow comes with matplotlib)."""
+    try:
+        from PIL import Image
+    except ImportError:
+        return
+    with Image.open(path) as image:
+        small = image.convert("RGB").quantize(colors=64, method=Image.Quantize.MEDIANCUT)
+    small.save(path, optimize=True)
 
 
 # ----------------------------------------------------------------------------------- summary
