@@ -16,6 +16,8 @@ from . import methods  # noqa: F401  (registers the planners)
 from .patch import is_patched, patch, unpatch
 from .peft_compat import export_peft, from_peft
 from .report import PatchReport
+from .config import QATConfig
+from .quantized import export_quantized, load_quantized
 
 __all__ = [
     "LoRAConfig",
@@ -31,3 +33,4 @@ __all__ = [
     "save",
     "unpatch",
 ]
+__all__ += ["QATConfig", "export_quantized", "load_quantized"]

@@ -148,6 +148,8 @@ class LoRALinear(nn.Module):
         return x.dtype
 
     def forward(self, x: Tensor) -> Tensor:
+        if hasattr(self.base_layer, "forward_with_update"):  # a hosting base (QAT): see rebase()
+            return self.base_layer.forward_with_update(x, self.lora_A, self.lora_B, self.scale)
         if x.shape[-1] != self.in_features:
             raise ValueError(
                 f"{type(self).__name__}: the input's last dimension is {x.shape[-1]} but this layer takes "
@@ -167,6 +169,13 @@ class LoRALinear(nn.Module):
             mask = torch.empty(x.shape, device=x.device).bernoulli_(1.0 - self.dropout_p).bool()
         y = lora_linear(x, weight, bias, self.lora_A.to(dtype), self.lora_B.to(dtype), self.scale, self.dropout_p, mask)
         return y.to(input_dtype) if self.is_4bit else y
+
+    def rebase(self, base: nn.Module) -> None:
+        """Wrap ``base``, a module another config put over this adapter's layer (QAT's ``QuantLinear``), which
+        then computes the forward given the update (``base.forward_with_update(x, A, B, s)``) and validates
+        the combination (``base.host_update(self)``); merging still adds ``s·BA`` to ``base.weight``."""
+        base.host_update(self)
+        self.base_layer = base
 
     # ------------------------------------------------------------- adapters
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
