@@ -26,6 +26,7 @@ no longer be one matrix; unpatching ties them again). :class:`RotationFolding` i
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -252,8 +253,8 @@ class RotationFolding:
 
     ``apply`` rewrites the weights in place. ``revert`` undoes each step in reverse order: the linear
     layers (trained or merged with LoRA meanwhile) are rotated back and the norm scales moved back out
-    of them (``W[:, j] / g_j``; a column under a zero scale is multiplied by zero anyway and becomes 0),
-    and the embeddings are rotated back; ``lm_head`` is tied again to ``embed_tokens`` when it was tied.
+    of them (``W[:, j] / g_j``; a norm with a zero in its scale keeps it folded, with a warning: the
+    rotated layers may have learned to use the input it zeroes), and the embeddings are rotated back; ``lm_head`` is tied again to ``embed_tokens`` when it was tied.
     The exact original values (for ``merge=False``, and for the frozen embeddings and ``lm_head``) are put
     back by the :class:`KeepOriginals` edit that precedes this one.
     """
@@ -264,7 +265,7 @@ class RotationFolding:
     r2: bool
     r4_layers: tuple[int, ...]
     seed: int
-    _norm_scales: list[tuple[nn.Module, Tensor]] = field(default_factory=list)
+    _norm_scales: list[tuple[nn.Module, Tensor, Tensor]] = field(default_factory=list)
     _untied: dict[str, Any] | None = None
 
     @property
@@ -332,7 +333,7 @@ class RotationFolding:
     def _fold_norm(self, norm: nn.Module, linears: list[nn.Linear]) -> None:
         offset = self.layout.norm_offset
         scale = norm.weight.detach().to(compute_dtype(linears[0].weight)) + offset
-        self._norm_scales.append((norm, scale.clone()))
+        self._norm_scales.append((norm, scale.clone(), norm.weight.detach().clone()))
         for linear in linears:
             _rewrite(linear.weight, lambda w: w * scale.to(w)[None, :])
         with torch.no_grad():
@@ -379,11 +380,24 @@ class RotationFolding:
         if lay.lm_head is not None and not self._untied:
             _rewrite(lay.lm_head.weight, q1.right_t)
         readers = {id(n): ls for n, ls in self._norm_groups()}
-        for norm, scale in reversed(self._norm_scales):
+        kept_folded = 0
+        for norm, scale, original in reversed(self._norm_scales):
+            if bool((scale == 0).any()) and readers[id(norm)]:
+                # a zero scale hides an input the rotated layers may have learned to use: keep the scale in
+                # the layers (the norm's scale stays 1), which is exact, rather than drop that input
+                kept_folded += 1
+                continue
             for linear in readers[id(norm)]:
-                _rewrite(linear.weight, lambda w: _unscale_columns(w, scale.to(w)))
+                _rewrite(linear.weight, lambda w: w / scale.to(w)[None, :])
             with torch.no_grad():
-                norm.weight.copy_((scale - self.layout.norm_offset).to(norm.weight.dtype))
+                norm.weight.copy_(original)
+        if kept_folded and merge:
+            warnings.warn(
+                f"fastft.unpatch: {kept_folded} RMSNorm(s) have zero entries in their scale; their scales stay folded "
+                "into the linear layers that follow them (the norms' scales are left at 1), which keeps the merged "
+                "model exact.",
+                stacklevel=3,
+            )
         self._norm_scales = []
         self._retie()
 
@@ -408,11 +422,6 @@ class RotationFolding:
         if self._untied["all_tied_weights_keys"] is not None:
             self.model.all_tied_weights_keys = self._untied["all_tied_weights_keys"]
         self._untied = None
-
-
-def _unscale_columns(w: Tensor, scale: Tensor) -> Tensor:
-    zero = scale == 0
-    return torch.where(zero[None, :], torch.zeros((), dtype=w.dtype, device=w.device), w / torch.where(zero, 1, scale)[None, :])
 
 
 @dataclass

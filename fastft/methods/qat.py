@@ -283,7 +283,7 @@ def plan_qat(model: nn.Module, config: QATConfig) -> Plan:
     seen = {id(t) for _, t in keep_tensors}
     keep = KeepOriginals(
         keep_tensors + [(label, t) for label, t in trained if id(t) not in seen],
-        frozen={label for label, _ in keep_tensors if "norm" in label or label.startswith(("embed_tokens", "lm_head"))},
+        frozen={"embed_tokens.weight", "lm_head.weight", "norm.weight"},  # never trained nor merged into
     )
     edits.append(keep)
     if folding is not None:
