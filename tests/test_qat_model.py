@@ -169,26 +169,35 @@ def test_quant_linear_ste_gradients(ste, rotate):
     assert_close(base.bias.grad, g.sum(0))
 
 
-def test_quant_linear_under_lora_quantizes_the_merged_weight_and_trains_A_B():
-    config = fastft.QATConfig(w_bits=4, a_bits=8, w_granularity="group", group_size=32, symmetric=True, rotations=())
-    base = dense_linear(bias=False)
+@pytest.mark.parametrize("ste", ["identity", "clipped"])
+def test_quant_linear_under_lora_quantizes_the_merged_weight_and_trains_A_B(ste):
+    config = fastft.QATConfig(w_bits=4, a_bits=8, w_granularity="group", group_size=32, symmetric=True,
+                              clip_ratio=0.7, ste=ste, rotations=())
+    base = dense_linear(bias=False).requires_grad_(False)  # as fastft.patch leaves it
     quant = QuantLinear(base, config)
     lora = LoRALinear(base, fastft.LoRAConfig(r=3, alpha=6))
     lora.rebase(quant)
     with torch.no_grad():
         lora.lora_B.normal_()
-    x = torch.randn(5, 96, dtype=torch.float64)
-    g = torch.randn(5, 40, dtype=torch.float64)
-    y = lora(x)
+    x = torch.randn(2, 5, 96, dtype=torch.float64)
+    g = torch.randn(2, 5, 40, dtype=torch.float64)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = lora(x)
     y.backward(g)
+    params = {p.data_ptr() for p in (base.weight, lora.lora_A, lora.lora_B)}
+    assert [tuple(t.shape) for t in saved if t.data_ptr() not in params] == [(2, 5, 96)]  # Q_a(x) alone
     A, B, s = lora.lora_A.detach(), lora.lora_B.detach(), lora.scale
-    xq = fake_quantize(x, 8, symmetric=True)
-    merged = base.weight.detach() + s * B @ A
-    assert_close(y.detach(), xq @ fake_quantize(merged, 4, "group", 32, symmetric=True).t())
-    grad_w = g.t() @ xq  # identity STE through Q_w
+    xq = fake_quantize(x, 8, symmetric=True, clip_ratio=0.7).reshape(10, 96)
+    merged = (base.weight.detach() + s * B @ A).requires_grad_(True)
+    wq = fake_quantize(merged, 4, "group", 32, symmetric=True, clip_ratio=0.7, ste=ste)
+    assert_close(y.detach().reshape(10, 40), xq @ wq.detach().t())
+    (grad_w,) = torch.autograd.grad(wq, merged, g.reshape(10, 40).t() @ xq)  # the STE of Q_w, as the op defines it
+    if ste == "clipped":
+        assert (grad_w == 0).any()
     assert_close(lora.lora_B.grad, s * grad_w @ A.t())
     assert_close(lora.lora_A.grad, s * B.t() @ grad_w)
-    assert quant.adapter_parameters() == {}
+    assert base.weight.grad is None and quant.adapter_parameters() == {}
 
 
 # ----------------------------------------------------------------------------------- outliers, W4A4

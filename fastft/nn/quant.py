@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from ..config import QATConfig
 from ..ops.fake_quantize import dequantize, fake_quantize, quantize
 from ..ops.hadamard import hadamard_factorization, hadamard_transform
+from ..ops.quant_linear import effective_weight, quant_weight_linear
 
 
 @dataclass(frozen=True)
@@ -163,16 +164,7 @@ class QuantLinear(nn.Module):
 
     def effective_weight(self, lora_A: Tensor | None = None, lora_B: Tensor | None = None, scale: float = 0.0) -> Tensor:
         """The weight before fake quantization: ``W``, or ``W + s·BA`` (in the adapter's dtype) under LoRA."""
-        weight = self.base_layer.weight
-        if lora_A is None:
-            return weight
-        return weight.to(lora_A.dtype) + scale * (lora_B @ lora_A)
-
-    def quantized_weight(self, lora_A: Tensor | None = None, lora_B: Tensor | None = None, scale: float = 0.0) -> Tensor:
-        weight = self.effective_weight(lora_A, lora_B, scale)
-        if self.weight_on_grid and lora_A is None:
-            return weight
-        return self.weight_quant(weight)
+        return effective_weight(self.base_layer.weight, lora_A, lora_B, scale)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_with_update(x)
@@ -187,9 +179,13 @@ class QuantLinear(nn.Module):
                 f"{self.in_features} features (input shape {tuple(x.shape)})."
             )
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        weight = self.quantized_weight(lora_A, lora_B, scale).to(dtype)
-        bias = self.base_layer.bias
-        return F.linear(self.quantized_input(x.to(dtype)), weight, None if bias is None else bias.to(dtype))
+        x = self.quantized_input(x.to(dtype))
+        weight, bias = self.base_layer.weight, self.base_layer.bias
+        if self.weight_on_grid and lora_A is None:  # loaded codes: used as they are
+            return F.linear(x, weight.to(dtype), None if bias is None else bias.to(dtype))
+        clipped = self.weight_quant.ste == "clipped"
+        with torch.autocast(x.device.type, enabled=False):
+            return quant_weight_linear(x, weight, bias, self.weight_quant, clipped, lora_A, lora_B, scale)
 
     # ------------------------------------------------------------ export / load
     def codes(self, lora_A: Tensor | None = None, lora_B: Tensor | None = None, scale: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
