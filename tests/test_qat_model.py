@@ -302,11 +302,16 @@ def test_qat_plus_lora_trains_and_merges(order):
     assert_close(logits(model), trained)
 
 
-def test_lora_dropout_with_qat_is_refused_before_anything_changes():
+@pytest.mark.parametrize("lora, match", [
+    (fastft.LoRAConfig(r=4, dropout=0.1), "dropout=0.1 cannot be combined with QATConfig"),
+    (fastft.LoRAConfig(r=4, init="pissa"), "init='pissa'"),
+    (fastft.LoRAConfig(r=4, targets=["q_proj", "lm_head"]), "targets 'lm_head', which QAT's R1 rotates"),
+])
+def test_lora_that_cannot_go_with_qat_is_refused_before_anything_changes(lora, match):
     model = model_of("llama")
     before = snapshot(model)
-    with pytest.raises(ValueError, match="dropout=0.1 cannot be combined with QATConfig"):
-        fastft.patch(model, [fastft.LoRAConfig(r=4, dropout=0.1), fastft.QATConfig()])
+    with pytest.raises(ValueError, match=match):
+        fastft.patch(model, [lora, fastft.QATConfig()])
     assert_unchanged(model, before)
 
 

@@ -322,6 +322,12 @@ def compose_with_lora(plan: Plan, keep: KeepOriginals, folded: set[int], plans: 
         for name, module in other.swaps:
             if name in quant:
                 module.rebase(quant[name])
+            elif id(getattr(getattr(module, "base_layer", None), "weight", None)) in folded:
+                raise ValueError(
+                    f"{other.config.method} targets {name!r}, which QAT's R1 rotates but does not quantize (its "
+                    "rotation is undone from a kept copy on unpatch, which would drop the update). Target only the "
+                    "decoder's linear layers, or use QATConfig(rotations=()) / without 'r1'."
+                )
     if loras:
         for _, module in plan.swaps:
             module.trains_weight = False
