@@ -16,8 +16,11 @@ from helpers import assert_close, backend
 from fastft.ops import hadamard_matrix, hadamard_transform, is_hadamard_size
 from fastft.ops.hadamard import (
     MAX_K_FACTOR,
+    LLM_SIZES as DOCUMENTED_SIZES,
+    WILLIAMSON_FIRST_ROWS,
     hadamard_factorization,
     hadamard_k_factor,
+    supported_sizes_table,
     hadamard_transform_reference,
     k_factor_construction,
 )
@@ -27,7 +30,7 @@ LLM_SIZES = {
     64: 1, 80: 20, 96: 12, 128: 1, 256: 1,
     896: 28, 1152: 36, 1536: 12, 2048: 1, 2304: 36, 2560: 20, 3072: 12, 3584: 28, 3840: 60, 4096: 1,
     4608: 36, 4864: 76, 5120: 20, 5376: 84, 6144: 12, 6912: 108, 8192: 1, 8960: 140, 9216: 36, 9728: 76,
-    10240: 20, 11008: 344, 12288: 12, 13824: 108, 14336: 28, 15360: 60, 16384: 1, 17408: 68, 18944: 148,
+    10240: 20, 11008: 172, 12288: 12, 13824: 108, 14336: 28, 15360: 60, 16384: 1, 17408: 68, 18944: 148,
     21504: 84, 24576: 12, 25600: 100, 27648: 108, 28672: 28, 29568: 924, 36864: 36, 53248: 52,
 }
 
@@ -68,11 +71,28 @@ def dense_row(d: int, i: int) -> torch.Tensor:
 
 def test_k_factors_are_hadamard_matrices():
     built = [K for K in range(4, 401, 4) if k_factor_construction(K)] + [924]
-    assert {12, 20, 28, 36, 52, 60, 76, 84, 100, 108, 140, 148, 344}.issubset(built)
+    assert {12, 20, 28, 36, 52, 60, 76, 84, 100, 108, 140, 148, 172, 344}.issubset(built)
     for K in built:
-        H = hadamard_k_factor(K, torch.int64)
+        H = hadamard_k_factor(K, torch.float64)  # integer products and sums: exact in float64
         assert set(H.unique().tolist()) == {-1, 1}, K
-        assert torch.equal(H @ H.t(), K * torch.eye(K, dtype=torch.int64)), f"K={K} ({k_factor_construction(K)})"
+        assert torch.equal(H @ H.t(), K * torch.eye(K, dtype=torch.float64)), f"K={K} ({k_factor_construction(K)})"
+
+
+def test_williamson_rows_satisfy_the_williamson_conditions():
+    for t, rows in WILLIAMSON_FIRST_ROWS.items():
+        blocks = []
+        for row in rows:
+            a = torch.tensor([1 if c == "+" else -1 for c in row])
+            assert len(row) == t and all(a[i] == a[(t - i) % t] for i in range(t))  # symmetric circulant
+            blocks.append(torch.stack([torch.roll(a, k) for k in range(t)]))
+        assert torch.equal(sum(M @ M.t() for M in blocks), 4 * t * torch.eye(t, dtype=torch.int64))
+        assert k_factor_construction(4 * t) == f"williamson t={t}"
+
+
+def test_documented_table_matches():
+    assert set(DOCUMENTED_SIZES) == set(LLM_SIZES)
+    table = supported_sizes_table()
+    assert "11008       172·2^6  williamson t=43" in table and "unsupported" not in table
 
 
 def test_paley_types():
@@ -92,7 +112,7 @@ def test_llm_sizes_and_their_k_factors(d, K):
 
 
 @pytest.mark.parametrize("d", [1, 2, 4, 8, 16, 32, 64, 128, 12, 24, 48, 20, 40, 28, 56, 36, 52, 60, 76, 84, 100,
-                               108, 140, 148, 344, 1024, 1536, 2560])
+                               108, 140, 148, 172, 344, 1024, 1536, 2560])
 def test_matches_dense_matrix(d):
     H = dense(d)
     assert_close(hadamard_matrix(d, torch.float64), H)

@@ -69,7 +69,7 @@ SCALE_EPS = 1e-8
 GRANULARITIES = ("token", "channel", "group", "tensor")
 STE_MODES = ("identity", "clipped")
 
-register_op("fake_quantize", ("torch",))
+register_op("fake_quantize", ("torch", "triton"))
 
 
 # --------------------------------------------------------------------------- validation
@@ -154,12 +154,13 @@ def _scale_zero(xg: Tensor, bits: int, symmetric: bool, clip_ratio: float) -> tu
     return scale, zero
 
 
-def _codes(xg: Tensor, scale: Tensor, zero: Tensor, bits: int, symmetric: bool) -> tuple[Tensor, Tensor]:
-    """(clamped codes, not-clamped mask), codes as compute-dtype integers."""
+def _codes(xg: Tensor, scale: Tensor, zero: Tensor, bits: int, symmetric: bool,
+           need_mask: bool = True) -> tuple[Tensor, Optional[Tensor]]:
+    """(clamped codes as compute-dtype integers, not-clamped mask or None); one temporary of xg's size."""
     qmin, qmax = qrange(bits, symmetric)
-    unclamped = torch.round(xg / scale) + zero
-    q = torch.clamp(unclamped, qmin, qmax)
-    return q, q == unclamped
+    q = torch.round(xg / scale).add_(zero)
+    kept = ((q >= qmin) & (q <= qmax)) if need_mask else None
+    return q.clamp_(qmin, qmax), kept
 
 
 def fake_quantize_reference(
@@ -171,8 +172,8 @@ def fake_quantize_reference(
     xc = hadamard_transform_reference(x.to(ct)) if rotate else x.to(ct)
     xg = _groups(xc, granularity, group_size)
     scale, zero = _scale_zero(xg, bits, symmetric, clip_ratio)
-    q, kept = _codes(xg, scale, zero, bits, symmetric)
-    out = ((q - zero) * scale).reshape(x.shape).to(x.dtype)
+    q, kept = _codes(xg, scale, zero, bits, symmetric, need_mask)
+    out = q.sub_(zero).mul_(scale).reshape(x.shape).to(x.dtype)
     mask = kept.reshape(x.shape) if need_mask else x.new_empty(0, dtype=torch.bool)
     return out, mask
 
@@ -282,7 +283,7 @@ def quantize(
     xc = hadamard_transform_reference(x.detach().to(ct)) if rotate else x.detach().to(ct)
     xg = _groups(xc, granularity, group_size)
     scale, zero = _scale_zero(xg, bits, symmetric, clip_ratio)
-    q, _ = _codes(xg, scale, zero, bits, symmetric)
+    q, _ = _codes(xg, scale, zero, bits, symmetric, need_mask=False)
     code_dtype = torch.int8 if symmetric else torch.uint8
     shape = _scale_shape(x.shape, granularity, group_size)
     return q.reshape(x.shape).to(code_dtype), scale.reshape(shape), zero.reshape(shape).to(code_dtype)

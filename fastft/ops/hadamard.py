@@ -38,6 +38,15 @@ For ``d = m·2^a`` with m odd: if m = 1, K = 1 (Sylvester alone). Otherwise K is
 2. Paley II (same paper): K = 2(q + 1), q a prime power ≡ 1 (mod 4). Q as above is symmetric;
    C = [[0, 1ᵀ], [1, Q]] is a symmetric conference matrix and
    ``H_K = C ⊗ [[1, 1], [1, -1]] + I_{q+1} ⊗ [[1, -1], [-1, -1]]`` (symmetric).
+3. Williamson (J. Williamson, "Hadamard's determinant theorem and the sum of four squares", Duke Math.
+   J. 11 (1944) 65–81): K = 4t from four symmetric circulant ±1 matrices A, B, C, D of order t with
+   AAᵀ + BBᵀ + CCᵀ + DDᵀ = 4t·I, ``H_K = [[A, B, C, D], [-B, A, -D, C], [-C, D, A, -B], [-D, -C, B, A]]``,
+   where the circulant of a first row a is M[i, j] = a[(j - i) mod t]. Only t = 43 (K = 172, for
+   11008 = 172·64) is tabulated (:data:`WILLIAMSON_FIRST_ROWS`): an order-43 solution as tabulated in
+   M. Hall Jr., Combinatorial Theory, 2nd ed. (Wiley, 1986) (order 43 was first solved by Williamson,
+   1944; see also L. D. Baumert and M. Hall Jr., "Hadamard matrices of the Williamson type", Math. Comp.
+   19 (1965) 442–447), read from SageMath's ``williamson_type_quadruples_smallcases``. The tests check
+   that A..D are symmetric, satisfy the sum-of-squares identity and give a Hadamard matrix.
 
 Field elements: for q = p (prime), g_i = i mod p. For q = p^k (k > 1), g_i is the polynomial
 Σ_t c_t X^t whose base-p digits are i = Σ_t c_t p^t, taken modulo the smallest monic irreducible
@@ -47,7 +56,7 @@ coefficients f_0..f_{k-1}.
 K is at most :data:`MAX_K_FACTOR`. Any other d (an odd part for which no K above exists, or a d whose
 K would exceed the limit) raises ``ValueError`` naming d, its factorization and the supported forms;
 :func:`is_hadamard_size` asks without raising. Sizes common in LLMs and their K-factors:
-``supported_sizes_table()``.
+:func:`supported_sizes_table`.
 
 To rotate a weight, apply the transform to its rows (``hadamard_transform(W)`` is W H_dᵀ) rather than
 building ``hadamard_matrix(d)``: the dense matrix is d² numbers (0.8 GB for d = 14336 in float32).
@@ -73,12 +82,23 @@ __all__ = [
     "hadamard_transform_reference",
     "is_hadamard_size",
     "k_factor_construction",
+    "supported_sizes_table",
 ]
 
 MAX_K_FACTOR = 2048
 """The largest K-factor built (its K×K product costs 2K flops per element, the dense matrix 2d)."""
 
-register_op("hadamard_transform", ("torch",))
+register_op("hadamard_transform", ("torch", "triton"))
+
+WILLIAMSON_FIRST_ROWS = {
+    43: (
+        "++---++++-+--+--++--------++--+--+-++++---+",
+        "+++-+-++--+-+-++++-+----+-++++-+-+--++-+-++",
+        "++-++++++----+-+--++-++-++--+-+----++++++-+",
+        "+---++--++++-+-+++-++--++-+++-+-++++--++---",
+    ),
+}
+"""First rows (``+`` = 1, ``-`` = -1) of the symmetric circulant Williamson matrices A, B, C, D by order t."""
 
 
 # --------------------------------------------------------------------------- finite fields
@@ -192,8 +212,18 @@ def _paley2(K: int) -> np.ndarray:
     return np.kron(C, plus) + np.kron(np.eye(q + 1, dtype=np.int8), zero)
 
 
+def _williamson(K: int) -> np.ndarray:
+    t = K // 4
+    blocks = []
+    for row in WILLIAMSON_FIRST_ROWS[t]:
+        a = np.array([1 if c == "+" else -1 for c in row], dtype=np.int8)
+        blocks.append(a[(np.arange(t)[None, :] - np.arange(t)[:, None]) % t])
+    A, B, C, D = blocks
+    return np.block([[A, B, C, D], [-B, A, -D, C], [-C, D, A, -B], [-D, -C, B, A]])
+
+
 def k_factor_construction(K: int) -> Optional[str]:
-    """How the ±1 factor of order K is built ("sylvester", "paley1 q=..", "paley2 q=..") or None."""
+    """How the ±1 factor of order K is built ("sylvester", "paley1 q=..", "paley2 q=..", "williamson t=..") or None."""
     if K >= 1 and K & (K - 1) == 0:
         return "sylvester"
     if K > MAX_K_FACTOR or K % 4:
@@ -204,6 +234,8 @@ def k_factor_construction(K: int) -> Optional[str]:
     pk = _prime_power(K // 2 - 1)
     if pk is not None and (K // 2 - 1) % 4 == 1:
         return f"paley2 q={K // 2 - 1}"
+    if K // 4 in WILLIAMSON_FIRST_ROWS:
+        return f"williamson t={K // 4}"
     return None
 
 
@@ -222,8 +254,10 @@ def _k_factor_numpy(K: int) -> np.ndarray:
         H = (1 - 2 * parity).astype(np.int8)
     elif how.startswith("paley1"):
         H = _paley1(K)
-    else:
+    elif how.startswith("paley2"):
         H = _paley2(K)
+    else:
+        H = _williamson(K)
     H.setflags(write=False)
     return H
 
@@ -278,11 +312,47 @@ def hadamard_factorization(d: int) -> tuple[int, int]:
         raise ValueError(
             f"no Hadamard transform of size d={d} (= {_factor_text(d) if d >= 1 else d}, odd part {m}, 2^{a}): "
             f"supported are d = 2^n and d = K·2^n with a K-factor K = m·2^j (j >= 2, K <= {MAX_K_FACTOR}) built by "
-            "Paley I (K - 1 a prime power ≡ 3 mod 4) or Paley II (K/2 - 1 a prime power ≡ 1 mod 4), e.g. "
-            "12, 20, 28, 36, 52, 60, 76, 84, 108, 140, 148, 344 (11008 = 344·32). Pad the dimension or choose "
+            "Paley I (K - 1 a prime power ≡ 3 mod 4), Paley II (K/2 - 1 a prime power ≡ 1 mod 4) or Williamson "
+            "(K = 172), e.g. 12, 20, 28, 36, 52, 60, 76, 84, 108, 140, 148, 172. Pad the dimension or choose "
             "another rotation."
         )
     return found
+
+
+LLM_SIZES = {
+    64: "head dim", 80: "head dim (Phi-2)", 96: "head dim (Phi-3)", 128: "head dim", 256: "head dim (Gemma)",
+    896: "Qwen2/2.5-0.5B hidden", 1152: "Gemma-3-1B hidden", 1536: "Qwen2/2.5-1.5B hidden",
+    2048: "Llama-3.2-1B, Gemma-2B, Qwen2.5-3B hidden", 2304: "Gemma-2-2B hidden", 2560: "Gemma-3-4B, Qwen3-4B hidden",
+    3072: "Llama-3.2-3B, Gemma-7B hidden; Qwen3-0.6B intermediate", 3584: "Qwen2/2.5-7B, Gemma-2-9B hidden",
+    3840: "Gemma-3-12B hidden", 4096: "Llama-2-7B, Llama-3-8B, Mistral-7B hidden", 4608: "Gemma-2-27B hidden",
+    4864: "Qwen2/2.5-0.5B intermediate", 5120: "Llama-2-13B, Qwen2.5-14B/32B, Mistral-Nemo hidden",
+    5376: "Gemma-3-27B hidden", 6144: "Mistral-Small-22B hidden; Qwen3-1.7B intermediate",
+    6912: "Gemma-3-1B intermediate", 8192: "Llama-2/3-70B hidden; Llama-3.2 intermediate",
+    8960: "Qwen2/2.5-1.5B intermediate", 9216: "Gemma-2-2B intermediate", 9728: "Qwen3-4B intermediate",
+    10240: "Gemma-3-4B intermediate", 11008: "Llama-2-7B, Qwen2.5-3B intermediate",
+    12288: "Qwen3-8B intermediate", 13824: "Llama-2-13B, Qwen2.5-14B intermediate",
+    14336: "Llama-3-8B, Mistral-7B, Mixtral-8x7B, Mistral-Nemo, Gemma-2-9B intermediate",
+    15360: "Gemma-3-12B intermediate", 16384: "Gemma-2B, Mistral-Small-22B intermediate; Llama-3.1-405B hidden",
+    17408: "Qwen3-14B intermediate", 18944: "Qwen2/2.5-7B intermediate", 21504: "Gemma-3-27B intermediate",
+    24576: "Gemma-7B intermediate", 25600: "Qwen3-32B intermediate", 27648: "Qwen2.5-32B intermediate",
+    28672: "Llama-2/3-70B intermediate", 29568: "Qwen2/2.5-72B intermediate", 36864: "Gemma-2-27B intermediate",
+    53248: "Llama-3.1-405B intermediate",
+}
+"""Hidden, intermediate and head sizes of common LLMs (Llama 2/3, Qwen2/2.5/3, Mistral, Gemma 1/2/3, Phi)."""
+
+
+def supported_sizes_table(sizes: Optional[dict] = None) -> str:
+    """A text table: size, where it occurs, its K-factor and construction (or "unsupported")."""
+    sizes = LLM_SIZES if sizes is None else sizes
+    lines = [f"{'d':>6}  {'K·2^n':>12}  {'K-factor':<16}  where"]
+    for d, where in sorted(sizes.items()):
+        found = _factorization_or_none(d)
+        if found is None:
+            lines.append(f"{d:>6}  {'unsupported':>12}  {'':<16}  {where}")
+        else:
+            K, n = found
+            lines.append(f"{d:>6}  {f'{K}·2^{n}':>12}  {k_factor_construction(K):<16}  {where}")
+    return "\n".join(lines)
 
 
 def is_hadamard_size(d: int) -> bool:
@@ -319,17 +389,20 @@ def hadamard_transform_reference(x: Tensor, inverse: bool = False) -> Tensor:
     M = 1 << n
     y = x.to(ct).reshape(-1, K, M)
     rows = y.shape[0]
-    h = 1
+    h, spare = 1, None  # two buffers alternate; the input itself is never written
     while h < M:
-        y = y.reshape(rows, K, M // (2 * h), 2, h)
-        u, v = y[:, :, :, 0, :], y[:, :, :, 1, :]
-        y = torch.stack((u + v, u - v), dim=3)
+        out = torch.empty_like(y) if spare is None else spare
+        src = y.view(rows, K, M // (2 * h), 2, h)
+        dst = out.view(rows, K, M // (2 * h), 2, h)
+        torch.add(src[:, :, :, 0], src[:, :, :, 1], out=dst[:, :, :, 0])
+        torch.sub(src[:, :, :, 0], src[:, :, :, 1], out=dst[:, :, :, 1])
+        spare = None if h == 1 else y
+        y = out
         h *= 2
-    y = y.reshape(rows, K, M)
     if K > 1:
         HK = hadamard_k_factor(K, ct, x.device)
         y = torch.matmul(HK.t() if inverse else HK, y)
-    y = y * (1.0 / math.sqrt(d))
+    y = y * (1.0 / math.sqrt(d)) if d == 1 else y.mul_(1.0 / math.sqrt(d))  # d > 1: y is our own buffer
     return y.reshape(x.shape).to(x.dtype)
 
 
