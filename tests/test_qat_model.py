@@ -465,3 +465,22 @@ def test_qat_alone_trains_the_weights_and_merge_keeps_what_trained():
     fastft.unpatch(model, merge=True)
     fastft.patch(model, fastft.QATConfig(w_bits=4, a_bits=8))
     assert_close(logits(model), trained)
+
+
+def test_triton_backend_gives_the_torch_result():
+    """The whole QAT+LoRA model on the QAT ops' Triton kernels (interpreter on CPU) against the reference."""
+    from helpers import backend
+
+    model = model_of("llama", torch.float32)
+    fastft.patch(model, [fastft.QATConfig(w_bits=4, a_bits=8, kv_bits=4), fastft.LoRAConfig(r=4)])
+    randomize_lora(model)
+    results = {}
+    for name in ("torch", "triton"):
+        with backend(name):
+            out = model(ids()).logits
+            out.square().sum().backward()
+        layer = model.model.layers[0].mlp.down_proj
+        results[name] = (out.detach(), layer.lora_A.grad.clone(), layer.lora_B.grad.clone())
+        model.zero_grad()
+    for got, want in zip(results["triton"], results["torch"]):
+        assert_close(got, want)
