@@ -17,6 +17,8 @@ from .patch import is_patched, patch, unpatch
 from .peft_compat import export_peft, from_peft
 from .policies import SelectionReport, select_trainable, unselect
 from .report import PatchReport
+from .config import QATConfig
+from .quantized import export_quantized, load_quantized
 
 __all__ = [
     "LoRAConfig",
@@ -35,3 +37,4 @@ __all__ = [
     "select_trainable",
     "unselect",
 ]
+__all__ += ["QATConfig", "export_quantized", "load_quantized"]

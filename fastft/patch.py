@@ -46,6 +46,10 @@ class Plan:
     swaps: list[tuple[str, nn.Module]] = field(default_factory=list)
     edits: list[Any] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # (all plans of the call) -> the plans in the order to apply them. Lets a method host the modules of
+    # another on the layers both target (e.g. QAT's QuantLinear as the base a LoRALinear wraps), validating
+    # the combination before anything is applied. A wrapping module's ``base_layer`` is the hosted one.
+    compose: Callable[[list["Plan"]], list["Plan"]] | None = None
 
     def attach(self) -> None:
         """Second phase of building: initialisation that touches the base layers (e.g. PiSSA's residual)."""
@@ -203,10 +207,16 @@ def patch(model: nn.Module, config: MethodConfig | Sequence[MethodConfig]) -> Pa
     _refuse_foreign(model)
 
     plans = [PLANNERS[type(cfg)](model, cfg) for cfg in configs]
-    names = [name for plan in plans for name, _ in plan.swaps]
-    if len(set(names)) != len(names):
-        twice = sorted({n for n in names if names.count(n) > 1})
-        raise ValueError(f"two configs target the same modules: {twice[:5]}")
+    for composer in [plan.compose for plan in plans if plan.compose is not None]:
+        plans = composer(plans)
+    placed: dict[str, nn.Module] = {}
+    twice = set()
+    for name, module in (swap for plan in plans for swap in plan.swaps):
+        if name in placed and getattr(module, "base_layer", None) is not placed[name]:
+            twice.add(name)
+        placed[name] = module
+    if twice:
+        raise ValueError(f"two configs target the same modules: {sorted(twice)[:5]}")
 
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     applied: list[tuple[str, nn.Module]] = []
