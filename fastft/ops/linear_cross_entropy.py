@@ -308,6 +308,7 @@ def _setup_context(ctx, inputs, output):
      softcap, talr_min_weight, sequence_length, chunk_size, need_dh, need_dw, need_db) = inputs
     loss, dh, dw, db, kind_weight = output
     ctx.mark_non_differentiable(dh, dw, db, kind_weight)
+    ctx.set_materialize_grads(False)  # no zero-filled N×H / V×H gradients for the outputs nobody uses
     ctx.reduction = reduction
     ctx.needs = (need_dh, need_dw, need_db)
     if reduction == "none":
@@ -322,6 +323,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, _dh, _dw, _db, _kind_weight):
     need_dh, need_dw, need_db = ctx.needs
+    if grad_loss is None:  # the loss itself was not used
+        return (None,) * 18
     if ctx.reduction == "none":
         hidden, weight, labels, bias, token_weights, kind_weight = ctx.saved_tensors
         need_dh, need_dw, need_db = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3]
