@@ -164,13 +164,14 @@ def reference_pass(
             grad.sub_((label_smoothing / vocab * r_c * w_c)[:, None])
         if tanh is not None:
             grad.mul_(tanh.square_().neg_().add_(1.0))
+        grad_in = grad.to(hidden.dtype)  # the products take g rounded to the inputs' dtype (no copy in fp32)
         if need_dh:
-            torch.mm(grad.to(hidden.dtype), weight, out=dh[start:stop])
+            torch.mm(grad_in, weight, out=dh[start:stop])
         if need_dw:
-            dw.addmm_(grad.t(), h_c.to(acc))
+            dw.addmm_(grad_in.to(acc).t(), h_c.to(acc))
         if need_db:
             db.add_(grad.sum(dim=0))
-        del grad, probs, z, tanh
+        del grad, grad_in, probs, z, tanh
     if need_dw:
         dw = dw.to(weight.dtype)
     if need_db:
