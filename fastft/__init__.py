@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 
 from . import nn, ops
 from .config import LoRAConfig
+from .config import LossConfig
 from .dispatch import backends
 from .io import load, save
 from . import methods  # noqa: F401  (registers the planners)
@@ -19,6 +20,7 @@ from .report import PatchReport
 
 __all__ = [
     "LoRAConfig",
+    "LossConfig",
     "PatchReport",
     "backends",
     "export_peft",
