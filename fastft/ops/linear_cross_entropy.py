@@ -95,11 +95,12 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def default_chunk_size(tokens: int, hidden: int, vocab: int) -> int:
-    """Rows per chunk of the reference: the largest power of two whose C×V float32 logits hold no more
-    elements than half the N×H hidden states (so the chunk costs at most half the hidden states' bytes in
-    float32), at least 1 and at most N."""
-    budget = max(1, (tokens * hidden) // (2 * max(vocab, 1)))
-    chunk = 1 << (budget.bit_length() - 1)
+    """Rows per chunk of the reference: a sixteenth of the tokens rounded down to a power of two, but at
+    least 256 rows (or all of them when fewer), so a chunk's C×V logits are at most 1/16 of the full
+    logits at training sizes, while the GEMMs keep enough rows to run at full speed and the per-chunk
+    update of dW (a V×H read-modify-write) stays rare. ``hidden`` is accepted for future tuning."""
+    sixteenth = max(1, tokens // 16)
+    chunk = max(256, 1 << (sixteenth.bit_length() - 1))
     return max(1, min(tokens, chunk))
 
 
