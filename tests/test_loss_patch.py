@@ -226,6 +226,8 @@ def test_save_load_and_deepcopy(tmp_path):
     report = fastft.load(fresh, tmp_path / "adapter")
     assert {row.kind for row in report} == {"lora", "loss-dft"}
     assert_close(fresh(**inputs).loss, want, torch.float32)
+    fastft.export_peft(model, tmp_path / "peft")  # the loss adds no adapter: the LoRA part exports alone
+    assert (tmp_path / "peft" / "adapter_config.json").exists()
     twin = copy.deepcopy(model)
     with torch.no_grad():
         twin.lm_head.weight.mul_(0.5)  # the copy computes with its own weights

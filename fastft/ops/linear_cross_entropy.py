@@ -51,8 +51,8 @@ runs once per forward (``retain_graph`` is refused with a clear error). For "non
 gradient: one extra pass over the logits computes the statistics first.
 
 Matmuls run in the inputs' dtype (logits rounded to it, as ``lm_head`` then ``.float()`` does in
-transformers); softmax, losses and the accumulation of dW and db are in float32 (float64 for float64
-inputs). Registered as the ``torch.library`` ops ``fastft::linear_cross_entropy`` and
+transformers; g rounded to it before its two products, as autograd through that path does); softmax,
+losses and the accumulation of dW and db are in float32 (float64 for float64 inputs). Registered as the ``torch.library`` ops ``fastft::linear_cross_entropy`` and
 ``fastft::linear_cross_entropy_backward`` (with fake kernels).
 """
 from __future__ import annotations
