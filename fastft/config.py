@@ -154,9 +154,12 @@ class LossConfig(MethodConfig):
 
     Args:
         kind: ``"ce"`` (cross-entropy), ``"dft"`` (each token weighted by sg(p_t)) or ``"talr"``
-            (weighted by max(sg(p_t)^(1/τ), talr_min_weight), τ the batch's median sequence NLL).
+            (weighted by max(sg(p_t)^(1/τ), talr_min_weight), τ the median over the batch's rows of their
+            mean NLL, computed per forward call: under gradient accumulation, per micro-batch; so only
+            "ce" and "dft" accumulate to exactly the whole batch's gradient).
         chunk_size: tokens per chunk of the PyTorch reference (None: automatic); the Triton kernel ignores it.
-        ignore_index: label value that marks positions without a target (transformers' -100).
+        ignore_index: label value that marks positions without a target (transformers' -100; Trainer
+            counts ``num_items_in_batch`` with -100 whatever this is).
         label_smoothing: ε in [0, 1], as in ``torch.nn.functional.cross_entropy``.
         z_loss: λ ≥ 0 of the auxiliary ``λ · logsumexp(z)²`` per token (PaLM's z-loss; 1e-4 is common).
         logit_softcap: c > 0 for ``z ← c·tanh(z/c)``. None: the model's own ``final_logit_softcapping``
