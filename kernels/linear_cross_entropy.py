@@ -1,7 +1,8 @@
 """Triton kernel of the fused linear cross-entropy (``fastft.ops.linear_cross_entropy``): no logits in memory.
 
 For a block of BLOCK_M tokens, with h (N×K), W (V×K), bias b, labels y, the logits tile of BLOCK_V
-vocabulary entries is ``z = h Wᵀ + b`` accumulated over K in BLOCK_K steps with ``tl.dot``, rounded to
+vocabulary entries is ``z = h Wᵀ + b`` accumulated over K in BLOCK_K steps with ``tl.dot`` (plus an
+optional low-rank term h₂ W₂ᵀ, h₂ N×R and W₂ V×R, over R in BLOCK_R steps: a LoRA lm_head), rounded to
 the inputs' dtype (as lm_head's output is), then softcapped ``z ← c·tanh(z/c)``. One kernel does:
 
 * pass 1 (statistics): an online logsumexp over the vocabulary tiles — running max m and sum
@@ -11,7 +12,7 @@ the inputs' dtype (as lm_head's output is), then softcapped ``z ← c·tanh(z/c)
 * pass 2 (gradient, once lse is known): the same tiles again, ``g = (α·exp(z − lse) − β·[v = y] − γ)·d``
   with α = r(w + 2λ·lse), β = r·w(1 − ε), γ = r·w·ε/V, d = 1 − (z/c)² under a softcap, then
   dh += g W (BLOCK_M×BLOCK_K per K step), dW += gᵀ h (atomic adds: every token block adds to every
-  vocabulary tile) and db += Σ_rows g (atomic).
+  vocabulary tile) and db += Σ_rows g (atomic); likewise dh₂ += g W₂ and dW₂ += gᵀ h₂.
 
 By default both passes run in one launch, one program per token block (dh rows are owned by their
 program: plain loads and stores, deterministic). When there are too few token blocks to fill the GPU, pass
@@ -59,12 +60,14 @@ def _tanh(x):
 
 @triton.jit
 def _logits_tile(
-    h_ptr, w_ptr, b_ptr, offs_m, offs_v, N, V, K, stride_hm, stride_hk, stride_wv, stride_wk, softcap,
-    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, ACC_DTYPE: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, ROUND_LOGITS: tl.constexpr, ROUND_BF16_BY_HAND: tl.constexpr,
-    INDEX_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    h_ptr, w_ptr, b_ptr, h2_ptr, w2_ptr, offs_m, offs_v, N, V, K, R, stride_hm, stride_hk, stride_wv, stride_wk,
+    stride_h2m, stride_h2r, stride_w2v, stride_w2r, softcap,
+    HAS_BIAS: tl.constexpr, HAS_LOWRANK: tl.constexpr, SOFTCAP: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, ROUND_LOGITS: tl.constexpr,
+    ROUND_BF16_BY_HAND: tl.constexpr, INDEX_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """The BLOCK_M×BLOCK_V tile of ``z = h Wᵀ + b`` (rounded to the inputs' dtype), softcapped if asked."""
+    """The BLOCK_M×BLOCK_V tile of ``z = h Wᵀ + b [+ h₂ W₂ᵀ]`` (rounded to the inputs' dtype), softcapped."""
     acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=ACC_DTYPE)
     row_ok = offs_m < N
     col_ok = offs_v < V
@@ -76,6 +79,15 @@ def _logits_tile(
         w = tl.load(w_ptr + offs_v[None, :] * stride_wv + offs_k[:, None] * stride_wk,
                     mask=col_ok[None, :] & k_ok[:, None], other=0.0)
         acc = _mma(h, w, acc, UPCAST_DOT, INPUT_PRECISION)
+    if HAS_LOWRANK:
+        for r0 in range(0, R, BLOCK_R):
+            offs_r = (r0 + tl.arange(0, BLOCK_R)).to(INDEX_DTYPE)
+            r_ok = offs_r < R
+            h2 = tl.load(h2_ptr + offs_m[:, None] * stride_h2m + offs_r[None, :] * stride_h2r,
+                         mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+            w2 = tl.load(w2_ptr + offs_v[None, :] * stride_w2v + offs_r[:, None] * stride_w2r,
+                         mask=col_ok[None, :] & r_ok[:, None], other=0.0)
+            acc = _mma(h2, w2, acc, UPCAST_DOT, INPUT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_v, mask=col_ok, other=0.0).to(ACC_DTYPE)[None, :]
     if ROUND_LOGITS:
@@ -87,17 +99,19 @@ def _logits_tile(
 
 @triton.jit
 def _linear_cross_entropy_kernel(
-    h_ptr, w_ptr, b_ptr, labels_ptr, row_scale_ptr,
-    lse_ptr, nll_ptr, z_mean_ptr, kind_weight_ptr, dh_ptr, dw_ptr, db_ptr,
-    N, V, K, v_per_split,
-    stride_hm, stride_hk, stride_wv, stride_wk, stride_dhm, stride_dhk, stride_dwv, stride_dwk,
+    h_ptr, w_ptr, b_ptr, h2_ptr, w2_ptr, labels_ptr, row_scale_ptr,
+    lse_ptr, nll_ptr, z_mean_ptr, kind_weight_ptr, dh_ptr, dw_ptr, db_ptr, dh2_ptr, dw2_ptr,
+    N, V, K, R, v_per_split,
+    stride_hm, stride_hk, stride_wv, stride_wk, stride_h2m, stride_h2r, stride_w2v, stride_w2r,
+    stride_dhm, stride_dhk, stride_dwv, stride_dwk, stride_dh2m, stride_dh2r, stride_dw2v, stride_dw2r,
     ignore_index, label_smoothing: tl.float64, z_loss: tl.float64, softcap: tl.float64,
     KIND: tl.constexpr, STATS: tl.constexpr, GRAD: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, SMOOTHING: tl.constexpr,
-    NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, DH_ATOMIC: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_LOWRANK: tl.constexpr, SOFTCAP: tl.constexpr, SMOOTHING: tl.constexpr,
+    NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, NEED_DH2: tl.constexpr,
+    NEED_DW2: tl.constexpr, DH_ATOMIC: tl.constexpr,
     ACC_DTYPE: tl.constexpr, UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, ROUND_LOGITS: tl.constexpr,
     ROUND_BF16_BY_HAND: tl.constexpr, INDEX_DTYPE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """Program (token block, vocabulary split): pass 1 if STATS, then pass 2 over its split if GRAD."""
     offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(INDEX_DTYPE)
@@ -115,9 +129,10 @@ def _linear_cross_entropy_kernel(
         for v0 in range(0, V, BLOCK_V):
             offs_v = (v0 + tl.arange(0, BLOCK_V)).to(INDEX_DTYPE)
             col_ok = offs_v < V
-            z = _logits_tile(h_ptr, w_ptr, b_ptr, offs_m, offs_v, N, V, K, stride_hm, stride_hk, stride_wv, stride_wk, softcap,
-                             HAS_BIAS, SOFTCAP, ACC_DTYPE, UPCAST_DOT, INPUT_PRECISION, ROUND_LOGITS,
-                             ROUND_BF16_BY_HAND, INDEX_DTYPE, BLOCK_M, BLOCK_V, BLOCK_K)
+            z = _logits_tile(h_ptr, w_ptr, b_ptr, h2_ptr, w2_ptr, offs_m, offs_v, N, V, K, R, stride_hm, stride_hk,
+                             stride_wv, stride_wk, stride_h2m, stride_h2r, stride_w2v, stride_w2r, softcap,
+                             HAS_BIAS, HAS_LOWRANK, SOFTCAP, ACC_DTYPE, UPCAST_DOT, INPUT_PRECISION, ROUND_LOGITS,
+                             ROUND_BF16_BY_HAND, INDEX_DTYPE, BLOCK_M, BLOCK_V, BLOCK_K, BLOCK_R)
             z_in = tl.where(col_ok[None, :], z, float("-inf"))
             new_max = tl.maximum(running_max, tl.max(z_in, axis=1))
             running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(z_in - new_max[:, None]), axis=1)
@@ -152,9 +167,10 @@ def _linear_cross_entropy_kernel(
         for v0 in range(v_start, v_stop, BLOCK_V):
             offs_v = (v0 + tl.arange(0, BLOCK_V)).to(INDEX_DTYPE)
             col_ok = offs_v < v_stop
-            z = _logits_tile(h_ptr, w_ptr, b_ptr, offs_m, offs_v, N, V, K, stride_hm, stride_hk, stride_wv, stride_wk, softcap,
-                             HAS_BIAS, SOFTCAP, ACC_DTYPE, UPCAST_DOT, INPUT_PRECISION, ROUND_LOGITS,
-                             ROUND_BF16_BY_HAND, INDEX_DTYPE, BLOCK_M, BLOCK_V, BLOCK_K)
+            z = _logits_tile(h_ptr, w_ptr, b_ptr, h2_ptr, w2_ptr, offs_m, offs_v, N, V, K, R, stride_hm, stride_hk,
+                             stride_wv, stride_wk, stride_h2m, stride_h2r, stride_w2v, stride_w2r, softcap,
+                             HAS_BIAS, HAS_LOWRANK, SOFTCAP, ACC_DTYPE, UPCAST_DOT, INPUT_PRECISION, ROUND_LOGITS,
+                             ROUND_BF16_BY_HAND, INDEX_DTYPE, BLOCK_M, BLOCK_V, BLOCK_K, BLOCK_R)
             g = alpha[:, None] * tl.exp(z - lse[:, None]) - gamma[:, None]
             g -= tl.where(offs_v[None, :] == labels[:, None], beta[:, None], 0.0)
             if SOFTCAP:
@@ -185,6 +201,28 @@ def _linear_cross_entropy_kernel(
                                       INPUT_PRECISION)
                         tl.atomic_add(dw_ptr + offs_v[:, None] * stride_dwv + offs_k[None, :] * stride_dwk, update,
                                       mask=col_ok[:, None] & k_ok[None, :])
+            if NEED_DH2 or NEED_DW2:
+                g_in = cast_to(g, in_dtype, ROUND_BF16_BY_HAND)
+                for r0 in range(0, R, BLOCK_R):
+                    offs_r = (r0 + tl.arange(0, BLOCK_R)).to(INDEX_DTYPE)
+                    r_ok = offs_r < R
+                    if NEED_DH2:
+                        w2 = tl.load(w2_ptr + offs_v[:, None] * stride_w2v + offs_r[None, :] * stride_w2r,
+                                     mask=col_ok[:, None] & r_ok[None, :], other=0.0)
+                        update = _mma(g_in, w2, tl.zeros((BLOCK_M, BLOCK_R), ACC_DTYPE), UPCAST_DOT, INPUT_PRECISION)
+                        dh2_ptrs = dh2_ptr + offs_m[:, None] * stride_dh2m + offs_r[None, :] * stride_dh2r
+                        dh2_mask = row_ok[:, None] & r_ok[None, :]
+                        if DH_ATOMIC:
+                            tl.atomic_add(dh2_ptrs, update, mask=dh2_mask)
+                        else:
+                            tl.store(dh2_ptrs, tl.load(dh2_ptrs, mask=dh2_mask, other=0.0) + update, mask=dh2_mask)
+                    if NEED_DW2:
+                        h2 = tl.load(h2_ptr + offs_m[:, None] * stride_h2m + offs_r[None, :] * stride_h2r,
+                                     mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+                        update = _mma(tl.trans(g_in), h2, tl.zeros((BLOCK_V, BLOCK_R), ACC_DTYPE), UPCAST_DOT,
+                                      INPUT_PRECISION)
+                        tl.atomic_add(dw2_ptr + offs_v[:, None] * stride_dw2v + offs_r[None, :] * stride_dw2r, update,
+                                      mask=col_ok[:, None] & r_ok[None, :])
 
 
 def _block(dim: int, cap: int) -> int:
@@ -216,11 +254,12 @@ def fused_pass(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, row_scale: Tensor,
     given_weight: Optional[Tensor], kind: str, ignore_index: int, label_smoothing: float, z_loss: float,
     softcap: Optional[float], chunk_size: int, need_dh: bool, need_dw: bool, need_db: bool,
-    vocab_splits: Optional[int] = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    hidden2: Optional[Tensor] = None, weight2: Optional[Tensor] = None, need_dh2: bool = False,
+    need_dw2: bool = False, vocab_splits: Optional[int] = None,
+) -> tuple[Tensor, ...]:
     """One pass over the tokens with the contract of ``fastft.ops.linear_cross_entropy.reference_pass``.
 
-    Returns (lse, nll, z_mean, kind_weight, dh, dw, db), gradients empty where not needed. ``chunk_size``
+    Returns (lse, nll, z_mean, kind_weight, dh, dw, db, dh2, dw2), gradients empty where not needed. ``chunk_size``
     (the reference's token chunk) is not used: nothing vocabulary-sized is stored. ``vocab_splits``
     forces the number of vocabulary splits of pass 2 (default: 1 on the interpreter; on a GPU enough to
     give every SM a program).
@@ -230,8 +269,10 @@ def fused_pass(
     n_tokens, n_hidden = hidden.shape
     vocab = weight.shape[0]
     device, dtype = hidden.device, hidden.dtype
-    if weight.dtype != dtype or (bias is not None and bias.dtype != dtype):
-        raise ValueError(f"linear_cross_entropy kernel: weight and bias must be {dtype} like the hidden states")
+    if any(t is not None and t.dtype != dtype for t in (weight, bias, hidden2, weight2)):
+        raise ValueError(f"linear_cross_entropy kernel: every operand must be {dtype} like the hidden states")
+    if hidden2 is not None:
+        hidden2, weight2 = hidden2.contiguous(), weight2.contiguous()
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     lse = torch.empty(n_tokens, dtype=acc, device=device)
     nll = torch.empty(n_tokens, dtype=acc, device=device)
@@ -240,27 +281,34 @@ def fused_pass(
         kind_weight = given_weight.to(device=device, dtype=acc).contiguous().clone()
     else:
         kind_weight = torch.empty(n_tokens, dtype=acc, device=device)
-    need_grad = need_dh or need_dw or need_db
+    need_grad = need_dh or need_dw or need_db or need_dh2 or need_dw2
     dh = torch.zeros(n_tokens, n_hidden, dtype=acc, device=device) if need_dh else None
     dw = torch.zeros(vocab, n_hidden, dtype=acc, device=device) if need_dw else None
     db = torch.zeros(vocab, dtype=acc, device=device) if need_db else None
+    dh2 = torch.zeros(hidden2.shape, dtype=acc, device=device) if need_dh2 else None
+    dw2 = torch.zeros(weight2.shape, dtype=acc, device=device) if need_dw2 else None
     labels = labels.contiguous()
     row_scale = row_scale.to(acc).contiguous()
     if n_tokens > 0 and vocab > 0:
-        _launch(hidden, weight, bias, labels, row_scale, lse, nll, z_mean, kind_weight, dh, dw, db, _KINDS[kind],
-                ignore_index, label_smoothing, z_loss, softcap, need_grad, need_dh, need_dw, need_db, vocab_splits)
+        _launch(hidden, weight, bias, hidden2, weight2, labels, row_scale, lse, nll, z_mean, kind_weight,
+                (dh, dw, db, dh2, dw2), _KINDS[kind], ignore_index, label_smoothing, z_loss, softcap, need_grad,
+                vocab_splits)
     empty = lambda t: t.new_empty(0)  # noqa: E731
     return (
         lse, nll, z_mean, kind_weight,
         dh.to(dtype) if need_dh else empty(hidden),
         dw.to(weight.dtype) if need_dw else empty(weight),
         db.to(bias.dtype) if need_db else empty(hidden),
+        dh2.to(dtype) if need_dh2 else empty(hidden),
+        dw2.to(dtype) if need_dw2 else empty(hidden),
     )
 
 
-def _launch(hidden, weight, bias, labels, row_scale, lse, nll, z_mean, kind_weight, dh, dw, db, kind, ignore_index,
-            label_smoothing, z_loss, softcap, need_grad, need_dh, need_dw, need_db, vocab_splits) -> None:
+def _launch(hidden, weight, bias, hidden2, weight2, labels, row_scale, lse, nll, z_mean, kind_weight, grads, kind,
+            ignore_index, label_smoothing, z_loss, softcap, need_grad, vocab_splits) -> None:
+    dh, dw, db, dh2, dw2 = grads
     n_tokens, n_hidden = hidden.shape
+    rank = 0 if hidden2 is None else hidden2.shape[1]
     vocab = weight.shape[0]
     device, dtype = hidden.device, hidden.dtype
     interpreting = device.type == "cpu"
@@ -274,11 +322,11 @@ def _launch(hidden, weight, bias, labels, row_scale, lse, nll, z_mean, kind_weig
     vocab_splits = triton.cdiv(vocab, v_per_split)
     tf32 = dtype == torch.float32 and not interpreting and torch.backends.cuda.matmul.allow_tf32
     dummy = lse
-    strides_dh = (dh.stride(0), dh.stride(1)) if dh is not None else (0, 0)
-    strides_dw = (dw.stride(0), dw.stride(1)) if dw is not None else (0, 0)
+    strides = lambda t: (t.stride(0), t.stride(1)) if t is not None else (0, 0)  # noqa: E731
     common = dict(
-        KIND=kind, HAS_BIAS=bias is not None, SOFTCAP=softcap is not None, SMOOTHING=label_smoothing > 0.0,
-        NEED_DH=need_dh, NEED_DW=need_dw, NEED_DB=need_db,
+        KIND=kind, HAS_BIAS=bias is not None, HAS_LOWRANK=hidden2 is not None, SOFTCAP=softcap is not None,
+        SMOOTHING=label_smoothing > 0.0, NEED_DH=dh is not None, NEED_DW=dw is not None, NEED_DB=db is not None,
+        NEED_DH2=dh2 is not None, NEED_DW2=dw2 is not None,
         ACC_DTYPE=tl.float64 if dtype == torch.float64 else tl.float32,
         UPCAST_DOT=interpreting and dtype == torch.bfloat16,
         INPUT_PRECISION="tf32" if tf32 else "ieee",
@@ -286,18 +334,20 @@ def _launch(hidden, weight, bias, labels, row_scale, lse, nll, z_mean, kind_weig
         ROUND_BF16_BY_HAND=interpreting,
         INDEX_DTYPE=_index_dtype(hidden, weight, dh, dw),
     )
+    or_dummy = lambda t: t if t is not None else dummy  # noqa: E731
     args = (
-        hidden, weight, bias if bias is not None else dummy, labels, row_scale,
-        lse, nll, z_mean, kind_weight, dh if dh is not None else dummy, dw if dw is not None else dummy,
-        db if db is not None else dummy,
-        n_tokens, vocab, n_hidden, v_per_split,
-        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), *strides_dh, *strides_dw,
+        hidden, weight, or_dummy(bias), or_dummy(hidden2), or_dummy(weight2), labels, row_scale,
+        lse, nll, z_mean, kind_weight, or_dummy(dh), or_dummy(dw), or_dummy(db), or_dummy(dh2), or_dummy(dw2),
+        n_tokens, vocab, n_hidden, rank, v_per_split,
+        *strides(hidden), *strides(weight), *strides(hidden2), *strides(weight2),
+        *strides(dh), *strides(dw), *strides(dh2), *strides(dw2),
         ignore_index, float(label_smoothing), float(z_loss), float(softcap or 1.0),
     )
+    block_r = _block(rank, 16 if interpreting else 64)
 
     def run(grid, block_k_now, **flags) -> None:
         _linear_cross_entropy_kernel[grid](*args, **common, **flags, BLOCK_M=block_m, BLOCK_V=block_v,
-                                           BLOCK_K=block_k_now, num_warps=warps, num_stages=2)
+                                           BLOCK_K=block_k_now, BLOCK_R=block_r, num_warps=warps, num_stages=2)
 
     def with_fallback(grid, **flags) -> None:
         k = block_k

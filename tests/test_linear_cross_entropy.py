@@ -322,3 +322,32 @@ def test_default_chunk_size():
     assert default_chunk_size(3000, 64, 1000) == 256
     assert default_chunk_size(5, 4096, 10) == 5
     assert TOLERANCES  # the one table is what every comparison above uses
+
+
+def test_lowrank_term_matches_the_formula():
+    """A LoRA lm_head: logits = h Wᵀ + b + h₂ W₂ᵀ; every input gets its gradient."""
+    h, W, b, y, _ = make()
+    g = torch.Generator().manual_seed(11)
+    h2 = torch.randn(B, T, 3, generator=g, dtype=torch.float64)
+    W2 = torch.randn(V, 3, generator=g, dtype=torch.float64)
+    options = dict(kind="dft", label_smoothing=0.1, logit_softcap=3.0, z_loss=1e-2)
+    identity = torch.eye(V, dtype=torch.float64)
+    for reduction in ("mean", "none"):
+        upstream = torch.randn(B, T, generator=g, dtype=torch.float64) if reduction == "none" else None
+        results = []
+        for use_op in (True, False):
+            leaves = [t.clone().requires_grad_(True) for t in (h, W, b, h2, W2)]
+            if use_op:
+                with backend("torch"):
+                    loss = linear_cross_entropy(*leaves[:2], y, leaves[2], reduction=reduction, chunk_size=4,
+                                                lowrank_hidden=leaves[3], lowrank_weight=leaves[4], **options)
+            else:  # the formula on explicit logits (an identity "weight" passes them through)
+                logits = leaves[0] @ leaves[1].t() + leaves[2] + leaves[3] @ leaves[4].t()
+                loss = formula(logits, identity, None, y, reduction=reduction, **options)
+            loss.backward(upstream)
+            results.append([loss.detach(), *(t.grad for t in leaves)])
+        compare(results[0], results[1], torch.float64, names=("loss", "dh", "dW", "db", "dh2", "dW2"))
+    with pytest.raises(ValueError, match="both lowrank_hidden and lowrank_weight"):
+        linear_cross_entropy(h, W, y, b, lowrank_hidden=h2)
+    with pytest.raises(ValueError, match="lowrank_weight must be"):
+        linear_cross_entropy(h, W, y, b, lowrank_hidden=h2, lowrank_weight=W2[:-1])

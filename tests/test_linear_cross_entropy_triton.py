@@ -124,3 +124,21 @@ def test_no_tokens():
                              True, True, True)
     assert got[0].shape == (0,) and got[4].shape == (0, H)
     assert (got[5] == 0).all() and (got[6] == 0).all()
+
+
+@pytest.mark.parametrize("dtype,splits", [(torch.float32, None), (torch.float16, None), (torch.float32, 3)],
+                         ids=["fp32", "fp16", "fp32-split"])
+def test_lowrank_term(dtype, splits):
+    """A LoRA lm_head: logits += h₂ W₂ᵀ (rank 5, under one BLOCK_R), with dh₂ and dW₂."""
+    h, W, b, labels, row_scale, _ = make(dtype, True)
+    g = torch.Generator().manual_seed(9)
+    h2 = (torch.randint(-2, 3, (N, 5), generator=g).double() / 8).to(dtype)
+    W2 = (torch.randint(-2, 3, (V, 5), generator=g).double() / 8).to(dtype)
+    args = (h, W, b, labels, row_scale, None, "dft", IGNORE, 0.1, 1e-3, 2.0, 8, True, False, True)
+    lowrank = dict(hidden2=h2, weight2=W2, need_dh2=True, need_dw2=True)
+    got = kernels.fused_pass(*args, **lowrank, vocab_splits=splits)
+    want = reference_pass(*args, **lowrank)
+    for what, g_, w in zip(NAMES + ("dh2", "dw2"), got, want):
+        assert g_.shape == w.shape, what
+        if g_.numel():
+            assert_close(g_, w, dtype, msg=what)

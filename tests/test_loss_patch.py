@@ -172,25 +172,65 @@ def test_with_lora_in_the_same_call():
     assert_close(fused(**inputs).loss, base(**inputs).loss, torch.float32)
 
 
-def test_adapter_on_lm_head_is_refused_before_anything_changes():
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_lora_on_lm_head_is_computed_through(dropout):
+    """LoRA targeting lm_head: the fused loss adds s·dropout(h)Aᵀ·Bᵀ, so A and B of lm_head train as without it."""
+    base = tiny("qwen2")
+    lora = fastft.LoRAConfig(r=4, alpha=8, dropout=dropout, targets=["v_proj", "lm_head"])
+    plain_lora, fused = copy.deepcopy(base), copy.deepcopy(base)
+    fastft.patch(plain_lora, lora)
+    report = fastft.patch(fused, [fastft.LossConfig(kind="ce"), lora])
+    randomize_lora(plain_lora)
+    randomize_lora(fused)
+    assert "through LoRA r=4" in [row for row in report if row.kind == "loss-ce"][0].detail
+    inputs = batch(9)
+    torch.manual_seed(123)
+    want, want_grads = loss_and_grads(plain_lora, inputs)
+    torch.manual_seed(123)
+    got, got_grads = loss_and_grads(fused, inputs)
+    assert any(name.startswith("lm_head.lora_") for name in got_grads)
+    assert_close(got.loss, want.loss, torch.float32)
+    assert set(got_grads) == set(want_grads)
+    for name in want_grads:
+        assert_close(got_grads[name], want_grads[name], torch.float32, msg=name)
+    fused.eval()
+    plain_lora.eval()
+    assert_close(fused(**inputs).logits, plain_lora(**inputs).logits, torch.float32)
+
+
+def test_other_adapters_on_lm_head_are_refused_before_anything_changes():
+    class Wrapped(torch.nn.Module):  # some adapter layer fastft cannot compute through
+        def __init__(self, layer):
+            super().__init__()
+            self.base_layer = layer
+
+        def forward(self, x):
+            return self.base_layer(x)
+
     model = tiny("llama")
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match="would never train"):
-        fastft.patch(model, [fastft.LossConfig(), fastft.LoRAConfig(r=4, targets=["q_proj", "lm_head"])])
+    model.lm_head = Wrapped(model.lm_head)
+    with pytest.raises(ValueError, match="never train"):
+        fastft.patch(model, fastft.LossConfig())
     assert not fastft.is_patched(model) and "forward" not in model.__dict__
-    assert type(model.lm_head) is torch.nn.Linear and type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
-    for key, value in model.state_dict().items():
-        assert torch.equal(value, before[key])
 
 
-def test_4bit_lm_head_is_refused():
+def test_lora_over_a_4bit_lm_head_is_refused_before_anything_changes():
     bnb = pytest.importorskip("bitsandbytes")
     model = tiny("llama")
     head = bnb.nn.Linear4bit(64, VOCAB, bias=False, compute_dtype=torch.float32)
     head.load_state_dict(model.lm_head.state_dict())
-    model.lm_head = head
+    model.lm_head = head = head.to("cpu")  # bitsandbytes quantizes on the move
     with pytest.raises(ValueError, match="quantized"):
         fastft.patch(model, fastft.LossConfig())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="quantized"):  # the LoRA plan would wrap it: refused by the cross-plan check
+        fastft.patch(model, [fastft.LoRAConfig(r=4, targets=["q_proj", "lm_head"]), fastft.LossConfig()])
+    assert not fastft.is_patched(model) and "forward" not in model.__dict__
+    assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear and model.lm_head is head
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key])
 
 
 def test_unsupported_model_and_bad_config_are_clear_errors():

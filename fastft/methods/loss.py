@@ -18,8 +18,10 @@ that behaves exactly like the class's forward except when ``labels`` are given:
 Without labels the class's forward runs untouched (generation, inference). Only model classes whose
 forward is this sequence — read in transformers and tested against its own loss — are accepted; others
 (mixture-of-experts models that add a router loss, models that scale their logits) are refused at patch
-time, as are lm_heads the op cannot compute through (a LoRA or other adapter on lm_head, a 4-bit
-lm_head): an adapter would otherwise train silently never. ``fastft.unpatch`` restores the previous
+time, as are lm_heads the op cannot compute through (an adapter other than fastft's LoRA, a 4-bit
+lm_head): such an adapter would otherwise silently never train. A fastft LoRA lm_head (LoRAConfig
+targeting "lm_head" in the same call) is computed through: base weight plus the low-rank term
+``s·dropout(h)Aᵀ · Bᵀ``, still without logits, and A and B get their gradients. ``fastft.unpatch`` restores the previous
 forward. A lone LossConfig freezes nothing: every parameter keeps its ``requires_grad`` (full fine-tuning
 works); with a LoRAConfig in the same call, LoRA's freezing applies.
 """
@@ -73,12 +75,18 @@ def _qualified_name(model: nn.Module, module: nn.Module) -> str:
 
 
 def check_head(module: nn.Module, name: str) -> None:
-    """lm_head must be a plain ``nn.Linear`` with a float weight: the op reads its weight and bias directly."""
+    """lm_head must be a plain ``nn.Linear`` with a float weight, or a fastft ``LoRALinear`` over one (the op
+    then adds the low-rank term): the op reads the weights directly."""
+    from ..bnb import is_linear4bit
+    from ..nn.lora import LoRALinear
+
     if type(module) is nn.Linear and module.weight.is_floating_point():
         return
-    from ..bnb import is_linear4bit
-
-    if is_linear4bit(module) or (isinstance(module, nn.Linear) and not module.weight.is_floating_point()):
+    if type(module) is LoRALinear and not module.is_4bit:
+        return
+    if is_linear4bit(module) or getattr(module, "is_4bit", False) or (
+        isinstance(module, nn.Linear) and not module.weight.is_floating_point()
+    ):
         raise ValueError(
             f"fastft LossConfig: '{name}' is a quantized {type(module).__name__}; the fused loss reads lm_head's "
             "weight directly and does not support a 4-bit/8-bit lm_head. Keep lm_head unquantized "
@@ -86,9 +94,9 @@ def check_head(module: nn.Module, name: str) -> None:
         )
     if hasattr(module, "base_layer") or type(module).__module__.startswith(("fastft.", "peft.")):
         raise ValueError(
-            f"fastft LossConfig: '{name}' would be an adapter layer ({type(module).__name__}). The fused loss "
-            "computes from lm_head's weight alone, so an adapter there would never train. Leave lm_head out of "
-            "the adapter's targets (e.g. LoRAConfig(targets='all-linear')), or drop LossConfig."
+            f"fastft LossConfig: '{name}' would be a {type(module).__name__} adapter layer. The fused loss computes "
+            "through a plain nn.Linear or a fastft LoRA lm_head only, so this adapter would never train. Leave "
+            "lm_head out of the adapter's targets (e.g. targets='all-linear'), use LoRA there, or drop LossConfig."
         )
     raise ValueError(
         f"fastft LossConfig: '{name}' is a {type(module).__name__}; the fused loss supports an lm_head that is "
@@ -161,9 +169,12 @@ class FusedLossForward:
 
     def report_rows(self, model: nn.Module) -> list[PatchedModule]:
         head = model.get_submodule(self.head_name)
-        weight = head.weight
+        lora = getattr(head, "base_layer", None) is not None
+        weight = head.base_layer.weight if lora else head.weight
         cfg = self.config
         parts = [f"kind={cfg.kind}", f"chunk={cfg.chunk_size or 'auto'}"]
+        if lora:
+            parts.append(f"through LoRA r={head.r}")
         if self.softcap is not None:
             parts.append(f"softcap={self.softcap:g}")
         if cfg.label_smoothing:
@@ -261,25 +272,19 @@ def fused_causal_lm_forward(model: nn.Module, *args, **kwargs):
         )
     head = model.get_submodule(settings.head_name)
     check_head(head, settings.head_name)
-    weight, bias = head.weight, head.bias
-    if torch.is_autocast_enabled(hidden.device.type):  # as nn.Linear under autocast
-        dtype = torch.get_autocast_dtype(hidden.device.type)
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
-    elif hidden.dtype != weight.dtype:
-        raise TypeError(
-            f"fastft fused loss: the hidden states are {hidden.dtype} but lm_head's weight is {weight.dtype}."
-        )
+    hidden, weight, bias, lowrank_hidden, lowrank_weight = _head_operands(head, hidden)
     loss = linear_cross_entropy(
         hidden, weight, shift_labels.to(hidden.device), bias, kind=cfg.kind, reduction="mean",
         ignore_index=cfg.ignore_index, label_smoothing=cfg.label_smoothing, z_loss=cfg.z_loss,
         logit_softcap=settings.softcap, talr_min_weight=cfg.talr_min_weight, chunk_size=cfg.chunk_size,
-        num_items_in_batch=num_items_in_batch,
+        num_items_in_batch=num_items_in_batch, lowrank_hidden=lowrank_hidden, lowrank_weight=lowrank_weight,
     )
 
     logits = None
     if (not model.training) if return_logits is None else bool(return_logits):
-        logits = head(hidden)
+        logits = F.linear(hidden, weight, bias)  # what lm_head computes (with the same LoRA dropout draw)
+        if lowrank_hidden is not None:
+            logits = logits + lowrank_hidden @ lowrank_weight.t()
         if settings.softcap is not None:
             logits = torch.tanh(logits / settings.softcap) * settings.softcap
 
@@ -289,6 +294,38 @@ def fused_causal_lm_forward(model: nn.Module, *args, **kwargs):
     carried = {key: value for key, value in outputs.items() if key in fields and key not in ("loss", "logits")}
     result = CausalLMOutputWithPast(loss=loss, logits=logits, **carried)
     return result if return_dict else result.to_tuple()
+
+
+def _head_operands(head: nn.Module, hidden: torch.Tensor):
+    """(hidden, weight, bias, lowrank_hidden, lowrank_weight) in the dtype lm_head would compute in.
+
+    A plain nn.Linear: its weight and bias, in the autocast dtype under autocast (else the dtypes must
+    match, as for nn.Linear). A fastft LoRALinear: the base weight and bias plus the low-rank operands
+    ``s · dropout(h) Aᵀ`` and ``B``, cast like LoRALinear casts them (to the input's or autocast dtype),
+    with the same dropout draw it would make.
+    """
+    from ..nn.lora import LoRALinear
+
+    autocast = torch.is_autocast_enabled(hidden.device.type)
+    if isinstance(head, LoRALinear):
+        dtype = torch.get_autocast_dtype(hidden.device.type) if autocast else hidden.dtype
+        base = head.base_layer
+        hidden = hidden.to(dtype)
+        x = hidden
+        if head.training and head.dropout_p > 0.0:
+            mask = torch.empty(x.shape, device=x.device).bernoulli_(1.0 - head.dropout_p).bool()
+            x = x * mask / (1.0 - head.dropout_p)
+        lowrank_hidden = (x @ head.lora_A.to(dtype).t()) * head.scale
+        bias = None if base.bias is None else base.bias.to(dtype)
+        return hidden, base.weight.to(dtype), bias, lowrank_hidden, head.lora_B.to(dtype)
+    weight, bias = head.weight, head.bias
+    if autocast:  # as nn.Linear under autocast
+        dtype = torch.get_autocast_dtype(hidden.device.type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    elif hidden.dtype != weight.dtype:
+        raise TypeError(f"fastft fused loss: the hidden states are {hidden.dtype} but lm_head's weight is {weight.dtype}.")
+    return hidden, weight, bias, None, None
 
 
 def plan_loss(model: nn.Module, config: LossConfig) -> Plan:

@@ -3,7 +3,8 @@
 For N tokens with hidden states h_t (H), an lm_head weight W (V×H), an optional bias b (V) and labels
 y_t, a token t is *valid* when ``y_t != ignore_index``. For a valid token::
 
-    z_t      = W h_t + b                                  (V logits, accumulated in float32)
+    z_t      = W h_t + b [+ W₂ h₂_t]                      (V logits, accumulated in float32; the optional
+                                                           low-rank term is a LoRA lm_head: h₂ = s·Ah, W₂ = B)
     z_t      ← c · tanh(z_t / c)                          (only with logit_softcap = c)
     lse_t    = log Σ_v exp(z_tv)
     nll_t    = lse_t − z_t,y                              (= −log p_t, p_t = softmax(z_t)_y)
@@ -35,6 +36,7 @@ Gradient. With g_tv = ∂loss/∂z_tv before the softcap::
     g_tv = r_t · [ (w_t + 2λ·lse_t) · softmax(z_t)_v − w_t·(1 − ε)·[v = y_t] − w_t·ε/V ] · d_tv
     d_tv = 1 − (z_tv / c)²  with a softcap (the derivative of c·tanh(x/c)), else 1
     dh_t = Σ_v g_tv W_v        dW = Σ_t g_tᵀ h_t        db = Σ_t g_t
+    dh₂_t = Σ_v g_tv W₂_v      dW₂ = Σ_t g_tᵀ h₂_t
 
 where r_t = u_t / n ("mean"), u_t ("sum"), or u_t times the upstream gradient of loss_t ("none").
 
@@ -78,7 +80,7 @@ class PassResult(NamedTuple):
     """What one pass over the tokens returns (every per-token vector is float32, float64 for float64 inputs).
 
     lse, nll, z_mean: per token (z_mean is 0 unless label smoothing asked for it); kind_weight: the w_t
-    the pass used; dh, dw, db: gradients, empty where not asked for.
+    the pass used; dh, dw, db, dh2, dw2: gradients, empty where not asked for.
     """
 
     lse: Tensor
@@ -88,6 +90,8 @@ class PassResult(NamedTuple):
     dh: Tensor
     dw: Tensor
     db: Tensor
+    dh2: Tensor
+    dw2: Tensor
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -105,8 +109,11 @@ def default_chunk_size(tokens: int, hidden: int, vocab: int) -> int:
 
 
 # --------------------------------------------------------------------------- the reference pass
-def _chunk_logits(h_chunk: Tensor, weight: Tensor, bias: Optional[Tensor], acc_dtype: torch.dtype) -> Tensor:
+def _chunk_logits(h_chunk: Tensor, weight: Tensor, bias: Optional[Tensor], h2_chunk: Optional[Tensor],
+                  weight2: Optional[Tensor], acc_dtype: torch.dtype) -> Tensor:
     logits = h_chunk @ weight.t() if bias is None else torch.addmm(bias, h_chunk, weight.t())
+    if h2_chunk is not None:
+        logits = torch.addmm(logits, h2_chunk, weight2.t())
     return logits if logits.dtype == acc_dtype else logits.to(acc_dtype)
 
 
@@ -114,17 +121,20 @@ def reference_pass(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, row_scale: Tensor,
     given_weight: Optional[Tensor], kind: str, ignore_index: int, label_smoothing: float, z_loss: float,
     softcap: Optional[float], chunk_size: int, need_dh: bool, need_dw: bool, need_db: bool,
+    hidden2: Optional[Tensor] = None, weight2: Optional[Tensor] = None, need_dh2: bool = False,
+    need_dw2: bool = False,
 ) -> PassResult:
     """One chunked pass of the formulas in the module docstring over N tokens (hidden N×H, labels N).
 
     ``row_scale`` is r_t (zero at ignored tokens); ``kind`` is "ce" or "dft" (w_t from p_t) or "given"
-    (w_t = ``given_weight``). Gradients are computed only when a ``need_*`` flag asks for them.
+    (w_t = ``given_weight``). ``hidden2`` (N×R) and ``weight2`` (V×R) add the low-rank term to the
+    logits. Gradients are computed only when a ``need_*`` flag asks for them.
     """
     n_tokens, n_hidden = hidden.shape
     vocab = weight.shape[0]
     acc = accumulation_dtype(hidden.dtype)
     device = hidden.device
-    need_grad = need_dh or need_dw or need_db
+    need_grad = need_dh or need_dw or need_db or need_dh2 or need_dw2
     lse = torch.empty(n_tokens, dtype=acc, device=device)
     nll = torch.empty(n_tokens, dtype=acc, device=device)
     z_mean = torch.zeros(n_tokens, dtype=acc, device=device)
@@ -132,11 +142,14 @@ def reference_pass(
     dh = torch.empty_like(hidden) if need_dh else hidden.new_empty(0)
     dw = torch.zeros(weight.shape, dtype=acc, device=device) if need_dw else weight.new_empty(0)
     db = torch.zeros(vocab, dtype=acc, device=device) if need_db else hidden.new_empty(0)
+    dh2 = torch.empty_like(hidden2) if need_dh2 else hidden.new_empty(0)
+    dw2 = torch.zeros(weight2.shape, dtype=acc, device=device) if need_dw2 else hidden.new_empty(0)
     safe_labels = torch.where(labels == ignore_index, 0, labels)
     for start in range(0, n_tokens, chunk_size):
         stop = min(n_tokens, start + chunk_size)
         h_c, y_c = hidden[start:stop], safe_labels[start:stop, None]
-        z = _chunk_logits(h_c, weight, bias, acc)
+        h2_c = None if hidden2 is None else hidden2[start:stop]
+        z = _chunk_logits(h_c, weight, bias, h2_c, weight2, acc)
         tanh = None
         if softcap is not None:
             tanh = z.div_(softcap).tanh_()
@@ -172,12 +185,18 @@ def reference_pass(
             dw.addmm_(grad_in.to(acc).t(), h_c.to(acc))
         if need_db:
             db.add_(grad.sum(dim=0))
+        if need_dh2:
+            torch.mm(grad_in, weight2, out=dh2[start:stop])
+        if need_dw2:
+            dw2.addmm_(grad_in.to(acc).t(), h2_c.to(acc))
         del grad, grad_in, probs, z, tanh
     if need_dw:
         dw = dw.to(weight.dtype)
     if need_db:
         db = db.to(bias.dtype)
-    return PassResult(lse, nll, z_mean, kind_weight, dh, dw, db)
+    if need_dw2:
+        dw2 = dw2.to(weight2.dtype)
+    return PassResult(lse, nll, z_mean, kind_weight, dh, dw, db, dh2, dw2)
 
 
 def _run_pass(*args, **kwargs) -> PassResult:
@@ -222,19 +241,23 @@ def _denominator(valid: Tensor, num_items: Optional[Tensor], dtype: torch.dtype)
 
 
 # --------------------------------------------------------------------------- torch.library ops
+_N_INPUTS = 22  # of fastft::linear_cross_entropy
+
+
 @torch.library.custom_op("fastft::linear_cross_entropy", mutates_args=())
 def _linear_cross_entropy_op(
-    hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor], token_weights: Optional[Tensor],
-    num_items: Optional[Tensor], kind: str, reduction: str, ignore_index: int, label_smoothing: float,
-    z_loss: float, softcap: Optional[float], talr_min_weight: float, sequence_length: int, chunk_size: int,
-    need_dh: bool, need_dw: bool, need_db: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(loss, dh, dw, db, kind_weight): the loss per the module docstring; for "mean"/"sum" the gradients
-    of that loss (unit upstream gradient), empty where not needed or for "none"."""
+    hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor], hidden2: Optional[Tensor],
+    weight2: Optional[Tensor], token_weights: Optional[Tensor], num_items: Optional[Tensor], kind: str,
+    reduction: str, ignore_index: int, label_smoothing: float, z_loss: float, softcap: Optional[float],
+    talr_min_weight: float, sequence_length: int, chunk_size: int,
+    need_dh: bool, need_dw: bool, need_db: bool, need_dh2: bool, need_dw2: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss, dh, dw, db, dh2, dw2, kind_weight): the loss per the module docstring; for "mean"/"sum" the
+    gradients of that loss (unit upstream gradient), empty where not needed or for "none"."""
     valid = labels != ignore_index
     acc = accumulation_dtype(hidden.dtype)
     if reduction == "none":
-        need_dh = need_dw = need_db = False
+        need_dh = need_dw = need_db = need_dh2 = need_dw2 = False
         scale = torch.zeros((), dtype=acc, device=hidden.device)
     elif reduction == "sum":
         scale = torch.ones((), dtype=acc, device=hidden.device)
@@ -244,95 +267,99 @@ def _linear_cross_entropy_op(
     if token_weights is not None:
         row_scale = row_scale * token_weights.to(acc)
     common = (ignore_index, label_smoothing, z_loss, softcap, chunk_size)
+    lowrank = dict(hidden2=hidden2, weight2=weight2)
     given = None
     pass_kind = kind
     if kind == "talr":
-        stats = _run_pass(hidden, weight, bias, labels, row_scale, None, "ce", *common, False, False, False)
+        stats = _run_pass(hidden, weight, bias, labels, row_scale, None, "ce", *common, False, False, False, **lowrank)
         given = talr_weights(stats.nll, valid, sequence_length, talr_min_weight)
         pass_kind = "given"
-    result = _run_pass(hidden, weight, bias, labels, row_scale, given, pass_kind, *common, need_dh, need_dw, need_db)
+    result = _run_pass(hidden, weight, bias, labels, row_scale, given, pass_kind, *common, need_dh, need_dw, need_db,
+                       need_dh2=need_dh2, need_dw2=need_dw2, **lowrank)
     losses = token_losses(result, valid, token_weights, label_smoothing, z_loss)
     if reduction == "none":
         loss = losses
     else:
         loss = losses.sum() * scale
-    return loss, result.dh, result.dw, result.db, result.kind_weight
+    return loss, result.dh, result.dw, result.db, result.dh2, result.dw2, result.kind_weight
+
+
+def _fake_grads(hidden, weight, bias, hidden2, weight2, need_dh, need_dw, need_db, need_dh2, need_dw2):
+    return (
+        hidden.new_empty(hidden.shape) if need_dh else hidden.new_empty(0),
+        weight.new_empty(weight.shape) if need_dw else weight.new_empty(0),
+        bias.new_empty(bias.shape) if need_db and bias is not None else hidden.new_empty(0),
+        hidden2.new_empty(hidden2.shape) if need_dh2 and hidden2 is not None else hidden.new_empty(0),
+        weight2.new_empty(weight2.shape) if need_dw2 and weight2 is not None else hidden.new_empty(0),
+    )
 
 
 @_linear_cross_entropy_op.register_fake
-def _(hidden, weight, labels, bias, token_weights, num_items, kind, reduction, ignore_index, label_smoothing, z_loss,
-      softcap, talr_min_weight, sequence_length, chunk_size, need_dh, need_dw, need_db):
+def _(hidden, weight, labels, bias, hidden2, weight2, token_weights, num_items, kind, reduction, ignore_index,
+      label_smoothing, z_loss, softcap, talr_min_weight, sequence_length, chunk_size, need_dh, need_dw, need_db,
+      need_dh2, need_dw2):
     acc = accumulation_dtype(hidden.dtype)
     per_token = reduction == "none"
     loss = hidden.new_empty(labels.shape, dtype=acc) if per_token else hidden.new_empty((), dtype=acc)
-    return (
-        loss,
-        hidden.new_empty(hidden.shape) if need_dh and not per_token else hidden.new_empty(0),
-        weight.new_empty(weight.shape) if need_dw and not per_token else weight.new_empty(0),
-        bias.new_empty(bias.shape) if need_db and bias is not None and not per_token else hidden.new_empty(0),
-        hidden.new_empty(labels.shape, dtype=acc),
-    )
+    needs = (False,) * 5 if per_token else (need_dh, need_dw, need_db, need_dh2, need_dw2)
+    return (loss, *_fake_grads(hidden, weight, bias, hidden2, weight2, *needs), hidden.new_empty(labels.shape, dtype=acc))
 
 
 @torch.library.custom_op("fastft::linear_cross_entropy_backward", mutates_args=())
 def _linear_cross_entropy_backward_op(
     grad_loss: Tensor, hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor],
-    token_weights: Optional[Tensor], kind_weight: Tensor, ignore_index: int, label_smoothing: float, z_loss: float,
-    softcap: Optional[float], chunk_size: int, need_dh: bool, need_dw: bool, need_db: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(dh, dw, db) of reduction "none" for the per-token upstream gradient ``grad_loss``: recomputes the
-    logits chunk by chunk (or tile by tile) with the w_t the forward used."""
+    hidden2: Optional[Tensor], weight2: Optional[Tensor], token_weights: Optional[Tensor], kind_weight: Tensor,
+    ignore_index: int, label_smoothing: float, z_loss: float, softcap: Optional[float], chunk_size: int,
+    need_dh: bool, need_dw: bool, need_db: bool, need_dh2: bool, need_dw2: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dh, dw, db, dh2, dw2) of reduction "none" for the per-token upstream gradient ``grad_loss``:
+    recomputes the logits chunk by chunk (or tile by tile) with the w_t the forward used."""
     acc = accumulation_dtype(hidden.dtype)
     valid = labels != ignore_index
     row_scale = grad_loss.to(acc) * valid
     if token_weights is not None:
         row_scale = row_scale * token_weights.to(acc)
     result = _run_pass(hidden, weight, bias, labels, row_scale, kind_weight, "given", ignore_index, label_smoothing,
-                       z_loss, softcap, chunk_size, need_dh, need_dw, need_db)
-    return result.dh, result.dw, result.db
+                       z_loss, softcap, chunk_size, need_dh, need_dw, need_db, hidden2=hidden2, weight2=weight2,
+                       need_dh2=need_dh2, need_dw2=need_dw2)
+    return result.dh, result.dw, result.db, result.dh2, result.dw2
 
 
 @_linear_cross_entropy_backward_op.register_fake
-def _(grad_loss, hidden, weight, labels, bias, token_weights, kind_weight, ignore_index, label_smoothing, z_loss,
-      softcap, chunk_size, need_dh, need_dw, need_db):
-    return (
-        hidden.new_empty(hidden.shape) if need_dh else hidden.new_empty(0),
-        weight.new_empty(weight.shape) if need_dw else weight.new_empty(0),
-        bias.new_empty(bias.shape) if need_db and bias is not None else hidden.new_empty(0),
-    )
-
-
-_INPUTS = ("hidden", "weight", "labels", "bias")
+def _(grad_loss, hidden, weight, labels, bias, hidden2, weight2, token_weights, kind_weight, ignore_index,
+      label_smoothing, z_loss, softcap, chunk_size, need_dh, need_dw, need_db, need_dh2, need_dw2):
+    return _fake_grads(hidden, weight, bias, hidden2, weight2, need_dh, need_dw, need_db, need_dh2, need_dw2)
 
 
 def _setup_context(ctx, inputs, output):
-    (hidden, weight, labels, bias, token_weights, num_items, kind, reduction, ignore_index, label_smoothing, z_loss,
-     softcap, talr_min_weight, sequence_length, chunk_size, need_dh, need_dw, need_db) = inputs
-    loss, dh, dw, db, kind_weight = output
-    ctx.mark_non_differentiable(dh, dw, db, kind_weight)
+    (hidden, weight, labels, bias, hidden2, weight2, token_weights, num_items, kind, reduction, ignore_index,
+     label_smoothing, z_loss, softcap, talr_min_weight, sequence_length, chunk_size, *needs) = inputs
+    loss, dh, dw, db, dh2, dw2, kind_weight = output
+    ctx.mark_non_differentiable(dh, dw, db, dh2, dw2, kind_weight)
     ctx.set_materialize_grads(False)  # no zero-filled N×H / V×H gradients for the outputs nobody uses
     ctx.reduction = reduction
-    ctx.needs = (need_dh, need_dw, need_db)
+    ctx.needs = tuple(needs)
     if reduction == "none":
-        ctx.save_for_backward(hidden, weight, labels, bias, token_weights, kind_weight)
+        ctx.save_for_backward(hidden, weight, labels, bias, hidden2, weight2, token_weights, kind_weight)
         ctx.meta = (ignore_index, label_smoothing, z_loss, softcap, chunk_size)
         ctx.grads = None
     else:
         # Kept as plain attributes (detached, so no reference cycle through the graph) and handed over,
         # not copied, in backward: the parameter gradient can then become .grad without a second V×H copy.
-        ctx.grads = [dh.detach(), dw.detach(), db.detach()]
+        ctx.grads = [dh.detach(), dw.detach(), db.detach(), dh2.detach(), dw2.detach()]
 
 
-def _backward(ctx, grad_loss, _dh, _dw, _db, _kind_weight):
-    need_dh, need_dw, need_db = ctx.needs
+def _backward(ctx, grad_loss, *_unused_output_grads):
     if grad_loss is None:  # the loss itself was not used
-        return (None,) * 18
+        return (None,) * _N_INPUTS
     if ctx.reduction == "none":
-        hidden, weight, labels, bias, token_weights, kind_weight = ctx.saved_tensors
-        need_dh, need_dw, need_db = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3]
-        dh, dw, db = _linear_cross_entropy_backward_op(
-            grad_loss.contiguous(), hidden, weight, labels, bias, token_weights, kind_weight, *ctx.meta,
-            need_dh, need_dw, need_db and bias is not None,
+        hidden, weight, labels, bias, hidden2, weight2, token_weights, kind_weight = ctx.saved_tensors
+        wants = ctx.needs_input_grad
+        needs = (wants[0], wants[1], wants[3] and bias is not None, wants[4] and hidden2 is not None,
+                 wants[5] and weight2 is not None)
+        grads = _linear_cross_entropy_backward_op(
+            grad_loss.contiguous(), hidden, weight, labels, bias, hidden2, weight2, token_weights, kind_weight,
+            *ctx.meta, *needs,
         )
     else:
         if ctx.grads is None:
@@ -341,15 +368,13 @@ def _backward(ctx, grad_loss, _dh, _dw, _db, _kind_weight):
                 "computes its gradients during the forward and hands them over once, so retain_graph=True / a "
                 "second backward is not supported; run the forward again instead."
             )
-        dh, dw, db = ctx.grads
+        needs, grads = ctx.needs, ctx.grads
         ctx.grads = None
-        for grad in (dh, dw, db):
+        for grad in grads:
             if grad.numel():
                 grad.mul_(grad_loss.to(grad.dtype))
-    return (
-        dh if need_dh else None, dw if need_dw else None, None, db if need_db else None,
-        None, None, None, None, None, None, None, None, None, None, None, None, None, None,
-    )
+    dh, dw, db, dh2, dw2 = (grad if need else None for grad, need in zip(grads, needs))
+    return (dh, dw, None, db, dh2, dw2) + (None,) * (_N_INPUTS - 6)
 
 
 _linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
@@ -417,6 +442,23 @@ def _check_args(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[T
         )
 
 
+def _check_lowrank(hidden: Tensor, weight: Tensor, lowrank_hidden: Optional[Tensor],
+                   lowrank_weight: Optional[Tensor]) -> None:
+    if lowrank_hidden is None and lowrank_weight is None:
+        return
+    if lowrank_hidden is None or lowrank_weight is None:
+        raise ValueError("linear_cross_entropy: pass both lowrank_hidden and lowrank_weight, or neither.")
+    rank = lowrank_weight.shape[-1] if lowrank_weight.dim() == 2 else -1
+    if (lowrank_weight.dim() != 2 or lowrank_weight.shape[0] != weight.shape[0]
+            or tuple(lowrank_hidden.shape) != (*hidden.shape[:-1], rank)):
+        raise ValueError(
+            f"linear_cross_entropy: lowrank_weight must be (vocab_size={weight.shape[0]}, R) and lowrank_hidden "
+            f"{tuple(hidden.shape[:-1])} + (R,); got {tuple(lowrank_weight.shape)} and {tuple(lowrank_hidden.shape)}."
+        )
+    if lowrank_hidden.dtype != hidden.dtype or lowrank_weight.dtype != hidden.dtype:
+        raise TypeError(f"linear_cross_entropy: the low-rank operands must be {hidden.dtype} like hidden.")
+
+
 def _check_label_range(labels: Tensor, vocab: int, ignore_index: int) -> None:
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
     if bool(bad.any()):
@@ -442,6 +484,8 @@ def linear_cross_entropy(
     talr_min_weight: float = 0.01,
     chunk_size: Optional[int] = None,
     num_items_in_batch: Union[int, float, Tensor, None] = None,
+    lowrank_hidden: Optional[Tensor] = None,
+    lowrank_weight: Optional[Tensor] = None,
 ) -> Tensor:
     """The loss of ``hidden · weightᵀ + bias`` against ``labels`` without materialising the logits.
 
@@ -457,6 +501,9 @@ def linear_cross_entropy(
         chunk_size: tokens per chunk of the PyTorch reference (default :func:`default_chunk_size`); the Triton
             kernel tiles the vocabulary instead and does not use it.
         num_items_in_batch: the "mean" divisor for gradient accumulation (int or 0-d tensor, >= 0).
+        lowrank_hidden, lowrank_weight: optional (..., R) and (V, R) tensors adding ``lowrank_hidden ·
+            lowrank_weightᵀ`` to the logits: a LoRA lm_head is ``lowrank_hidden = s·dropout(hidden)·Aᵀ``,
+            ``lowrank_weight = B`` (both receive gradients; still no logits in memory).
 
     Returns a 0-d loss (float32; float64 for float64 inputs), or per-token losses of labels' shape for
     ``reduction="none"``. Raises ``ValueError``/``TypeError`` on shapes, dtypes or labels outside the
@@ -464,6 +511,7 @@ def linear_cross_entropy(
     """
     _check_args(hidden, weight, labels, bias, kind, reduction, token_weights, label_smoothing, z_loss,
                 logit_softcap, talr_min_weight, chunk_size)
+    _check_lowrank(hidden, weight, lowrank_hidden, lowrank_weight)
     vocab, n_hidden = weight.shape
     _check_label_range(labels, vocab, ignore_index)
     num_items = None
@@ -477,21 +525,27 @@ def linear_cross_entropy(
                 raise ValueError(f"linear_cross_entropy: num_items_in_batch={num_items_in_batch!r} must be >= 0.")
             num_items = torch.tensor(float(num_items_in_batch), device=hidden.device)
     sequence_length = labels.shape[-1] if labels.dim() >= 1 else 1
-    h2 = hidden.reshape(-1, n_hidden)
-    if not h2.is_contiguous():
-        h2 = h2.contiguous()
+    h1 = hidden.reshape(-1, n_hidden)
+    if not h1.is_contiguous():
+        h1 = h1.contiguous()
     labels1 = labels.reshape(-1).to(hidden.device, torch.long)
     weights1 = None if token_weights is None else token_weights.detach().reshape(-1).to(hidden.device)
-    tokens = h2.shape[0]
+    h2 = w2 = None
+    if lowrank_hidden is not None:
+        h2 = lowrank_hidden.reshape(-1, lowrank_hidden.shape[-1]).contiguous()
+        w2 = lowrank_weight.contiguous()
+    tokens = h1.shape[0]
     chunk = chunk_size or default_chunk_size(tokens, n_hidden, vocab)
     grad_on = torch.is_grad_enabled()
     need_dh = grad_on and hidden.requires_grad
     need_dw = grad_on and weight.requires_grad
     need_db = grad_on and bias is not None and bias.requires_grad
+    need_dh2 = grad_on and h2 is not None and h2.requires_grad
+    need_dw2 = grad_on and w2 is not None and w2.requires_grad
     loss, *_ = _linear_cross_entropy_op(
-        h2, weight if weight.is_contiguous() else weight.contiguous(), labels1, bias, weights1, num_items, kind,
-        reduction, int(ignore_index), float(label_smoothing), float(z_loss),
+        h1, weight if weight.is_contiguous() else weight.contiguous(), labels1, bias, h2, w2, weights1, num_items,
+        kind, reduction, int(ignore_index), float(label_smoothing), float(z_loss),
         None if logit_softcap is None else float(logit_softcap), float(talr_min_weight), int(sequence_length),
-        int(chunk), need_dh, need_dw, need_db,
+        int(chunk), need_dh, need_dw, need_db, need_dh2, need_dw2,
     )
     return loss.reshape(labels.shape) if reduction == "none" else loss
