@@ -46,20 +46,21 @@ the chunk's gradient is folded into dh, dW and db before the next chunk. The Tri
 (``fastft.kernels.linear_cross_entropy``, on CUDA) never stores logits at all: an online logsumexp over
 vocabulary tiles, then the gradient tiles, in one launch. For "mean" and "sum" both compute the
 gradients during the forward and keep them (dh: N×H in the hidden states' dtype; dW: V×H in the
-weight's dtype; db: V) until backward, which only multiplies them, in place, by the upstream scalar;
+weight's dtype; db: V; dh₂, dW₂) until backward, which only multiplies them, in place, by the upstream scalar;
 only the gradients that are needed (inputs that require grad, grad mode on) are computed. So backward
 runs once per forward (``retain_graph`` is refused with a clear error). For "none" the forward keeps
-(h, W, b, labels, w_t) and backward recomputes the logits chunk by chunk. TALR needs τ before any
+(h, W, b, h₂, W₂, labels, w_t) and backward recomputes the logits chunk by chunk. TALR needs τ before any
 gradient: one extra pass over the logits computes the statistics first.
 
 Matmuls run in the inputs' dtype (logits rounded to it, as ``lm_head`` then ``.float()`` does in
 transformers; g rounded to it before its two products, as autograd through that path does); softmax,
-losses and the accumulation of dW and db are in float32 (float64 for float64 inputs). Registered as the ``torch.library`` ops ``fastft::linear_cross_entropy`` and
-``fastft::linear_cross_entropy_backward`` (with fake kernels).
+losses and the accumulation of dW and db are in float32 (float64 for float64 inputs). Labels outside
+the vocabulary are an error (checked once per call: one device synchronisation on a GPU). Registered as
+the ``torch.library`` ops ``fastft::linear_cross_entropy`` and ``fastft::linear_cross_entropy_backward``
+(with fake kernels; under ``torch.compile`` the label check is a graph break).
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -72,8 +73,6 @@ register_op("linear_cross_entropy", ("torch", "triton"))
 KINDS = ("ce", "dft", "talr")
 REDUCTIONS = ("mean", "sum", "none")
 TALR_MIN_TAU = 1e-6
-# kind weights inside a pass: computed per token from p_t ("ce", "dft") or given by the caller
-_KIND_CODES = {"ce": 0, "dft": 1, "given": 2}
 
 
 class PassResult(NamedTuple):
