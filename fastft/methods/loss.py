@@ -307,7 +307,7 @@ def _head_operands(head: nn.Module, hidden: torch.Tensor):
     from ..nn.lora import LoRALinear
 
     autocast = torch.is_autocast_enabled(hidden.device.type)
-    if isinstance(head, LoRALinear):
+    if type(head) is LoRALinear:  # exactly LoRA (subclasses such as DoRA are refused by check_head)
         dtype = torch.get_autocast_dtype(hidden.device.type) if autocast else hidden.dtype
         base = head.base_layer
         hidden = hidden.to(dtype)
