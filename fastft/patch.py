@@ -44,12 +44,12 @@ class Plan:
 
     config: MethodConfig
     swaps: list[tuple[str, nn.Module]] = field(default_factory=list)
-    edits: list[Any] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
     # False for methods that add no adapter and leave training to the model's own parameters (a fused loss)
     freeze_base: bool = True
     # run once every plan is built, before anything is applied: check(model, {name: planned module})
     checks: list[Callable[[nn.Module, dict[str, nn.Module]], None]] = field(default_factory=list)
+    edits: list[Any] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def attach(self) -> None:
         """Second phase of building: initialisation that touches the base layers (e.g. PiSSA's residual)."""
@@ -207,11 +207,10 @@ def patch(model: nn.Module, config: MethodConfig | Sequence[MethodConfig]) -> Pa
     if len(set(names)) != len(names):
         twice = sorted({n for n in names if names.count(n) > 1})
         raise ValueError(f"two configs target the same modules: {twice[:5]}")
-    planned = {name: module for plan in plans for name, module in plan.swaps}
-    for plan in plans:
-        for check in plan.checks:
-            check(model, planned)
 
+    planned = {name: module for plan in plans for name, module in plan.swaps}  # the outermost module per name
+    for check in [check for plan in plans for check in plan.checks]:
+        check(model, planned)
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     applied: list[tuple[str, nn.Module]] = []
     edits_done: list[Any] = []
