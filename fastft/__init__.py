@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 
 from . import nn, ops
 from .config import LoRAConfig
+from .config import LossConfig
 from .dispatch import backends
 from .io import load, save
 from . import methods  # noqa: F401  (registers the planners)
@@ -22,6 +23,7 @@ from .quantized import export_quantized, load_quantized
 
 __all__ = [
     "LoRAConfig",
+    "LossConfig",
     "PatchReport",
     "backends",
     "export_peft",

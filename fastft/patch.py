@@ -44,6 +44,10 @@ class Plan:
 
     config: MethodConfig
     swaps: list[tuple[str, nn.Module]] = field(default_factory=list)
+    # False for methods that add no adapter and leave training to the model's own parameters (a fused loss)
+    freeze_base: bool = True
+    # run once every plan is built, before anything is applied: check(model, {name: planned module})
+    checks: list[Callable[[nn.Module, dict[str, nn.Module]], None]] = field(default_factory=list)
     edits: list[Any] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     # (all plans of the call) -> the plans in the order to apply them. Lets a method host the modules of
@@ -172,6 +176,9 @@ def build_report(model: nn.Module) -> PatchReport:
                 detail=detail,
             )
         )
+    for plan in state.plans:
+        for edit in plan.edits:
+            rows.extend(getattr(edit, "report_rows", lambda model: [])(model))
     trainable, total = count_parameters(model)
     notes = [note for plan in state.plans for note in plan.notes]
     return PatchReport(
@@ -188,7 +195,8 @@ def build_report(model: nn.Module) -> PatchReport:
 def patch(model: nn.Module, config: MethodConfig | Sequence[MethodConfig]) -> PatchReport:
     """Patch ``model`` in place with one config or a list of configs; return a :class:`PatchReport`.
 
-    Everything that is not an adapter parameter ends frozen. On any error the model is left unchanged.
+    Everything that is not an adapter parameter ends frozen (unless every config leaves the base alone, as
+    a lone ``LossConfig`` does). On any error the model is left unchanged.
     """
     from . import methods  # noqa: F401  (registers every method's planner)
 
@@ -218,6 +226,9 @@ def patch(model: nn.Module, config: MethodConfig | Sequence[MethodConfig]) -> Pa
     if twice:
         raise ValueError(f"two configs target the same modules: {sorted(twice)[:5]}")
 
+    planned = {name: module for plan in plans for name, module in plan.swaps}  # the outermost module per name
+    for check in [check for plan in plans for check in plan.checks]:
+        check(model, planned)
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     applied: list[tuple[str, nn.Module]] = []
     edits_done: list[Any] = []
@@ -241,9 +252,10 @@ def patch(model: nn.Module, config: MethodConfig | Sequence[MethodConfig]) -> Pa
         raise
 
     adapter_ids = {id(p) for plan in plans for p in plan.adapter_parameters()}
-    for param in model.parameters():
-        if id(param) not in adapter_ids:
-            param.requires_grad_(False)
+    if any(plan.freeze_base for plan in plans):
+        for param in model.parameters():
+            if id(param) not in adapter_ids:
+                param.requires_grad_(False)
     model.__dict__[STATE_ATTR] = PatchState(plans=plans, requires_grad=requires_grad)
     return build_report(model)
 
