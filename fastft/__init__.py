@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 
 from . import nn, ops
 from .config import LoRAConfig
+from .config import S2FTConfig
 from .dispatch import backends
 from .io import load, save
 from . import methods  # noqa: F401  (registers the planners)
@@ -20,6 +21,7 @@ from .report import PatchReport
 __all__ = [
     "LoRAConfig",
     "PatchReport",
+    "S2FTConfig",
     "backends",
     "export_peft",
     "from_peft",

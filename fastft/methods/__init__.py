@@ -4,3 +4,4 @@ A planner turns a config into a :class:`fastft.patch.Plan` (module swaps, model-
 modifying the model; ``fastft.patch`` applies it.
 """
 from . import lora  # noqa: F401
+from . import s2ft  # noqa: F401

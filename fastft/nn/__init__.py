@@ -1,6 +1,9 @@
 """Drop-in ``nn.Module`` replacements, one method per file."""
 from .lora import LoRALinear
+from .s2ft import S2FTLinear
 
 FASTFT_MODULES = (LoRALinear,)
+FASTFT_MODULES += (S2FTLinear,)
 
 __all__ = ["LoRALinear", "FASTFT_MODULES"]
+__all__ += ["S2FTLinear"]
