@@ -46,6 +46,8 @@ class Plan:
     swaps: list[tuple[str, nn.Module]] = field(default_factory=list)
     edits: list[Any] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # qualified names of modules whose weights the edits rewrite in place (no other plan may swap them)
+    rewrites: list[str] = field(default_factory=list)
 
     def attach(self) -> None:
         """Second phase of building: initialisation that touches the base layers (e.g. PiSSA's residual)."""
@@ -199,6 +201,14 @@ def patch(model: nn.Module, config: MethodConfig | Sequence[MethodConfig]) -> Pa
     if len(set(names)) != len(names):
         twice = sorted({n for n in names if names.count(n) > 1})
         raise ValueError(f"two configs target the same modules: {twice[:5]}")
+    rewritten = {name: plan.config.method for plan in plans for name in plan.rewrites}
+    clash = [(n, plan.config.method) for plan in plans for n, _ in plan.swaps if rewritten.get(n, plan.config.method) != plan.config.method]
+    if clash:
+        name, method = clash[0]
+        raise ValueError(
+            f"fastft.patch: {method} targets '{name}', whose weight {rewritten[name]} rewrites (permutes) in place; "
+            f"leave it out of the {method} targets."
+        )
 
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     applied: list[tuple[str, nn.Module]] = []

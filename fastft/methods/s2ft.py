@@ -23,7 +23,16 @@ import torch
 from torch import Tensor, nn
 
 from ..config import S2FTConfig
-from ..copermute import AttentionBlock, CoPermutation, FFNBlock, channel_order, expand_heads, head_orders
+from ..copermute import (
+    ATTENTION_PROJECTIONS,
+    FFN_PROJECTIONS,
+    AttentionBlock,
+    CoPermutation,
+    FFNBlock,
+    channel_order,
+    expand_heads,
+    head_orders,
+)
 from ..nn.s2ft import S2FTLinear
 from ..patch import Plan, register_planner
 from ..targets import find_layer_stack, resolve_targets
@@ -353,7 +362,9 @@ def plan_s2ft(model: nn.Module, config: S2FTConfig) -> Plan:
         "the trained slices are their leading columns/rows. unpatch(merge=True) restores the original order "
         "with the trained entries in place."
     )
-    return Plan(resolved, swaps=swaps, edits=[edit], notes=[note])
+    rewrites = [f"{block.name}.{p}" for block, _, _ in attention for p in ATTENTION_PROJECTIONS]
+    rewrites += [f"{block.name}.{p}" for block, _ in ffn for p in FFN_PROJECTIONS]
+    return Plan(resolved, swaps=swaps, edits=[edit], notes=[note], rewrites=rewrites)
 
 
 def _short(values: list[int], limit: int = 6) -> str:
