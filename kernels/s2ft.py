@@ -58,9 +58,10 @@ def _linear_saving_slice_kernel(
         in_k = offs_k < K
         a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=in_m[:, None] & in_k[None, :], other=0.0)
-        if k0 < S:
-            tl.store(xs_ptr + offs_m[:, None] * stride_sm + offs_k[None, :] * stride_sk, a,
-                     mask=in_m[:, None] & (offs_k[None, :] < S) & saves)
+        if saves:
+            if k0 < S:
+                tl.store(xs_ptr + offs_m[:, None] * stride_sm + offs_k[None, :] * stride_sk, a,
+                         mask=in_m[:, None] & (offs_k[None, :] < S))
         w = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
                     mask=in_k[:, None] & in_n[None, :], other=0.0)
         acc = _mma(a, w, acc, UPCAST_DOT, INPUT_PRECISION)
