@@ -20,6 +20,10 @@ first) if anything else separated them, e.g. ``copy.deepcopy``. ``state_dict()``
 once, inside ``base_layer.weight``; ``weight_slice`` is not a separate entry (no shared storage on disk).
 ``weight_slice`` carries the attribute ``fastft_view_of_frozen = True`` so parameter counts in the
 patch report count its entries once.
+
+Being part of the weight, the slice has the weight's dtype: with bfloat16 weights the optimizer updates
+it in bfloat16, as full fine-tuning of those entries would. For float32 master weights keep the model
+in float32 and train under autocast (the op then computes in the autocast dtype).
 """
 from __future__ import annotations
 
@@ -173,7 +177,8 @@ class S2FTLinear(nn.Module):
                 f"{type(self).__name__}: the input's last dimension is {x.shape[-1]} but this layer takes "
                 f"{self.in_features} features (input shape {tuple(x.shape)})."
             )
-        self.relink()
+        if not torch.compiler.is_compiling():  # a traced graph keeps the view it was traced with
+            self.relink()
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         weight = self.base_layer.weight.to(dtype)
         bias = self.base_layer.bias
