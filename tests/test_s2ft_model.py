@@ -379,3 +379,19 @@ def test_four_bit_base_is_refused_with_a_clear_error():
     model = quantize_linears(tiny_model("llama"))
     with pytest.raises(ValueError, match="patch the unquantized model"):
         fastft.patch(model, fastft.S2FTConfig())
+
+
+def test_benchmark_runs_and_counts_slice_flops_exactly(capsys):
+    import sys
+    from pathlib import Path
+
+    sys.path.append(str(Path(__file__).resolve().parents[1]))  # benchmarks/ is not installed
+    from benchmarks import s2ft_step
+
+    results = s2ft_step.main(["--hidden", "64", "--intermediate", "88", "--layers", "1", "--heads", "4", "--seq", "16",
+                              "--vocab", "96", "--repeats", "1", "--warmup", "0"])
+    out = capsys.readouterr().out
+    assert [r.name for r in results] == ["s2ft", "lora-same", "lora-all", "full"]
+    assert "slice dW FLOPs = slice fraction of full dW FLOPs: met" in out
+    by_name = {r.name: r for r in results}
+    assert by_name["s2ft"].saved_bytes < by_name["lora-same"].saved_bytes < by_name["full"].saved_bytes
