@@ -203,3 +203,19 @@ def test_state_dict_holds_the_slice_once_and_unpatch_restores_or_keeps_it():
     assert torch.equal(layer.base_layer.weight, trained)
     assert torch.equal(layer.unpatched(merge=True).weight, trained)
     assert torch.equal(layer.unpatched(merge=False).weight, initial)
+
+
+def test_autocast_computes_in_the_autocast_dtype_and_keeps_a_float32_slice():
+    layer = layer64().float()
+    x = torch.randn(6, K)
+    reference = copy.deepcopy(layer.base_layer).requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        y_ref = reference(x)
+    assert y.dtype == torch.bfloat16 and layer.weight_slice.dtype == torch.float32
+    grad = torch.randn(6, O, dtype=torch.bfloat16)
+    y.backward(grad)
+    y_ref.backward(grad)
+    assert layer.weight_slice.grad.dtype == torch.float32
+    assert_close(y, y_ref, torch.bfloat16)
+    assert_close(layer.weight_slice.grad, reference.weight.grad[:, :5], torch.bfloat16)
