@@ -25,6 +25,9 @@ optimizer.zero_grad(set_to_none=True)``. Measured side by side in one process (s
                   initial slices, kept so unpatch(merge=False) can drop the training);
   peak total      held + step peak: what a GPU's max_memory_allocated would show for the step;
   GFLOP           FlopCounterMode FLOPs of forward + backward (fastft's ops through their reference code).
+Beside the steps, one down_proj-shaped layer alone (frozen / S²FT / LoRA with about as many trainable
+parameters), forward + backward, is timed interleaved: there the S²FT-vs-LoRA difference is not
+diluted by the rest of the step.
 The S²FT slice-gradient FLOPs are counted per patched module by running the op's backward for the
 weight gradient alone, and compared with the full weight gradient of the same module (gᵀx, counted
 the same way): they must equal (slice width / full width) of it, exactly.
@@ -196,6 +199,35 @@ def release_free_memory() -> None:
         pass
 
 
+def down_proj_layer_timing(args: argparse.Namespace, repeats: int) -> dict[str, measure.Timing]:
+    """Forward + backward of one down_proj-shaped layer alone (tokens × intermediate -> hidden): frozen,
+    S²FT (the benchmark's channel count) and LoRA with about as many trainable parameters; interleaved.
+    The step-level difference between S²FT and LoRA is a few percent of a whole step; here it is not."""
+    tokens, features, out = args.batch * args.seq, args.intermediate, args.hidden
+    width = max(1, round(args.ffn_ratio * features))
+    rank = max(1, round(width * out / (features + out)))
+    torch.manual_seed(0)
+    frozen = nn.Linear(features, out, bias=False)
+    frozen.weight.requires_grad_(False)
+    s2ft = S2FTLinear.from_linear(copy.deepcopy(frozen), width)
+    lora = LoRALinear.from_linear(frozen, fastft.LoRAConfig(r=rank, alpha=2 * rank))
+    x = torch.randn(tokens, features, requires_grad=True)
+    g = torch.randn(tokens, out)
+
+    def step(layer: nn.Module, params: list[nn.Parameter]):
+        def run() -> None:
+            x.grad = None
+            for p in params:
+                p.grad = None
+            layer(x).backward(g)
+
+        return run
+
+    steps = {"frozen": step(frozen, []), f"s2ft ({width} cols)": step(s2ft, [s2ft.weight_slice]),
+             f"lora (r={rank})": step(lora, [lora.lora_A, lora.lora_B])}
+    return measure.time_interleaved(steps, repeats=repeats, warmup=2)
+
+
 def _load_average() -> float | None:
     try:
         return os.getloadavg()[0]
@@ -227,7 +259,9 @@ def run(args: argparse.Namespace) -> tuple[list[Result], dict]:
     load_after = _load_average()
     results = [Result(p.name, p.trainable, p.detail, timings[p.name], *by_name[p.name]) for p in providers]
     sliced, full, slice_entries, full_entries = slice_grad_flops(s2ft_model, args.batch * args.seq)
+    layer_timing = down_proj_layer_timing(args, repeats=4 * args.repeats)
     context = dict(
+        layer_timing=layer_timing,
         report=report,
         total_params=sum(p.numel() for p in providers[-1].model.parameters()),
         slice_flops=(sliced, full, slice_entries, full_entries),
@@ -275,6 +309,11 @@ def format_table(results: list[Result], context: dict, shape: str) -> str:
         f"S²FT slice dW FLOPs {sliced:,} vs full dW FLOPs of the same modules {full:,}: ratio "
         f"{sliced / full:.6f}, slice fraction {slice_entries:,} / {full_entries:,} = {slice_entries / full_entries:.6f}",
     ]
+    layer = context["layer_timing"]
+    frozen = next(iter(layer.values())).median_s
+    out.append("one down_proj-shaped layer alone, forward + backward (interleaved): " + "; ".join(
+        f"{name} {t.median_s * 1e3:.1f} ms (p20 {t.p20_s * 1e3:.1f}, p80 {t.p80_s * 1e3:.1f}; {t.median_s / frozen:.3f}x frozen)"
+        for name, t in layer.items()))
     verdicts = []
     for peer in ("lora-same", "lora-all"):
         if peer not in by_name:
