@@ -37,6 +37,12 @@ callables many times). The quantities are chosen to carry over from this CPU-onl
     before starting and before stopping the clock. Returns the median and the 20th / 80th
     percentiles per provider. Never put a threshold on these numbers in a test.
 
+``time_do_bench({name: fn}, rounds, warmup_ms, rep_ms)``
+    The GPU counterpart: ``triton.testing.do_bench`` (CUDA events around each call, the L2 cache
+    flushed before each call, its own time-based warm-up discarded) called for each provider in turn,
+    round-robin over ``rounds`` rounds (rotated order, as above); the samples of all rounds are pooled
+    into the median and the 20th / 80th percentiles.
+
 ``flops(fn)`` / ``flops_by_op(fn)``
     Floating-point operations counted by ``torch.utils.flop_counter.FlopCounterMode``: matrix
     products, convolutions and the attention kernels it has formulas for, 2 per multiply-add;
@@ -75,6 +81,7 @@ __all__ = [
     "peak_of_running_sum",
     "saved_bytes",
     "saved_tensors",
+    "time_do_bench",
     "time_interleaved",
 ]
 
@@ -158,7 +165,9 @@ def saved_tensors(fn: Callable[[], Any], parameters: nn.Module | Iterable[Any] =
             reason = "counted"
             seen_storages.add(key)
         records.append(SavedTensor(tuple(tensor.shape), tensor.dtype, size, reason == "counted", reason))
-        return tensor
+        # A detached alias (same storage, no grad_fn): returning the tensor itself would make an op that saves
+        # its own output (exp, softmax, ...) hold its output, which holds the op: a C++ cycle that leaks the graph.
+        return tensor.detach()
 
     def unpack(tensor: torch.Tensor) -> torch.Tensor:
         return tensor
@@ -274,6 +283,7 @@ class Timing:
     threads: int
     device: str
     samples_s: tuple[float, ...] = field(repr=False)
+    method: str = "perf_counter"  # or "do_bench" (time_do_bench; then ``warmup`` is milliseconds per call)
 
     def __str__(self) -> str:
         return (
@@ -336,6 +346,50 @@ def time_interleaved(
             threads=threads,
             device=str(device),
             samples_s=tuple(samples[name]),
+        )
+    return results
+
+
+def time_do_bench(
+    providers: Mapping[str, Callable[[], Any]],
+    rounds: int = 3,
+    warmup_ms: int = 25,
+    rep_ms: int = 100,
+    do_bench: Callable[..., Any] | None = None,
+) -> dict[str, Timing]:
+    """GPU timing: ``triton.testing.do_bench`` for each provider, interleaved over ``rounds`` rounds.
+
+    Round ``i`` benchmarks every provider once (``warmup_ms`` of warm-up, then ``rep_ms`` of timed calls),
+    in the given order rotated by ``i``; all timed samples of a provider are pooled. ``do_bench`` may be
+    replaced (tests). Returns ``{name: Timing}`` in the order of ``providers`` (``method="do_bench"``).
+    """
+    if not providers:
+        raise ValueError("time_do_bench needs at least one provider")
+    if rounds < 1 or warmup_ms < 0 or rep_ms < 1:
+        raise ValueError(f"time_do_bench: rounds and rep_ms must be >= 1, warmup_ms >= 0; got {rounds}, {rep_ms}, {warmup_ms}")
+    if do_bench is None:
+        from triton.testing import do_bench
+    names = list(providers)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(rounds):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            times_ms = do_bench(providers[name], warmup=warmup_ms, rep=rep_ms, return_mode="all")
+            samples[name].extend(float(ms) / 1e3 for ms in times_ms)
+    device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cuda"
+    results = {}
+    for name in names:
+        values = sorted(samples[name])
+        results[name] = Timing(
+            median_s=statistics.median(values),
+            p20_s=_percentile(values, 20),
+            p80_s=_percentile(values, 80),
+            repeats=len(values),
+            warmup=warmup_ms,
+            threads=torch.get_num_threads(),
+            device=device,
+            samples_s=tuple(samples[name]),
+            method="do_bench",
         )
     return results
 

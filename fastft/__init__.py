@@ -10,6 +10,8 @@ __version__ = "0.1.0"
 
 from . import nn, ops
 from .config import LoRAConfig
+from .config import LossConfig
+from .config import S2FTConfig
 from .dispatch import backends
 from .io import load, save
 from . import methods  # noqa: F401  (registers the planners)
@@ -17,10 +19,14 @@ from .patch import is_patched, patch, unpatch
 from .peft_compat import export_peft, from_peft
 from .policies import SelectionReport, select_trainable, unselect
 from .report import PatchReport
+from .config import QATConfig
+from .quantized import export_quantized, load_quantized
 
 __all__ = [
     "LoRAConfig",
+    "LossConfig",
     "PatchReport",
+    "S2FTConfig",
     "backends",
     "export_peft",
     "from_peft",
@@ -35,3 +41,4 @@ __all__ = [
     "select_trainable",
     "unselect",
 ]
+__all__ += ["QATConfig", "export_quantized", "load_quantized"]

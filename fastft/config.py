@@ -139,7 +139,166 @@ class LoRAConfig(MethodConfig):
         return self.alpha / math.sqrt(self.r) if self.rslora else self.alpha / self.r
 
 
+ROTATIONS = ("r1", "r2", "r3", "r4")
+
+
+def _check_bits(name: str, value: Any, optional: bool) -> int | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 8:
+        none = " or None (not quantized)" if optional else ""
+        raise ValueError(f"QATConfig.{name}={value!r}: use an integer number of bits from 2 to 8{none}.")
+    return value
+
+
+def _check_layer_list(name: str, value: Any) -> tuple[int, ...]:
+    if isinstance(value, bool):
+        raise ValueError(f"QATConfig.rotations[{name!r}]={value!r}: give the decoder-layer indices that keep it.")
+    if isinstance(value, (list, tuple, range)) and all(
+        isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value
+    ):
+        return tuple(sorted(set(value)))
+    raise ValueError(f"QATConfig.rotations[{name!r}]={value!r}: give a list of decoder-layer indices (>= 0).")
+
+
+def _check_rotations(rotations: Any) -> Union[str, tuple[str, ...], dict[str, Any]]:
+    if rotations == "adaptive":
+        return "adaptive"
+    if isinstance(rotations, dict):
+        unknown = sorted(set(rotations) - set(ROTATIONS))
+        if unknown:
+            raise ValueError(f"QATConfig.rotations has unknown keys {unknown}; the keys are {list(ROTATIONS)}.")
+        resolved: dict[str, Any] = {}
+        for name in ROTATIONS:
+            value = rotations.get(name, False if name in ("r1", "r2") else ())
+            if name in ("r1", "r2"):
+                if not isinstance(value, bool):
+                    raise ValueError(f"QATConfig.rotations[{name!r}]={value!r}: True or False (it is folded into every layer).")
+                resolved[name] = value
+            else:
+                resolved[name] = _check_layer_list(name, value)
+        return resolved
+    if isinstance(rotations, str):
+        rotations = (rotations,)
+    if isinstance(rotations, (list, tuple)) and all(isinstance(r, str) for r in rotations):
+        unknown = [r for r in rotations if r not in ROTATIONS]
+        if not unknown and len(set(rotations)) == len(rotations):
+            return tuple(r for r in ROTATIONS if r in rotations)
+    raise ValueError(
+        f"QATConfig.rotations={rotations!r}: use a subset of {ROTATIONS} without repeats (e.g. ('r1', 'r2')), "
+        "() for none, 'adaptive' (R1 and R2 folded, R3/R4 kept per layer where they lower the quantization "
+        "error on calib), or the per-layer form {'r1': True, 'r2': True, 'r3': [layer indices], 'r4': [...]}."
+    )
+
+
+def _check_calib(calib: Any) -> Any:
+    import torch
+
+    ids = calib.get("input_ids") if isinstance(calib, dict) else calib
+    if isinstance(ids, torch.Tensor) and not ids.is_floating_point() and not ids.is_complex() and ids.ndim in (1, 2) and ids.numel():
+        return calib
+    raise ValueError(
+        "QATConfig.calib must be a calibration batch of token ids: an integer tensor (batch x seq, or seq) or a "
+        "dict of model inputs with 'input_ids' (e.g. a tokenizer's output), on the model's device."
+    )
+
+
+@dataclass
+class QATConfig(MethodConfig):
+    """Quantization-aware training: straight-through fake quantization plus Hadamard rotations (RoSTE).
+
+    Every linear layer inside the decoder layers becomes a :class:`fastft.nn.QuantLinear`:
+    ``y = Q_a(x) · Q_w(W)ᵀ + b`` with ``Q`` the fake quantizer of ``fastft.ops.fake_quantize`` (round to the
+    integer grid and back; the backward is the straight-through estimator). Alone, QAT trains those
+    weights (RoSTE's quantization-aware fine-tuning); with a :class:`LoRAConfig` in the same ``patch`` call
+    the base is frozen and ``Q_w`` quantizes the merged weight ``W + s·BA``, so what trains is what
+    :func:`fastft.export_quantized` writes.
+
+    Args:
+        w_bits: weight bits, 2..8.
+        a_bits: bits of the activations entering each linear layer (``None``: not quantized).
+        kv_bits: bits of the keys and values inside attention (``None``: not quantized).
+        w_granularity: ``"channel"`` (one scale per output row) or ``"group"`` (``group_size`` consecutive
+            inputs of a row share a scale).
+        group_size: the group length for ``"group"`` granularities; it must divide the input width of every
+            quantized layer (checked when patching, before anything changes).
+        a_granularity: ``"token"`` (one scale per token) or ``"group"`` (per token, in groups of ``group_size``).
+        symmetric: symmetric (``q·s``) instead of asymmetric (``(q - z)·s``) grids, for weights, activations and KV.
+        clip_ratio: in (0, 1]; the grid covers ``clip_ratio`` times the observed range.
+        ste: ``"identity"`` (the gradient passes unchanged) or ``"clipped"`` (zero where the value was clamped).
+        rotations: which rotations (QuaRot / SpinQuant layout) to use:
+            ``"r1"`` a seeded random Hadamard over the hidden size folded into the embeddings, every linear
+            layer reading or writing the residual stream and ``lm_head`` (after each RMSNorm's scale is folded
+            into the layers that follow it); ``"r2"`` a per-head Hadamard folded into ``v_proj``'s output and
+            ``o_proj``'s input; ``"r3"`` an online Hadamard on queries and keys after the rotary embedding
+            (it only matters for quantized keys: without ``kv_bits`` it is skipped, and the report says so);
+            ``"r4"`` an online Hadamard on ``down_proj``'s input, its inverse folded into ``down_proj``.
+            ``()`` for none; ``"adaptive"``: R1 and R2, and per layer R3 / R4 only where they lower the
+            quantization error measured on ``calib`` (RoSTE); or the per-layer form that ``"adaptive"``
+            resolves to, ``{"r1": True, "r2": True, "r3": [layer indices], "r4": [layer indices]}``.
+        calib: the calibration batch for ``"adaptive"`` (token ids, or a dict of model inputs). Not saved:
+            saved configs hold the per-layer choice instead.
+        seed: seed of R1's random signs.
+    """
+
+    method: ClassVar[str] = "qat"
+    W_GRANULARITIES: ClassVar[tuple[str, ...]] = ("channel", "group")
+    A_GRANULARITIES: ClassVar[tuple[str, ...]] = ("token", "group")
+    STES: ClassVar[tuple[str, ...]] = ("identity", "clipped")
+
+    w_bits: int = 4
+    a_bits: int | None = 8
+    kv_bits: int | None = None
+    w_granularity: str = "channel"
+    group_size: int = 128
+    a_granularity: str = "token"
+    symmetric: bool = False
+    clip_ratio: float = 1.0
+    ste: str = "identity"
+    rotations: Any = ROTATIONS
+    calib: Any = dataclasses.field(default=None, compare=False, repr=False)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.w_bits = _check_bits("w_bits", self.w_bits, optional=False)
+        self.a_bits = _check_bits("a_bits", self.a_bits, optional=True)
+        self.kv_bits = _check_bits("kv_bits", self.kv_bits, optional=True)
+        if self.w_granularity not in self.W_GRANULARITIES:
+            raise ValueError(f"QATConfig.w_granularity={self.w_granularity!r}: choose one of {list(self.W_GRANULARITIES)}.")
+        if self.a_granularity not in self.A_GRANULARITIES:
+            raise ValueError(f"QATConfig.a_granularity={self.a_granularity!r}: choose one of {list(self.A_GRANULARITIES)}.")
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size <= 0:
+            raise ValueError(f"QATConfig.group_size={self.group_size!r}: a positive integer (e.g. 32, 64, 128).")
+        if not isinstance(self.symmetric, bool):
+            raise ValueError(f"QATConfig.symmetric={self.symmetric!r}: must be True or False.")
+        if isinstance(self.clip_ratio, bool) or not isinstance(self.clip_ratio, (int, float)) or not 0.0 < self.clip_ratio <= 1.0:
+            raise ValueError(f"QATConfig.clip_ratio={self.clip_ratio!r}: a number in (0, 1] (1.0: no clipping).")
+        self.clip_ratio = float(self.clip_ratio)
+        if self.ste not in self.STES:
+            raise ValueError(f"QATConfig.ste={self.ste!r}: choose one of {list(self.STES)}.")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"QATConfig.seed={self.seed!r}: an integer.")
+        self.rotations = _check_rotations(self.rotations)
+        if self.rotations == "adaptive":
+            if self.calib is None:
+                raise ValueError(
+                    "QATConfig(rotations='adaptive') needs calib: a batch of token ids (or a dict of model inputs) "
+                    "on which each layer's quantization error is measured with and without R3 / R4."
+                )
+            self.calib = _check_calib(self.calib)
+        elif self.calib is not None:
+            raise ValueError("QATConfig.calib is used only with rotations='adaptive'; drop it or set rotations='adaptive'.")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        data["calib"] = None  # a tensor; the saved form of 'adaptive' is its per-layer choice
+        if isinstance(self.rotations, dict):
+            data["rotations"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.rotations.items()}
+        return data
+
+
 CONFIG_CLASSES: dict[str, type[MethodConfig]] = {LoRAConfig.method: LoRAConfig}
+CONFIG_CLASSES[QATConfig.method] = QATConfig
 
 
 def config_from_dict(data: dict[str, Any]) -> MethodConfig:
@@ -157,3 +316,225 @@ def config_from_dict(data: dict[str, Any]) -> MethodConfig:
         if isinstance(value, list):
             data[key] = tuple(value)
     return cls(**data)
+
+
+@dataclass
+class LossConfig(MethodConfig):
+    """Fused linear cross-entropy on a ``*ForCausalLM``: the loss without the tokens × vocabulary logits.
+
+    After ``fastft.patch(model, LossConfig(...))`` the model's forward, when given ``labels``, computes the
+    loss with :func:`fastft.ops.linear_cross_entropy` straight from the last hidden states and lm_head's
+    weight (labels shifted exactly as transformers does; ``shift_labels`` and ``num_items_in_batch``
+    honoured). Logits are returned only when asked: ``return_logits=True`` in the call, or by default
+    when the model is in eval mode (``model.eval()``); in train mode ``outputs.logits`` is None.
+
+    Args:
+        kind: ``"ce"`` (cross-entropy), ``"dft"`` (each token weighted by sg(p_t)) or ``"talr"``
+            (weighted by max(sg(p_t)^(1/τ), talr_min_weight), τ the median over the batch's rows of their
+            mean NLL, computed per forward call: under gradient accumulation, per micro-batch; so only
+            "ce" and "dft" accumulate to exactly the whole batch's gradient).
+        chunk_size: tokens per chunk of the PyTorch reference (None: automatic); the Triton kernel ignores it.
+        ignore_index: label value that marks positions without a target (transformers' -100; Trainer
+            counts ``num_items_in_batch`` with -100 whatever this is).
+        label_smoothing: ε in [0, 1], as in ``torch.nn.functional.cross_entropy``.
+        z_loss: λ ≥ 0 of the auxiliary ``λ · logsumexp(z)²`` per token (PaLM's z-loss; 1e-4 is common).
+        logit_softcap: c > 0 for ``z ← c·tanh(z/c)``. None: the model's own ``final_logit_softcapping``
+            if its config has one (Gemma 2), else no cap. A value different from the model's own is refused.
+        talr_min_weight: w_min in [0, 1] of TALR.
+    """
+
+    method: ClassVar[str] = "loss"
+    KINDS: ClassVar[tuple[str, ...]] = ("ce", "dft", "talr")
+
+    kind: str = "ce"
+    chunk_size: int | None = None
+    ignore_index: int = -100
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    logit_softcap: float | None = None
+    talr_min_weight: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.kind not in self.KINDS:
+            raise ValueError(f"LossConfig.kind={self.kind!r}: choose one of {list(self.KINDS)}.")
+        if self.chunk_size is not None and (
+            isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 1
+        ):
+            raise ValueError(f"LossConfig.chunk_size={self.chunk_size!r}: use None (automatic) or a positive integer.")
+        if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
+            raise ValueError(f"LossConfig.ignore_index={self.ignore_index!r}: must be an integer (transformers uses -100).")
+        for name, low, high in (("label_smoothing", 0.0, 1.0), ("talr_min_weight", 0.0, 1.0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+                raise ValueError(f"LossConfig.{name}={value!r}: must be a number in [{low}, {high}].")
+            setattr(self, name, float(value))
+        if isinstance(self.z_loss, bool) or not isinstance(self.z_loss, (int, float)) or not self.z_loss >= 0:
+            raise ValueError(f"LossConfig.z_loss={self.z_loss!r}: must be a number >= 0 (e.g. 1e-4), 0 for none.")
+        self.z_loss = float(self.z_loss)
+        if self.logit_softcap is not None:
+            if (isinstance(self.logit_softcap, bool) or not isinstance(self.logit_softcap, (int, float))
+                    or not self.logit_softcap > 0 or math.isinf(self.logit_softcap)):
+                raise ValueError(
+                    f"LossConfig.logit_softcap={self.logit_softcap!r}: use None (the model's own, if any) or a "
+                    "positive number (Gemma 2 uses 30.0)."
+                )
+            self.logit_softcap = float(self.logit_softcap)
+
+
+CONFIG_CLASSES[LossConfig.method] = LossConfig
+
+
+@dataclass
+class S2FTConfig(MethodConfig):
+    """Structured-sparse fine-tuning (S²FT): a few attention heads and FFN channels per layer train.
+
+    Each decoder block is co-permuted (a permutation that leaves the model's function unchanged) so that
+    the selected heads and channels come first, then only dense slices train: the first columns of
+    ``o_proj`` (the selected heads) and of ``down_proj`` (the selected channels), and with ``rows=True``
+    also the matching first rows of ``v_proj`` and ``up_proj``. See ``fastft.copermute`` for the
+    permutation rules and ``fastft.nn.S2FTLinear`` for the layer.
+
+    Args:
+        ffn_ratio: fraction of each layer's FFN channels that train, in (0, 1]; 0 switches the FFN part
+            off. The count is ``max(1, round(ffn_ratio · intermediate_size))``.
+        attn_ratio: fraction of each layer's query heads that train, in (0, 1]; 0 (the default) switches
+            the attention part off. The count is ``max(1, round(attn_ratio · num_heads))``. With
+            grouped-query attention (r query heads per key/value head) a permutation can only move query
+            heads together with their key/value head, so the selection fills whole groups with at most
+            one partial group; choose a ratio giving a multiple of r to train whole groups. With
+            ``rows=True`` the v_proj rows of every key/value head serving a selected query head train.
+        targets: which parts may train: ``"o_proj"`` (attention heads) and/or ``"down_proj"`` (FFN
+            channels). A part trains when it is listed and its ratio is > 0; a ratio > 0 for a part that
+            is not listed is an error.
+        rows: also train the matching rows of ``v_proj`` (attention) and ``up_proj`` (FFN).
+        selection: how heads/channels are chosen, per layer: ``"random"`` (seeded by ``seed`` and the
+            layer index), ``"weight_norm"`` (largest squared norm of the weights that would train: the
+            head's o_proj columns, the channel's down_proj column, plus the matching v_proj/up_proj rows
+            with ``rows=True``), or ``"gradient"`` (largest squared norm of the gradient of those weights
+            from one backward pass on ``calib``; the model is left exactly as it was).
+        seed: seed of ``"random"`` selection.
+        layers: indices of the decoder layers to touch (``None``: all).
+        calib: the probe for ``selection="gradient"``, required by it and refused by the others: either a
+            dict of model inputs whose forward returns a loss (``model(**calib).loss``, so include
+            ``labels``), or a callable ``calib(model) -> scalar loss tensor``. It is not saved.
+        indices: an explicit selection, ``{layer: {"attn": [query heads], "ffn": [channels]}}`` in slot
+            order, for every touched layer and every active part, with as many entries as the ratios
+            give. When given, no selection policy runs (``fastft.save`` records the selection this way,
+            so ``fastft.load`` reproduces it without ``calib``).
+    """
+
+    method: ClassVar[str] = "s2ft"
+    SELECTIONS: ClassVar[tuple[str, ...]] = ("random", "weight_norm", "gradient")
+    PARTS: ClassVar[dict[str, str]] = {"o_proj": "attn", "down_proj": "ffn"}
+
+    ffn_ratio: float = 0.02
+    attn_ratio: float = 0.0
+    targets: Sequence[str] = ("o_proj", "down_proj")
+    rows: bool = False
+    selection: str = "random"
+    seed: int = 0
+    layers: Sequence[int] | None = None
+    calib: Any = dataclasses.field(default=None, repr=False, compare=False)
+    indices: Any = dataclasses.field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        for name, what in (("ffn_ratio", "FFN channels"), ("attn_ratio", "attention heads")):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ValueError(
+                    f"S2FTConfig.{name}={value!r}: the fraction of each layer's {what} that train, in (0, 1] "
+                    "(0 switches that part off)."
+                )
+            setattr(self, name, float(value))
+        if isinstance(self.targets, str):
+            self.targets = (self.targets,)
+        if not isinstance(self.targets, (list, tuple)) or not self.targets:
+            raise ValueError(f"S2FTConfig.targets={self.targets!r}: use a non-empty list from {list(self.PARTS)}.")
+        for target in self.targets:
+            if not isinstance(target, str) or target.rsplit(".", 1)[-1] not in self.PARTS:
+                raise ValueError(
+                    f"S2FTConfig.targets: {target!r} is not an S²FT target. S²FT trains column slices of 'o_proj' "
+                    "(attention heads) and 'down_proj' (FFN channels); rows=True adds the matching rows of v_proj "
+                    "and up_proj."
+                )
+        self.targets = tuple(self.targets)
+        listed = {self.PARTS[t.rsplit(".", 1)[-1]] for t in self.targets}
+        for ratio, part, target in ((self.attn_ratio, "attn", "o_proj"), (self.ffn_ratio, "ffn", "down_proj")):
+            if ratio > 0 and part not in listed:
+                raise ValueError(
+                    f"S2FTConfig.{part}_ratio={ratio} but {target!r} is not in targets={list(self.targets)}: "
+                    f"add it or set {part}_ratio=0."
+                )
+        if not self.parts:
+            raise ValueError("S2FTConfig: nothing would train; set ffn_ratio and/or attn_ratio above 0.")
+        if not isinstance(self.rows, bool):
+            raise ValueError(f"S2FTConfig.rows={self.rows!r}: must be True or False.")
+        if self.selection not in self.SELECTIONS:
+            raise ValueError(f"S2FTConfig.selection={self.selection!r}: choose one of {list(self.SELECTIONS)}.")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"S2FTConfig.seed={self.seed!r}: must be an integer.")
+        self.layers = _check_layers(self.layers)
+        self.indices = self._check_indices(self.indices)
+        if self.calib is not None and not (callable(self.calib) or isinstance(self.calib, dict)):
+            raise ValueError(
+                f"S2FTConfig.calib: a {type(self.calib).__name__}; pass a dict of model inputs (with labels) or a "
+                "callable model -> loss."
+            )
+        if self.selection == "gradient" and self.calib is None and self.indices is None:
+            raise ValueError(
+                "S2FTConfig(selection='gradient') needs calib=...: a dict of model inputs with labels "
+                "(model(**calib).loss is back-propagated once) or a callable model -> scalar loss."
+            )
+        if self.selection != "gradient" and self.calib is not None:
+            raise ValueError(
+                f"S2FTConfig.calib is used only by selection='gradient', not {self.selection!r}; drop it."
+            )
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """The active parts: "attn" and/or "ffn"."""
+        listed = {self.PARTS[t.rsplit(".", 1)[-1]] for t in self.targets}
+        ratios = {"attn": self.attn_ratio, "ffn": self.ffn_ratio}
+        return tuple(p for p in ("attn", "ffn") if p in listed and ratios[p] > 0)
+
+    def _check_indices(self, indices: Any) -> dict[int, dict[str, tuple[int, ...]]] | None:
+        if indices is None:
+            return None
+        problem = (
+            f"S2FTConfig.indices: use {{layer: {{'attn': [heads], 'ffn': [channels]}}}} with an entry for each "
+            f"active part {list(self.parts)}"
+        )
+        if not isinstance(indices, dict) or not indices:
+            raise ValueError(f"{problem}; got {type(indices).__name__}.")
+        clean: dict[int, dict[str, tuple[int, ...]]] = {}
+        for layer, parts in indices.items():
+            try:
+                layer_index = int(layer)
+            except (TypeError, ValueError):
+                raise ValueError(f"{problem}; layer key {layer!r} is not an integer.") from None
+            if not isinstance(parts, dict) or set(parts) != set(self.parts):
+                raise ValueError(f"{problem}; layer {layer_index} has {parts!r}.")
+            clean[layer_index] = {}
+            for part, values in parts.items():
+                if not isinstance(values, (list, tuple)) or not all(
+                    isinstance(v, int) and not isinstance(v, bool) for v in values
+                ):
+                    raise ValueError(f"{problem}; layer {layer_index} {part!r} is {values!r}, not a list of integers.")
+                clean[layer_index][part] = tuple(values)
+        return dict(sorted(clean.items()))
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {"method": self.method}
+        for f in dataclasses.fields(self):
+            if f.name == "calib":
+                continue
+            value = getattr(self, f.name)
+            if isinstance(value, tuple):
+                value = list(value)
+            if f.name == "indices" and value is not None:
+                value = {str(layer): {part: list(v) for part, v in parts.items()} for layer, parts in value.items()}
+            data[f.name] = value
+        return data
+
+
+CONFIG_CLASSES[S2FTConfig.method] = S2FTConfig

@@ -28,8 +28,6 @@ writing 5 to /proc/self/clear_refs; it includes Python, the libraries and the ba
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import importlib.util
 import math
 import statistics
@@ -44,6 +42,11 @@ from typing import Callable
 import torch
 
 import fastft
+
+from .process_memory import peak_rss as _peak_rss
+from .process_memory import proc_status_bytes as _proc_status_bytes
+from .process_memory import release_freed_memory as _release_freed_memory
+from .process_memory import reset_peak_rss as _reset_peak_rss
 
 PEFT_INSTALL_HINT = 'PEFT is not installed, so the comparison with PEFT is skipped. Install it with: pip install "fastft[peft]"'
 
@@ -140,46 +143,6 @@ def _load_measure_helpers():
     return module
 
 
-def _proc_status_bytes(field_name: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _release_freed_memory() -> None:
-    """Collect garbage and hand freed heap pages back to the OS (glibc), so runs start alike."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the process's resident-set high-water mark (Linux >= 4.0); False where impossible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss() -> int:
-    peak = _proc_status_bytes("VmHWM")
-    if peak is not None:
-        return peak
-    import resource
-
-    scale = 1 if sys.platform == "darwin" else 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-
-
 def _mib(n: float | None) -> str:
     return "n/a" if n is None else f"{n / 2**20:.1f} MiB"
 
@@ -194,9 +157,11 @@ def _fresh_base(setup: DemoSetup, base_state: dict):
     return model
 
 
-def new_fastft_model(setup: DemoSetup, base_state: dict, adapters: Adapters | None = None):
-    """The base patched with fastft LoRA (initial adapters copied in if given); returns (model, report)."""
-    model = _fresh_base(setup, base_state)
+def patch_with_fastft(model, setup: DemoSetup, adapters: Adapters | None = None):
+    """Patch ``model`` in place with fastft LoRA of the demo's config (initial adapters copied in if given).
+
+    Returns the patch report. ``model`` may hold bitsandbytes ``Linear4bit`` layers (QLoRA).
+    """
     report = fastft.patch(model, fastft.LoRAConfig(r=setup.rank, alpha=setup.alpha, targets="all-linear"))
     if adapters is not None:
         with torch.no_grad():
@@ -204,7 +169,13 @@ def new_fastft_model(setup: DemoSetup, base_state: dict, adapters: Adapters | No
                 if isinstance(module, fastft.nn.LoRALinear):
                     module.lora_A.copy_(adapters[name][0])
                     module.lora_B.copy_(adapters[name][1])
-    return model, report
+    return report
+
+
+def new_fastft_model(setup: DemoSetup, base_state: dict, adapters: Adapters | None = None):
+    """The base patched with fastft LoRA (initial adapters copied in if given); returns (model, report)."""
+    model = _fresh_base(setup, base_state)
+    return model, patch_with_fastft(model, setup, adapters)
 
 
 def fastft_adapters(model) -> Adapters:
@@ -216,14 +187,14 @@ def fastft_adapters(model) -> Adapters:
     }
 
 
-def new_peft_model(setup: DemoSetup, base_state: dict, adapters: Adapters):
-    """The base with PEFT LoRA of the same config, its adapters set to ``adapters``."""
+def patch_with_peft(model, setup: DemoSetup, adapters: Adapters):
+    """``model`` wrapped in PEFT LoRA of the same config, its adapters set to ``adapters``; returns the PeftModel."""
     from peft import LoraConfig, get_peft_model
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
         peft_model = get_peft_model(
-            _fresh_base(setup, base_state),
+            model,
             LoraConfig(r=setup.rank, lora_alpha=setup.alpha, lora_dropout=0.0, target_modules="all-linear"),
         )
     base = peft_model.get_base_model()
@@ -239,6 +210,11 @@ def new_peft_model(setup: DemoSetup, base_state: dict, adapters: Adapters):
             layer.lora_A["default"].weight.copy_(lora_A)
             layer.lora_B["default"].weight.copy_(lora_B)
     return peft_model
+
+
+def new_peft_model(setup: DemoSetup, base_state: dict, adapters: Adapters):
+    """The base with PEFT LoRA of the same config, its adapters set to ``adapters``."""
+    return patch_with_peft(_fresh_base(setup, base_state), setup, adapters)
 
 
 class Trainer:

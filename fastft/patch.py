@@ -44,8 +44,18 @@ class Plan:
 
     config: MethodConfig
     swaps: list[tuple[str, nn.Module]] = field(default_factory=list)
+    # False for methods that add no adapter and leave training to the model's own parameters (a fused loss)
+    freeze_base: bool = True
+    # run once every plan is built, before anything is applied: check(model, {name: planned module})
+    checks: list[Callable[[nn.Module, dict[str, nn.Module]], None]] = field(default_factory=list)
     edits: list[Any] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # (all plans of the call) -> the plans in the order to apply them. Lets a method host the modules of
+    # another on the layers both target (e.g. QAT's QuantLinear as the base a LoRALinear wraps), validating
+    # the combination before anything is applied. A wrapping module's ``base_layer`` is the hosted one.
+    compose: Callable[[list["Plan"]], list["Plan"]] | None = None
+    # qualified names of modules whose weights the edits rewrite in place (no other plan may swap them)
+    rewrites: list[str] = field(default_factory=list)
 
     def attach(self) -> None:
         """Second phase of building: initialisation that touches the base layers (e.g. PiSSA's residual)."""
@@ -168,6 +178,9 @@ def build_report(model: nn.Module) -> PatchReport:
                 detail=detail,
             )
         )
+    for plan in state.plans:
+        for edit in plan.edits:
+            rows.extend(getattr(edit, "report_rows", lambda model: [])(model))
     trainable, total = count_parameters(model)
     notes = [note for plan in state.plans for note in plan.notes]
     return PatchReport(
@@ -184,7 +197,8 @@ def build_report(model: nn.Module) -> PatchReport:
 def patch(model: nn.Module, config: MethodConfig | Sequence[MethodConfig]) -> PatchReport:
     """Patch ``model`` in place with one config or a list of configs; return a :class:`PatchReport`.
 
-    Everything that is not an adapter parameter ends frozen. On any error the model is left unchanged.
+    Everything that is not an adapter parameter ends frozen (unless every config leaves the base alone, as
+    a lone ``LossConfig`` does). On any error the model is left unchanged.
     """
     from . import methods  # noqa: F401  (registers every method's planner)
 
@@ -203,11 +217,28 @@ def patch(model: nn.Module, config: MethodConfig | Sequence[MethodConfig]) -> Pa
     _refuse_foreign(model)
 
     plans = [PLANNERS[type(cfg)](model, cfg) for cfg in configs]
-    names = [name for plan in plans for name, _ in plan.swaps]
-    if len(set(names)) != len(names):
-        twice = sorted({n for n in names if names.count(n) > 1})
-        raise ValueError(f"two configs target the same modules: {twice[:5]}")
+    for composer in [plan.compose for plan in plans if plan.compose is not None]:
+        plans = composer(plans)
+    placed: dict[str, nn.Module] = {}
+    twice = set()
+    for name, module in (swap for plan in plans for swap in plan.swaps):
+        if name in placed and getattr(module, "base_layer", None) is not placed[name]:
+            twice.add(name)
+        placed[name] = module
+    if twice:
+        raise ValueError(f"two configs target the same modules: {sorted(twice)[:5]}")
+    rewritten = {name: plan.config.method for plan in plans for name in plan.rewrites}
+    clash = [(n, plan.config.method) for plan in plans for n, _ in plan.swaps if rewritten.get(n, plan.config.method) != plan.config.method]
+    if clash:
+        name, method = clash[0]
+        raise ValueError(
+            f"fastft.patch: {method} targets '{name}', whose weight {rewritten[name]} rewrites (permutes) in place; "
+            f"leave it out of the {method} targets."
+        )
 
+    planned = {name: module for plan in plans for name, module in plan.swaps}  # the outermost module per name
+    for check in [check for plan in plans for check in plan.checks]:
+        check(model, planned)
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     applied: list[tuple[str, nn.Module]] = []
     edits_done: list[Any] = []
@@ -231,9 +262,10 @@ def patch(model: nn.Module, config: MethodConfig | Sequence[MethodConfig]) -> Pa
         raise
 
     adapter_ids = {id(p) for plan in plans for p in plan.adapter_parameters()}
-    for param in model.parameters():
-        if id(param) not in adapter_ids:
-            param.requires_grad_(False)
+    if any(plan.freeze_base for plan in plans):
+        for param in model.parameters():
+            if id(param) not in adapter_ids:
+                param.requires_grad_(False)
     model.__dict__[STATE_ATTR] = PatchState(plans=plans, requires_grad=requires_grad)
     return build_report(model)
 

@@ -42,7 +42,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> None:
     if state is None:
         raise ValueError("fastft.export_peft: this model is not patched by fastft.")
     lora_plans = [plan for plan in state.plans if isinstance(plan.config, LoRAConfig)]
-    others = [plan.config.method for plan in state.plans if not isinstance(plan.config, LoRAConfig)]
+    others = [plan.config.method for plan in state.plans if not isinstance(plan.config, LoRAConfig) and plan.swaps]
     if not lora_plans or others:
         raise ValueError(
             f"fastft.export_peft writes LoRA adapters only; this model is patched with {[c.method for c in state.configs]}."

@@ -159,6 +159,8 @@ class LoRALinear(nn.Module):
         return x.dtype
 
     def forward(self, x: Tensor) -> Tensor:
+        if hasattr(self.base_layer, "forward_with_update"):  # a hosting base (QAT): see rebase()
+            return self.base_layer.forward_with_update(x, self.lora_A, self.lora_B, self.scale)
         if x.shape[-1] != self.in_features:
             raise ValueError(
                 f"{type(self).__name__}: the input's last dimension is {x.shape[-1]} but this layer takes "
@@ -182,6 +184,13 @@ class LoRALinear(nn.Module):
     def _run_op(self, x: Tensor, weight, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, mask: Tensor | None) -> Tensor:
         """The op on prepared operands (all in the compute dtype); subclasses (DoRA) swap it."""
         return lora_linear(x, weight, bias, lora_A, lora_B, self.scale, self.dropout_p, mask)
+
+    def rebase(self, base: nn.Module) -> None:
+        """Wrap ``base``, a module another config put over this adapter's layer (QAT's ``QuantLinear``), which
+        then computes the forward given the update (``base.forward_with_update(x, A, B, s)``) and validates
+        the combination (``base.host_update(self)``); merging still adds ``s·BA`` to ``base.weight``."""
+        base.host_update(self)
+        self.base_layer = base
 
     # ------------------------------------------------------------- adapters
     def adapter_parameters(self) -> dict[str, nn.Parameter]:

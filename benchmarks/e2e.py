@@ -1,0 +1,311 @@
+"""End to end: a small Llama trained a few steps with fastft and with its peer, each variant in its own process.
+
+    python -m benchmarks --only e2e                                # through the suite (every method)
+    python -m benchmarks.e2e --method lora --provider fastft       # one variant; prints one RESULT line (JSON)
+
+The model, the data and the training loop are the demo's (``fastft.demo``): a random-weight
+``LlamaForCausalLM`` built from its config class, batches of a synthetic language (same seed, so the same
+data for every variant), AdamW on the trainable parameters. Default: hidden 1024, intermediate 2816,
+4 layers, 16 heads / 4 KV heads, vocab 32000, sequence 512, batch 2, 6 steps, LoRA r=16 alpha=32 on every
+linear layer of the decoder layers (``--quick``: hidden 256, intermediate 704, 2 layers, sequence 128, vocab 2048).
+float32 on a CPU, bfloat16 on a GPU (adapters float32, both libraries' rule).
+
+Each variant runs in a fresh Python process, so its resident memory is its own. Both variants of a method
+import the same libraries (peft when installed, bitsandbytes for QLoRA) before anything is measured.
+Every variant starts from the same adapters: A drawn from a seeded generator (Kaiming-uniform, PEFT's and
+fastft's default), B zero. Recorded per variant:
+
+    time            wall time of a training step (forward + backward + AdamW), steps 2..N (the first
+                    creates the optimizer state): median, p20, p80
+    loss            the loss at every step (a curve) and ``final_loss`` after N steps: fastft and its peer
+                    compute the same thing, so these agree to rounding
+    rss_baseline    resident memory after the imports, before the model is built
+    peak_rss        the process's peak resident memory over everything (build, patch, train)
+    peak_rss_train  the peak during the training steps alone (high-water mark reset once the model is
+                    ready): what a method changes
+    peak_allocated  GPU only: torch.cuda.max_memory_allocated during the training steps
+
+Adding a method (DoRA, S²FT, QAT ...): add a :class:`Method` to ``METHODS`` with one function per provider
+that patches the base model in place (or wraps it) and returns the model to train; a method without a
+PEFT counterpart simply lists fastft alone (or another peer). The suite picks it up as ``e2e-<name>``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULT_PREFIX = "RESULT "
+
+
+def setups():
+    """The end-to-end model/run sizes: {"default": ..., "quick": ...} (``fastft.demo.DemoSetup``)."""
+    from fastft.demo import DemoSetup
+
+    default = DemoSetup(hidden=1024, intermediate=2816, layers=4, heads=16, kv_heads=4, vocab=32000, seq_len=512,
+                        batch=2, steps=6, lr=5e-3, rank=16, alpha=32, seed=0)
+    # every in_features a multiple of 64, bitsandbytes' block: its CPU C++ dequantize_4bit (0.50.2) disagrees with
+    # its own reference (and fastft) when the blocks straddle rows, e.g. for 256x688 weights
+    quick = replace(default, hidden=256, intermediate=704, layers=2, heads=8, kv_heads=4, vocab=2048, seq_len=128)
+    return {"default": default, "quick": quick}
+
+
+# ----------------------------------------------------------------------------------------------- methods
+def decoder_linears(model: nn.Module) -> dict[str, nn.Module]:
+    """The linear layers inside the decoder layers (``nn.Linear`` or bitsandbytes ``Linear4bit``), by name."""
+    from fastft.bnb import is_linear4bit
+
+    return {
+        name: module for name, module in model.named_modules()
+        if ".layers." in f".{name}." and (type(module) is nn.Linear or is_linear4bit(module))
+    }
+
+
+def seeded_lora_adapters(model: nn.Module, setup) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(A, B) for every decoder linear: A Kaiming-uniform (bound 1/sqrt(in)) from a seeded generator, B zero."""
+    gen = torch.Generator().manual_seed(setup.seed + 3)
+    adapters = {}
+    for name, module in sorted(decoder_linears(model).items()):
+        bound = 1.0 / math.sqrt(module.in_features)
+        lora_A = (torch.rand(setup.rank, module.in_features, generator=gen) * 2 - 1) * bound
+        adapters[name] = (lora_A, torch.zeros(module.out_features, setup.rank))
+    return adapters
+
+
+def quantize_decoder_linears(model: nn.Module, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """Every decoder ``nn.Linear`` replaced by a bitsandbytes NF4 ``Linear4bit`` (double quant) on ``device``."""
+    import bitsandbytes as bnb
+
+    for name, module in list(decoder_linears(model).items()):
+        quantized = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                                      compute_dtype=dtype, compress_statistics=True, quant_type="nf4")
+        quantized.load_state_dict(module.state_dict())
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, quantized.to(device))  # quantized when moved
+    return model
+
+
+def _lora_fastft(model, setup):
+    from fastft.demo import patch_with_fastft
+
+    patch_with_fastft(model, setup, seeded_lora_adapters(model, setup))
+    return model
+
+
+def _lora_peft(model, setup):
+    from fastft.demo import patch_with_peft
+
+    return patch_with_peft(model, setup, seeded_lora_adapters(model, setup))
+
+
+@dataclass(frozen=True)
+class Method:
+    """A fine-tuning method trained end to end: one patching function per provider.
+
+    ``providers[name](model, setup)`` patches (or wraps) the base model and returns the model to train;
+    ``prepare_base(model, dtype, device)`` runs first when given (e.g. quantize for QLoRA); ``requires``:
+    packages every variant needs. A provider other than "fastft" is a peer; "peft" needs PEFT installed.
+    """
+
+    name: str
+    providers: dict[str, Callable]
+    prepare_base: Callable | None = None
+    requires: tuple[str, ...] = ()
+    description: str = ""
+
+
+METHODS: dict[str, Method] = {
+    "lora": Method("lora", {"fastft": _lora_fastft, "peft": _lora_peft},
+                   description="LoRA on every decoder linear layer"),
+    "qlora": Method("qlora", {"fastft": _lora_fastft, "peft": _lora_peft}, prepare_base=quantize_decoder_linears,
+                    requires=("bitsandbytes",), description="LoRA over an NF4 (double-quantized) base"),
+}
+
+
+# ----------------------------------------------------------------------------------------------- one variant
+def run_variant(method_name: str, provider: str, setup, device: torch.device, dtype: torch.dtype) -> dict:
+    """Build, patch and train one variant in this process; returns the figures (see the module docstring)."""
+    from fastft.demo import Trainer, build_base_model, make_batches
+    from fastft.dispatch import backend_for
+    from fastft.process_memory import current_rss, peak_rss, release_freed_memory, reset_peak_rss
+    from fastft.report import count_parameters
+
+    from .harness import installed
+
+    method = METHODS[method_name]
+    for package in ("peft", *method.requires):  # the same imports for every variant of the method
+        if installed(package):
+            __import__(package)
+    release_freed_memory()
+    rss_baseline = current_rss()
+    reset_peak_rss()
+
+    model = build_base_model(setup).to(dtype)
+    if method.prepare_base is not None:
+        model = method.prepare_base(model, dtype, device)
+    model = model.to(device)
+    model = method.providers[provider](model, setup)
+    trainable, total = count_parameters(model)
+    fastft_backends = sorted({backend_for(m.op, device) for m in model.modules() if isinstance(getattr(m, "op", None), str)})
+    batches = [ids.to(device) for ids in make_batches(setup)]
+
+    peak_build = peak_rss()
+    release_freed_memory()
+    was_reset = reset_peak_rss()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    trainer = Trainer(model, setup.lr)
+    losses, seconds = [], []
+    for ids in batches:
+        start = time.perf_counter()
+        losses.append(trainer.step(ids))  # .item() synchronises a GPU
+        seconds.append(time.perf_counter() - start)
+    peak_train = peak_rss()
+    result = dict(
+        method=method_name, provider=provider, device=str(device), dtype=str(dtype).removeprefix("torch."),
+        threads=torch.get_num_threads(), backend="+".join(fastft_backends) or "-", losses=losses, step_seconds=seconds[1:] or seconds,
+        rss_baseline=rss_baseline, peak_rss=max(peak_build, peak_train), peak_rss_train=peak_train,
+        peak_rss_was_reset=was_reset, trainable_params=trainable, total_params=total,
+    )
+    if device.type == "cuda":
+        result["peak_allocated"] = torch.cuda.max_memory_allocated(device)
+    return result
+
+
+def run_in_subprocess(method: str, provider: str, setup_name: str, device: torch.device, threads: int,
+                      timeout_s: float) -> dict:
+    """:func:`run_variant` in a fresh ``python -m benchmarks.e2e`` process; raises with its stderr on failure."""
+    command = [sys.executable, "-m", "benchmarks.e2e", "--method", method, "--provider", provider,
+               "--setup", setup_name, "--device", device.type, "--threads", str(threads)]
+    try:
+        done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout_s,
+                              env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    except subprocess.TimeoutExpired as error:
+        raise RuntimeError(f"the {method}/{provider} variant ran past {timeout_s:.0f} s and was stopped") from error
+    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+    if done.returncode != 0 or not lines:
+        tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-6:])
+        raise RuntimeError(f"the {method}/{provider} variant exited with status {done.returncode}:\n{tail}")
+    return json.loads(lines[-1][len(RESULT_PREFIX):])
+
+
+# ----------------------------------------------------------------------------------------------- in the suite
+def result_measurements(result: dict) -> list:
+    """The figures of one variant as suite measurements."""
+    from .harness import Measurement
+
+    provider = result["provider"]
+    role = "fastft" if provider == "fastft" else "peer"
+    backend = result["backend"] if role == "fastft" else "eager"
+    times = sorted(result["step_seconds"])
+    q = lambda p: times[min(len(times) - 1, round(p * (len(times) - 1)))]  # noqa: E731
+    m = lambda metric, unit, value, **kw: Measurement(provider, backend, role, "train", metric, unit, value, **kw)  # noqa: E731
+    note = f"{len(times)} steps after the first; each variant in its own process, one after the other (not interleaved)"
+    out = [
+        m("time", "s", statistics.median(times), p20=q(0.2), p80=q(0.8), note=note),
+        m("final_loss", "nats", result["losses"][-1], note=f"after {len(result['losses'])} steps, same data and seed"),
+        m("rss_baseline", "bytes", result["rss_baseline"], note="after imports, before the model"),
+        m("peak_rss", "bytes", result["peak_rss"], note="whole process: build, patch, train"),
+        m("peak_rss_train", "bytes", result["peak_rss_train"],
+          note="training steps only" if result["peak_rss_was_reset"] else "peak could not be reset: whole process"),
+        m("trainable_params", "params", result["trainable_params"]),
+    ]
+    if "peak_allocated" in result:
+        out.append(m("peak_allocated", "bytes", result["peak_allocated"], note="torch.cuda.max_memory_allocated, training"))
+    out += [m("loss", "nats", loss, x=("step", i + 1)) for i, loss in enumerate(result["losses"])]
+    return out
+
+
+def _step_flops(setup) -> float:
+    """Rough FLOPs of one training step with a frozen base (forward + input gradients; for estimates only)."""
+    head_dim = setup.hidden // setup.heads
+    per_layer = setup.hidden * (setup.hidden + 2 * setup.kv_heads * head_dim) + setup.hidden ** 2 \
+        + 3 * setup.hidden * setup.intermediate
+    tokens = setup.batch * setup.seq_len
+    linear = 4.0 * (setup.layers * per_layer + setup.hidden * setup.vocab) * tokens
+    attention = 12.0 * tokens * setup.seq_len * setup.hidden * setup.layers
+    return linear + attention
+
+
+def suite_benchmarks() -> list:
+    """One benchmark per method: ``e2e-<method>`` (tags "e2e" and the method), a case per provider."""
+    from .harness import Benchmark, Case, installed, missing_note, Measurement
+
+    def make_cases(method: Method):
+        def cases(ctx) -> list:
+            setup_name = "quick" if ctx.quick else "default"
+            setup = setups()[setup_name]
+            dtype = "bfloat16" if ctx.on_gpu else "float32"
+            config = dict(setup=setup_name, hidden=setup.hidden, intermediate=setup.intermediate, layers=setup.layers,
+                          seq=setup.seq_len, batch=setup.batch, vocab=setup.vocab, steps=setup.steps, rank=setup.rank,
+                          dtype=dtype)
+            slowdown = 2.0 if method.prepare_base is not None else 1.0
+            startup_s = 15.0  # a fresh Python importing torch, transformers, peft (and bitsandbytes)
+
+            def estimate(ctx) -> float:  # called after the suite calibrated the machine
+                return startup_s * ctx.contention + setup.steps * _step_flops(setup) * slowdown / ctx.gemm_flops_per_s
+
+            out = []
+            for provider in method.providers:
+                if provider == "peft" and not installed("peft"):
+                    note = missing_note("peft", f"the PEFT variant of e2e-{method.name}")
+                    run = lambda ctx, note=note: [Measurement("peft", "eager", "peer", "-", "skipped", "", None, note=note)]
+                    out.append(Case(f"e2e-{method.name}", config, ("setup",), run, lambda ctx: 0.0,
+                                    name=f"e2e-{method.name} peft (skipped)"))
+                    continue
+
+                def run(ctx, provider=provider) -> list:
+                    timeout = max(600.0, 10 * estimate(ctx))
+                    return result_measurements(run_in_subprocess(method.name, provider, setup_name, ctx.device,
+                                                                 torch.get_num_threads(), timeout))
+
+                out.append(Case(f"e2e-{method.name}", config, ("setup",), run, estimate,
+                                name=f"e2e-{method.name} {provider} ({setup_name} Llama, own process)"))
+            return out
+
+        return cases
+
+    return [
+        Benchmark(f"e2e-{method.name}", make_cases(method), f"end to end: {method.description}",
+                  tags=("e2e", method.name), requires=method.requires)
+        for method in METHODS.values()
+    ]
+
+
+# ----------------------------------------------------------------------------------------------- command line
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.e2e", description=__doc__.split("\n")[0])
+    parser.add_argument("--method", choices=sorted(METHODS), default="lora")
+    parser.add_argument("--provider", default="fastft", help="fastft or a peer of the method (peft)")
+    parser.add_argument("--setup", choices=("default", "quick"), default="default")
+    parser.add_argument("--quick", action="store_true", help="same as --setup quick")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.provider not in METHODS[args.method].providers:
+        parser.error(f"--provider for {args.method}: one of {sorted(METHODS[args.method].providers)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    setup = setups()["quick" if args.quick else args.setup]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    result = run_variant(args.method, args.provider, setup, device, dtype)
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,222 @@
+"""A training step of a small Llama: plain fastft LoRA vs QAT+LoRA (fake-quantized base, rotations).
+
+    python -m benchmarks.qat_step                     # hidden 512, 4 layers, batch 4 x 256 tokens, float32
+    python -m benchmarks.qat_step --quick             # small shapes, a few seconds
+    python -m benchmarks.qat_step --csv qat_step.csv  # also one CSV row per measurement
+
+Providers, one copy of the same random Llama each, patched in one process:
+  lora           fastft.LoRAConfig(r) on every decoder linear layer (the peer: what QAT adds cost to);
+  qat+lora       the same LoRA plus fastft.QATConfig(w_bits=4, a_bits=8, rotations R1..R4): every linear
+                 computes Q_a(x Q₄)·Q_w(W + s·BA)ᵀ, R3 rotates q and k inside attention;
+  qat+lora kv4   the same with kv_bits=4 (keys and values fake-quantized inside attention).
+One step is ``loss = model(ids, labels=ids).loss; loss.backward()`` with the adapters' gradients dropped
+first. Measured side by side (see ``benchmarks.measure``): time (median and p20/p80 of interleaved
+runs, and the ratio to lora), bytes saved for backward (parameters excluded), peak live bytes of the
+step, and matmul FLOPs (FlopCounterMode; fastft's custom ops counted through their reference code).
+
+No target is set by the issue for this overhead; the figures are reported, never asserted. CPU times
+on a shared machine are noisy: the 1-minute load average is printed with them.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import os
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import transformers as tf
+
+import fastft
+
+from . import measure
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+QUICK = dict(hidden=128, intermediate=384, layers=2, heads=4, batch=2, seq=64, rank=8, repeats=5, warmup=1)
+
+
+@dataclass
+class Provider:
+    name: str
+    model: torch.nn.Module
+    report: str
+
+
+@dataclass
+class Result:
+    name: str
+    timing: measure.Timing
+    saved_bytes: int
+    peak_live_bytes: int
+    flops: int
+
+
+def build_providers(args: argparse.Namespace, dtype: torch.dtype) -> list[Provider]:
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
+        max_position_embeddings=max(args.seq, 64),
+    )
+    base = tf.LlamaForCausalLM(config).to(dtype)
+    lora = fastft.LoRAConfig(r=args.rank, alpha=2 * args.rank)
+    qat = dict(w_bits=4, a_bits=8, rotations=("r1", "r2", "r3", "r4"))
+    setups = {
+        "lora": [lora],
+        "qat+lora": [fastft.QATConfig(**qat), lora],
+        "qat+lora kv4": [fastft.QATConfig(**qat, kv_bits=4), lora],
+    }
+    providers = []
+    for name, configs in setups.items():
+        model = copy.deepcopy(base).train()
+        report = fastft.patch(model, configs)
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():  # B starts at zero; non-zero B makes every product matter
+            for module in model.modules():
+                if isinstance(module, fastft.nn.LoRALinear):
+                    module.lora_B.copy_(torch.randn(module.lora_B.shape, generator=gen) * 0.01)
+        providers.append(Provider(name, model, str(report)))
+    return providers
+
+
+def make_step(model: torch.nn.Module, ids: torch.Tensor) -> Callable[[], None]:
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step() -> None:
+        for param in params:
+            param.grad = None
+        model(ids, labels=ids).loss.backward()
+
+    return step
+
+
+def make_forward(model: torch.nn.Module, ids: torch.Tensor) -> Callable[[], None]:
+    def forward() -> None:
+        model(ids, labels=ids)
+
+    return forward
+
+
+def _load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def run(args: argparse.Namespace) -> tuple[list[Result], dict]:
+    dtype = DTYPES[args.dtype]
+    providers = build_providers(args, dtype)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(2))
+    steps = {p.name: make_step(p.model, ids) for p in providers}
+    memory_and_flops = {
+        p.name: (
+            measure.saved_bytes(make_forward(p.model, ids), parameters=p.model),
+            measure.peak_live_bytes(steps[p.name]),
+            measure.flops(steps[p.name]),
+        )
+        for p in providers
+    }
+    load_before = _load_average()
+    timings = measure.time_interleaved(steps, repeats=args.repeats, warmup=args.warmup)
+    load_after = _load_average()
+    results = [Result(name, timings[name], *memory_and_flops[name]) for name in steps]
+    return results, dict(report=providers[1].report, threads=torch.get_num_threads(), load=(load_before, load_after))
+
+
+def _fmt_load(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def format_table(results: list[Result], context: dict, shape: str) -> str:
+    peer = {r.name: r for r in results}["lora"]
+    header = ("provider", "median ms", "p20 ms", "p80 ms", "x lora", "saved for bwd", "x lora", "peak live", "x lora",
+              "GFLOP")
+    rows = []
+    for r in results:
+        t = r.timing
+        rows.append((
+            r.name, f"{t.median_s * 1e3:.1f}", f"{t.p20_s * 1e3:.1f}", f"{t.p80_s * 1e3:.1f}",
+            f"{t.median_s / peer.timing.median_s:.3f}",
+            measure.format_bytes(r.saved_bytes), f"{r.saved_bytes / max(peer.saved_bytes, 1):.3f}",
+            measure.format_bytes(r.peak_live_bytes), f"{r.peak_live_bytes / max(peer.peak_live_bytes, 1):.3f}",
+            f"{r.flops / 1e9:.2f}",
+        ))
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    line = lambda row: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(row, widths)))  # noqa: E731
+    first = results[0].timing
+    return "\n".join([
+        f"training step (forward + backward), QAT+LoRA vs LoRA: {shape}",
+        f"machine: CPU, {context['threads']} threads, {os.cpu_count()} cores; {first.repeats} timed runs after "
+        f"{first.warmup} warm-up, interleaved; torch {torch.__version__}; 1-min load average "
+        f"{_fmt_load(context['load'][0])} before timing, {_fmt_load(context['load'][1])} after",
+        line(header),
+        line(tuple("-" * w for w in widths)),
+        *(line(row) for row in rows),
+    ])
+
+
+def write_csv(path: str, results: list[Result], args: argparse.Namespace, threads: int) -> None:
+    fields = ["benchmark", "provider", "metric", "value", "unit", "hidden", "intermediate", "layers", "batch", "seq",
+              "rank", "dtype", "threads", "device", "repeats", "warmup", "torch"]
+    new = not os.path.exists(path) or os.path.getsize(path) == 0
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        if new:
+            writer.writeheader()
+        common = dict(benchmark="qat_step", hidden=args.hidden, intermediate=args.intermediate, layers=args.layers,
+                      batch=args.batch, seq=args.seq, rank=args.rank, dtype=args.dtype, threads=threads, device="cpu",
+                      repeats=args.repeats, warmup=args.warmup, torch=torch.__version__)
+        for r in results:
+            for metric, value, unit in [
+                ("time_median", r.timing.median_s, "s"), ("time_p20", r.timing.p20_s, "s"),
+                ("time_p80", r.timing.p80_s, "s"), ("saved_for_backward", r.saved_bytes, "bytes"),
+                ("peak_live", r.peak_live_bytes, "bytes"), ("flops", r.flops, "flop"),
+            ]:
+                writer.writerow(dict(common, provider=r.name, metric=metric, value=value, unit=unit))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.qat_step", description=__doc__.split("\n")[0])
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--intermediate", type=int, default=1536, help="a Hadamard size (R4): 2^n or K·2^n")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--vocab", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--repeats", type=int, default=10, help="timed runs per provider")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--quick", action="store_true", help=f"small shapes: {QUICK}")
+    parser.add_argument("--csv", metavar="PATH", help="append one row per measurement to this CSV file")
+    args = parser.parse_args(argv)
+    if args.quick:
+        for key, value in QUICK.items():
+            setattr(args, key, value)
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[Result]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shape = (f"Llama hidden={args.hidden}, intermediate={args.intermediate}, layers={args.layers}, heads={args.heads}, "
+             f"batch={args.batch}x{args.seq} tokens, LoRA r={args.rank}, {args.dtype}; QAT W4 per-channel A8 per-token, R1-R4")
+    results, context = run(args)
+    print(context["report"])
+    print()
+    print(format_table(results, context, shape))
+    if args.csv:
+        write_csv(args.csv, results, args, context["threads"])
+        print(f"wrote {len(results) * 6} rows to {args.csv}")
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,406 @@
+"""``python -m benchmarks``: every op and method of fastft against its peers, speed and memory, CSV and plots.
+
+    python -m benchmarks                    # the full sweep (prints its expected duration first)
+    python -m benchmarks --quick            # small shapes, a few minutes on a 2-core CPU
+    python -m benchmarks --only lora,qlora  # some benchmarks (names or tags: layer, e2e); --skip likewise
+    python -m benchmarks --list             # what would run, with estimated durations; runs nothing
+    python -m benchmarks --out DIR          # results.csv (appended), summary.md and plots/ (default bench-results/)
+
+Each benchmark module lists its cases through ``suite_benchmarks()`` (see ``benchmarks.harness``); the
+modules are in :data:`SUITE_MODULES`. A provider that is not installed or cannot run here is skipped with
+a note; a case that raises is reported as FAILED with its error and the run goes on (the exit status is
+then 1). Rows are appended to the CSV as each case ends, so an interrupted run keeps what it measured.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from . import harness
+from .harness import Benchmark, Case, Context, Measurement
+from .records import CsvWriter, Environment, Row, format_config, load_average
+
+# Modules whose ``suite_benchmarks()`` make up the suite. To add a benchmark module: give it a
+# ``suite_benchmarks()`` returning harness.Benchmark objects and append its name here.
+SUITE_MODULES = (
+    "benchmarks.lora_layer",
+    "benchmarks.e2e",
+)
+
+DEFAULT_OUT = "bench-results"
+QUICK_TIMING = dict(repeats=5, warmup=1, rounds=2, rep_ms=50)
+FULL_TIMING = dict(repeats=10, warmup=2, rounds=3, rep_ms=100)
+
+
+@dataclass
+class Outcome:
+    """What one run produced: its rows, skipped notes, failures, the output paths."""
+
+    rows: list[Row] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    csv_path: Path | None = None
+    summary_path: Path | None = None
+    plots: list[Path] = field(default_factory=list)
+    expected_s: float = 0.0
+    elapsed_s: float = 0.0
+
+    def note(self, text: str) -> None:
+        if text not in self.notes:
+            self.notes.append(text)
+
+
+# ----------------------------------------------------------------------------------- collecting
+def collect(modules: Iterable[str] = SUITE_MODULES) -> tuple[list[Benchmark], list[tuple[str, str]]]:
+    """The benchmarks of every suite module, and (module, error) for each module that failed to load."""
+    import importlib
+
+    benchmarks, broken = [], []
+    for name in modules:
+        try:
+            benchmarks.extend(importlib.import_module(name).suite_benchmarks())
+        except Exception as error:  # a broken module is reported, the others still run
+            broken.append((name, _describe(error)))
+    return benchmarks, broken
+
+
+def select(benchmarks: list[Benchmark], only: list[str], skip: list[str]) -> list[Benchmark]:
+    """Benchmarks named (or tagged) in ``only`` (all when empty), minus those in ``skip``."""
+    known = {b.name for b in benchmarks} | {t for b in benchmarks for t in b.tags}
+    unknown = [name for name in [*only, *skip] if name not in known]
+    if unknown:
+        raise SystemExit(
+            f"--only/--skip: unknown benchmark(s) {unknown}; choose from {sorted(b.name for b in benchmarks)} "
+            f"or the tags {sorted({t for b in benchmarks for t in b.tags})}"
+        )
+    matches = lambda b, names: b.name in names or any(t in names for t in b.tags)  # noqa: E731
+    return [b for b in benchmarks if (not only or matches(b, only)) and not matches(b, skip)]
+
+
+def _describe(error: BaseException) -> str:
+    """``Type: message`` plus where it was raised: the innermost frame outside installed libraries."""
+    import sysconfig
+
+    frames = traceback.extract_tb(error.__traceback__)
+    library_dirs = {sysconfig.get_paths()[key] for key in ("stdlib", "purelib", "platlib")}
+    ours = [f for f in frames if "site-packages" not in f.filename
+            and not any(f.filename.startswith(d) for d in library_dirs)]
+    where = ours[-1] if ours else (frames[-1] if frames else None)
+    message = " ".join(str(error).split())
+    text = f"{type(error).__name__}: {message}" if message else type(error).__name__
+    if where is not None:
+        text += f" (at {Path(where.filename).name}:{where.lineno} in {where.name})"
+    return text
+
+
+# ----------------------------------------------------------------------------------- rows
+def case_rows(case: Case, measurements: Iterable[Measurement], env: Environment) -> list[Row]:
+    """The CSV rows of a case: one per measurement and sweep (or per curve point)."""
+    rows = []
+    config = format_config(case.config)
+    for m in measurements:
+        points = [m.x] if m.x is not None else [(name, case.config.get(name, "")) for name in case.x_names]
+        for x_name, x_value in points:
+            rows.append(env.row(op=case.op, provider=m.provider, backend=m.backend, role=m.role, mode=m.mode,
+                                metric=m.metric, unit=m.unit, x_name=x_name, x_value=str(x_value), p50=m.p50,
+                                p20=m.p20, p80=m.p80, config=config, note=m.note))
+    return rows
+
+
+def status_row(op: str, metric: str, note: str, env: Environment, case: Case | None = None,
+               provider: str = "-") -> Row:
+    """A "skipped" or "failed" row (no figure; the note says why)."""
+    x_name = case.x_names[0] if case is not None and case.x_names else "-"
+    x_value = str(case.config.get(x_name, "-")) if case is not None else "-"
+    config = format_config(case.config) if case is not None else ""
+    return env.row(op=op, provider=provider, backend="-", role="-", mode="-", metric=metric, unit="", x_name=x_name,
+                   x_value=x_value, p50=None, p20=None, p80=None, config=config, note=note)
+
+
+# ----------------------------------------------------------------------------------- printing
+def _fmt(value: float | None, unit: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if unit == "s":
+        from .render import format_seconds
+
+        return format_seconds(value)
+    if unit == "bytes":
+        from .measure import format_bytes
+
+        return format_bytes(value)
+    if unit == "flop":
+        return f"{value / 1e9:.3g} G"
+    if unit in ("abs", "rel"):
+        return f"{value:.1e}"
+    if unit == "params":
+        return f"{int(value):,}"
+    return f"{value:.4g}"
+
+
+_CONSOLE_COLUMNS = [
+    ("time", "forward", "fwd"), ("time", "backward", "bwd"), ("time", "step", "step"),
+    ("saved_for_backward", "forward", "saved"), ("peak_live", "step", "peak live"),
+    ("peak_allocated", "step", "peak alloc"), ("flops", "step", "FLOP"), ("max_rel_diff", "step", "rel diff"),
+    ("time", "train", "step time"), ("final_loss", "train", "loss"), ("peak_rss", "train", "peak RSS"),
+    ("peak_rss_train", "train", "RSS train"), ("peak_allocated", "train", "peak alloc"),
+]
+
+
+def format_case(case: Case, measurements: list[Measurement]) -> str:
+    """A small table of one case: a line per provider, the main figures as columns, then skip notes."""
+    figures = [m for m in measurements if m.x is None and m.p50 is not None]
+    labels: list[str] = []
+    for m in figures:
+        label = _label(m.provider, m.backend, m.role)
+        if label not in labels:
+            labels.append(label)
+    present = {(m.metric, m.mode) for m in figures}
+    columns = [c for c in _CONSOLE_COLUMNS if (c[0], c[1]) in present]
+    cell = {(_label(m.provider, m.backend, m.role), m.metric, m.mode): _fmt(m.p50, m.unit) for m in figures}
+    table = [["provider", *(c[2] for c in columns)]]
+    table += [[label, *(cell.get((label, c[0], c[1]), "") for c in columns)] for label in labels]
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    lines = [f"{case.label}"] if figures else []
+    lines += ["  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in table] if figures else []
+    lines += [f"  skipped {_label(m.provider, m.backend, m.role)}: {m.note}" for m in measurements if m.metric == "skipped"]
+    return "\n".join(lines)
+
+
+def _label(provider: str, backend: str, role: str) -> str:
+    if role == "fastft":
+        return f"{provider}[{backend}]"
+    if role == "estimate":
+        return f"{provider} (estimate)"
+    if role == "floor":
+        return f"{provider} (floor)"
+    return provider
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min"
+
+
+class Progress:
+    """tqdm over the cases when installed (and ``enabled``), otherwise a plain "[i/n] case" line each."""
+
+    def __init__(self, total: int, enabled: bool = True):
+        self.total, self.done = total, 0
+        self.bar = None
+        if enabled and harness.installed("tqdm"):
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="case", dynamic_ncols=True, file=sys.stderr)
+
+    def start(self, label: str) -> None:
+        if self.bar is not None:
+            self.bar.set_description(label[:60])
+        else:
+            print(f"[{self.done + 1}/{self.total}] {label} ...", flush=True)
+
+    def write(self, text: str) -> None:
+        if not text:
+            return
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stdout)
+        else:
+            print(text, flush=True)
+
+    def advance(self) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ----------------------------------------------------------------------------------- running
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("--quick", action="store_true", help="small shapes and fewer timed runs")
+    parser.add_argument("--only", default="", help="comma-separated benchmark names or tags to run (default: all)")
+    parser.add_argument("--skip", default="", help="comma-separated benchmark names or tags to leave out")
+    parser.add_argument("--out", default=DEFAULT_OUT, help=f"results directory (default {DEFAULT_OUT}/)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="where to run (auto: cuda when available)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--repeats", type=int, default=None, help="CPU: timed rounds per mode (quick 5, full 10)")
+    parser.add_argument("--max-minutes", type=float, default=None,
+                        help="stop starting new cases after this long (the rest are recorded as skipped)")
+    parser.add_argument("--list", action="store_true", help="list the cases and their estimated durations; run nothing")
+    parser.add_argument("--no-render", action="store_true", help="write the CSV only (no plots, no summary.md)")
+    parser.add_argument("--no-progress", action="store_true", help="plain progress lines instead of a bar")
+    args = parser.parse_args(argv)
+    args.only = [n.strip() for n in args.only.split(",") if n.strip()]
+    args.skip = [n.strip() for n in args.skip.split(",") if n.strip()]
+    return args
+
+
+def make_context(args: argparse.Namespace) -> Context:
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA device is available to this torch "
+                             f"({torch.__version__}); use --device cpu")
+        device = torch.device(args.device)
+    timing = dict(QUICK_TIMING if args.quick else FULL_TIMING)
+    if args.repeats:
+        timing["repeats"] = args.repeats
+    return Context(device=device, quick=args.quick, env=Environment.current(device), **timing)
+
+
+def plan(benchmarks: list[Benchmark], ctx: Context, outcome: Outcome) -> list[tuple[Benchmark, Case]]:
+    """The cases to run; benchmarks missing a package or failing to list their cases are recorded."""
+    cases = []
+    for benchmark in benchmarks:
+        missing = [p for p in benchmark.requires if not harness.installed(p)]
+        if missing:
+            note = harness.missing_note(missing[0], f"benchmark {benchmark.name!r}")
+            outcome.note(note)
+            outcome.rows.append(status_row(benchmark.name, "skipped", note, ctx.env))
+            continue
+        try:
+            cases += [(benchmark, case) for case in benchmark.cases(ctx)]
+        except Exception as error:
+            text = f"{benchmark.name}: listing its cases failed: {_describe(error)}"
+            outcome.failures.append(text)
+            outcome.rows.append(status_row(benchmark.name, "failed", text, ctx.env))
+    return cases
+
+
+def run(argv: list[str] | None = None, benchmarks: list[Benchmark] | None = None) -> Outcome:
+    """Run the suite (``benchmarks`` replaces the collected ones; tests use it); returns the outcome."""
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ctx = make_context(args)
+    outcome = Outcome()
+    out_dir = Path(args.out)
+    writer = CsvWriter(out_dir / "results.csv")
+    writer.check()
+    if benchmarks is None:
+        benchmarks, broken = collect()
+        for module, error in broken:
+            text = f"{module}: could not be loaded: {error}"
+            outcome.failures.append(text)
+            outcome.rows.append(status_row(module.rsplit(".", 1)[-1], "failed", text, ctx.env))
+    selected = select(benchmarks, args.only, args.skip)
+    cases = plan(selected, ctx, outcome)
+
+    ctx.gemm_flops_per_s = harness.calibrate_gemm(ctx.device)
+    ctx.contention = 1.0 if ctx.on_gpu else harness.contention()
+    if ctx.on_gpu:
+        dtypes = sorted({str(c.config["dtype"]) for _, c in cases if str(c.config.get("dtype")) in harness.DTYPES})
+        try:
+            ctx.peaks = harness.measure_peaks(ctx.device, dtypes or ["bfloat16"])
+        except Exception as error:
+            outcome.note(f"roofline estimates skipped: measuring the device's peaks failed: {_describe(error)}")
+    estimates = [max(0.0, c.estimate_s(ctx)) for _, c in cases]
+    render_s = 0.0 if args.no_render else 0.5 * len(cases) * ctx.contention  # a plot or two per case, roughly
+    outcome.expected_s = sum(estimates) + render_s
+
+    env = ctx.env
+    load = load_average()
+    print(f"fastft benchmarks ({'quick' if ctx.quick else 'full'} sweep) on {env.device}, {env.threads} threads "
+          f"({os.cpu_count()} cores), 1-min load average {load if load is not None else 'n/a'}; torch {env.torch}, "
+          f"triton {env.triton}, fastft {env.fastft}")
+    if ctx.peaks is not None:
+        print(f"roofline: {ctx.peaks.how} (estimates are labelled as such)")
+    print(f"{len(cases)} cases in {len(selected)} benchmarks ({', '.join(b.name for b in selected) or 'none'}); "
+          f"expected duration about {_duration(outcome.expected_s)} (estimated from a float32 GEMM at "
+          f"{ctx.gemm_flops_per_s / 1e9:.0f} GFLOP/s on this machine now"
+          + (f", fixed costs scaled by the load: {ctx.contention:.1f} runnable processes per core)" if ctx.contention > 1 else ")"))
+    for note in outcome.notes:
+        print(f"note: {note}")
+    if args.list:
+        for (benchmark, case), estimate in zip(cases, estimates):
+            print(f"  {benchmark.name:<12} {case.label}  ~{_duration(estimate)}")
+        return outcome
+
+    writer.append(outcome.rows)
+    started = time.perf_counter()
+    progress = Progress(len(cases), enabled=not args.no_progress)
+    try:
+        for benchmark, case in cases:
+            elapsed = time.perf_counter() - started
+            if args.max_minutes is not None and elapsed > 60 * args.max_minutes:
+                note = f"not run: --max-minutes {args.max_minutes:g} reached"
+                rows = [status_row(case.op, "skipped", f"{case.label}: {note}", env, case)]
+                outcome.note(f"cases not run: --max-minutes {args.max_minutes:g} reached")
+            else:
+                progress.start(case.label)
+                try:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        measurements = case.run(ctx)
+                    rows = case_rows(case, measurements, env)
+                    progress.write(format_case(case, measurements))
+                    for m in measurements:
+                        if m.metric == "skipped":
+                            outcome.note(m.note)
+                except Exception as error:
+                    text = f"{case.label}: {_describe(error)}"
+                    outcome.failures.append(text)
+                    rows = [status_row(case.op, "failed", text, env, case)]
+                    progress.write(f"{case.label}\n  FAILED: {_describe(error)}")
+            writer.append(rows)
+            outcome.rows += rows
+            progress.advance()
+    finally:
+        progress.close()
+    outcome.elapsed_s = time.perf_counter() - started
+    outcome.csv_path = writer.path
+
+    if not args.no_render:
+        from . import render
+
+        try:
+            result = render.render(writer.path, out_dir, run_id=env.run_id)
+            outcome.summary_path, outcome.plots = result.summary_path, result.plots
+            for note in result.notes:
+                outcome.note(note)
+        except Exception as error:
+            outcome.failures.append(f"rendering the plots and summary failed: {_describe(error)}")
+    _print_end(outcome, load)
+    return outcome
+
+
+def _print_end(outcome: Outcome, load_at_start: float | None) -> None:
+    load = load_average()
+    print()
+    print(f"done in {_duration(outcome.elapsed_s)} (expected about {_duration(outcome.expected_s)}); 1-min load "
+          f"average {load_at_start if load_at_start is not None else 'n/a'} at the start, "
+          f"{load if load is not None else 'n/a'} at the end")
+    if outcome.csv_path is not None:
+        print(f"rows appended to {outcome.csv_path}")
+    if outcome.summary_path is not None:
+        print(f"summary: {outcome.summary_path}; {len(outcome.plots)} plots in {outcome.summary_path.parent / 'plots'}")
+    for note in outcome.notes:
+        print(f"skipped: {note}")
+    for failure in outcome.failures:
+        print(f"FAILED: {failure}")
+    if outcome.failures:
+        print(f"{len(outcome.failures)} FAILED (see above and the summary); the other cases ran.")
+
+
+def main(argv: list[str] | None = None, benchmarks: list[Benchmark] | None = None) -> int:
+    """Run the suite; exit status 1 when a case failed (after everything else ran), else 0."""
+    outcome = run(argv, benchmarks)
+    return 1 if outcome.failures else 0

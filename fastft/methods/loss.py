@@ -1,0 +1,347 @@
+"""A fused loss on a ``*ForCausalLM``: with labels, the model's forward never builds the logits.
+
+``fastft.patch(model, LossConfig(...))`` installs, on the model INSTANCE (never its class), a forward
+that behaves exactly like the class's forward except when ``labels`` are given:
+
+  1. the decoder (``model.<base_model_prefix>``) runs with the same arguments;
+  2. its last hidden states are sliced by ``logits_to_keep`` as transformers does;
+  3. the labels are shifted as ``transformers.loss.loss_utils.ForCausalLMLoss`` does — padded on the right
+     with ``ignore_index`` and shifted left by one — or ``shift_labels`` is used as given;
+  4. the loss is :func:`fastft.ops.linear_cross_entropy` over the hidden states and lm_head's weight (and
+     bias), with the model's final logit softcap (Gemma 2's ``final_logit_softcapping``) and
+     ``num_items_in_batch`` (the "mean" divisor under gradient accumulation; transformers' Trainer passes
+     it because this forward takes ``**kwargs``);
+  5. logits are computed only when asked: ``return_logits=True``, or by default in eval mode
+     (``not model.training``); then lm_head runs on the kept positions (softcapped like the model does),
+     while the loss still comes from the fused op. In train mode ``outputs.logits`` is None.
+
+Without labels the class's forward runs untouched (generation, inference). Only model classes whose
+forward is this sequence — read in transformers and tested against its own loss — are accepted; others
+(mixture-of-experts models that add a router loss, models that scale their logits) are refused at patch
+time, as are lm_heads the op cannot compute through (an adapter other than fastft's LoRA, a 4-bit
+lm_head): such an adapter would otherwise silently never train. A fastft LoRA lm_head (LoRAConfig
+targeting "lm_head" in the same call) is computed through: base weight plus the low-rank term
+``s·dropout(h)Aᵀ · Bᵀ``, still without logits, and A and B get their gradients. ``fastft.unpatch`` restores the previous
+forward. A lone LossConfig freezes nothing: every parameter keeps its ``requires_grad`` (full fine-tuning
+works); with a LoRAConfig in the same call, LoRA's freezing applies.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import types
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import LossConfig
+from ..dispatch import backend_for
+from ..ops.linear_cross_entropy import linear_cross_entropy
+from ..patch import Plan, register_planner
+from ..report import PatchedModule
+
+# Classes whose forward is decoder -> slice_logits_to_keep -> lm_head [-> final softcap] -> ForCausalLMLoss,
+# read in transformers 5.x and checked against transformers' own loss in tests/test_loss_patch.py.
+SUPPORTED_MODELS = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "GemmaForCausalLM",
+    "Gemma2ForCausalLM",
+)
+SETTINGS_ATTR = "_fastft_fused_loss"
+_MISSING = object()
+
+
+@dataclass
+class FusedLossSettings:
+    """What the installed forward needs; kept in the model's ``__dict__`` so a deep copy carries it."""
+
+    config: LossConfig
+    head_name: str
+    softcap: Optional[float]
+    previous_forward: Any  # an instance-level forward that was there before (e.g. accelerate's hooks), or None
+
+
+def _qualified_name(model: nn.Module, module: nn.Module) -> str:
+    for name, candidate in model.named_modules():
+        if candidate is module:
+            return name
+    raise ValueError("the model's output embeddings (lm_head) are not one of its submodules")
+
+
+def check_head(module: nn.Module, name: str) -> None:
+    """lm_head must be a plain ``nn.Linear`` with a float weight, or a fastft ``LoRALinear`` over one (the op
+    then adds the low-rank term): the op reads the weights directly."""
+    from ..bnb import is_linear4bit
+    from ..nn.lora import LoRALinear
+
+    if type(module) is nn.Linear and module.weight.is_floating_point():
+        return
+    if type(module) is LoRALinear and not module.is_4bit:
+        return
+    if is_linear4bit(module) or getattr(module, "is_4bit", False) or (
+        isinstance(module, nn.Linear) and not module.weight.is_floating_point()
+    ):
+        raise ValueError(
+            f"fastft LossConfig: '{name}' is a quantized {type(module).__name__}; the fused loss reads lm_head's "
+            "weight directly and does not support a 4-bit/8-bit lm_head. Keep lm_head unquantized "
+            "(e.g. BitsAndBytesConfig(llm_int8_skip_modules=['lm_head'])) or drop LossConfig."
+        )
+    if hasattr(module, "base_layer") or type(module).__module__.startswith(("fastft.", "peft.")):
+        raise ValueError(
+            f"fastft LossConfig: '{name}' would be a {type(module).__name__} adapter layer. The fused loss computes "
+            "through a plain nn.Linear or a fastft LoRA lm_head only, so this adapter would never train. Leave "
+            "lm_head out of the adapter's targets (e.g. targets='all-linear'), use LoRA there, or drop LossConfig."
+        )
+    raise ValueError(
+        f"fastft LossConfig: '{name}' is a {type(module).__name__}; the fused loss supports an lm_head that is "
+        "a plain torch.nn.Linear."
+    )
+
+
+def _model_softcap(model: nn.Module, config: LossConfig) -> Optional[float]:
+    own = getattr(model.config, "final_logit_softcapping", None)
+    if config.logit_softcap is None:
+        return None if own is None else float(own)
+    if own is not None and float(own) != config.logit_softcap:
+        raise ValueError(
+            f"LossConfig.logit_softcap={config.logit_softcap} but this model already softcaps its logits at "
+            f"final_logit_softcapping={own}; leave logit_softcap=None to use the model's."
+        )
+    return config.logit_softcap
+
+
+def _check_model(model: nn.Module) -> None:
+    name = type(model).__name__
+    if name not in SUPPORTED_MODELS:
+        raise ValueError(
+            f"fastft LossConfig supports {list(SUPPORTED_MODELS)}; got {name}. The fused loss replaces the "
+            "model's head-and-loss step, so it is enabled only for models whose forward fastft has checked "
+            "(no router auxiliary loss, no logit scaling)."
+        )
+    if "_loss_function" in model.__dict__:
+        raise ValueError(
+            "fastft LossConfig: this model has a custom loss_function set on it; the fused loss would replace "
+            "it. Remove it (del model._loss_function) or drop LossConfig."
+        )
+    from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+
+    if LOSS_MAPPING.get(getattr(model, "loss_type", None) or "ForCausalLM") is not ForCausalLMLoss:
+        raise ValueError(
+            f"fastft LossConfig: this model's loss_type={model.loss_type!r} is not transformers' causal-LM "
+            "cross-entropy, which is what the fused loss replaces."
+        )
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise ValueError("fastft LossConfig: encoder-decoder models are not supported (decoder-only CausalLMs).")
+
+
+class FusedLossForward:
+    """The model-level :class:`fastft.patch.Edit` of a LossConfig: install / remove the instance forward."""
+
+    def __init__(self, config: LossConfig, head_name: str, softcap: Optional[float]):
+        self.config = config
+        self.head_name = head_name
+        self.softcap = softcap
+        self.previous: Any = _MISSING
+
+    def check_planned_head(self, model: nn.Module, planned: dict[str, nn.Module]) -> None:
+        """Run by ``fastft.patch`` before anything changes: lm_head as it will be after every config."""
+        check_head(planned.get(self.head_name, model.get_submodule(self.head_name)), self.head_name)
+
+    def apply(self, model: nn.Module) -> None:
+        self.previous = model.__dict__.get("forward", _MISSING)
+        previous = None if self.previous is _MISSING else self.previous
+        model.__dict__[SETTINGS_ATTR] = FusedLossSettings(self.config, self.head_name, self.softcap, previous)
+        model.__dict__["forward"] = types.MethodType(_forward_function(type(model)), model)
+
+    def revert(self, model: nn.Module, merge: bool) -> None:
+        model.__dict__.pop(SETTINGS_ATTR, None)
+        if self.previous is _MISSING:
+            model.__dict__.pop("forward", None)
+        else:
+            model.__dict__["forward"] = self.previous
+        self.previous = _MISSING
+
+    def report_rows(self, model: nn.Module) -> list[PatchedModule]:
+        head = model.get_submodule(self.head_name)
+        lora = getattr(head, "base_layer", None) is not None
+        weight = head.base_layer.weight if lora else head.weight
+        cfg = self.config
+        parts = [f"kind={cfg.kind}", f"chunk={cfg.chunk_size or 'auto'}"]
+        if lora:
+            parts.append(f"through LoRA r={head.r}")
+        if self.softcap is not None:
+            parts.append(f"softcap={self.softcap:g}")
+        if cfg.label_smoothing:
+            parts.append(f"smoothing={cfg.label_smoothing:g}")
+        if cfg.z_loss:
+            parts.append(f"z_loss={cfg.z_loss:g}")
+        if cfg.kind == "talr":
+            parts.append(f"w_min={cfg.talr_min_weight:g}")
+        parts.append("logits only when asked")
+        return [PatchedModule(
+            name=self.head_name,
+            kind=f"loss-{cfg.kind}",
+            backend=backend_for("linear_cross_entropy", weight.device),
+            shape=f"{weight.shape[1]}->{weight.shape[0]}",
+            trainable=sum(p.numel() for p in head.parameters() if p.requires_grad),
+            detail=" ".join(parts),
+        )]
+
+
+@functools.lru_cache(maxsize=None)
+def _class_signature(model_class: type) -> inspect.Signature:
+    return inspect.signature(model_class.forward)
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_function(model_class: type):
+    """A forward with the class forward's signature plus ``return_logits`` (what Trainer inspects)."""
+    signature = _class_signature(model_class)
+    params = list(signature.parameters.values())
+    extra = inspect.Parameter("return_logits", inspect.Parameter.KEYWORD_ONLY, default=None)
+    at = next((i for i, p in enumerate(params) if p.kind == inspect.Parameter.VAR_KEYWORD), len(params))
+    params.insert(at, extra)
+
+    def forward(self, *args, **kwargs):
+        return fused_causal_lm_forward(self, *args, **kwargs)
+
+    forward.__signature__ = signature.replace(parameters=params)
+    forward.__doc__ = fused_causal_lm_forward.__doc__
+    forward.__name__ = forward.__qualname__ = "forward"
+    return forward
+
+
+def _slice_to_keep(hidden: torch.Tensor, logits_to_keep: Any) -> torch.Tensor:
+    try:
+        from transformers.modeling_utils import slice_logits_to_keep
+    except ImportError:  # older transformers: an int or a 1-D index tensor
+        if isinstance(logits_to_keep, int):
+            return hidden[:, slice(-logits_to_keep, None), :]
+        return hidden[:, logits_to_keep, :]
+    return slice_logits_to_keep(hidden, logits_to_keep)
+
+
+def fused_causal_lm_forward(model: nn.Module, *args, **kwargs):
+    """The class's forward, except that with ``labels`` the loss is fused and logits are optional.
+
+    ``return_logits``: None (default) returns logits in eval mode only; True / False force it.
+    """
+    settings: FusedLossSettings = model.__dict__[SETTINGS_ATTR]
+    return_logits = kwargs.pop("return_logits", None)
+    original = settings.previous_forward or types.MethodType(type(model).forward, model)
+    signature = _class_signature(type(model))
+    try:
+        bound = signature.bind(model, *args, **kwargs)
+    except TypeError:
+        return original(*args, **kwargs)  # let the model raise its own error about the arguments
+    arguments = dict(bound.arguments)
+    arguments.pop(next(iter(signature.parameters)))  # self
+    var_kw = next((p.name for p in signature.parameters.values() if p.kind == inspect.Parameter.VAR_KEYWORD), None)
+    extra = dict(arguments.pop(var_kw, {})) if var_kw else {}
+    labels = arguments.pop("labels", None)
+    if labels is None:
+        return original(*args, **kwargs)
+
+    cfg = settings.config
+    logits_to_keep = arguments.pop("logits_to_keep", 0)
+    shift_labels = extra.pop("shift_labels", None)
+    num_items_in_batch = extra.pop("num_items_in_batch", None)
+    return_dict = extra.pop("return_dict", None)
+    if return_dict is None:
+        return_dict = getattr(model.config, "return_dict", True)
+
+    decoder = getattr(model, model.base_model_prefix)
+    outputs = decoder(**arguments, **extra)
+    hidden = _slice_to_keep(outputs.last_hidden_state, logits_to_keep)
+
+    if shift_labels is None:
+        labels = F.pad(labels, (0, 1), value=cfg.ignore_index)
+        shift_labels = labels[..., 1:]
+    if tuple(shift_labels.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(
+            f"fastft fused loss: labels give targets of shape {tuple(shift_labels.shape)} (after the shift) but "
+            f"the model kept hidden states for positions of shape {tuple(hidden.shape[:-1])} "
+            f"(input of shape {tuple(outputs.last_hidden_state.shape[:-1])}, logits_to_keep={logits_to_keep!r}); "
+            "pass labels of the same shape as input_ids (or shift_labels matching the kept positions)."
+        )
+    head = model.get_submodule(settings.head_name)
+    check_head(head, settings.head_name)
+    hidden, weight, bias, lowrank_hidden, lowrank_weight = _head_operands(head, hidden)
+    loss = linear_cross_entropy(
+        hidden, weight, shift_labels.to(hidden.device), bias, kind=cfg.kind, reduction="mean",
+        ignore_index=cfg.ignore_index, label_smoothing=cfg.label_smoothing, z_loss=cfg.z_loss,
+        logit_softcap=settings.softcap, talr_min_weight=cfg.talr_min_weight, chunk_size=cfg.chunk_size,
+        num_items_in_batch=num_items_in_batch, lowrank_hidden=lowrank_hidden, lowrank_weight=lowrank_weight,
+    )
+
+    logits = None
+    if (not model.training) if return_logits is None else bool(return_logits):
+        logits = F.linear(hidden, weight, bias)  # what lm_head computes (with the same LoRA dropout draw)
+        if lowrank_hidden is not None:
+            logits = logits + lowrank_hidden @ lowrank_weight.t()
+        if settings.softcap is not None:
+            logits = torch.tanh(logits / settings.softcap) * settings.softcap
+
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    fields = set(CausalLMOutputWithPast.__dataclass_fields__)
+    carried = {key: value for key, value in outputs.items() if key in fields and key not in ("loss", "logits")}
+    result = CausalLMOutputWithPast(loss=loss, logits=logits, **carried)
+    return result if return_dict else result.to_tuple()
+
+
+def _head_operands(head: nn.Module, hidden: torch.Tensor):
+    """(hidden, weight, bias, lowrank_hidden, lowrank_weight) in the dtype lm_head would compute in.
+
+    A plain nn.Linear: its weight and bias, in the autocast dtype under autocast (else the dtypes must
+    match, as for nn.Linear). A fastft LoRALinear: the base weight and bias plus the low-rank operands
+    ``s · dropout(h) Aᵀ`` and ``B``, cast like LoRALinear casts them (to the input's or autocast dtype),
+    with the same dropout draw it would make.
+    """
+    from ..nn.lora import LoRALinear
+
+    autocast = torch.is_autocast_enabled(hidden.device.type)
+    if type(head) is LoRALinear:  # exactly LoRA (subclasses such as DoRA are refused by check_head)
+        dtype = torch.get_autocast_dtype(hidden.device.type) if autocast else hidden.dtype
+        base = head.base_layer
+        hidden = hidden.to(dtype)
+        x = hidden
+        if head.training and head.dropout_p > 0.0:
+            mask = torch.empty(x.shape, device=x.device).bernoulli_(1.0 - head.dropout_p).bool()
+            x = x * mask / (1.0 - head.dropout_p)
+        lowrank_hidden = (x @ head.lora_A.to(dtype).t()) * head.scale
+        bias = None if base.bias is None else base.bias.to(dtype)
+        return hidden, base.weight.to(dtype), bias, lowrank_hidden, head.lora_B.to(dtype)
+    weight, bias = head.weight, head.bias
+    if autocast:  # as nn.Linear under autocast
+        dtype = torch.get_autocast_dtype(hidden.device.type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    elif hidden.dtype != weight.dtype:
+        raise TypeError(f"fastft fused loss: the hidden states are {hidden.dtype} but lm_head's weight is {weight.dtype}.")
+    return hidden, weight, bias, None, None
+
+
+def plan_loss(model: nn.Module, config: LossConfig) -> Plan:
+    _check_model(model)
+    head = model.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"fastft LossConfig: {type(model).__name__} has no output embeddings (lm_head).")
+    head_name = _qualified_name(model, head)
+    check_head(head, head_name)
+    softcap = _model_softcap(model, config)
+    edit = FusedLossForward(config, head_name, softcap)
+    notes = [
+        f"fused {config.kind} loss through '{head_name}': with labels, {type(model).__name__}.forward returns the "
+        "loss without materialising logits (logits only with return_logits=True or in eval mode)"
+    ]
+    return Plan(config, edits=[edit], notes=notes, freeze_base=False, checks=[edit.check_planned_head])
+
+
+register_planner(LossConfig, plan_loss)

@@ -1,0 +1,100 @@
+"""The fake-quantized-weight linear op of QAT: ``y = x · Q_w(W + s·BA)ᵀ + b``, with a lean backward.
+
+For an input x (N×K, already fake-quantized by the caller), a weight W (O×K), an optional bias b, an
+optional low-rank update (A: R×K, B: O×R, scale s; absent: W_eff = W) and the weight fake quantizer
+``Q_w`` (``fastft.ops.fake_quantize`` with fixed settings)::
+
+    W_eff = W + s · B A            (in the adapters' dtype when there is an update)
+    y     = x · Q_w(W_eff)ᵀ + b
+
+Backward, for g = ∂L/∂y (N×O), with the straight-through estimator of ``Q_w`` (``M`` = 1 for
+``ste="identity"``, the "not clamped" mask of W_eff for ``"clipped"``)::
+
+    dx     = g · Q_w(W_eff)
+    dW_eff = M ⊙ (gᵀ x)            (O×K)
+    dW     = dW_eff                                          (W trains: QAT alone)
+    dA     = s · Bᵀ dW_eff,  dB = s · dW_eff Aᵀ              (LoRA under QAT)
+           = s · (g B)ᵀ x,   = s · gᵀ (x Aᵀ)   when M = 1: no O×K product is formed
+    db     = Σ_rows g
+
+Saved for backward: x alone (W, A, B are parameters). ``Q_w(W_eff)`` is not kept: the backward
+recomputes it (an elementwise pass over W, plus the rank-R product B·A), which is what keeps a QAT
+training step's memory at the level of plain LoRA instead of holding a quantized copy of every weight.
+The gradients are exactly those of the plain autograd composition ``F.linear(x, fake_quantize(W + s·B@A), b)``.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Quantizer = Callable[[Tensor], Tensor]
+
+
+def effective_weight(weight: Tensor, lora_A: Optional[Tensor], lora_B: Optional[Tensor], scale: float) -> Tensor:
+    """``W`` or ``W + s·BA`` (in the adapters' dtype)."""
+    if lora_A is None:
+        return weight
+    return weight.to(lora_A.dtype) + scale * (lora_B @ lora_A)
+
+
+class _QuantWeightLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scale, quantizer, clipped):
+        with torch.no_grad():
+            wq = quantizer(effective_weight(weight, lora_A, lora_B, scale)).to(x.dtype)
+            y = F.linear(x, wq, None if bias is None else bias.to(x.dtype))
+        ctx.save_for_backward(x, weight, lora_A, lora_B)
+        ctx.scale, ctx.quantizer, ctx.clipped = scale, quantizer, clipped
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, lora_A, lora_B = ctx.saved_tensors
+        need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:5]
+        s = ctx.scale
+        g2 = grad.reshape(-1, grad.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        dx = dw = db = dA = dB = None
+        need_weight_grad = need_w or need_A or need_B
+        with torch.enable_grad() if (ctx.clipped and need_weight_grad) else torch.no_grad():
+            w_eff = effective_weight(weight.detach(), *(None if t is None else t.detach() for t in (lora_A, lora_B)), s)
+            if ctx.clipped and need_weight_grad:
+                w_eff = w_eff.detach().requires_grad_(True)
+            wq = ctx.quantizer(w_eff)
+        if need_x:
+            dx = (g2 @ wq.detach().to(g2.dtype)).reshape(x.shape)
+        if need_weight_grad:
+            if ctx.clipped:
+                (d_eff,) = torch.autograd.grad(wq, w_eff, (g2.t() @ x2).to(wq.dtype))
+                if need_A:
+                    dA = s * (lora_B.t().to(d_eff.dtype) @ d_eff)
+                if need_B:
+                    dB = s * (d_eff @ lora_A.t().to(d_eff.dtype))
+                if need_w:
+                    dw = d_eff
+            else:
+                if need_A:
+                    dA = s * ((g2 @ lora_B.to(g2.dtype)).t() @ x2)
+                if need_B:
+                    dB = s * (g2.t() @ (x2 @ lora_A.to(x2.dtype).t()))
+                if need_w:
+                    dw = g2.t() @ x2
+            dw = None if dw is None else dw.to(weight.dtype)
+            dA = None if dA is None else dA.to(lora_A.dtype)
+            dB = None if dB is None else dB.to(lora_B.dtype)
+        if need_b and ctx.bias_dtype is not None:
+            db = g2.sum(0).to(ctx.bias_dtype)
+        return dx, dw, db, dA, dB, None, None, None
+
+
+def quant_weight_linear(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], quantizer: Quantizer, clipped: bool,
+    lora_A: Optional[Tensor] = None, lora_B: Optional[Tensor] = None, scale: float = 0.0,
+) -> Tensor:
+    """``x · Q_w(W + s·BA)ᵀ + b`` (see the module docstring); ``quantizer`` is ``Q_w`` and ``clipped`` says
+    whether its straight-through estimator is the clipped one. The bias gets a gradient when it requires one."""
+    return _QuantWeightLinear.apply(x, weight, bias, lora_A, lora_B, scale, quantizer, clipped)
