@@ -23,6 +23,12 @@ float32), the same for every provider; GB/s is that over the median time. Peak l
 the tensors one call allocates (``measure.peak_live_bytes``), which shows the reference's temporaries.
 Target (issue 8): cpp at least 3x faster than the reference for the transform and the fused fq at
 d=4096, reported as met / not met. The machine's 1-minute load average is printed before and after.
+
+In ``python -m benchmarks`` (``suite_benchmarks``: "hadamard", "rotate_quantize") the same ops run
+through the public autograd ops on every fastft backend (``torch`` = the reference, ``cpp``;
+``triton``/``cuda`` on a GPU) beside what one writes without fastft — the rotation as a dense matmul by
+H_d, the quantization with a detach-style STE — eager and under torch.compile (full sweep), forward,
+backward and step, with the suite's metrics.
 """
 from __future__ import annotations
 
@@ -257,6 +263,113 @@ def main(argv=None) -> list[Row]:
         write_csv(args.csv, rows, context)
         print(f"wrote {args.csv}")
     return rows
+
+
+# --------------------------------------------------------------------------- the suite (python -m benchmarks)
+SUITE_SWEEPS = {
+    ("cpu", "quick"): (dict(d=1024, tokens=256, dtype="float32"), dict(d=[1024, 4096])),
+    ("cpu", "full"): (dict(d=4096, tokens=2048, dtype="float32"),
+                      dict(d=[1024, 4096, 11008], dtype=["float32", "bfloat16"])),
+    ("cuda", "quick"): (dict(d=4096, tokens=2048, dtype="bfloat16"), dict(d=[1024, 4096, 11008])),
+    ("cuda", "full"): (dict(d=4096, tokens=8192, dtype="bfloat16"),
+                       dict(d=[1024, 4096, 11008, 14336], tokens=[2048, 8192, 32768], dtype=["float32", "bfloat16"])),
+}
+
+
+def dense_rotate_quantize(x: torch.Tensor, H: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """Rotation by the dense H_d (a matmul) + per-token asymmetric fake quantization with the clipped STE,
+    in plain differentiable PyTorch: what one writes without fastft (gradient: autograd through the
+    matmul, masked where the code was clamped)."""
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    rotated = x.to(compute) @ H.t()
+    codes, keep = fake_quantize_reference(rotated.detach(), bits, "token", 128, False, 1.0, False, True)
+    passed = torch.where(keep, rotated, rotated.detach())
+    return (passed + (codes - passed).detach()).to(x.dtype)
+
+
+def _suite_subjects(op: str, config: dict, ctx) -> list:
+    from fastft.ops import fake_quantize, hadamard_transform
+
+    from .hadamard import dense_hadamard
+    from .harness import DTYPES as HARNESS_DTYPES
+    from .harness import Skipped, Subject, fastft_backends, forced_backend
+
+    dtype, device = HARNESS_DTYPES[config["dtype"]], ctx.device
+    gen = torch.Generator().manual_seed(config["d"])
+    x = torch.randn(config["tokens"], config["d"], generator=gen).to(device, dtype).requires_grad_(True)
+    grad = torch.randn(config["tokens"], config["d"], generator=gen).to(device, dtype)
+    if op == "hadamard_transform":
+        H = dense_hadamard(config["d"], dtype, device)
+        ours, peer = (lambda: hadamard_transform(x)), (lambda t: t @ H.t())
+    else:
+        H = dense_hadamard(config["d"], torch.float64 if dtype == torch.float64 else torch.float32, device)
+        ours = lambda: fake_quantize(x, 8, "token", rotate=True, ste="clipped")  # noqa: E731
+        peer = lambda t: dense_rotate_quantize(t, H)  # noqa: E731
+    subjects: list = []
+    backends, skipped = fastft_backends(op if op == "hadamard_transform" else "fake_quantize", device)
+    for backend in backends:
+        subjects.append(Subject("fastft", backend, "fastft", ours, grad, [x],
+                                context=lambda backend=backend: forced_backend(backend),
+                                flops_context=lambda: forced_backend("torch")))
+    subjects += skipped
+    subjects.append(Subject("pytorch", "dense", "peer", lambda: peer(x), grad, [x], parameters=[H]))
+    if ctx.quick:
+        subjects.append(Skipped("torch.compile", "inductor", "peer",
+                                "torch.compile of the dense version: full sweep only (a minute of compiling a shape)"))
+    else:
+        compiled = torch.compile(peer, dynamic=False)
+        subjects.append(Subject("torch.compile", "inductor", "peer", lambda: compiled(x), grad, [x], parameters=[H]))
+    return subjects
+
+
+def _suite_min_bytes(op: str, config: dict, mode: str) -> int:
+    from .harness import DTYPES as HARNESS_DTYPES
+
+    n = config["tokens"] * config["d"]
+    e = torch.empty(0, dtype=HARNESS_DTYPES[config["dtype"]]).element_size()
+    mask = n if op == "rotate_quantize" else 0
+    forward, backward = 2 * n * e + mask, 2 * n * e + mask
+    return {"forward": forward, "backward": backward, "step": forward + backward}[mode]
+
+
+def _suite_cases(op: str, sweeps: dict):
+    from .harness import layer_case, sweep_points
+
+    def estimate(ctx, point) -> float:
+        if ctx.on_gpu:
+            return 15.0
+        calls = 4 * (7 + 3 * (ctx.warmup + ctx.repeats))  # providers x (passes + timed modes)
+        compile_s = 0.0 if ctx.quick else 60.0
+        return calls * point["tokens"] * point["d"] * 50e-9 * ctx.contention + compile_s + 2.0
+
+    def cases(ctx) -> list:
+        key = (ctx.device.type, ctx.sweep)
+        if key not in sweeps:
+            raise ValueError(f"{op}: no sweep for {key}; known: {sorted(sweeps)}")
+        base, variables = sweeps[key]
+        return [
+            layer_case(op, point, x_names, build=lambda config, ctx: _suite_subjects(op, config, ctx),
+                       min_bytes=lambda config, mode: _suite_min_bytes(op, config, mode),
+                       estimate_s=lambda ctx, point=point: estimate(ctx, point))
+            for point, x_names in sweep_points(base, variables)
+        ]
+
+    return cases
+
+
+def suite_benchmarks(sweeps: dict | None = None) -> list:
+    """The QAT ops in ``python -m benchmarks``: every fastft backend (``cpp`` on CPU) against the dense
+    PyTorch version, eager and compiled ("hadamard": the transform; "rotate_quantize": rotate + per-token
+    8-bit fake quantization with the clipped STE), forward, backward and step."""
+    from .harness import Benchmark
+
+    sweeps = sweeps or SUITE_SWEEPS
+    return [
+        Benchmark("hadamard", _suite_cases("hadamard_transform", sweeps),
+                  "the Hadamard transform x H_dᵀ over the last dim, forward + backward", tags=("op", "qat")),
+        Benchmark("rotate_quantize", _suite_cases("rotate_quantize", sweeps),
+                  "rotate + per-token 8-bit fake quantization (clipped STE), forward + backward", tags=("op", "qat")),
+    ]
 
 
 if __name__ == "__main__":

@@ -106,6 +106,13 @@ def _forced() -> list[str]:
     return names
 
 
+def op_backends(op: str) -> tuple[str, ...]:
+    """The backends registered for ``op`` (whether or not they run here)."""
+    if op not in _OP_BACKENDS:
+        raise KeyError(f"fastft op {op!r} is not registered; known ops: {sorted(_OP_BACKENDS)}")
+    return _OP_BACKENDS[op]
+
+
 def backend_for(op: str, device: torch.device | str, **call) -> str:
     """The backend that runs ``op`` for tensors on ``device``; ``call`` describes the call for ``limits``."""
     device = torch.device(device)
