@@ -16,6 +16,7 @@ import itertools
 import json
 import os
 import shutil
+import uuid
 import warnings
 from pathlib import Path
 
@@ -306,14 +307,31 @@ def _foreign_build_id(directory: Path) -> None:
     _replace_file(path, data.replace(key, b"f" * len(key)))
 
 
-@pytest.mark.parametrize("damage, reason", [
-    (_corrupt_library, "cannot load"),
-    (_stale_stamp, "stale stamp"),
-    (_foreign_build_id, "built from other sources"),
+def _compile_by_copying(pristine: Path):
+    """A stand-in for build._compile that installs a copy of a good build (no compiler run)."""
+    def compile_(kind, tools, key, dest):
+        stamp = json.loads((pristine / "stamp.json").read_text())
+        if dest.exists():
+            shutil.rmtree(dest)
+        dest.mkdir(parents=True)
+        name = f"libfastft_cpu-copy{uuid.uuid4().hex[:8]}.so"  # a new name, as every build gets
+        shutil.copyfile(pristine / stamp["library"], dest / name)
+        (dest / "stamp.json").write_text(json.dumps(dict(stamp, library=name)))
+        return build.Built(kind, dest / name, key, tools.compiler, tools.version, [], "built")
+
+    return compile_
+
+
+@pytest.mark.parametrize("damage, reason, compiles", [
+    (_corrupt_library, "cannot load", True),  # one real rebuild; the others only check the detection
+    (_stale_stamp, "stale stamp", False),
+    (_foreign_build_id, "built from other sources", False),
 ])
-def test_corrupted_or_stale_builds_are_rebuilt(cpu_library, monkeypatch, tmp_path, damage, reason):
+def test_corrupted_or_stale_builds_are_rebuilt(cpu_library, monkeypatch, tmp_path, damage, reason, compiles):
     directory = _copy_session_build(cpu_library, tmp_path)
     _fresh_library_state(monkeypatch, tmp_path)
+    if not compiles:
+        monkeypatch.setattr(build, "_compile", _compile_by_copying(cpu_library.path.parent))
     try:
         assert build._read_stamp(directory)["key"] == build.build_key("cpu", build.cpu_toolchain())  # a valid entry
         damage(directory)  # before it is loaded: a process keeps the library it has loaded
