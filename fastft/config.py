@@ -88,7 +88,7 @@ class LoRAConfig(MethodConfig):
         alpha: scaling numerator (> 0); the scale is ``s = alpha / r``, or ``alpha / sqrt(r)`` with rslora.
         dropout: probability of zeroing an input of the low-rank path (PEFT's ``lora_dropout``), in [0, 1).
         targets: ``"all-linear"`` (every ``nn.Linear`` and bitsandbytes ``Linear4bit`` inside the decoder
-            layers; never ``lm_head`` or embeddings), a list of module-name suffixes (``"q_proj"``,
+            layers, or a BERT-style model's encoder layers; never ``lm_head``, embeddings, a pooler or a head), a list of module-name suffixes (``"q_proj"``,
             ``"self_attn.o_proj"``, ``"lm_head"``), or a regular expression matched in full against qualified
             module names (as PEFT does for a string).
         rslora: rank-stabilised scaling ``alpha / sqrt(r)``.

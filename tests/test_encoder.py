@@ -265,3 +265,19 @@ def test_trained_adapter_exports_to_peft_and_round_trips(minilm, held_out, tuned
         merged = copy.deepcopy(minilm)
         merged.load_state_dict(fastft.merged_state_dict(model))
         assert_close(merged(**held_out).logits, logits, msg="merged into the weights")
+
+
+def test_from_peft_reads_a_seq_cls_adapter_saved_by_peft(tmp_path):
+    base = tiny_bert()
+    twin = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        r=2, lora_alpha=4, target_modules=["query", "value"], task_type="SEQ_CLS", init_lora_weights=False))
+    with torch.no_grad():
+        twin.base_model.model.classifier.modules_to_save["default"].weight.add_(0.5)  # a "trained" head
+    twin.save_pretrained(tmp_path)
+    ours = copy.deepcopy(base)
+    report = fastft.from_peft(ours, tmp_path)
+    assert rows_of(report, "classifier") == ["full"] and ours.classifier.weight.requires_grad
+    ids = torch.randint(0, 64, (3, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert_close(ours(input_ids=ids).logits, twin(input_ids=ids).logits)
+        assert not torch.allclose(ours(input_ids=ids).logits, base(input_ids=ids).logits)
