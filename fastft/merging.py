@@ -97,15 +97,21 @@ def merged_state_dict(model: nn.Module, adapter: str | os.PathLike | None = None
             )
     trained = {key for plan in state.plans for edit in plan.edits for key in edit.params}
     owned = {f"{name}.{key}": name for name, module in patched.items() for key in module.state_dict()}
+    # a base weight tied to another entry (lm_head and the embeddings) is merged in both, as unpatch does
+    merged = {name: _merged_weight(module) for name, module in patched.items()}
+    tied = {module.base_layer.weight.data_ptr(): merged[name] for name, module in patched.items()}
     out: StateDict = {}
     for key, value in model.state_dict().items():
         name = owned.get(key)
         if name is None:
-            out[key] = value.clone() if key in trained else value
+            if key in trained:
+                value = value.clone()
+            elif value.data_ptr() in tied and tied[value.data_ptr()].shape == value.shape:
+                value = tied[value.data_ptr()]
+            out[key] = value
         elif f"{name}.weight" not in out:
-            module = patched[name]
-            out[f"{name}.weight"] = _merged_weight(module)
-            for sub, tensor in module.base_layer.state_dict().items():
+            out[f"{name}.weight"] = merged[name]
+            for sub, tensor in patched[name].base_layer.state_dict().items():
                 if sub != "weight":
                     out[f"{name}.{sub}"] = tensor
     return out

@@ -180,6 +180,25 @@ def test_merged_state_dict_of_a_patched_model_is_what_unpatch_merge_gives(dora):
         assert torch.equal(merged[key], expected[key]), key
 
 
+def test_merged_state_dict_merges_a_tied_lm_head_into_the_embeddings_too():
+    import transformers
+
+    from helpers import tiny_config
+
+    config = tiny_config("llama")
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    fastft.patch(model, fastft.LoRAConfig(r=2, targets=["q_proj", "lm_head"]))
+    randomize_lora(model)
+    merged = fastft.merged_state_dict(model)
+    expected = fastft.unpatch(copy.deepcopy(model), merge=True).state_dict()  # merging writes the shared tensor
+    assert list(merged) == list(expected)
+    for key in expected:
+        assert torch.equal(merged[key], expected[key]), key
+
+
 def test_merged_state_dict_from_adapter_directories_leaves_the_base_as_it_was(tmp_path):
     peft = pytest.importorskip("peft", reason="PEFT adapters are read by fastft.from_peft; install fastft[test]")
     base = tiny_model("qwen2", torch.float32)
