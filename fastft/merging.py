@@ -82,6 +82,8 @@ def merged_state_dict(model: nn.Module, adapter: str | os.PathLike | None = None
     from .nn.lora import LoRALinear
 
     for plan in state.plans:
+        if plan.config.method == "loss":  # a fused loss changes the forward only, never a weight
+            continue
         if not isinstance(plan.config, LoRAConfig) or any(not isinstance(e, TrainInFull) for e in plan.edits):
             raise ValueError(
                 f"fastft.merged_state_dict reads LoRA / DoRA patches; this model is also patched with "
@@ -95,7 +97,7 @@ def merged_state_dict(model: nn.Module, adapter: str | os.PathLike | None = None
                 f"fastft.merged_state_dict: {name} adapts {what}; merging needs plain nn.Linear bases "
                 "(merge on the unquantized model)."
             )
-    trained = {key for plan in state.plans for edit in plan.edits for key in edit.params}
+    trained = {key for plan in state.plans for edit in plan.edits if isinstance(edit, TrainInFull) for key in edit.params}
     owned = {f"{name}.{key}": name for name, module in patched.items() for key in module.state_dict()}
     # a base weight tied to another entry (lm_head and the embeddings) is merged in both, as unpatch does
     merged = {name: _merged_weight(module) for name, module in patched.items()}

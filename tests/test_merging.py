@@ -11,6 +11,15 @@ import fastft
 from fastft.merging import infer_layer_stack, lines_scale, model_stock_ratio
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One thread: on a CPU shared with other jobs, two threads wait on each other (several times slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def t(*values, dtype=torch.float64):
     return torch.tensor(values, dtype=dtype)
 
@@ -178,6 +187,20 @@ def test_merged_state_dict_of_a_patched_model_is_what_unpatch_merge_gives(dora):
     assert list(merged) == list(expected) == list(base.state_dict())
     for key in expected:
         assert torch.equal(merged[key], expected[key]), key
+
+
+def test_merged_state_dict_reads_lora_beside_a_fused_loss_and_refuses_other_patches():
+    base = tiny_model("llama", torch.float32)
+    model = copy.deepcopy(base)
+    fastft.patch(model, [fastft.LoRAConfig(r=2, targets=["v_proj"]), fastft.LossConfig()])
+    randomize_lora(model)
+    merged = fastft.merged_state_dict(model)
+    expected = fastft.unpatch(copy.deepcopy(model), merge=True).state_dict()
+    assert all(torch.equal(merged[key], expected[key]) for key in expected) and list(merged) == list(expected)
+    quantized = copy.deepcopy(base)
+    fastft.patch(quantized, fastft.QATConfig(rotations=()))
+    with pytest.raises(ValueError, match="patched with 'qat'"):
+        fastft.merged_state_dict(quantized)
 
 
 def test_merged_state_dict_merges_a_tied_lm_head_into_the_embeddings_too():
