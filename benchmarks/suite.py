@@ -35,6 +35,7 @@ from .records import CsvWriter, Environment, Row, format_config, load_average
 SUITE_MODULES = (
     "benchmarks.lora_layer",
     "benchmarks.e2e",
+    "benchmarks.csrc_ops",
 )
 
 DEFAULT_OUT = "bench-results"
