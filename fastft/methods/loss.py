@@ -54,7 +54,19 @@ SUPPORTED_MODELS = (
     "Gemma2ForCausalLM",
 )
 SETTINGS_ATTR = "_fastft_fused_loss"
-_MISSING = object()
+
+
+class _Missing:
+    """'No instance forward was there' — one object that survives copy.deepcopy of a patched model."""
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+_MISSING = _Missing()
 
 
 @dataclass
