@@ -152,6 +152,20 @@ def _check_model(model: nn.Module) -> None:
         raise ValueError("fastft LossConfig: encoder-decoder models are not supported (decoder-only CausalLMs).")
 
 
+def refuse_foreign_fused_head(module: nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook of a LossConfig model: TRL's trainers (SFTTrainer, ...) replace the instance forward with
+    their own fused LM head and call it with ``fused_lm_head=True``; that path reads lm_head's weight itself and
+    would silently train with TRL's loss instead of the configured one. Refuse it clearly."""
+    if kwargs.get("fused_lm_head"):
+        raise ValueError(
+            "fastft LossConfig: this call asks for TRL's fused LM head (fused_lm_head=True, as trl.SFTTrainer does), "
+            "which computes its own loss from lm_head's weight and would bypass fastft's fused loss "
+            f"({module.__dict__[SETTINGS_ATTR].config!r}). Train with fastft.integrations.FastFTSFTTrainer (an "
+            "SFTTrainer whose loss is the model's, i.e. fastft's), or drop LossConfig to use TRL's own loss."
+        )
+    return None
+
+
 class FusedLossForward:
     """The model-level :class:`fastft.patch.Edit` of a LossConfig: install / remove the instance forward."""
 
@@ -170,8 +184,13 @@ class FusedLossForward:
         previous = None if self.previous is _MISSING else self.previous
         model.__dict__[SETTINGS_ATTR] = FusedLossSettings(self.config, self.head_name, self.softcap, previous)
         model.__dict__["forward"] = types.MethodType(_forward_function(type(model)), model)
+        model.register_forward_pre_hook(refuse_foreign_fused_head, with_kwargs=True)
 
     def revert(self, model: nn.Module, merge: bool) -> None:
+        for key, hook in list(model._forward_pre_hooks.items()):
+            if hook is refuse_foreign_fused_head:
+                del model._forward_pre_hooks[key]
+                model._forward_pre_hooks_with_kwargs.pop(key, None)
         model.__dict__.pop(SETTINGS_ATTR, None)
         if self.previous is _MISSING:
             model.__dict__.pop("forward", None)
