@@ -77,6 +77,7 @@ class FusedLossSettings:
     head_name: str
     softcap: Optional[float]
     previous_forward: Any  # an instance-level forward that was there before (e.g. accelerate's hooks), or None
+    signature: Any = None  # the class forward's inspect.Signature, read once here (not per call, not under compile)
 
 
 def _qualified_name(model: nn.Module, module: nn.Module) -> str:
@@ -182,7 +183,9 @@ class FusedLossForward:
     def apply(self, model: nn.Module) -> None:
         self.previous = model.__dict__.get("forward", _MISSING)
         previous = None if self.previous is _MISSING else self.previous
-        model.__dict__[SETTINGS_ATTR] = FusedLossSettings(self.config, self.head_name, self.softcap, previous)
+        model.__dict__[SETTINGS_ATTR] = FusedLossSettings(
+            self.config, self.head_name, self.softcap, previous, _class_signature(type(model))
+        )
         model.__dict__["forward"] = types.MethodType(_forward_function(type(model)), model)
         model.register_forward_pre_hook(refuse_foreign_fused_head, with_kwargs=True)
 
@@ -266,7 +269,7 @@ def fused_causal_lm_forward(model: nn.Module, *args, **kwargs):
     settings: FusedLossSettings = model.__dict__[SETTINGS_ATTR]
     return_logits = kwargs.pop("return_logits", None)
     original = settings.previous_forward or types.MethodType(type(model).forward, model)
-    signature = _class_signature(type(model))
+    signature = settings.signature or _class_signature(type(model))
     try:
         bound = signature.bind(model, *args, **kwargs)
     except TypeError:
