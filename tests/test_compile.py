@@ -3,14 +3,13 @@ for every method, and a compiled training step (forward + backward) equals the e
 
 Compile time is the cost here, so: the graph-break counts trace without compiling; the step equality of every
 method runs through AOTAutograd with the ``aot_eager`` backend (the fake kernels, the autograd registrations and
-the functionalized graphs of forward and backward, without code generation); one model combining LoRA with
-dropout, S²FT and the fused loss is compiled with inductor (C++ code generation on the CPU, the costly part).
+the functionalized graphs of forward and backward, without code generation), on one-layer models, methods that
+can share a model sharing one compile; one small stack of every op family (LoRA with dropout, QLoRA, DoRA, S²FT,
+QAT, the fused loss) is compiled with inductor (C++ code generation on the CPU, the costly part: one compile).
 """
-import copy
-
 import pytest
 import torch
-from helpers import TOLERANCES, quantize_linears, randomize_lora, tiny_config, tiny_model
+from helpers import TOLERANCES, quantize_linears, randomize_lora, tiny_config
 
 import fastft
 
@@ -32,11 +31,21 @@ METHODS = {
 }
 
 
+def one_layer_llama():
+    """The tests' tiny Llama with a single decoder layer: tracing and compiling cost scale with the layers."""
+    import transformers
+
+    config = tiny_config("llama")
+    config.num_hidden_layers = 1
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config)
+
+
 def patched(method, model=None):
     build, four_bit = METHODS[method]
     if four_bit:
         pytest.importorskip("bitsandbytes", reason="QLoRA/QDoRA need bitsandbytes; install fastft[test]")
-    model = model if model is not None else tiny_model("llama")
+    model = model if model is not None else one_layer_llama()
     if four_bit:
         quantize_linears(model)
     fastft.patch(model, build())
@@ -82,44 +91,87 @@ def test_whole_model_with_the_fused_loss_is_one_graph():
 def loss_and_grads(model, step):
     model.zero_grad(set_to_none=True)
     torch.manual_seed(3)  # the same dropout masks in both runs
-    loss = step(IDS)
+    loss = step()
     loss.backward()
     return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
 
-def assert_same_step(model, backend):
-    want_loss, want = loss_and_grads(model, lambda ids: model(input_ids=ids, labels=ids).loss)
+def causal_lm_loss(model):
+    return model(input_ids=IDS, labels=IDS).loss
+
+
+def assert_same_step(model, backend, loss_of=causal_lm_loss):
+    want_loss, want = loss_and_grads(model, lambda: loss_of(model))
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=backend, fullgraph=True)
-    got_loss, got = loss_and_grads(model, lambda ids: compiled(input_ids=ids, labels=ids).loss)
+    got_loss, got = loss_and_grads(model, lambda: loss_of(compiled))
     torch.testing.assert_close(got_loss, want_loss, **TOLERANCES[torch.float32])
     assert set(got) == set(want) and all(g is not None for g in got.values())
     for name, grad in want.items():
         torch.testing.assert_close(got[name], grad, **TOLERANCES[torch.float32], msg=name)
 
 
-@pytest.mark.parametrize("method", list(METHODS))
-def test_compiled_step_equals_eager_aot(method):
+# Methods that can share a model share one compile: every method's ops are in some compiled step.
+STEP_GROUPS = {
+    "lora-dropout+s2ft+loss": lambda: [
+        fastft.LoRAConfig(r=4, dropout=0.1, targets=["q_proj", "k_proj", "v_proj", "o_proj", "lm_head"]),
+        fastft.S2FTConfig(ffn_ratio=0.1), fastft.LossConfig(z_loss=1e-4)],
+    "dora-dropout": lambda: fastft.LoRAConfig(r=4, dora=True, dropout=0.1),
+    "qdora-exact-norm": lambda: fastft.LoRAConfig(r=4, dora=True, dora_detach_norm=False),
+    "qlora": lambda: fastft.LoRAConfig(r=4),
+    "qat+lora": METHODS["qat+lora"][0],
+    "qat": METHODS["qat"][0],
+    "s2ft-heads-rows": METHODS["s2ft"][0],
+}
+
+
+@pytest.mark.parametrize("group", list(STEP_GROUPS))
+def test_compiled_step_equals_eager_aot(group):
     """The whole model compiled as one graph (fullgraph=True), forward and backward through AOTAutograd."""
-    assert_same_step(patched(method), "aot_eager")
+    model = one_layer_llama()
+    if group.startswith("q") and not group.startswith("qat"):
+        pytest.importorskip("bitsandbytes", reason="QLoRA/QDoRA need bitsandbytes; install fastft[test]")
+        quantize_linears(model)
+    fastft.patch(model, STEP_GROUPS[group]())
+    randomize_lora(model)
+    assert_same_step(model.train(), "aot_eager")
 
 
 def test_compiled_step_equals_eager_inductor():
-    """One inductor compile (the costly one), on a one-layer model holding LoRA with dropout on attention, S²FT
-    on the FFN and the fused loss through a LoRA lm_head. ``fallback_random`` makes inductor draw the dropout
-    masks with eager's generator, so both runs see the same masks."""
-    import transformers
+    """One inductor compile (C++ code generation: the costly one) of a training step through every op family:
+    LoRA with dropout, QLoRA (4-bit dequantization), DoRA, S²FT, QAT (R4 rotation, clipped STE) and the fused
+    loss. ``fallback_random`` makes inductor draw the dropout mask with eager's generator."""
+    bnb = pytest.importorskip("bitsandbytes", reason="the QLoRA layer needs bitsandbytes; install fastft[test]")
+    from fastft.nn import LoRALinear, QuantLinear, S2FTLinear
+    from fastft.ops import linear_cross_entropy
 
-    config = tiny_config("llama")
-    config.num_hidden_layers = 1
+    def frozen(layer):
+        return layer.requires_grad_(False)
+
+    four_bit = bnb.nn.Linear4bit(48, 48, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+    four_bit.load_state_dict(torch.nn.Linear(48, 48, bias=False).state_dict())
+    four_bit = four_bit.to("cpu")  # bitsandbytes quantizes on the move to a device
+
+    class Stack(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lora = LoRALinear(frozen(torch.nn.Linear(32, 48)), fastft.LoRAConfig(r=4, dropout=0.1))
+            self.qlora = LoRALinear(frozen(four_bit), fastft.LoRAConfig(r=4))
+            self.dora = LoRALinear.from_linear(frozen(torch.nn.Linear(48, 40, bias=False)), fastft.LoRAConfig(r=4, dora=True))
+            self.s2ft = S2FTLinear(frozen(torch.nn.Linear(40, 32)), width=8)
+            self.qat = QuantLinear(torch.nn.Linear(32, 32), fastft.QATConfig(w_bits=4, a_bits=8, group_size=16, ste="clipped"),
+                                   rotate_input=True)
+            self.head = torch.nn.Linear(32, 50)
+
+        def forward(self, features, labels):
+            h = torch.nn.functional.silu(self.lora(features))
+            h = self.s2ft(self.dora(self.qlora(h)))
+            return linear_cross_entropy(self.qat(h), self.head.weight, labels, self.head.bias, z_loss=1e-4)
+
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config)
-    fastft.patch(model, [
-        fastft.LoRAConfig(r=4, dropout=0.1, targets=["q_proj", "k_proj", "v_proj", "o_proj", "lm_head"]),
-        fastft.S2FTConfig(ffn_ratio=0.1),
-        fastft.LossConfig(),
-    ])
+    model = Stack()
     randomize_lora(model)
-    model.train()
+    features = torch.randn(2, 6, 32)
+    labels = torch.randint(0, 50, (2, 6))
     with torch._inductor.config.patch(fallback_random=True):
-        assert_same_step(model, "inductor")
+        assert_same_step(model.train(), "inductor", loss_of=lambda m: m(features, labels))

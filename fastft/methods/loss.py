@@ -268,7 +268,12 @@ def fused_causal_lm_forward(model: nn.Module, *args, **kwargs):
     """
     settings: FusedLossSettings = model.__dict__[SETTINGS_ATTR]
     return_logits = kwargs.pop("return_logits", None)
-    original = settings.previous_forward or types.MethodType(type(model).forward, model)
+
+    def original(*args, **kwargs):  # the forward without the fused loss (bound only when used: torch.compile)
+        if settings.previous_forward is not None:
+            return settings.previous_forward(*args, **kwargs)
+        return type(model).forward(model, *args, **kwargs)
+
     signature = settings.signature or _class_signature(type(model))
     try:
         bound = signature.bind(model, *args, **kwargs)
