@@ -87,7 +87,7 @@ def test_fastft_sft_trainer_uses_fastfts_loss(tokenizer, tmp_path, monkeypatch, 
 
     def spy(*args, **kwargs):
         loss = op(*args, **kwargs)
-        seen.append(float(loss))
+        seen.append(float(loss.detach()))
         return loss
 
     monkeypatch.setattr(loss_method, "linear_cross_entropy", spy)
