@@ -58,3 +58,29 @@ def test_checkpointing_gives_the_same_gradients(method):
         for name, grad in want.items():
             assert got[name] is not None, f"reentrant={reentrant}: {name} got no gradient"
             torch.testing.assert_close(got[name], grad, **TOLERANCES[torch.float32], msg=f"reentrant={reentrant}: {name}")
+
+
+def test_fused_loss_inside_a_checkpoint():
+    """The fused loss computes its gradients during the forward and hands them over in backward; checkpointed
+    itself (a user wrapping the head and loss), the recomputation gives the same loss and gradients."""
+    from torch.utils.checkpoint import checkpoint
+
+    from fastft.ops import linear_cross_entropy
+
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 7, 16, requires_grad=True)
+    weight = torch.randn(30, 16, requires_grad=True)
+    labels = torch.randint(0, 30, (2, 7))
+
+    def head_and_loss(h, w):
+        return linear_cross_entropy(torch.tanh(h), w, labels, kind="dft", z_loss=1e-3)
+
+    want_loss = head_and_loss(hidden, weight)
+    want = torch.autograd.grad(want_loss, (hidden, weight))
+    for reentrant in (True, False):
+        hidden.grad = weight.grad = None
+        loss = checkpoint(head_and_loss, hidden, weight, use_reentrant=reentrant)
+        loss.backward()
+        torch.testing.assert_close(loss, want_loss, **TOLERANCES[torch.float32])
+        torch.testing.assert_close(hidden.grad, want[0], **TOLERANCES[torch.float32])
+        torch.testing.assert_close(weight.grad, want[1], **TOLERANCES[torch.float32])
