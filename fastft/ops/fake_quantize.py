@@ -68,6 +68,7 @@ __all__ = [
     "dequantize",
     "fake_quantize",
     "fake_quantize_reference",
+    "fake_quantize_with_mask",
     "qrange",
     "quantize",
 ]
@@ -296,6 +297,20 @@ def fake_quantize(
         x.contiguous(), bits, granularity, int(group_size), symmetric, float(clip_ratio), rotate, ste == "clipped"
     )
     return out
+
+
+def fake_quantize_with_mask(
+    x: Tensor, bits: int, granularity: str = "token", group_size: int = 128, symmetric: bool = False,
+    clip_ratio: float = 1.0, rotate: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """``(fake_quantize(x, ...), kept)`` with ``kept`` the boolean "not clamped" mask of the clipped STE (the
+    clipped gradient is ``torch.where(kept, grad, 0)``, before the inverse rotation when ``rotate``). No autograd:
+    for code that applies the STE itself (a backward computing it without ``torch.autograd.grad``)."""
+    _check_tensor(x, "fake_quantize")
+    check_quant_args(bits, granularity, group_size, symmetric, clip_ratio, "clipped", x.shape[-1], rotate)
+    return _fake_quantize_op(
+        x.detach().contiguous(), bits, granularity, int(group_size), symmetric, float(clip_ratio), rotate, True
+    )
 
 
 def quantize(

@@ -323,6 +323,7 @@ def _factor_text(d: int) -> str:
     return "·".join(str(p) for p in parts) or str(d)
 
 
+@torch.compiler.assume_constant_result  # a pure function of a Python int: torch.compile runs it while tracing
 def hadamard_factorization(d: int) -> tuple[int, int]:
     """(K, n) with d = K·2^n as the module docstring chooses them; ValueError if d is not supported."""
     if not isinstance(d, int) or isinstance(d, bool):
