@@ -17,6 +17,12 @@ products and attention only; elementwise work, norms, softmax and embedding grad
   fused attention (SDPA)       torch's ``sdpa_backward_flop_count`` (five b·h·s²·d products, causal
                                masking not discounted) when q, k or v needs grad
   fastft LoRA                  see :func:`_lora_items` (the backward of ``fastft.ops.lora``)
+  fastft DoRA, QAT, S²FT, loss  :func:`_dora_linear_items`, :func:`_dora_row_norm_items`,
+                               :func:`_quant_linear_items`, :func:`_fake_quantize_items`,
+                               :func:`_hadamard_items`, :func:`_s2ft_linear_items`,
+                               :func:`_linear_cross_entropy_items`: each op's backward as its reference
+                               computes it. The fused loss computes its gradient products in its forward
+                               ("mean"/"sum"); they are counted here all the same, as the cost of training
 
 A node kind that may hold matrix products and has no formula here (a convolution, a custom autograd
 function, a compiled region) is an error naming it, never a silent zero; formulas for new fastft ops are
