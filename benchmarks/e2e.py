@@ -189,6 +189,7 @@ class Method:
     ``providers[name](model, setup)`` patches (or wraps) the base model and returns the model to train;
     ``prepare_base(model, dtype, device)`` runs first when given (e.g. quantize for QLoRA); ``requires``:
     packages every variant needs. A provider other than "fastft" is a peer; "peft" needs PEFT installed.
+    ``quick=False`` leaves the method out of ``--quick`` (which must stay under 3 minutes on a 2-core CPU).
     """
 
     name: str
@@ -196,6 +197,7 @@ class Method:
     prepare_base: Callable | None = None
     requires: tuple[str, ...] = ()
     description: str = ""
+    quick: bool = True  # False: the full sweep only (a skipped row in --quick says so)
 
 
 METHODS: dict[str, Method] = {
@@ -206,7 +208,7 @@ METHODS: dict[str, Method] = {
     "dora": Method("dora", {"fastft": _dora_fastft, "peft": _dora_peft},
                    description="DoRA on every decoder linear layer (norm detached)"),
     "qdora": Method("qdora", {"fastft": _dora_fastft, "peft": _dora_peft}, prepare_base=quantize_decoder_linears,
-                    requires=("bitsandbytes",), description="DoRA over an NF4 (double-quantized) base"),
+                    requires=("bitsandbytes",), description="DoRA over an NF4 (double-quantized) base", quick=False),
     # PEFT has no QAT and no S²FT: their peer is LoRA (fastft's, the e2e-lora variant: run once, shared)
     "qat": Method("qat", {"fastft": _qat_lora_fastft, "lora": _lora_fastft},
                   description="QAT+LoRA (W4A8, rotations R1, R2, R4) on every decoder linear layer; peer: LoRA "
@@ -343,6 +345,12 @@ def suite_benchmarks() -> list:
             def estimate(ctx) -> float:  # called after the suite calibrated the machine
                 return startup_s * ctx.contention + setup.steps * _step_flops(setup) * slowdown / ctx.gemm_flops_per_s
 
+            if ctx.quick and not method.quick:
+                note = (f"e2e-{method.name} runs in the full sweep only: --quick keeps to e2e-qlora and e2e-dora, "
+                        "which cover its parts, to stay under 3 minutes")
+                run = lambda ctx, note=note: [Measurement("-", "-", "-", "-", "skipped", "", None, note=note)]
+                return [Case(f"e2e-{method.name}", config, ("setup",), run, lambda ctx: 0.0,
+                             name=f"e2e-{method.name} (full sweep only)")]
             # A variant that two methods share (e.g. fastft LoRA: e2e-lora's fastft, the LoRA peer of e2e-qat and
             # e2e-s2ft) runs once per suite run; the first case listing it runs it, the others reuse its figures.
             planned = ctx.__dict__.setdefault("e2e_planned", {})

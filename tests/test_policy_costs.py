@@ -73,13 +73,6 @@ def call_proj(holder):
     return holder.proj(holder.x)
 
 
-def _randomize(module, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-
-
 @pytest.mark.parametrize("bias,dropout,detach_norm,four_bit", [
     (False, 0.0, True, False),
     (True, 0.1, True, False),  # dropout: the dropped path's second GEMM in dx
