@@ -346,8 +346,8 @@ def main(argv=None) -> list[Row]:
 # powers of two and K·2^n sizes (K = 12: 3072 = 12·256, 11008 = 172·64, 14336 = 28·512).
 SUITE_SWEEPS = {
     ("cpu", "quick"): (dict(tokens=256, d=1024, dtype="float32"), dict(d=[1024, 3072])),
-    ("cpu", "full"): (dict(tokens=2048, d=4096, dtype="float32"),
-                      dict(d=[1024, 3072, 4096, 11008, 14336], tokens=[256, 2048, 8192], dtype=["float32", "bfloat16"])),
+    ("cpu", "full"): (dict(tokens=512, d=4096, dtype="float32"),
+                      dict(d=[1024, 3072, 4096, 11008, 14336], tokens=[128, 512, 2048], dtype=["float32", "bfloat16"])),
     ("cuda", "quick"): (dict(tokens=8192, d=4096, dtype="bfloat16"), dict(d=[4096, 14336])),
     ("cuda", "full"): (dict(tokens=8192, d=4096, dtype="bfloat16"),
                        dict(d=[1024, 3072, 4096, 11008, 14336], tokens=[2048, 8192, 32768],
@@ -355,8 +355,8 @@ SUITE_SWEEPS = {
 }
 QUANT_SUITE_SWEEPS = {
     ("cpu", "quick"): (dict(tokens=256, d=1024, dtype="float32"), dict(d=[1024])),
-    ("cpu", "full"): (dict(tokens=2048, d=4096, dtype="float32"),
-                      dict(d=[1024, 4096, 11008], tokens=[256, 2048, 8192], dtype=["float32", "bfloat16"])),
+    ("cpu", "full"): (dict(tokens=512, d=4096, dtype="float32"),
+                      dict(d=[1024, 3072, 4096], tokens=[128, 512, 2048], dtype=["float32", "bfloat16"])),
     ("cuda", "quick"): (dict(tokens=8192, d=4096, dtype="bfloat16"), dict(d=[4096, 14336])),
     ("cuda", "full"): (dict(tokens=8192, d=4096, dtype="bfloat16"),
                        dict(d=[1024, 4096, 11008, 14336], tokens=[2048, 8192, 32768], dtype=["bfloat16", "float32"])),

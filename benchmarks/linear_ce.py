@@ -333,8 +333,8 @@ def main(argv: list[str] | None = None) -> list[Result]:
 SUITE_SWEEPS = {
     ("cpu", "quick"): (dict(tokens=512, hidden=256, vocab=8000, lm_head="frozen", dtype="float32"),
                        dict(lm_head=["frozen", "trainable"])),
-    ("cpu", "full"): (dict(tokens=1024, hidden=512, vocab=32000, lm_head="frozen", dtype="float32"),
-                      dict(vocab=[32000, 128256, 152064], tokens=[512, 1024, 4096], lm_head=["frozen", "trainable"],
+    ("cpu", "full"): (dict(tokens=1024, hidden=256, vocab=32000, lm_head="frozen", dtype="float32"),
+                      dict(vocab=[32000, 128256, 152064], tokens=[1024, 4096], lm_head=["frozen", "trainable"],
                            dtype=["float32", "bfloat16"])),
     ("cuda", "quick"): (dict(tokens=8192, hidden=4096, vocab=32000, lm_head="frozen", dtype="bfloat16"),
                         dict(vocab=[32000, 128256], lm_head=["frozen", "trainable"])),

@@ -281,10 +281,14 @@ def suite_budgets(ctx) -> tuple[float, ...]:
     return QUICK_BUDGETS if ctx.quick and not ctx.on_gpu else BUDGETS
 
 SUITE_SWEEPS = {
-    ("cpu", "quick"): (dict(hidden=256, intermediate=704, layers=2, heads=4, vocab=1024, seq=64, batch=2), dict(seq=[64])),
-    ("cpu", "full"): (dict(hidden=1024, intermediate=2816, layers=4, heads=16, vocab=8192, seq=512, batch=2), dict(seq=[128, 512], layers=[4, 8])),
-    ("cuda", "quick"): (dict(hidden=1024, intermediate=2816, layers=4, heads=16, vocab=8192, seq=512, batch=2), dict(seq=[512])),
-    ("cuda", "full"): (dict(hidden=2048, intermediate=5632, layers=8, heads=16, vocab=32000, seq=1024, batch=4), dict(seq=[512, 2048], layers=[8, 16])),
+    ("cpu", "quick"): (dict(hidden=256, intermediate=704, layers=2, heads=4, vocab=1024, seq=64, batch=2),
+                       dict(seq=[64])),
+    ("cpu", "full"): (dict(hidden=512, intermediate=1408, layers=4, heads=8, vocab=8192, seq=256, batch=2),
+                      dict(seq=[128, 256], layers=[4, 8])),
+    ("cuda", "quick"): (dict(hidden=1024, intermediate=2816, layers=4, heads=16, vocab=8192, seq=512, batch=2),
+                        dict(seq=[512])),
+    ("cuda", "full"): (dict(hidden=2048, intermediate=5632, layers=8, heads=16, vocab=32000, seq=1024, batch=4),
+                       dict(seq=[512, 2048], layers=[8, 16])),
 }
 
 
