@@ -237,22 +237,23 @@ SUITE_SWEEPS = {
 
 
 def suite_subjects(config: dict, ctx) -> list:
-    from .harness import DTYPES, fastft_backends, forced_backend, model_step_subject
+    """LoRA (peer) and the QAT+LoRA variants, each a model's training step on fastft's default backends (the
+    backends of the QAT ops are compared op by op in "hadamard" and "fake_quant")."""
+    from fastft.dispatch import backend_for
+
+    from .harness import DTYPES, forced_backend, model_step_subject
 
     args = argparse.Namespace(**config)
     providers = build_providers(args, DTYPES[config["dtype"]], ctx.device)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(2))
     inputs = dict(input_ids=ids.to(ctx.device), labels=ids.to(ctx.device))
-    backends, skipped = fastft_backends("fake_quantize", ctx.device)
-    subjects: list = [model_step_subject("lora", "torch", "peer", providers[0].model, inputs,
-                                         context=lambda: forced_backend("torch"))]
+    counted = dict(flops_context=lambda: forced_backend("torch"))
+    subjects: list = [model_step_subject("lora", backend_for("lora_linear", ctx.device), "peer", providers[0].model,
+                                         inputs, **counted)]
     for provider in providers[1:]:
-        name = provider.name.replace(" ", "-")
-        subjects += [model_step_subject(name, backend, "fastft", provider.model, inputs,
-                                        context=lambda backend=backend: forced_backend(backend),
-                                        flops_context=lambda: forced_backend("torch"))
-                     for backend in backends]
-    return subjects + skipped
+        subjects.append(model_step_subject(provider.name.replace(" ", "-"), backend_for("fake_quantize", ctx.device),
+                                           "fastft", provider.model, inputs, **counted))
+    return subjects
 
 
 def suite_benchmarks(sweeps: dict | None = None) -> list:

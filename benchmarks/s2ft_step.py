@@ -451,25 +451,26 @@ def layer_subjects(config: dict, ctx) -> list:
 
 
 def step_subjects(config: dict, ctx) -> list:
-    """One training step of each provider of :func:`build_providers` (S²FT, LoRA same modules / all, full)."""
-    from .harness import fastft_backends, forced_backend, model_step_subject
+    """One training step of each provider of :func:`build_providers` (S²FT, LoRA same modules / all, full), on
+    fastft's default backends (the "s2ft" benchmark compares the op's backends)."""
+    from fastft.dispatch import backend_for
+
+    from .harness import forced_backend, model_step_subject
 
     args = argparse.Namespace(**config)
     providers, _, _ = build_providers(args)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
     inputs = dict(input_ids=ids.to(ctx.device), labels=ids.to(ctx.device))
+    counted = dict(flops_context=lambda: forced_backend("torch"))
     subjects: list = []
     for provider in providers:
         provider.model.to(ctx.device)
         if provider.name == "s2ft":
-            backends, skipped = fastft_backends("s2ft_linear", ctx.device)
-            subjects += [model_step_subject("fastft", backend, "fastft", provider.model, inputs,
-                                            context=lambda backend=backend: forced_backend(backend),
-                                            flops_context=lambda: forced_backend("torch"))
-                         for backend in backends] + skipped
+            subjects.append(model_step_subject("fastft", backend_for("s2ft_linear", ctx.device), "fastft",
+                                               provider.model, inputs, **counted))
         else:
-            subjects.append(model_step_subject(provider.name, "torch", "peer", provider.model, inputs,
-                                               context=lambda: forced_backend("torch")))
+            backend = backend_for("lora_linear", ctx.device) if provider.name.startswith("lora") else "eager"
+            subjects.append(model_step_subject(provider.name, backend, "peer", provider.model, inputs, **counted))
     return subjects
 
 
