@@ -42,3 +42,5 @@ __all__ = [
     "unselect",
 ]
 __all__ += ["QATConfig", "export_quantized", "load_quantized"]
+from .merging import merge, merged_state_dict
+__all__ += ["merge", "merged_state_dict"]

@@ -52,6 +52,19 @@ def _check_layers(layers: Any) -> tuple[int, ...] | None:
     return tuple(sorted(set(layers)))
 
 
+def _check_modules_to_save(value: Any) -> Union[str, tuple[str, ...]]:
+    if value == "auto":
+        return "auto"
+    if value is None:
+        return ()
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) and v for v in value):
+        return tuple(value)
+    raise ValueError(
+        f"LoRAConfig.modules_to_save={value!r}: use 'auto' (the task head of a classification / QA model), "
+        "a list of module-name suffixes trained in full (e.g. ['classifier']), or () for none."
+    )
+
+
 @dataclass
 class MethodConfig:
     """Base of every method config: a method name and a JSON round trip."""
@@ -75,7 +88,7 @@ class LoRAConfig(MethodConfig):
         alpha: scaling numerator (> 0); the scale is ``s = alpha / r``, or ``alpha / sqrt(r)`` with rslora.
         dropout: probability of zeroing an input of the low-rank path (PEFT's ``lora_dropout``), in [0, 1).
         targets: ``"all-linear"`` (every ``nn.Linear`` and bitsandbytes ``Linear4bit`` inside the decoder
-            layers; never ``lm_head`` or embeddings), a list of module-name suffixes (``"q_proj"``,
+            layers, or a BERT-style model's encoder layers; never ``lm_head``, embeddings, a pooler or a head), a list of module-name suffixes (``"q_proj"``,
             ``"self_attn.o_proj"``, ``"lm_head"``), or a regular expression matched in full against qualified
             module names (as PEFT does for a string).
         rslora: rank-stabilised scaling ``alpha / sqrt(r)``.
@@ -93,6 +106,12 @@ class LoRAConfig(MethodConfig):
         dora_detach_norm: with ``dora``, treat the row norm as a constant in backward (the DoRA paper's
             section 4.3, and PEFT's behaviour; the default). ``False`` gives the exact gradient through the
             norm to A and B, at the cost of one more out×in×r product in backward.
+        modules_to_save: modules trained in full beside the adapters (PEFT's ``modules_to_save``): their own
+            parameters stay trainable, ``fastft.save`` / ``export_peft`` write them, ``unpatch(merge=False)``
+            restores their original values. ``"auto"`` (default): the task head of a
+            ``*ForSequenceClassification`` / ``*ForTokenClassification`` / ``*ForMultipleChoice`` /
+            ``*ForQuestionAnswering`` model (its top-level ``classifier``, ``score`` or ``qa_outputs``, as PEFT's
+            task types do), nothing on other models; a list of module-name suffixes names them; ``()`` trains none.
     """
 
     method: ClassVar[str] = "lora"
@@ -108,6 +127,7 @@ class LoRAConfig(MethodConfig):
     layers: Sequence[int] | None = None
     dora: bool = False
     dora_detach_norm: bool = True
+    modules_to_save: Any = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
@@ -132,6 +152,7 @@ class LoRAConfig(MethodConfig):
         self.targets = _check_targets(self.targets)
         self.layers = _check_layers(self.layers)
         self.dropout = float(self.dropout)
+        self.modules_to_save = _check_modules_to_save(self.modules_to_save)
 
     @property
     def scale(self) -> float:

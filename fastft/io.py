@@ -41,11 +41,21 @@ def save(model: nn.Module, directory: str | os.PathLike) -> None:
             names.append(name)
             for key, value in module.adapter_state_dict().items():
                 tensors[f"{name}.{key}"] = value.detach().contiguous().cpu()
+        for edit in plan.edits:  # e.g. modules trained in full: "<module>.<parameter>" -> value
+            for key, value in getattr(edit, "adapter_tensors", dict)().items():
+                tensors[key] = value.detach().contiguous().cpu()
     os.makedirs(directory, exist_ok=True)
     save_file(tensors, os.path.join(directory, WEIGHTS_NAME))
     meta = {"fastft_version": __version__, "configs": [c.to_dict() for c in state.configs], "modules": modules}
     with open(os.path.join(directory, CONFIG_NAME), "w") as f:
         json.dump(meta, f, indent=2)
+
+
+def _saved_before_modules_to_save(config: dict) -> dict:
+    """A LoRA config saved before ``modules_to_save`` existed trained no module in full: keep it so."""
+    if config.get("method") == "lora" and "modules_to_save" not in config:
+        return {**config, "modules_to_save": []}
+    return config
 
 
 def load(model: nn.Module, directory: str | os.PathLike):
@@ -59,7 +69,7 @@ def load(model: nn.Module, directory: str | os.PathLike):
             raise FileNotFoundError(f"fastft.load: {path} is missing; is {directory!r} a fastft.save directory?")
     with open(config_path) as f:
         meta = json.load(f)
-    configs = [config_from_dict(c) for c in meta["configs"]]
+    configs = [config_from_dict(_saved_before_modules_to_save(c)) for c in meta["configs"]]
     patched_here = patch_state(model) is None
     if patched_here:
         patch(model, configs)
@@ -87,6 +97,8 @@ def load(model: nn.Module, directory: str | os.PathLike):
             for name, module in plan.swaps:
                 param = next(module.parameters())
                 module.load_adapter_state_dict({k: v.to(param.device) for k, v in per_module[name].items()})
+            for edit in plan.edits:
+                getattr(edit, "load_adapter_tensors", lambda tensors: None)(tensors)
     except Exception:
         if patched_here:
             unpatch(model, merge=False)

@@ -31,7 +31,11 @@ STATE_ATTR = "_fastft_patch"
 
 
 class Edit(Protocol):
-    """A model-level change a method makes besides swapping modules (e.g. a weight permutation)."""
+    """A model-level change a method makes besides swapping modules (e.g. a weight permutation).
+
+    Optional methods: ``adapter_parameters()`` (kept trainable), ``report_rows(model)``, and
+    ``adapter_tensors()`` / ``load_adapter_tensors(tensors)`` (what ``fastft.save`` / ``load`` store).
+    """
 
     def apply(self, model: nn.Module) -> None: ...
 

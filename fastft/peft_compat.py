@@ -6,6 +6,9 @@ PEFT's on-disk format (``adapter_config.json`` + ``adapter_model.safetensors``):
 scale is ``lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``). A DoRA adapter (``use_dora``) adds
 ``...lora_magnitude_vector`` (out), the magnitude m of ``W' = m ⊙ (W + s·BA) / ‖W + s·BA‖``. ``target_modules`` is written as the
 list of full qualified names, which PEFT matches exactly, so it patches the same modules fastft did.
+Modules fastft trains in full (``LoRAConfig.modules_to_save``, a classification head by default) are PEFT's
+``modules_to_save``: saved under their own names (``base_model.model.classifier.weight``), with the task
+type (``SEQ_CLS``, ``TOKEN_CLS``, ``QUESTION_ANS``) of the model's class.
 """
 from __future__ import annotations
 
@@ -27,8 +30,27 @@ PEFT_WEIGHTS_BIN = "adapter_model.bin"
 MAGNITUDE = "lora_magnitude_vector"
 
 
-def _task_type(model: nn.Module) -> str | None:
-    return "CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else None
+# PEFT task types of models whose head fastft trains in full (modules_to_save); PEFT has none for multiple choice
+_HEAD_TASK_TYPES = {
+    "ForSequenceClassification": "SEQ_CLS",
+    "ForTokenClassification": "TOKEN_CLS",
+    "ForQuestionAnswering": "QUESTION_ANS",
+}
+
+
+def _task_type(model: nn.Module, trains_head: bool) -> str | None:
+    name = type(model).__name__
+    if name.endswith("ForCausalLM"):
+        return "CAUSAL_LM"
+    if trains_head:
+        return next((task for suffix, task in _HEAD_TASK_TYPES.items() if name.endswith(suffix)), None)
+    return None
+
+
+def _trained_in_full(plan) -> list:
+    from .methods.modules_to_save import TrainInFull
+
+    return [edit for edit in plan.edits if isinstance(edit, TrainInFull)]
 
 
 def export_peft(model: nn.Module, directory: str | os.PathLike) -> None:
@@ -58,11 +80,15 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> None:
             magnitude = module.lora_magnitude_vector.detach()
             tensors[f"{PEFT_PREFIX}{name}.{MAGNITUDE}"] = magnitude.contiguous().cpu()
         names.append(name)
+    saved_in_full = [name for edit in _trained_in_full(lora_plans[0]) for name in edit.names]
+    for edit in _trained_in_full(lora_plans[0]):
+        for key, value in edit.adapter_tensors().items():  # PEFT's modules_to_save keys: the module's own names
+            tensors[f"{PEFT_PREFIX}{key}"] = value.contiguous().cpu()
     r = config.r * multiplier
     alpha = config.alpha * (math.sqrt(multiplier) if config.rslora else multiplier)
     peft_config = {
         "peft_type": "LORA",
-        "task_type": _task_type(model),
+        "task_type": _task_type(model, bool(saved_in_full)),
         "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
         "r": r,
         "lora_alpha": alpha,
@@ -76,7 +102,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> None:
         "inference_mode": True,
         "layers_to_transform": None,
         "layers_pattern": None,
-        "modules_to_save": None,
+        "modules_to_save": saved_in_full or None,
         "rank_pattern": {},
         "alpha_pattern": {},
     }
@@ -90,7 +116,6 @@ _UNSUPPORTED = {
     "rank_pattern": lambda v: bool(v),
     "alpha_pattern": lambda v: bool(v),
     "fan_in_fan_out": lambda v: bool(v),
-    "modules_to_save": lambda v: bool(v),
     "layer_replication": lambda v: bool(v),
     "lora_bias": lambda v: bool(v),
     "bias": lambda v: v not in (None, "none"),
@@ -105,6 +130,14 @@ def _read_peft_weights(directory: str) -> dict[str, torch.Tensor]:
     if os.path.exists(path):
         return torch.load(path, map_location="cpu", weights_only=True)
     raise FileNotFoundError(f"fastft.from_peft: no {PEFT_WEIGHTS} or {PEFT_WEIGHTS_BIN} in {directory!r}.")
+
+
+def _modules_to_save(model: nn.Module, names: list[str]) -> list[str]:
+    """Qualified names of the modules PEFT's ``modules_to_save`` entries match (a name ending with an entry),
+    outermost only; entries that match nothing are skipped, as PEFT does (its SEQ_CLS lists both
+    ``classifier`` and ``score``)."""
+    hits = [n for n, _ in model.named_modules() if n and any(n.endswith(entry) for entry in names)]
+    return [n for n in hits if not any(o != n and n.startswith(o + ".") for o in hits)]
 
 
 def from_peft(model: nn.Module, directory: str | os.PathLike):
@@ -131,6 +164,8 @@ def from_peft(model: nn.Module, directory: str | os.PathLike):
     if dora:
         suffixes.update({f".{MAGNITUDE}": MAGNITUDE, f".{MAGNITUDE}.weight": MAGNITUDE})
     factors: dict[str, dict[str, torch.Tensor]] = {}
+    in_full: dict[str, torch.Tensor] = {}  # weights of modules_to_save: "<module>.<parameter>" -> value
+    saved_modules = _modules_to_save(model, peft_config.get("modules_to_save") or [])
     for key, value in weights.items():
         if not key.startswith(PEFT_PREFIX):
             raise ValueError(f"fastft.from_peft: unexpected weight name {key!r} (expected {PEFT_PREFIX}...).")
@@ -140,7 +175,12 @@ def from_peft(model: nn.Module, directory: str | os.PathLike):
                 factors.setdefault(stem[: -len(suffix)], {})[part] = value
                 break
         else:
+            if any(stem.startswith(module + ".") for module in saved_modules):
+                in_full[stem] = value
+                continue
             what = "a LoRA A/B matrix or DoRA magnitude" if dora else "a LoRA A/B matrix"
+            if saved_modules:
+                what += f" or a weight of the modules_to_save {saved_modules}"
             raise ValueError(f"fastft.from_peft: weight {key!r} is not {what}.")
     parts = {"lora_A", "lora_B", MAGNITUDE} if dora else {"lora_A", "lora_B"}
     incomplete = [name for name, f in factors.items() if set(f) != parts]
@@ -153,12 +193,16 @@ def from_peft(model: nn.Module, directory: str | os.PathLike):
         targets=tuple(factors),
         rslora=bool(peft_config.get("use_rslora", False)),
         dora=dora,
+        modules_to_save=tuple(m for m in saved_modules if any(k.startswith(m + ".") for k in in_full)),
     )
     report = patch(model, config)
     try:
         for name, module in patch_state(model).modules():
             device = module.lora_A.device
             module.load_adapter_state_dict({k: v.to(device) for k, v in factors[name].items()})
+        for plan in patch_state(model).plans:
+            for edit in _trained_in_full(plan):
+                edit.load_adapter_tensors(in_full)
     except Exception:
         unpatch(model, merge=False)
         raise

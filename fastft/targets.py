@@ -2,7 +2,8 @@
 
 Matching rules (PEFT's, so a target list carries over):
   - ``"all-linear"``: every linear layer (``nn.Linear`` or bitsandbytes ``Linear4bit``) inside the decoder
-    layers; never ``lm_head`` or embeddings.
+    layers (encoder layers for BERT-style models: ``encoder.layer``); never ``lm_head``, embeddings, a pooler
+    or a classification head (PEFT's ``"all-linear"`` also takes a BERT pooler: name it to match).
   - a list of suffixes: a module matches a suffix when its qualified name equals it or ends with
     ``"." + suffix``.
   - any other string: a regular expression that must match the whole qualified name.

@@ -1,11 +1,18 @@
-"""LoRA / QLoRA on a model: every targeted linear layer becomes a :class:`fastft.nn.LoRALinear`."""
+"""LoRA / QLoRA on a model: every targeted linear layer becomes a :class:`fastft.nn.LoRALinear`; the
+modules named by ``modules_to_save`` (a classification model's head, by default) train in full."""
 from ..config import LoRAConfig
 from ..nn.lora import LoRALinear
 from ..patch import Plan, plan_module_swaps, register_planner
+from .modules_to_save import TrainInFull, resolve_modules_to_save
 
 
 def plan_lora(model, config: LoRAConfig) -> Plan:
-    return plan_module_swaps(model, config, lambda layer, cfg: LoRALinear.from_linear(layer, cfg, defer_attach=True))
+    plan = plan_module_swaps(model, config, lambda layer, cfg: LoRALinear.from_linear(layer, cfg, defer_attach=True))
+    names, notes = resolve_modules_to_save(model, config.modules_to_save, [name for name, _ in plan.swaps])
+    if names:
+        plan.edits.append(TrainInFull(model, names))
+    plan.notes.extend(notes)
+    return plan
 
 
 register_planner(LoRAConfig, plan_lora)
