@@ -7,7 +7,8 @@ The model, the data and the training loop are the demo's (``fastft.demo``): a ra
 ``LlamaForCausalLM`` built from its config class, batches of a synthetic language (same seed, so the same
 data for every variant), AdamW on the trainable parameters. Default: hidden 1024, intermediate 2816,
 4 layers, 16 heads / 4 KV heads, vocab 32000, sequence 512, batch 2, 6 steps, LoRA r=16 alpha=32 on every
-linear layer of the decoder layers (``--quick``: hidden 256, intermediate 704, 2 layers, sequence 128, vocab 2048).
+linear layer of the decoder layers (``--quick``: hidden 256, intermediate 704, 2 layers, sequence 128, vocab 2048,
+4 steps).
 float32 on a CPU, bfloat16 on a GPU (adapters float32, both libraries' rule).
 
 Each variant runs in a fresh Python process, so its resident memory is its own. Both variants of a method
@@ -58,7 +59,9 @@ def setups():
                         batch=2, steps=6, lr=5e-3, rank=16, alpha=32, seed=0)
     # every in_features a multiple of 64, bitsandbytes' block: its CPU C++ dequantize_4bit (0.50.2) disagrees with
     # its own reference (and fastft) when the blocks straddle rows, e.g. for 256x688 weights
-    quick = replace(default, hidden=256, intermediate=704, layers=2, heads=8, kv_heads=4, vocab=2048, seq_len=128)
+    # --quick: 4 steps (3 timed): a fresh process's imports and first step already cost most of its time
+    quick = replace(default, hidden=256, intermediate=704, layers=2, heads=8, kv_heads=4, vocab=2048, seq_len=128,
+                    steps=4)
     return {"default": default, "quick": quick}
 
 

@@ -281,7 +281,7 @@ def suite_budgets(ctx) -> tuple[float, ...]:
     return QUICK_BUDGETS if ctx.quick and not ctx.on_gpu else BUDGETS
 
 SUITE_SWEEPS = {
-    ("cpu", "quick"): (dict(hidden=256, intermediate=704, layers=2, heads=4, vocab=1024, seq=64, batch=2),
+    ("cpu", "quick"): (dict(hidden=128, intermediate=352, layers=2, heads=4, vocab=512, seq=64, batch=2),
                        dict(seq=[64])),
     ("cpu", "full"): (dict(hidden=512, intermediate=1408, layers=4, heads=8, vocab=8192, seq=256, batch=2),
                       dict(seq=[128, 256], layers=[4, 8])),

@@ -54,7 +54,9 @@ class Result:
     flops: int
 
 
-def build_providers(args: argparse.Namespace, dtype: torch.dtype, device: torch.device | str = "cpu") -> list[Provider]:
+def build_providers(args: argparse.Namespace, dtype: torch.dtype, device: torch.device | str = "cpu",
+                    names: tuple[str, ...] | None = None) -> list[Provider]:
+    """The providers of the module docstring (only ``names`` when given), each on its copy of one Llama."""
     torch.manual_seed(0)
     config = tf.LlamaConfig(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
@@ -71,6 +73,8 @@ def build_providers(args: argparse.Namespace, dtype: torch.dtype, device: torch.
     }
     providers = []
     for name, configs in setups.items():
+        if names is not None and name not in names:
+            continue
         model = copy.deepcopy(base).train()
         report = fastft.patch(model, configs)
         gen = torch.Generator().manual_seed(1)
@@ -221,14 +225,14 @@ def main(argv: list[str] | None = None) -> list[Result]:
 # ------------------------------------------------------------------------------------------- in the suite
 # ``python -m benchmarks`` runs "qat_step": one training step (forward + backward) of a small Llama with QAT+LoRA
 # (W4 per channel, A8 per token, rotations R1-R4) and with keys/values fake-quantized to 4 bits as well
-# ("qat+lora-kv4"), against plain fastft LoRA of the same rank ("lora"). PEFT has no QAT: the peer is LoRA, and
+# ("qat+lora-kv4"; not in the CPU --quick sweep), against plain fastft LoRA of the same rank ("lora"). PEFT has no QAT: the peer is LoRA, and
 # "fastft / best peer" is QAT's overhead over it. The providers compute different things on purpose (a
 # quantized model), so no agreement is reported.
 _STEP_KEYS = ("hidden", "intermediate", "layers", "heads", "vocab", "batch", "seq", "rank")
 _FULL = dict(hidden=512, intermediate=1536, layers=4, heads=8, vocab=1024, batch=4, seq=256, rank=16)
 _QUICK = dict(QUICK, vocab=1024)
 SUITE_SWEEPS = {
-    ("cpu", "quick"): (dict({k: _QUICK[k] for k in _STEP_KEYS}, dtype="float32"), dict(seq=[_QUICK["seq"]])),
+    ("cpu", "quick"): (dict({k: _QUICK[k] for k in _STEP_KEYS}, layers=1, dtype="float32"), dict(seq=[_QUICK["seq"]])),
     ("cpu", "full"): (dict(_FULL, batch=2, dtype="float32"), dict(seq=[256, 1024])),
     ("cuda", "quick"): (dict(_FULL, dtype="bfloat16"), dict(seq=[256, 1024])),
     ("cuda", "full"): (dict(_FULL, hidden=2048, intermediate=5632, dtype="bfloat16"),
@@ -244,7 +248,8 @@ def suite_subjects(config: dict, ctx) -> list:
     from .harness import DTYPES, forced_backend, model_step_subject
 
     args = argparse.Namespace(**config)
-    providers = build_providers(args, DTYPES[config["dtype"]], ctx.device)
+    names = ("lora", "qat+lora") if ctx.quick and not ctx.on_gpu else None  # --quick on a CPU: KV4 left out
+    providers = build_providers(args, DTYPES[config["dtype"]], ctx.device, names)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(2))
     inputs = dict(input_ids=ids.to(ctx.device), labels=ids.to(ctx.device))
     counted = dict(flops_context=lambda: forced_backend("torch"))
@@ -273,7 +278,7 @@ def suite_benchmarks(sweeps: dict | None = None) -> list:
         base, variables = sweeps[key]
         # fake quantization and rotations are elementwise: on a CPU they cost about as much again as the GEMMs
         return [layer_case("qat_step", point, x_names, build=suite_subjects, agreement=False,
-                           estimate_s=lambda ctx, point=point: layer_estimate(step_flops(point), 3, ctx, 2.0))
+                           estimate_s=lambda ctx, point=point: layer_estimate(step_flops(point), 3, ctx, 4.0))
                 for point, x_names in sweep_points(base, variables)]
 
     return [Benchmark("qat_step", cases, "a small Llama's training step: QAT+LoRA (W4A8, R1-R4; and KV4) vs LoRA",

@@ -112,11 +112,14 @@ def lora_rank_for(model: nn.Module, targets, count: int) -> int:
     return max(1, round(count / per_rank))
 
 
-def build_providers(args: argparse.Namespace) -> tuple[list[Provider], str, nn.Module]:
+def build_providers(args: argparse.Namespace,
+                    names: tuple[str, ...] | None = None) -> tuple[list[Provider], str, nn.Module]:
+    """S²FT, LoRA on the same modules and on every linear layer, full fine-tuning (only ``names`` besides S²FT,
+    when given), each on its copy of one Llama; returns them, S²FT's patch report and S²FT's model."""
     base = build_base(args)
     total = sum(p.numel() for p in base.parameters())
     providers = []
-    full_model = copy.deepcopy(base)  # every parameter trains
+    full_model = copy.deepcopy(base) if names is None or "full" in names else None  # every parameter trains
 
     s2ft_model = copy.deepcopy(base)
     report = fastft.patch(s2ft_model, fastft.S2FTConfig(ffn_ratio=args.ffn_ratio, attn_ratio=args.attn_ratio))
@@ -125,6 +128,8 @@ def build_providers(args: argparse.Namespace) -> tuple[list[Provider], str, nn.M
                               f"attn_ratio={args.attn_ratio:g}, ffn_ratio={args.ffn_ratio:g}"))
 
     for name, targets in (("lora-same", ["o_proj", "down_proj"]), ("lora-all", "all-linear")):
+        if names is not None and name not in names:
+            continue
         rank = lora_rank_for(base, targets, s2ft_count)
         # the LoRA models share the frozen base weights (neither modifies them): less memory for the run
         model = copy.deepcopy(base, memo={id(t): t for t in [*base.parameters(), *base.buffers()]})
@@ -136,7 +141,8 @@ def build_providers(args: argparse.Namespace) -> tuple[list[Provider], str, nn.M
         providers.append(Provider(name, model, _adamw(model), lora_report.trainable_params,
                                   f"r={rank} on {targets if isinstance(targets, str) else '+'.join(targets)}"))
 
-    providers.append(Provider("full", full_model, _adamw(full_model), total, "all parameters"))
+    if full_model is not None:
+        providers.append(Provider("full", full_model, _adamw(full_model), total, "all parameters"))
     return providers, str(report), s2ft_model
 
 
@@ -401,7 +407,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
 #                rank matched to the slice's entries) and the frozen layer (floor);
 #   "s2ft_step"  one training step (forward + backward; the optimizer is left out) of a small Llama: fastft
 #                S²FT vs ``lora-same`` (LoRA on o_proj + down_proj, rank matched), ``lora-all`` (every linear layer,
-#                rank matched) and ``full`` fine-tuning, all peers.
+#                rank matched; not in the CPU --quick sweep) and ``full`` fine-tuning, all peers.
 LAYER_SUITE_SWEEPS = {
     ("cpu", "quick"): (dict(tokens=256, hidden=512, intermediate=1408, ffn_ratio=0.05, dtype="float32"),
                        dict(ffn_ratio=[0.05])),
@@ -414,7 +420,7 @@ LAYER_SUITE_SWEEPS = {
 }
 _STEP_KEYS = ("hidden", "intermediate", "layers", "heads", "seq", "batch", "vocab", "attn_ratio", "ffn_ratio")
 STEP_SUITE_SWEEPS = {
-    ("cpu", "quick"): ({k: QUICK[k] for k in _STEP_KEYS}, dict(seq=[QUICK["seq"]])),
+    ("cpu", "quick"): (dict({k: QUICK[k] for k in _STEP_KEYS}, seq=64), dict(seq=[64])),
     ("cpu", "full"): (dict({k: FULL[k] for k in _STEP_KEYS}, seq=256), dict(seq=[256])),
     ("cuda", "quick"): ({k: FULL[k] for k in _STEP_KEYS}, dict(seq=[FULL["seq"]])),
     ("cuda", "full"): ({k: FULL[k] for k in _STEP_KEYS}, dict(seq=[512, 2048], batch=[2, 8])),
@@ -458,7 +464,8 @@ def step_subjects(config: dict, ctx) -> list:
     from .harness import forced_backend, model_step_subject
 
     args = argparse.Namespace(**config)
-    providers, _, _ = build_providers(args)
+    names = ("lora-same", "full") if ctx.quick and not ctx.on_gpu else None  # --quick on a CPU: lora-all left out
+    providers, _, _ = build_providers(args, names)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
     inputs = dict(input_ids=ids.to(ctx.device), labels=ids.to(ctx.device))
     counted = dict(flops_context=lambda: forced_backend("torch"))
