@@ -80,13 +80,14 @@ def forced_backend(name: str):
 def fastft_backends(op: str, device: torch.device) -> tuple[list[str], list["Skipped"]]:
     """The fastft backends that can time ``op`` on ``device`` here, and a Skipped entry for each other.
 
-    Asks ``fastft.dispatch.backend_for`` with each known backend forced. Triton on a CPU is never timed:
-    there it runs only under the Triton interpreter (NumPy per program instance), a correctness tool.
+    Asks ``fastft.dispatch.backend_for`` with each backend registered for ``op`` forced. Triton on a CPU
+    is never timed: there it runs only under the Triton interpreter (NumPy per program instance), a
+    correctness tool.
     """
     from fastft import dispatch
 
     runnable, skipped = [], []
-    for name in dispatch.KNOWN_BACKENDS:
+    for name in dispatch.op_backends(op):
         if name == "triton" and device.type == "cpu":
             skipped.append(Skipped("fastft", name, "fastft", "Triton runs on a CPU only under the Triton "
                                    "interpreter, a correctness tool: fastft[triton] is timed on CUDA only"))

@@ -41,6 +41,7 @@ SUITE_MODULES = (
     "benchmarks.qat_step",
     "benchmarks.partial_backprop",
     "benchmarks.e2e",
+    "benchmarks.csrc_ops",
 )
 
 DEFAULT_OUT = "bench-results"

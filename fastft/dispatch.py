@@ -1,34 +1,49 @@
 """The one place that decides which implementation of an op runs on which device.
 
 Every op in ``fastft.ops`` registers the backends it implements with :func:`register_op`, and asks
-:func:`backend_for` at call time. The default is the Triton kernel on a CUDA device and the PyTorch
-reference everywhere else. ``FASTFT_BACKEND`` overrides the choice: a backend name, or a comma-separated
-preference list (``FASTFT_BACKEND=triton,torch``). A forced backend that cannot run an op on a device is
-an error, never a silent fallback.
+:func:`backend_for` at call time. The default is the Triton kernel on a CUDA device; on the CPU the C++
+library (``cpp``) for the ops it implements, built on first use — if it cannot be built (no compiler),
+one warning and the PyTorch reference; and the PyTorch reference everywhere else. ``FASTFT_BACKEND``
+overrides the choice: a backend name, or a comma-separated preference list (``FASTFT_BACKEND=triton,torch``).
+A forced backend that cannot run an op on a device (or, see ``limits``, this call of it) is an error,
+never a silent fallback.
 
 Backends:
   ``torch``   the PyTorch reference implementation: the spec of each op; runs on any device.
   ``triton``  Triton kernels from ``fastft.kernels``; runs on CUDA, and on the CPU only under the Triton
               interpreter (``TRITON_INTERPRET=1``, set before fastft is imported), which the tests use.
+  ``cpp``     the C++ CPU library built from ``csrc/`` (``fastft/build.py``, ``fastft/_ext.py``); CPU tensors.
+  ``cuda``    the CUDA library built from ``csrc/`` with nvcc; CUDA tensors. Chosen only when forced
+              (``FASTFT_BACKEND=cuda`` or a list naming it): the default on CUDA stays ``triton``.
 """
 from __future__ import annotations
 
 import functools
 import os
+from typing import Callable, Optional
 
 import torch
 
-KNOWN_BACKENDS = ("torch", "triton")
+KNOWN_BACKENDS = ("torch", "triton", "cpp", "cuda")
 
 _OP_BACKENDS: dict[str, tuple[str, ...]] = {}
+_OP_LIMITS: dict[str, dict[str, Callable[..., Optional[str]]]] = {}
+_LIBRARY_DEVICE = {"cpp": "cpu", "cuda": "cuda"}  # backend -> its csrc library (named by device) and device type
 
 
-def register_op(op: str, backends: tuple[str, ...]) -> None:
-    """Declare the backends that implement ``op`` (the reference ``torch`` one is mandatory)."""
+def register_op(op: str, backends: tuple[str, ...],
+                limits: Optional[dict[str, Callable[..., Optional[str]]]] = None) -> None:
+    """Declare the backends that implement ``op`` (the reference ``torch`` one is mandatory).
+
+    ``limits``: for a backend that implements only some calls of the op, ``check(**call)`` returning
+    None when it can run the call described by the keyword arguments the op passes to
+    :func:`backend_for` (e.g. ``d=``, ``dtype=``), else the reason it cannot.
+    """
     unknown = [b for b in backends if b not in KNOWN_BACKENDS]
     if unknown or "torch" not in backends:
         raise ValueError(f"op {op!r}: backends {backends} must include 'torch' and only {KNOWN_BACKENDS}")
     _OP_BACKENDS[op] = tuple(backends)
+    _OP_LIMITS[op] = dict(limits or {})
 
 
 @functools.lru_cache(maxsize=None)
@@ -52,7 +67,29 @@ def _runnable(backend: str, device: torch.device) -> bool:
         if not triton_importable():
             return False
         return device.type == "cuda" or (device.type == "cpu" and triton_interpreter_enabled())
+    if backend in ("cpp", "cuda"):
+        from . import _ext  # builds the library on first use
+
+        return device.type == _LIBRARY_DEVICE[backend] and _ext.available(_LIBRARY_DEVICE[backend])
     return False
+
+
+def _not_runnable_reason(backend: str, device: torch.device) -> str:
+    if backend == "triton" and device.type == "cpu" and not triton_interpreter_enabled():
+        return "Triton runs on the CPU only under TRITON_INTERPRET=1, set before importing fastft"
+    if backend in ("cpp", "cuda"):
+        wanted = _LIBRARY_DEVICE[backend]
+        if device.type != wanted:
+            return f"{backend!r} runs on {wanted} tensors only"
+        from . import _ext
+
+        return f"the {backend!r} library is unavailable: {_ext.unavailable_reason(wanted)}"
+    return f"{backend!r} cannot run on {device.type}"
+
+
+def _limit(op: str, backend: str, call: dict) -> Optional[str]:
+    check = _OP_LIMITS.get(op, {}).get(backend)
+    return check(**call) if check is not None and call else None
 
 
 def _forced() -> list[str]:
@@ -69,32 +106,50 @@ def _forced() -> list[str]:
     return names
 
 
-def backend_for(op: str, device: torch.device | str) -> str:
-    """The backend that runs ``op`` for tensors on ``device``."""
+def op_backends(op: str) -> tuple[str, ...]:
+    """The backends registered for ``op`` (whether or not they run here)."""
+    if op not in _OP_BACKENDS:
+        raise KeyError(f"fastft op {op!r} is not registered; known ops: {sorted(_OP_BACKENDS)}")
+    return _OP_BACKENDS[op]
+
+
+def backend_for(op: str, device: torch.device | str, **call) -> str:
+    """The backend that runs ``op`` for tensors on ``device``; ``call`` describes the call for ``limits``."""
     device = torch.device(device)
     if op not in _OP_BACKENDS:
         raise KeyError(f"fastft op {op!r} is not registered; known ops: {sorted(_OP_BACKENDS)}")
     available = _OP_BACKENDS[op]
     forced = _forced()
     if forced:
+        reasons = []
         for name in forced:
-            if name in available and _runnable(name, device):
+            if name not in available:
+                reasons.append(f"{name!r} does not implement {op!r}")
+            elif not _runnable(name, device):
+                reasons.append(_not_runnable_reason(name, device))
+            elif (limit := _limit(op, name, call)) is not None:
+                reasons.append(f"{name!r}: {limit}")
+            else:
                 return name
-        runnable = [b for b in available if _runnable(b, device)]
-        why = ""
-        if "triton" in forced and device.type == "cpu" and not triton_interpreter_enabled():
-            why = " (Triton runs on the CPU only under TRITON_INTERPRET=1, set before importing fastft)"
+        runnable = [b for b in available if _runnable(b, device) and _limit(op, b, call) is None]
         raise RuntimeError(
-            f"FASTFT_BACKEND={os.environ['FASTFT_BACKEND']!r} cannot run op {op!r} on {device}{why}; "
-            f"backends that can: {runnable}. Change or unset FASTFT_BACKEND."
+            f"FASTFT_BACKEND={os.environ['FASTFT_BACKEND']!r} cannot run op {op!r} on {device} "
+            f"({'; '.join(reasons)}); backends that can: {runnable}. Change or unset FASTFT_BACKEND."
         )
     if device.type == "cuda" and "triton" in available and _runnable("triton", device):
         return "triton"
+    if (device.type == "cpu" and "cpp" in available and _runnable("cpp", device)
+            and _limit(op, "cpp", call) is None):
+        return "cpp"
     return "torch"
 
 
 def backends(device: torch.device | str | None = None) -> dict[str, str]:
-    """Which backend each registered op uses on ``device`` (default: CUDA if present, else CPU)."""
+    """Which backend each registered op uses on ``device`` (default: CUDA if present, else CPU).
+
+    On the CPU, asking builds the C++ library if it is not built yet (``cpp`` where it runs; ``torch``,
+    after one warning saying why, where it cannot be built).
+    """
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return {op: backend_for(op, device) for op in sorted(_OP_BACKENDS)}

@@ -54,7 +54,19 @@ SUPPORTED_MODELS = (
     "Gemma2ForCausalLM",
 )
 SETTINGS_ATTR = "_fastft_fused_loss"
-_MISSING = object()
+
+
+class _Missing:
+    """'No instance forward was there' — one object that survives copy.deepcopy of a patched model."""
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+_MISSING = _Missing()
 
 
 @dataclass
@@ -65,6 +77,7 @@ class FusedLossSettings:
     head_name: str
     softcap: Optional[float]
     previous_forward: Any  # an instance-level forward that was there before (e.g. accelerate's hooks), or None
+    signature: Any = None  # the class forward's inspect.Signature, read once here (not per call, not under compile)
 
 
 def _qualified_name(model: nn.Module, module: nn.Module) -> str:
@@ -140,6 +153,20 @@ def _check_model(model: nn.Module) -> None:
         raise ValueError("fastft LossConfig: encoder-decoder models are not supported (decoder-only CausalLMs).")
 
 
+def refuse_foreign_fused_head(module: nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook of a LossConfig model: TRL's trainers (SFTTrainer, ...) replace the instance forward with
+    their own fused LM head and call it with ``fused_lm_head=True``; that path reads lm_head's weight itself and
+    would silently train with TRL's loss instead of the configured one. Refuse it clearly."""
+    if kwargs.get("fused_lm_head"):
+        raise ValueError(
+            "fastft LossConfig: this call asks for TRL's fused LM head (fused_lm_head=True, as trl.SFTTrainer does), "
+            "which computes its own loss from lm_head's weight and would bypass fastft's fused loss "
+            f"({module.__dict__[SETTINGS_ATTR].config!r}). Train with fastft.integrations.FastFTSFTTrainer (an "
+            "SFTTrainer whose loss is the model's, i.e. fastft's), or drop LossConfig to use TRL's own loss."
+        )
+    return None
+
+
 class FusedLossForward:
     """The model-level :class:`fastft.patch.Edit` of a LossConfig: install / remove the instance forward."""
 
@@ -156,10 +183,17 @@ class FusedLossForward:
     def apply(self, model: nn.Module) -> None:
         self.previous = model.__dict__.get("forward", _MISSING)
         previous = None if self.previous is _MISSING else self.previous
-        model.__dict__[SETTINGS_ATTR] = FusedLossSettings(self.config, self.head_name, self.softcap, previous)
+        model.__dict__[SETTINGS_ATTR] = FusedLossSettings(
+            self.config, self.head_name, self.softcap, previous, _class_signature(type(model))
+        )
         model.__dict__["forward"] = types.MethodType(_forward_function(type(model)), model)
+        model.register_forward_pre_hook(refuse_foreign_fused_head, with_kwargs=True)
 
     def revert(self, model: nn.Module, merge: bool) -> None:
+        for key, hook in list(model._forward_pre_hooks.items()):
+            if hook is refuse_foreign_fused_head:
+                del model._forward_pre_hooks[key]
+                model._forward_pre_hooks_with_kwargs.pop(key, None)
         model.__dict__.pop(SETTINGS_ATTR, None)
         if self.previous is _MISSING:
             model.__dict__.pop("forward", None)
@@ -234,8 +268,13 @@ def fused_causal_lm_forward(model: nn.Module, *args, **kwargs):
     """
     settings: FusedLossSettings = model.__dict__[SETTINGS_ATTR]
     return_logits = kwargs.pop("return_logits", None)
-    original = settings.previous_forward or types.MethodType(type(model).forward, model)
-    signature = _class_signature(type(model))
+
+    def original(*args, **kwargs):  # the forward without the fused loss (bound only when used: torch.compile)
+        if settings.previous_forward is not None:
+            return settings.previous_forward(*args, **kwargs)
+        return type(model).forward(model, *args, **kwargs)
+
+    signature = settings.signature or _class_signature(type(model))
     try:
         bound = signature.bind(model, *args, **kwargs)
     except TypeError:

@@ -183,5 +183,10 @@ class DoRALinear(LoRALinear):
             base.weight.copy_(merged.to(base.weight.dtype))
         return base
 
+    def _fold_update_into_base(self) -> None:
+        """``W ← m ⊙ (W + s·BA) / ‖W + s·BA‖`` in place; :meth:`attach` then sets m to the new row norms (g = 1)."""
+        weight = self.base_layer.weight
+        weight.copy_(self.merged_weight().to(weight.device, weight.dtype))
+
     def extra_repr(self) -> str:
         return super().extra_repr() + f", dora=True, detach_norm={self.detach_norm}"

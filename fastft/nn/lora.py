@@ -266,6 +266,34 @@ class LoRALinear(nn.Module):
             base.weight.copy_((base.weight.to(delta.dtype) + delta.to(base.weight.device)).to(base.weight.dtype))
         return base
 
+    # ------------------------------------------------------------ Chain of LoRA
+    def merge_and_restart(self) -> None:
+        """Chain of LoRA (COLA): fold the update into the base weight, then start a fresh adapter initialised as
+        at patch time (``init``'s rule; B zero, or PiSSA's factors of the merged weight), written in place into
+        the same Parameter objects. The layer computes the same function before and after (up to the rounding
+        of the merge). A 4-bit base is refused: merging would re-quantize it, changing the function every time.
+        """
+        if self.is_4bit:
+            raise ValueError(
+                "Chain of LoRA merges the adapter into the base weight every N steps; this layer's base is a 4-bit "
+                "Linear4bit, which would be dequantized, merged and re-quantized each time (rounding the weight to "
+                "4 bits again, so the function changes at every merge). Run COLA on a float base, or train QLoRA "
+                "without COLA."
+            )
+        if not self.attached:
+            raise ValueError(f"{type(self).__name__}.merge_and_restart: the adapter was never attached (initialised).")
+        with torch.no_grad():
+            self._fold_update_into_base()
+            self.lora_B.zero_()
+            self.attached = False
+            self.attach()
+
+    def _fold_update_into_base(self) -> None:
+        """``W ← W + s·BA`` in place (the base's own dtype); for a QAT host, into the weight it quantizes."""
+        weight = self.base_layer.weight
+        delta = self.delta_weight()
+        weight.copy_((weight.to(delta.dtype) + delta.to(weight.device)).to(weight.dtype))
+
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, alpha={self.alpha}, "

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import QATConfig
-from ..ops.fake_quantize import dequantize, fake_quantize, quantize
+from ..ops.fake_quantize import dequantize, fake_quantize, fake_quantize_with_mask, quantize
 from ..ops.hadamard import hadamard_factorization, hadamard_transform
 from ..ops.quant_linear import effective_weight, quant_weight_linear
 
@@ -52,6 +52,13 @@ class QuantSpec:
         return fake_quantize(
             x, self.bits, granularity=self.granularity, group_size=self.group_size, symmetric=self.symmetric,
             clip_ratio=self.clip_ratio, ste=self.ste, rotate=rotate,
+        )
+
+    def with_mask(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(fake-quantized x, the "not clamped" mask of the clipped STE), without autograd."""
+        return fake_quantize_with_mask(
+            x, self.bits, granularity=self.granularity, group_size=self.group_size, symmetric=self.symmetric,
+            clip_ratio=self.clip_ratio,
         )
 
     def quantize(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:

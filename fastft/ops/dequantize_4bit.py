@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ..dispatch import backend_for, register_op
 
-register_op("dequantize_4bit", ("torch", "triton"))
+register_op("dequantize_4bit", ("torch", "triton", "cuda"))
 
 
 def unnest_absmax(absmax_codes: Tensor, code2: Tensor, absmax2: Tensor, blocksize2: int, offset: float | Tensor) -> Tensor:
@@ -50,11 +50,34 @@ def dequantize_4bit(
     """Dense ``shape`` matrix of ``dtype`` from a packed 4-bit weight, on the backend chosen for its device."""
     if absmax.dtype != torch.float32:
         raise TypeError(f"dequantize_4bit expects a float32 absmax (unnest it first), got {absmax.dtype}")
-    if backend_for("dequantize_4bit", packed.device) == "triton":
+    backend = backend_for("dequantize_4bit", packed.device)
+    if backend == "triton":
         from ..kernels.dequantize_4bit import dequantize_4bit as kernel
 
         return kernel(packed, absmax, code, blocksize, shape, dtype)
+    if backend == "cuda":
+        from .._ext import dequantize_4bit as kernel
+
+        return kernel(packed, absmax, code, blocksize, shape, dtype)
     return dequantize_4bit_reference(packed, absmax, code, blocksize, shape, dtype)
+
+
+def dequantize_4bit_nested(
+    packed: Tensor, absmax_codes: Tensor, code2: Tensor, absmax2: Tensor, blocksize2: int, offset: float | Tensor,
+    code: Tensor, blocksize: int, shape: tuple[int, int], dtype: torch.dtype,
+) -> Tensor:
+    """:func:`dequantize_4bit` of a weight whose absmax is nested (bitsandbytes' double quantization).
+
+    The CUDA library decodes each block's absmax inside the kernel; the other backends unnest it first
+    (:func:`unnest_absmax`) — the same float32 operations, so the same result.
+    """
+    if backend_for("dequantize_4bit", packed.device) == "cuda":
+        from .._ext import dequantize_4bit as kernel
+
+        return kernel(packed, None, code, blocksize, shape, dtype,
+                      nested=(absmax_codes, code2, absmax2, int(blocksize2), float(offset)))
+    absmax = unnest_absmax(absmax_codes, code2, absmax2, blocksize2, offset)
+    return dequantize_4bit(packed, absmax, code, blocksize, shape, dtype)
 
 
 @dataclass

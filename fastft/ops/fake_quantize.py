@@ -45,7 +45,9 @@ backend (``quantize`` always runs the reference: it is for export, not the train
 
 Backends: this PyTorch reference (any device) and the Triton kernels of ``fastft.kernels.fake_quantize``
 (CUDA; rotate + per-token quantization is one fused kernel of ``fastft.kernels.hadamard``, the clipped
-STE backward is fused into the inverse rotation), which reproduce the reference's operations in order.
+STE backward is fused into the inverse rotation), which reproduce the reference's operations in order;
+the C++ CPU library (``cpp``: every granularity, rotation and quantization in one pass per row, the
+default on CPU) and the CUDA library (``cuda``: per token only) built from ``csrc/``, which do the same.
 Config code can validate arguments early with :func:`check_quant_args`.
 """
 from __future__ import annotations
@@ -66,6 +68,7 @@ __all__ = [
     "dequantize",
     "fake_quantize",
     "fake_quantize_reference",
+    "fake_quantize_with_mask",
     "qrange",
     "quantize",
 ]
@@ -76,7 +79,24 @@ SCALE_EPS = 1e-8
 GRANULARITIES = ("token", "channel", "group", "tensor")
 STE_MODES = ("identity", "clipped")
 
-register_op("fake_quantize", ("torch", "triton"))
+
+
+def _cuda_limit(d: int, dtype: torch.dtype, granularity: Optional[str] = None, **_) -> Optional[str]:
+    from .. import _ext
+
+    if granularity not in (None, "token", "channel"):
+        return f"the CUDA library quantizes per token (granularity 'token'/'channel'), not {granularity!r}"
+    longest = _ext.cuda_max_row(dtype)
+    return None if d <= longest else f"the CUDA kernel holds a row of at most {longest} elements here, d={d}"
+
+
+def _cpp_limit(dtype: torch.dtype, **_) -> Optional[str]:
+    from .. import _ext
+
+    return None if _ext.cpu_supports(dtype) else f"this build of the C++ library has no {dtype} support"
+
+
+register_op("fake_quantize", ("torch", "triton", "cpp", "cuda"), limits={"cuda": _cuda_limit, "cpp": _cpp_limit})
 
 
 # --------------------------------------------------------------------------- validation
@@ -200,8 +220,13 @@ def _fake_quantize_op(
     need_mask: bool,
 ) -> tuple[Tensor, Tensor]:
     args = (x, bits, granularity, group_size, symmetric, clip_ratio, rotate, need_mask)
-    if backend_for("fake_quantize", x.device) == "triton":
+    backend = backend_for("fake_quantize", x.device, d=x.shape[-1], dtype=x.dtype, granularity=granularity)
+    if backend == "triton":
         from ..kernels.fake_quantize import fake_quantize as kernel
+
+        return kernel(*args)
+    if backend in ("cpp", "cuda"):
+        from .._ext import fake_quantize as kernel
 
         return kernel(*args)
     return fake_quantize_reference(*args)
@@ -215,8 +240,13 @@ def _(x, bits, granularity, group_size, symmetric, clip_ratio, rotate, need_mask
 
 @torch.library.custom_op("fastft::fake_quantize_backward", mutates_args=())
 def _fake_quantize_backward_op(grad: Tensor, mask: Tensor, rotate: bool) -> Tensor:
-    if backend_for("fake_quantize", grad.device) == "triton":
+    backend = backend_for("fake_quantize", grad.device, d=grad.shape[-1], dtype=grad.dtype)
+    if backend == "triton":
         from ..kernels.fake_quantize import fake_quantize_backward as kernel
+
+        return kernel(grad, mask, rotate)
+    if backend in ("cpp", "cuda"):
+        from .._ext import fake_quantize_backward as kernel
 
         return kernel(grad, mask, rotate)
     return fake_quantize_backward_reference(grad, mask, rotate)
@@ -267,6 +297,20 @@ def fake_quantize(
         x.contiguous(), bits, granularity, int(group_size), symmetric, float(clip_ratio), rotate, ste == "clipped"
     )
     return out
+
+
+def fake_quantize_with_mask(
+    x: Tensor, bits: int, granularity: str = "token", group_size: int = 128, symmetric: bool = False,
+    clip_ratio: float = 1.0, rotate: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """``(fake_quantize(x, ...), kept)`` with ``kept`` the boolean "not clamped" mask of the clipped STE (the
+    clipped gradient is ``torch.where(kept, grad, 0)``, before the inverse rotation when ``rotate``). No autograd:
+    for code that applies the STE itself (a backward computing it without ``torch.autograd.grad``)."""
+    _check_tensor(x, "fake_quantize")
+    check_quant_args(bits, granularity, group_size, symmetric, clip_ratio, "clipped", x.shape[-1], rotate)
+    return _fake_quantize_op(
+        x.detach().contiguous(), bits, granularity, int(group_size), symmetric, float(clip_ratio), rotate, True
+    )
 
 
 def quantize(

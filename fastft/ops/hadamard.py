@@ -23,6 +23,11 @@ K = 1), then one multiplication by ``1/sqrt(d)`` rounded to the compute dtype. T
 float32 for float16/bfloat16/float32 input and float64 for float64 input; the result is returned in the
 input's dtype. Other summation orders (a kernel's) agree to rounding.
 
+Backends: this PyTorch reference; the Triton kernels of ``fastft.kernels.hadamard`` (CUDA); the C++ CPU
+library and the CUDA library built from ``csrc/`` (``cpp``, ``cuda``; see ``fastft/dispatch.py``), which
+run the butterflies in the reference's order (bit for bit for K = 1) and sum the K-factor product over
+c in order.
+
 Autograd: the transform is linear and orthogonal, so the gradient of ``hadamard_transform(x, inverse)``
 is ``hadamard_transform(grad, not inverse)``; nothing is saved for backward.
 
@@ -88,7 +93,23 @@ __all__ = [
 MAX_K_FACTOR = 2048
 """The largest K-factor built (its K×K product costs 2K flops per element, the dense matrix 2d)."""
 
-register_op("hadamard_transform", ("torch", "triton"))
+
+
+def _cuda_row_limit(d: int, dtype: torch.dtype, **_) -> Optional[str]:
+    from .. import _ext
+
+    longest = _ext.cuda_max_row(dtype)
+    return None if d <= longest else f"the CUDA kernel holds a row of at most {longest} elements here, d={d}"
+
+
+def _cpp_dtype_limit(dtype: torch.dtype, **_) -> Optional[str]:
+    from .. import _ext
+
+    return None if _ext.cpu_supports(dtype) else f"this build of the C++ library has no {dtype} support"
+
+
+register_op("hadamard_transform", ("torch", "triton", "cpp", "cuda"),
+            limits={"cuda": _cuda_row_limit, "cpp": _cpp_dtype_limit})
 
 WILLIAMSON_FIRST_ROWS = {
     43: (
@@ -302,6 +323,7 @@ def _factor_text(d: int) -> str:
     return "·".join(str(p) for p in parts) or str(d)
 
 
+@torch.compiler.assume_constant_result  # a pure function of a Python int: torch.compile runs it while tracing
 def hadamard_factorization(d: int) -> tuple[int, int]:
     """(K, n) with d = K·2^n as the module docstring chooses them; ValueError if d is not supported."""
     if not isinstance(d, int) or isinstance(d, bool):
@@ -408,8 +430,13 @@ def hadamard_transform_reference(x: Tensor, inverse: bool = False) -> Tensor:
 
 @torch.library.custom_op("fastft::hadamard_transform", mutates_args=())
 def _hadamard_transform_op(x: Tensor, inverse: bool) -> Tensor:
-    if backend_for("hadamard_transform", x.device) == "triton":
+    backend = backend_for("hadamard_transform", x.device, d=x.shape[-1], dtype=x.dtype)
+    if backend == "triton":
         from ..kernels.hadamard import hadamard_transform as kernel
+
+        return kernel(x, inverse)
+    if backend in ("cpp", "cuda"):
+        from .._ext import hadamard_transform as kernel
 
         return kernel(x, inverse)
     return hadamard_transform_reference(x, inverse)

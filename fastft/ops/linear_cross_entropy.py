@@ -57,7 +57,7 @@ transformers; g rounded to it before its two products, as autograd through that 
 losses and the accumulation of dW and db are in float32 (float64 for float64 inputs). Labels outside
 the vocabulary are an error (checked once per call: one device synchronisation on a GPU). Registered as
 the ``torch.library`` ops ``fastft::linear_cross_entropy`` and ``fastft::linear_cross_entropy_backward``
-(with fake kernels; under ``torch.compile`` the label check is a graph break).
+(with fake kernels; under ``torch.compile`` the label check is an on-device assert, not a graph break).
 """
 from __future__ import annotations
 
@@ -466,6 +466,13 @@ def _check_label_range(labels: Tensor, vocab: int, ignore_index: int) -> None:
     if not torch.compiler.is_compiling() and detect_fake_mode(labels) is not None:
         return  # shapes without values (e.g. fastft.select_trainable reading the graph on fake tensors)
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if torch.compiler.is_compiling():  # no host synchronisation (graph break) in a compiled graph: assert on device
+        torch._assert_async(
+            ~bad.any(),
+            f"linear_cross_entropy: a label is outside the vocabulary [0, {vocab}) of the weight and is not "
+            f"ignore_index={ignore_index}: the labels do not match this lm_head.",
+        )
+        return
     if bool(bad.any()):
         example = int(labels[bad][0])
         raise ValueError(

@@ -60,16 +60,25 @@ class _QuantWeightLinear(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         dx = dw = db = dA = dB = None
         need_weight_grad = need_w or need_A or need_B
-        with torch.enable_grad() if (ctx.clipped and need_weight_grad) else torch.no_grad():
+        with_mask = getattr(ctx.quantizer, "with_mask", None)  # the clipped STE's mask without autograd.grad
+        autograd_ste = ctx.clipped and need_weight_grad and with_mask is None
+        with torch.enable_grad() if autograd_ste else torch.no_grad():
             w_eff = effective_weight(weight.detach(), *(None if t is None else t.detach() for t in (lora_A, lora_B)), s)
-            if ctx.clipped and need_weight_grad:
+            if autograd_ste:
                 w_eff = w_eff.detach().requires_grad_(True)
-            wq = ctx.quantizer(w_eff)
+            if ctx.clipped and need_weight_grad and not autograd_ste:
+                wq, kept = with_mask(w_eff)
+            else:
+                wq = ctx.quantizer(w_eff)
         if need_x:
             dx = (g2 @ wq.detach().to(g2.dtype)).reshape(x.shape)
         if need_weight_grad:
             if ctx.clipped:
-                (d_eff,) = torch.autograd.grad(wq, w_eff, (g2.t() @ x2).to(wq.dtype))
+                upstream = (g2.t() @ x2).to(wq.dtype)
+                if autograd_ste:
+                    (d_eff,) = torch.autograd.grad(wq, w_eff, upstream)
+                else:  # what fake_quantize's clipped backward computes, without torch.autograd.grad (a graph break)
+                    d_eff = torch.where(kept, upstream, torch.zeros((), dtype=upstream.dtype, device=upstream.device))
                 if need_A:
                     dA = s * (lora_B.t().to(d_eff.dtype) @ d_eff)
                 if need_B:
