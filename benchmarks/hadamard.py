@@ -334,33 +334,11 @@ def main(argv=None) -> list[Row]:
 
 
 # ------------------------------------------------------------------------------------------- in the suite
-# ``python -m benchmarks`` runs three ops over sweeps of their size d (tokens × d activations, d × d weights):
-#   "hadamard"           the transform, forward: fastft on every backend that runs here vs ``dense`` (x @ H_dᵀ,
-#                        H_d built once and excluded from the bytes);
-#   "fake_quant"         rotate + per-token 8-bit asymmetric fake quantization, forward + backward (identity
-#                        STE): fastft (one op) vs ``fwht+composite`` (fastft's transform, then the formula in plain
-#                        PyTorch, STE by detach) and ``dense+composite`` (dense rotation, then the same);
-#   "fake_quant_weight"  4-bit symmetric fake quantization in groups of 128 of a d × d weight, forward + backward:
-#                        fastft vs ``composite``.
-# torchao's fake quantizers join as a peer when torchao is installed (a skipped row says so otherwise). d takes
-# powers of two and K·2^n sizes (K = 12: 3072 = 12·256, 11008 = 172·64, 14336 = 28·512).
-SUITE_SWEEPS = {
-    ("cpu", "quick"): (dict(tokens=256, d=1024, dtype="float32"), dict(d=[1024, 3072])),
-    ("cpu", "full"): (dict(tokens=512, d=4096, dtype="float32"),
-                      dict(d=[1024, 3072, 4096, 11008, 14336], tokens=[128, 512, 2048], dtype=["float32", "bfloat16"])),
-    ("cuda", "quick"): (dict(tokens=8192, d=4096, dtype="bfloat16"), dict(d=[4096, 14336])),
-    ("cuda", "full"): (dict(tokens=8192, d=4096, dtype="bfloat16"),
-                       dict(d=[1024, 3072, 4096, 11008, 14336], tokens=[2048, 8192, 32768],
-                            dtype=["bfloat16", "float16", "float32"])),
-}
-QUANT_SUITE_SWEEPS = {
-    ("cpu", "quick"): (dict(tokens=256, d=1024, dtype="float32"), dict(d=[1024])),
-    ("cpu", "full"): (dict(tokens=512, d=4096, dtype="float32"),
-                      dict(d=[1024, 3072, 4096], tokens=[128, 512, 2048], dtype=["float32", "bfloat16"])),
-    ("cuda", "quick"): (dict(tokens=8192, d=4096, dtype="bfloat16"), dict(d=[4096, 14336])),
-    ("cuda", "full"): (dict(tokens=8192, d=4096, dtype="bfloat16"),
-                       dict(d=[1024, 4096, 11008, 14336], tokens=[2048, 8192, 32768], dtype=["bfloat16", "float32"])),
-}
+# ``python -m benchmarks`` runs "fake_quant_weight" from here: 4-bit symmetric fake quantization in groups of 128
+# of a d × d weight, forward + backward, fastft on every backend that runs here vs ``composite`` (the formula in
+# plain PyTorch, STE by detach) and torchao's fake quantizer when installed (a skipped row says so otherwise).
+# The transform and the rotate + quantize of activations are in the suite through ``benchmarks.csrc_ops``
+# ("hadamard", "rotate_quantize": every backend, C++ included, against the dense PyTorch version).
 WEIGHT_SUITE_SWEEPS = {
     ("cpu", "quick"): (dict(d=1024, dtype="float32"), dict(d=[1024])),
     ("cpu", "full"): (dict(d=4096, dtype="float32"), dict(d=[1024, 4096, 11008], dtype=["float32", "bfloat16"])),
@@ -369,61 +347,19 @@ WEIGHT_SUITE_SWEEPS = {
 }
 
 
-def _fastft_subjects(op: str, device, make) -> list:
-    """``make(backend)`` -> Subject for each fastft backend that runs here, and the Skipped others."""
-    from .harness import fastft_backends
-
-    backends, skipped = fastft_backends(op, device)
-    return [make(backend) for backend in backends] + skipped
-
-
-def transform_subjects(config: dict, ctx) -> list:
-    from .harness import DTYPES, Subject, forced_backend
-
-    tokens, d, dtype = config["tokens"], config["d"], DTYPES[config["dtype"]]
-    x = torch.randn(tokens, d, generator=torch.Generator().manual_seed(d)).to(ctx.device, dtype)
-    H = dense_hadamard(d, dtype, ctx.device)
-    subjects = _fastft_subjects("hadamard_transform", ctx.device, lambda backend: Subject(
-        "fastft", backend, "fastft", lambda: hadamard_transform(x), None, has_backward=False,
-        context=lambda: forced_backend(backend), flops_context=lambda: forced_backend("torch")))
-    subjects.append(Subject("dense", "eager", "peer", lambda: x @ H.t(), None, parameters=[H], has_backward=False))
-    return subjects
-
-
-def rotate_quantize_subjects(config: dict, ctx) -> list:
-    from .harness import DTYPES, Skipped, Subject, forced_backend
-
-    tokens, d, dtype = config["tokens"], config["d"], DTYPES[config["dtype"]]
-    gen = torch.Generator().manual_seed(7)
-    x = torch.randn(tokens, d, generator=gen).to(ctx.device, dtype).requires_grad_(True)
-    grad = torch.randn(tokens, d, generator=gen).to(ctx.device, dtype)
-    H = dense_hadamard(d, dtype, ctx.device)
-    subjects = _fastft_subjects("fake_quantize", ctx.device, lambda backend: Subject(
-        "fastft", backend, "fastft", lambda: fake_quantize(x, 8, "token", rotate=True), grad, [x],
-        context=lambda: forced_backend(backend), flops_context=lambda: forced_backend("torch")))
-    subjects.append(Subject("fwht+composite", "eager", "peer",
-                            lambda: composite_fake_quantize(hadamard_transform(x), 8, None, False), grad, [x]))
-    subjects.append(Subject("dense+composite", "eager", "peer",
-                            lambda: composite_fake_quantize(x @ H.t(), 8, None, False), grad, [x], parameters=[H]))
-    ao = torchao_quantizer(8, None, False)
-    if ao is not None:
-        subjects.append(Subject("dense+torchao", "eager", "peer", lambda: ao(x @ H.t()), grad, [x], parameters=[H]))
-    else:
-        subjects.append(Skipped("torchao", "eager", "peer", "torchao is not installed: its fake quantizer peer skipped "
-                                "(pip install torchao)"))
-    return subjects
-
-
 def weight_quantize_subjects(config: dict, ctx) -> list:
-    from .harness import DTYPES, Skipped, Subject, forced_backend
+    from .harness import DTYPES, Skipped, Subject, fastft_backends, forced_backend
 
     d, dtype = config["d"], DTYPES[config["dtype"]]
     gen = torch.Generator().manual_seed(8)
     w = (torch.randn(d, d, generator=gen) / math.sqrt(d)).to(ctx.device, dtype).requires_grad_(True)
     grad = torch.randn(d, d, generator=gen).to(ctx.device, dtype)
-    subjects = _fastft_subjects("fake_quantize", ctx.device, lambda backend: Subject(
-        "fastft", backend, "fastft", lambda: fake_quantize(w, 4, "group", 128, symmetric=True), grad, [w],
-        context=lambda: forced_backend(backend), flops_context=lambda: forced_backend("torch")))
+    backends, skipped = fastft_backends("fake_quantize", ctx.device)
+    subjects: list = [
+        Subject("fastft", backend, "fastft", lambda: fake_quantize(w, 4, "group", 128, symmetric=True), grad, [w],
+                context=lambda backend=backend: forced_backend(backend), flops_context=lambda: forced_backend("torch"))
+        for backend in backends
+    ] + skipped
     subjects.append(Subject("composite", "eager", "peer", lambda: composite_fake_quantize(w, 4, 128, True), grad, [w]))
     ao = torchao_quantizer(4, 128, True)
     if ao is not None:
@@ -434,47 +370,33 @@ def weight_quantize_subjects(config: dict, ctx) -> list:
     return subjects
 
 
-def _elementwise_min_bytes(config: dict, mode: str) -> int:
-    """Read the input once and write the output once (forward), the same for the gradient (backward)."""
+def _weight_min_bytes(config: dict, mode: str) -> int:
+    """Read the weight once and write its fake-quantized copy once (forward), the same for the gradient."""
     from .harness import DTYPES
 
-    e = torch.empty(0, dtype=DTYPES[config["dtype"]]).element_size()
-    rows = config.get("tokens", config["d"])
-    once = 2 * rows * config["d"] * e
+    once = 2 * config["d"] ** 2 * torch.empty(0, dtype=DTYPES[config["dtype"]]).element_size()
     return {"forward": once, "backward": once, "step": 2 * once}[mode]
 
 
-def suite_benchmarks(sweeps: dict | None = None, quant_sweeps: dict | None = None,
-                     weight_sweeps: dict | None = None) -> list:
-    """The QAT op benchmarks of ``python -m benchmarks``: "hadamard", "fake_quant" (activations, rotated) and
-    "fake_quant_weight"; sweeps replaceable (tests)."""
+def suite_benchmarks(weight_sweeps: dict | None = None) -> list:
+    """The weight fake-quantization benchmark of ``python -m benchmarks`` ("fake_quant_weight"); sweeps
+    replaceable (tests)."""
     from .harness import Benchmark, layer_case, layer_estimate, sweep_points
 
-    def family(op: str, table: dict, build, flops, providers: int):
-        def cases(ctx) -> list:
-            key = (ctx.device.type, ctx.sweep)
-            if key not in table:
-                raise ValueError(f"{op}: no sweep for {key}; known: {sorted(table)}")
-            base, variables = table[key]
-            return [layer_case(op, point, x_names, build=build, min_bytes=_elementwise_min_bytes,
-                               estimate_s=lambda ctx, point=point: layer_estimate(flops(point), providers, ctx))
-                    for point, x_names in sweep_points(base, variables)]
+    table = weight_sweeps or WEIGHT_SUITE_SWEEPS
 
-        return cases
+    def cases(ctx) -> list:
+        key = (ctx.device.type, ctx.sweep)
+        if key not in table:
+            raise ValueError(f"fake_quant_weight: no sweep for {key}; known: {sorted(table)}")
+        base, variables = table[key]
+        return [layer_case("fake_quant_weight", point, x_names, build=weight_quantize_subjects,
+                           min_bytes=_weight_min_bytes,
+                           estimate_s=lambda ctx, point=point: layer_estimate(0.0, 3, ctx))
+                for point, x_names in sweep_points(base, variables)]
 
-    dense = lambda p: 2.0 * p["tokens"] * p["d"] ** 2  # noqa: E731  (the dense rotation dominates)
-    return [
-        Benchmark("hadamard", family("hadamard", sweeps or SUITE_SWEEPS, transform_subjects, dense, 1),
-                  "Hadamard transform (O(d log d)) vs the dense rotation, forward", tags=("layer", "qat")),
-        Benchmark("fake_quant", family("fake_quant", quant_sweeps or QUANT_SUITE_SWEEPS, rotate_quantize_subjects,
-                                       dense, 2),
-                  "rotate + per-token 8-bit fake quantization vs unfused composites, forward + backward",
-                  tags=("layer", "qat")),
-        Benchmark("fake_quant_weight", family("fake_quant_weight", weight_sweeps or WEIGHT_SUITE_SWEEPS,
-                                              weight_quantize_subjects, lambda p: 0.0, 2),
-                  "4-bit group fake quantization of a weight vs the composite, forward + backward",
-                  tags=("layer", "qat")),
-    ]
+    return [Benchmark("fake_quant_weight", cases, "4-bit group fake quantization of a weight vs the composite, "
+                      "forward + backward", tags=("layer", "qat"))]
 
 
 if __name__ == "__main__":

@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from fastft import dispatch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.append(str(REPO_ROOT))  # benchmarks/ is a top-level folder of the repository, not installed
 
 from benchmarks import e2e, harness, lora_layer, measure, records, render, suite  # noqa: E402
-from benchmarks import dora_layer, hadamard, linear_ce, partial_backprop, qat_step, s2ft_step  # noqa: E402
+from benchmarks import csrc_ops, dora_layer, hadamard, linear_ce, partial_backprop, qat_step, s2ft_step  # noqa: E402
 
 TINY = {("cpu", "quick"): (dict(hidden=32, tokens=16, rank=4, dtype="float32"), dict(hidden=[32, 48]))}
 FLOAT32 = 4
@@ -233,8 +234,8 @@ def test_list_runs_nothing_and_max_minutes_records_the_cases_it_did_not_start(tm
 
 
 # ------------------------------------------------------------------------------------------- every benchmark
-NEW_BENCHMARKS = {"dora", "qdora", "linear_ce", "hadamard", "fake_quant", "fake_quant_weight", "s2ft", "s2ft_step",
-                  "qat_step", "partial_backprop", "e2e-dora", "e2e-qdora", "e2e-qat", "e2e-s2ft"}
+NEW_BENCHMARKS = {"dora", "qdora", "linear_ce", "fake_quant_weight", "s2ft", "s2ft_step", "qat_step", "partial_backprop",
+                  "hadamard", "rotate_quantize", "e2e-dora", "e2e-qdora", "e2e-qat", "e2e-s2ft"}
 
 
 def _context(device: str, quick: bool) -> harness.Context:
@@ -265,9 +266,8 @@ TINY_SUITE = [
     dora_layer.suite_benchmarks(sweeps=TINY_ONE, qdora_sweeps=TINY_ONE),
     linear_ce.suite_benchmarks({("cpu", "quick"): (dict(tokens=24, hidden=32, vocab=80, lm_head="frozen", dtype="float32"),
                                                    dict(lm_head=["trainable"]))}),
-    hadamard.suite_benchmarks({("cpu", "quick"): (dict(tokens=8, d=96, dtype="float32"), dict(d=[96]))},
-                              {("cpu", "quick"): (dict(tokens=8, d=64, dtype="float32"), dict(d=[64]))},
-                              {("cpu", "quick"): (dict(d=128, dtype="float32"), dict(d=[128]))}),
+    hadamard.suite_benchmarks({("cpu", "quick"): (dict(d=128, dtype="float32"), dict(d=[128]))}),
+    csrc_ops.suite_benchmarks({("cpu", "quick"): (dict(d=96, tokens=8, dtype="float32"), dict(d=[96]))}),
     s2ft_step.suite_benchmarks(
         {("cpu", "quick"): (dict(tokens=16, hidden=32, intermediate=48, ffn_ratio=0.25, dtype="float32"),
                             dict(ffn_ratio=[0.25]))},
@@ -288,8 +288,8 @@ def test_a_tiny_case_of_each_new_benchmark_yields_well_formed_rows(tmp_path):
     header, rows = read_csv(tmp_path / "results.csv")
     assert tuple(header) == records.FIELDS
     figures = [r for r in rows if r["metric"] not in ("skipped", "failed")]
-    ops = {"dora", "qdora", "linear_ce", "hadamard", "fake_quant", "fake_quant_weight", "s2ft", "s2ft_step", "qat_step",
-           "partial_backprop"}
+    ops = {"dora", "qdora", "linear_ce", "fake_quant_weight", "s2ft", "s2ft_step", "qat_step", "partial_backprop",
+           "hadamard_transform", "rotate_quantize"}
     assert {r["op"] for r in figures} == ops
     for r in figures:
         p20, p50, p80 = float(r["p20"]), float(r["p50"]), float(r["p80"])
@@ -300,8 +300,9 @@ def test_a_tiny_case_of_each_new_benchmark_yields_well_formed_rows(tmp_path):
         assert any(r["role"] in ("peer", "floor") and r["metric"] == "time" for r in mine), op
         assert any(r["metric"] == "flops" for r in mine), op
 
-    def value(op, provider, metric, mode):
-        (row,) = [r for r in figures if (r["op"], r["provider"], r["metric"], r["mode"]) == (op, provider, metric, mode)]
+    def value(op, provider, metric, mode, backend="torch"):
+        (row,) = [r for r in figures if (r["op"], r["provider"], r["metric"], r["mode"]) == (op, provider, metric, mode)
+                  and (r["role"] != "fastft" or r["backend"] == backend)]
         return float(row["p50"])
 
     assert value("dora", "fastft", "max_rel_diff", "step") < 1e-4  # against PEFT DoRA
@@ -311,7 +312,10 @@ def test_a_tiny_case_of_each_new_benchmark_yields_well_formed_rows(tmp_path):
     assert value("linear_ce", "fastft", "saved_for_backward", "forward") == (24 * 32 + 80 * 32) * FLOAT32
     assert not [r for r in figures if r["op"] == "linear_ce" and r["provider"] == "fastft" and r["mode"] == "backward"
                 and r["metric"] == "time"]  # its backward cannot run twice on one graph: not timed alone
-    assert value("hadamard", "fastft", "flops", "forward") == 2 * 8 * 96 * 12  # the 12×12 factor of 96 = 12·8
+    # the transform's backward is the inverse transform: the 12×12 factor of 96 = 12·8 in both directions
+    assert value("hadamard_transform", "fastft", "flops", "step") == 2 * (2 * 8 * 96 * 12)
+    if "cpp" in dispatch.op_backends("hadamard_transform") and dispatch.backend_for("hadamard_transform", "cpu") == "cpp":
+        assert value("hadamard_transform", "fastft", "max_rel_diff", "step", backend="cpp") < 1e-5  # the C++ library
     for policy in ("layers", "half", "flops@0.5"):
         assert value("partial_backprop", policy, "flops_report", "backward") == \
             value("partial_backprop", policy, "flops", "backward")
