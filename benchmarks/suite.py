@@ -37,11 +37,11 @@ SUITE_MODULES = (
     "benchmarks.dora_layer",
     "benchmarks.linear_ce",
     "benchmarks.hadamard",
+    "benchmarks.csrc_ops",
     "benchmarks.s2ft_step",
     "benchmarks.qat_step",
     "benchmarks.partial_backprop",
     "benchmarks.e2e",
-    "benchmarks.csrc_ops",
 )
 
 DEFAULT_OUT = "bench-results"
