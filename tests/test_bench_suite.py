@@ -5,6 +5,7 @@ failures are reported. Shapes are tiny so the whole file runs in seconds.
 """
 import csv
 import datetime
+import dataclasses
 import math
 import sys
 from pathlib import Path
@@ -193,9 +194,9 @@ def tiny_setup():
                      batch=2, steps=3, rank=4, alpha=8)
 
 
-@pytest.mark.parametrize("method", ["lora", "qlora", "dora"])
+@pytest.mark.parametrize("method", ["lora", "qlora", "dora", "qdora"])
 def test_end_to_end_variants_train_to_the_same_losses(method):
-    if method == "qlora":
+    if method in ("qlora", "qdora"):
         pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes; install fastft[test]")
     pytest.importorskip("peft", reason="the peer variant is PEFT; install fastft[test]")
     results = {p: e2e.run_variant(method, p, tiny_setup(), torch.device("cpu"), torch.float32) for p in ("fastft", "peft")}
@@ -203,7 +204,7 @@ def test_end_to_end_variants_train_to_the_same_losses(method):
     assert len(ours["losses"]) == 3 and all(math.isfinite(v) for v in ours["losses"])
     assert ours["losses"] == pytest.approx(theirs["losses"], abs=1e-5)
     # r·(in + out) over q, k, v, o (64->64, 64->32 twice, 64->64) and gate, up, down (64->128 twice, 128->64)
-    magnitudes = 64 + 32 + 32 + 64 + 128 + 128 + 64 if method == "dora" else 0  # DoRA: one per output feature
+    magnitudes = 64 + 32 + 32 + 64 + 128 + 128 + 64 if "dora" in method else 0  # DoRA: one per output feature
     assert ours["trainable_params"] == theirs["trainable_params"] == 4 * (128 + 96 + 96 + 128 + 192 * 3) + magnitudes
     assert ours["backend"] == "torch" and theirs["backend"] == "-"
     assert ours["peak_rss"] >= ours["peak_rss_train"] > 0 and ours["rss_baseline"] > 0
@@ -213,6 +214,23 @@ def test_end_to_end_variants_train_to_the_same_losses(method):
     assert {"time", "final_loss", "peak_rss", "peak_rss_train", "rss_baseline", "loss"} <= metrics
     curve = [m for m in measurements if m.metric == "loss"]
     assert [m.x for m in curve] == [("step", 1), ("step", 2), ("step", 3)]
+
+
+@pytest.mark.parametrize("method", ["qat", "s2ft"])
+def test_end_to_end_methods_without_a_peft_peer_train(method):
+    # the data's batches differ in difficulty (step 3 is harder than step 1 for every method), so compare
+    # the first and last three steps of ten
+    setup = dataclasses.replace(tiny_setup(), steps=10)
+    result = e2e.run_variant(method, "fastft", setup, torch.device("cpu"), torch.float32)
+    lora = 4 * (128 + 96 + 96 + 128 + 192 * 3)  # the LoRA peer's trainable count (see above)
+    losses = result["losses"]
+    assert len(losses) == 10 and all(math.isfinite(v) for v in losses)
+    assert sum(losses[-3:]) < sum(losses[:3]) - 0.5 * 3  # at least 0.5 nats lower on average
+    assert result["backend"] != "-"  # fastft modules ran
+    if method == "qat":
+        assert result["trainable_params"] == lora  # LoRA's adapters over the fake-quantized base
+    else:
+        assert abs(result["trainable_params"] - lora) <= 64  # one FFN channel of the 64-wide layer
 
 
 def test_a_failing_end_to_end_process_raises_with_its_error():
