@@ -7,7 +7,8 @@ The model, the data and the training loop are the demo's (``fastft.demo``): a ra
 ``LlamaForCausalLM`` built from its config class, batches of a synthetic language (same seed, so the same
 data for every variant), AdamW on the trainable parameters. Default: hidden 1024, intermediate 2816,
 4 layers, 16 heads / 4 KV heads, vocab 32000, sequence 512, batch 2, 6 steps, LoRA r=16 alpha=32 on every
-linear layer of the decoder layers (``--quick``: hidden 256, intermediate 704, 2 layers, sequence 128, vocab 2048).
+linear layer of the decoder layers (``--quick``: hidden 256, intermediate 704, 2 layers, sequence 128, vocab 2048,
+4 steps).
 float32 on a CPU, bfloat16 on a GPU (adapters float32, both libraries' rule).
 
 Each variant runs in a fresh Python process, so its resident memory is its own. Both variants of a method
@@ -58,7 +59,9 @@ def setups():
                         batch=2, steps=6, lr=5e-3, rank=16, alpha=32, seed=0)
     # every in_features a multiple of 64, bitsandbytes' block: its CPU C++ dequantize_4bit (0.50.2) disagrees with
     # its own reference (and fastft) when the blocks straddle rows, e.g. for 256x688 weights
-    quick = replace(default, hidden=256, intermediate=704, layers=2, heads=8, kv_heads=4, vocab=2048, seq_len=128)
+    # --quick: 4 steps (3 timed): a fresh process's imports and first step already cost most of its time
+    quick = replace(default, hidden=256, intermediate=704, layers=2, heads=8, kv_heads=4, vocab=2048, seq_len=128,
+                    steps=4)
     return {"default": default, "quick": quick}
 
 
@@ -110,6 +113,78 @@ def _lora_peft(model, setup):
     return patch_with_peft(model, setup, seeded_lora_adapters(model, setup))
 
 
+def _peft_adapters(model, setup, use_dora: bool):
+    """``model`` wrapped in PEFT LoRA (or DoRA) on every decoder linear layer, A and B set to the seeded ones."""
+    from peft import LoraConfig, get_peft_model
+
+    adapters = seeded_lora_adapters(model, setup)
+    peft_model = get_peft_model(model, LoraConfig(r=setup.rank, lora_alpha=setup.alpha, lora_dropout=0.0,
+                                                  target_modules="all-linear", use_dora=use_dora))
+    base = peft_model.get_base_model()
+    with torch.no_grad():
+        for name, (lora_A, lora_B) in adapters.items():
+            layer = base.get_submodule(name)
+            layer.lora_A["default"].weight.copy_(lora_A)
+            layer.lora_B["default"].weight.copy_(lora_B)
+    return peft_model
+
+
+def _copy_adapters(model, adapters) -> None:
+    import fastft
+
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, fastft.nn.LoRALinear):
+                module.lora_A.copy_(adapters[name][0])
+                module.lora_B.copy_(adapters[name][1])
+
+
+def _dora_fastft(model, setup):
+    """fastft DoRA (norm detached, as PEFT) on every decoder linear layer; magnitudes start at the row norms."""
+    import fastft
+
+    adapters = seeded_lora_adapters(model, setup)
+    fastft.patch(model, fastft.LoRAConfig(r=setup.rank, alpha=setup.alpha, targets="all-linear", dora=True))
+    _copy_adapters(model, adapters)
+    return model
+
+
+def _dora_peft(model, setup):
+    return _peft_adapters(model, setup, use_dora=True)
+
+
+def _qat_lora_fastft(model, setup):
+    """QAT (W4 per channel, A8 per token, rotations R1, R2, R4) with LoRA on every decoder linear layer."""
+    import fastft
+
+    adapters = seeded_lora_adapters(model, setup)
+    fastft.patch(model, [fastft.QATConfig(w_bits=4, a_bits=8),
+                         fastft.LoRAConfig(r=setup.rank, alpha=setup.alpha, targets="all-linear")])
+    _copy_adapters(model, adapters)
+    return model
+
+
+def s2ft_config(model: nn.Module, setup):
+    """S²FT with about as many trainable parameters as the LoRA of ``setup`` on every decoder linear layer:
+    one attention head's o_proj columns per layer, the rest in down_proj's columns (FFN channels)."""
+    import fastft
+
+    config = model.config
+    lora_per_layer = sum(setup.rank * (m.in_features + m.out_features) for m in decoder_linears(model).values())
+    lora_per_layer //= config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    channels = max(1, round(lora_per_layer / config.hidden_size) - head_dim)
+    return fastft.S2FTConfig(attn_ratio=1 / config.num_attention_heads,
+                             ffn_ratio=min(1.0, channels / config.intermediate_size), seed=setup.seed)
+
+
+def _s2ft_fastft(model, setup):
+    import fastft
+
+    fastft.patch(model, s2ft_config(model, setup))
+    return model
+
+
 @dataclass(frozen=True)
 class Method:
     """A fine-tuning method trained end to end: one patching function per provider.
@@ -117,6 +192,7 @@ class Method:
     ``providers[name](model, setup)`` patches (or wraps) the base model and returns the model to train;
     ``prepare_base(model, dtype, device)`` runs first when given (e.g. quantize for QLoRA); ``requires``:
     packages every variant needs. A provider other than "fastft" is a peer; "peft" needs PEFT installed.
+    ``quick=False`` leaves the method out of ``--quick`` (which must stay under 3 minutes on a 2-core CPU).
     """
 
     name: str
@@ -124,6 +200,7 @@ class Method:
     prepare_base: Callable | None = None
     requires: tuple[str, ...] = ()
     description: str = ""
+    quick: bool = True  # False: the full sweep only (a skipped row in --quick says so)
 
 
 METHODS: dict[str, Method] = {
@@ -131,6 +208,17 @@ METHODS: dict[str, Method] = {
                    description="LoRA on every decoder linear layer"),
     "qlora": Method("qlora", {"fastft": _lora_fastft, "peft": _lora_peft}, prepare_base=quantize_decoder_linears,
                     requires=("bitsandbytes",), description="LoRA over an NF4 (double-quantized) base"),
+    "dora": Method("dora", {"fastft": _dora_fastft, "peft": _dora_peft},
+                   description="DoRA on every decoder linear layer (norm detached)"),
+    "qdora": Method("qdora", {"fastft": _dora_fastft, "peft": _dora_peft}, prepare_base=quantize_decoder_linears,
+                    requires=("bitsandbytes",), description="DoRA over an NF4 (double-quantized) base", quick=False),
+    # PEFT has no QAT and no S²FT: their peer is LoRA (fastft's, the e2e-lora variant: run once, shared)
+    "qat": Method("qat", {"fastft": _qat_lora_fastft, "lora": _lora_fastft},
+                  description="QAT+LoRA (W4A8, rotations R1, R2, R4) on every decoder linear layer; peer: LoRA "
+                              "(PEFT has no QAT)"),
+    "s2ft": Method("s2ft", {"fastft": _s2ft_fastft, "lora": _lora_fastft},
+                   description="S²FT with LoRA's trainable count (one head + FFN channels per layer); peer: LoRA "
+                               "(PEFT has no S²FT)"),
 }
 
 
@@ -203,17 +291,19 @@ def run_in_subprocess(method: str, provider: str, setup_name: str, device: torch
 
 
 # ----------------------------------------------------------------------------------------------- in the suite
-def result_measurements(result: dict) -> list:
-    """The figures of one variant as suite measurements."""
+def result_measurements(result: dict, shared_with: str | None = None) -> list:
+    """The figures of one variant as suite measurements (``shared_with``: the case whose run they come from)."""
     from .harness import Measurement
 
     provider = result["provider"]
     role = "fastft" if provider == "fastft" else "peer"
-    backend = result["backend"] if role == "fastft" else "eager"
+    backend = result["backend"] if role == "fastft" or result["backend"] != "-" else "eager"
     times = sorted(result["step_seconds"])
     q = lambda p: times[min(len(times) - 1, round(p * (len(times) - 1)))]  # noqa: E731
     m = lambda metric, unit, value, **kw: Measurement(provider, backend, role, "train", metric, unit, value, **kw)  # noqa: E731
     note = f"{len(times)} steps after the first; each variant in its own process, one after the other (not interleaved)"
+    if shared_with:
+        note += f"; the same variant as {shared_with}, whose run these figures come from"
     out = [
         m("time", "s", statistics.median(times), p20=q(0.2), p80=q(0.8), note=note),
         m("final_loss", "nats", result["losses"][-1], note=f"after {len(result['losses'])} steps, same data and seed"),
@@ -258,6 +348,16 @@ def suite_benchmarks() -> list:
             def estimate(ctx) -> float:  # called after the suite calibrated the machine
                 return startup_s * ctx.contention + setup.steps * _step_flops(setup) * slowdown / ctx.gemm_flops_per_s
 
+            if ctx.quick and not method.quick:
+                note = (f"e2e-{method.name} runs in the full sweep only: --quick keeps to e2e-qlora and e2e-dora, "
+                        "which cover its parts, to stay under 3 minutes")
+                run = lambda ctx, note=note: [Measurement("-", "-", "-", "-", "skipped", "", None, note=note)]
+                return [Case(f"e2e-{method.name}", config, ("setup",), run, lambda ctx: 0.0,
+                             name=f"e2e-{method.name} (full sweep only)")]
+            # A variant that two methods share (e.g. fastft LoRA: e2e-lora's fastft, the LoRA peer of e2e-qat and
+            # e2e-s2ft) runs once per suite run; the first case listing it runs it, the others reuse its figures.
+            planned = ctx.__dict__.setdefault("e2e_planned", {})
+            results = ctx.__dict__.setdefault("e2e_results", {})
             out = []
             for provider in method.providers:
                 if provider == "peft" and not installed("peft"):
@@ -266,14 +366,23 @@ def suite_benchmarks() -> list:
                     out.append(Case(f"e2e-{method.name}", config, ("setup",), run, lambda ctx: 0.0,
                                     name=f"e2e-{method.name} peft (skipped)"))
                     continue
+                key = (method.providers[provider], method.prepare_base)
+                label = f"e2e-{method.name} {provider}"
+                first = planned.setdefault(key, label)
 
-                def run(ctx, provider=provider) -> list:
-                    timeout = max(600.0, 10 * estimate(ctx))
-                    return result_measurements(run_in_subprocess(method.name, provider, setup_name, ctx.device,
-                                                                 torch.get_num_threads(), timeout))
+                def run(ctx, provider=provider, key=key, first=first) -> list:
+                    shared = key in results
+                    if not shared:
+                        timeout = max(600.0, 10 * estimate(ctx))
+                        results[key] = run_in_subprocess(method.name, provider, setup_name, ctx.device,
+                                                          torch.get_num_threads(), timeout)
+                    return result_measurements(dict(results[key], provider=provider),
+                                               shared_with=first if shared else None)
 
-                out.append(Case(f"e2e-{method.name}", config, ("setup",), run, estimate,
-                                name=f"e2e-{method.name} {provider} ({setup_name} Llama, own process)"))
+                where = "own process" if first == label else f"the {first} variant, run once"
+                out.append(Case(f"e2e-{method.name}", config, ("setup",), run,
+                                estimate if first == label else (lambda ctx: 0.0),
+                                name=f"{label} ({setup_name} Llama, {where})"))
             return out
 
         return cases

@@ -333,5 +333,71 @@ def main(argv=None) -> list[Row]:
     return rows
 
 
+# ------------------------------------------------------------------------------------------- in the suite
+# ``python -m benchmarks`` runs "fake_quant_weight" from here: 4-bit symmetric fake quantization in groups of 128
+# of a d × d weight, forward + backward, fastft on every backend that runs here vs ``composite`` (the formula in
+# plain PyTorch, STE by detach) and torchao's fake quantizer when installed (a skipped row says so otherwise).
+# The transform and the rotate + quantize of activations are in the suite through ``benchmarks.csrc_ops``
+# ("hadamard", "rotate_quantize": every backend, C++ included, against the dense PyTorch version).
+WEIGHT_SUITE_SWEEPS = {
+    ("cpu", "quick"): (dict(d=1024, dtype="float32"), dict(d=[1024])),
+    ("cpu", "full"): (dict(d=4096, dtype="float32"), dict(d=[1024, 4096, 11008], dtype=["float32", "bfloat16"])),
+    ("cuda", "quick"): (dict(d=4096, dtype="bfloat16"), dict(d=[4096, 14336])),
+    ("cuda", "full"): (dict(d=4096, dtype="bfloat16"), dict(d=[1024, 4096, 11008, 14336], dtype=["bfloat16", "float32"])),
+}
+
+
+def weight_quantize_subjects(config: dict, ctx) -> list:
+    from .harness import DTYPES, Skipped, Subject, fastft_backends, forced_backend
+
+    d, dtype = config["d"], DTYPES[config["dtype"]]
+    gen = torch.Generator().manual_seed(8)
+    w = (torch.randn(d, d, generator=gen) / math.sqrt(d)).to(ctx.device, dtype).requires_grad_(True)
+    grad = torch.randn(d, d, generator=gen).to(ctx.device, dtype)
+    backends, skipped = fastft_backends("fake_quantize", ctx.device)
+    subjects: list = [
+        Subject("fastft", backend, "fastft", lambda: fake_quantize(w, 4, "group", 128, symmetric=True), grad, [w],
+                context=lambda backend=backend: forced_backend(backend), flops_context=lambda: forced_backend("torch"))
+        for backend in backends
+    ] + skipped
+    subjects.append(Subject("composite", "eager", "peer", lambda: composite_fake_quantize(w, 4, 128, True), grad, [w]))
+    ao = torchao_quantizer(4, 128, True)
+    if ao is not None:
+        subjects.append(Subject("torchao", "eager", "peer", lambda: ao(w), grad, [w]))
+    else:
+        subjects.append(Skipped("torchao", "eager", "peer", "torchao is not installed: its fake quantizer peer skipped "
+                                "(pip install torchao)"))
+    return subjects
+
+
+def _weight_min_bytes(config: dict, mode: str) -> int:
+    """Read the weight once and write its fake-quantized copy once (forward), the same for the gradient."""
+    from .harness import DTYPES
+
+    once = 2 * config["d"] ** 2 * torch.empty(0, dtype=DTYPES[config["dtype"]]).element_size()
+    return {"forward": once, "backward": once, "step": 2 * once}[mode]
+
+
+def suite_benchmarks(weight_sweeps: dict | None = None) -> list:
+    """The weight fake-quantization benchmark of ``python -m benchmarks`` ("fake_quant_weight"); sweeps
+    replaceable (tests)."""
+    from .harness import Benchmark, layer_case, layer_estimate, sweep_points
+
+    table = weight_sweeps or WEIGHT_SUITE_SWEEPS
+
+    def cases(ctx) -> list:
+        key = (ctx.device.type, ctx.sweep)
+        if key not in table:
+            raise ValueError(f"fake_quant_weight: no sweep for {key}; known: {sorted(table)}")
+        base, variables = table[key]
+        return [layer_case("fake_quant_weight", point, x_names, build=weight_quantize_subjects,
+                           min_bytes=_weight_min_bytes,
+                           estimate_s=lambda ctx, point=point: layer_estimate(0.0, 3, ctx))
+                for point, x_names in sweep_points(base, variables)]
+
+    return [Benchmark("fake_quant_weight", cases, "4-bit group fake quantization of a weight vs the composite, "
+                      "forward + backward", tags=("layer", "qat"))]
+
+
 if __name__ == "__main__":
     main(sys.argv[1:])

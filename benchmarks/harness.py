@@ -102,6 +102,21 @@ def fastft_backends(op: str, device: torch.device) -> tuple[list[str], list["Ski
     return runnable, skipped
 
 
+def available_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on ``device`` now (CPU: the kernel's MemAvailable; CUDA: free device
+    memory), or None when unknown. Benchmarks whose memory grows with the shape check against it."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 # ----------------------------------------------------------------------------------- protocol
 @dataclass
 class Measurement:
@@ -238,7 +253,10 @@ class Subject:
     leaves (inputs, trainable parameters) whose gradients a step produces, dropped before every call and
     compared across providers in this order. ``parameters``: modules/tensors excluded from saved bytes.
     ``context`` is entered around every call (e.g. :func:`forced_backend`); ``flops_context`` around the
-    FLOP count (default: ``context``). ``has_backward=False``: a forward-only op.
+    FLOP count (default: ``context``). ``has_backward=False``: a forward-only op. ``backward_alone=False``:
+    the backward cannot run twice on one graph (e.g. a fused loss that hands over gradients it computed in
+    its forward), so it is not timed alone; forward and step are. ``kept_bytes(output)``: bytes the op keeps
+    for backward outside autograd's saved tensors (e.g. those gradients), added to ``saved_for_backward``.
     """
 
     provider: str
@@ -251,6 +269,8 @@ class Subject:
     context: Callable[[], ContextManager] = contextlib.nullcontext
     flops_context: Callable[[], ContextManager] | None = None
     has_backward: bool = True
+    backward_alone: bool = True
+    kept_bytes: Callable[[Any], int] | None = None
 
     @property
     def label(self) -> str:
@@ -314,6 +334,18 @@ class Subject:
         return values
 
 
+def model_step_subject(provider: str, backend: str, role: str, model: torch.nn.Module, inputs: dict[str, Any],
+                       grads: Sequence[torch.Tensor] | None = None, **kwargs) -> Subject:
+    """A training step of a causal LM as a :class:`Subject`: ``model(**inputs).loss`` then its backward.
+
+    ``grads``: the leaves whose gradients the step produces (default: the parameters that require grad now);
+    the model's parameters are excluded from saved bytes. ``kwargs`` go to :class:`Subject` (``context``...).
+    """
+    if grads is None:
+        grads = [p for p in model.parameters() if p.requires_grad]
+    return Subject(provider, backend, role, lambda: model(**inputs).loss, None, list(grads), model, **kwargs)
+
+
 def max_rel_diff(ours: list[torch.Tensor], theirs: list[torch.Tensor]) -> float:
     """max over the tensors of max|ours - theirs| / max|theirs| (the output only if the gradients don't pair up)."""
     if len(ours) != len(theirs) or any(a.shape != b.shape for a, b in zip(ours, theirs)):
@@ -344,11 +376,14 @@ def measure_subjects(
     ctx: Context,
     min_bytes: Callable[[str], int] | None = None,
     dtype: str | None = None,
+    agreement: bool = True,
 ) -> list[Measurement]:
     """Measure every subject alike (see the module docstring); Skipped entries become "skipped" rows.
 
     ``min_bytes(mode)``: the bytes the op must read and write at least in ``mode`` ("forward",
     "backward", "step"), for the GPU roofline estimate; ``dtype`` names the peak FLOP/s to use.
+    ``agreement=False``: no ``max_rel_diff`` (the providers compute different things on purpose, e.g.
+    QAT against plain LoRA, or different trainable sets).
     """
     subjects = list(subjects)
     out = [s.measurement() for s in subjects if isinstance(s, Skipped)]
@@ -365,7 +400,7 @@ def measure_subjects(
         subject.step_fn()()
 
     reference = next((s for s in runnable if s.role == "peer"), None)
-    if reference is not None:
+    if reference is not None and agreement:
         expected = reference.results()
         for subject in runnable:
             if subject.role == "fastft":
@@ -381,8 +416,14 @@ def measure_subjects(
             subject.provider, subject.backend, subject.role, mode, metric, unit, value, note=note)
         forward = subject.forward_fn()
         if subject.has_backward:
-            out.append(row("forward", "saved_for_backward", "bytes",
-                           measure.saved_bytes(forward, parameters=subject.parameters)))
+            outputs = []
+            saved = measure.saved_bytes(lambda: outputs.append(forward()), parameters=subject.parameters)
+            note = ""
+            if subject.kept_bytes is not None:
+                saved += subject.kept_bytes(outputs[0])
+                note = "autograd's saved tensors plus what the op keeps on its graph node for backward"
+            del outputs
+            out.append(row("forward", "saved_for_backward", "bytes", saved, note))
         out.append(row("step", peak_metric, "bytes", measure.peak_live_bytes(subject.step_fn(), ctx.device)))
         counted = {"forward": measure.flops(subject._in_context(subject.forward, flops=True))}
         if subject.has_backward:
@@ -400,12 +441,14 @@ def measure_subjects(
         if mode == "forward":
             calls = {s.label: s.forward_fn() for s in runnable}
         elif mode == "backward":
-            calls = {s.label: s.backward_fn() for s in runnable}
+            calls = {s.label: s.backward_fn() for s in runnable if s.backward_alone}
         else:
             calls = {s.label: s.step_fn() for s in runnable}
         timings = time_calls(calls, ctx)
         del calls
         for subject in runnable:
+            if subject.label not in timings:
+                continue
             t = timings[subject.label]
             out.append(Measurement(subject.provider, subject.backend, subject.role, mode, "time", "s",
                                    t.median_s, t.p20_s, t.p80_s, note=_timing_note(t, ctx)))
@@ -505,13 +548,20 @@ def layer_case(
     build: Callable[[dict[str, Any], Context], list[Union[Subject, Skipped]]],
     min_bytes: Callable[[dict[str, Any], str], int] | None = None,
     estimate_s: Callable[[Context], float] | None = None,
+    agreement: bool = True,
 ) -> Case:
-    """A :class:`Case` that builds the subjects of ``config`` and measures them with :func:`measure_subjects`."""
+    """A :class:`Case` that builds the subjects of ``config`` and measures them with :func:`measure_subjects`.
+
+    ``build`` may also return ``(subjects, extra)``: ``extra`` measurements (e.g. an analytic count) are
+    appended to what :func:`measure_subjects` records.
+    """
 
     def run(ctx: Context) -> list[Measurement]:
-        subjects = build(config, ctx)
+        built = build(config, ctx)
+        subjects, extra = built if isinstance(built, tuple) else (built, [])
         bytes_of = None if min_bytes is None else (lambda mode: min_bytes(config, mode))
-        return measure_subjects(subjects, ctx, min_bytes=bytes_of, dtype=config.get("dtype"))
+        return measure_subjects(subjects, ctx, min_bytes=bytes_of, dtype=config.get("dtype"),
+                                agreement=agreement) + list(extra)
 
     case = Case(op, dict(config), tuple(x_names), run)
     if estimate_s is not None:

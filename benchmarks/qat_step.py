@@ -54,14 +54,16 @@ class Result:
     flops: int
 
 
-def build_providers(args: argparse.Namespace, dtype: torch.dtype) -> list[Provider]:
+def build_providers(args: argparse.Namespace, dtype: torch.dtype, device: torch.device | str = "cpu",
+                    names: tuple[str, ...] | None = None) -> list[Provider]:
+    """The providers of the module docstring (only ``names`` when given), each on its copy of one Llama."""
     torch.manual_seed(0)
     config = tf.LlamaConfig(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
         max_position_embeddings=max(args.seq, 64),
     )
-    base = tf.LlamaForCausalLM(config).to(dtype)
+    base = tf.LlamaForCausalLM(config).to(device, dtype)
     lora = fastft.LoRAConfig(r=args.rank, alpha=2 * args.rank)
     qat = dict(w_bits=4, a_bits=8, rotations=("r1", "r2", "r3", "r4"))
     setups = {
@@ -71,13 +73,15 @@ def build_providers(args: argparse.Namespace, dtype: torch.dtype) -> list[Provid
     }
     providers = []
     for name, configs in setups.items():
+        if names is not None and name not in names:
+            continue
         model = copy.deepcopy(base).train()
         report = fastft.patch(model, configs)
         gen = torch.Generator().manual_seed(1)
         with torch.no_grad():  # B starts at zero; non-zero B makes every product matter
             for module in model.modules():
                 if isinstance(module, fastft.nn.LoRALinear):
-                    module.lora_B.copy_(torch.randn(module.lora_B.shape, generator=gen) * 0.01)
+                    module.lora_B.copy_(torch.randn(module.lora_B.shape, generator=gen).to(device) * 0.01)
         providers.append(Provider(name, model, str(report)))
     return providers
 
@@ -216,6 +220,69 @@ def main(argv: list[str] | None = None) -> list[Result]:
         write_csv(args.csv, results, args, context["threads"])
         print(f"wrote {len(results) * 6} rows to {args.csv}")
     return results
+
+
+# ------------------------------------------------------------------------------------------- in the suite
+# ``python -m benchmarks`` runs "qat_step": one training step (forward + backward) of a small Llama with QAT+LoRA
+# (W4 per channel, A8 per token, rotations R1-R4) and with keys/values fake-quantized to 4 bits as well
+# ("qat+lora-kv4"; not in the CPU --quick sweep), against plain fastft LoRA of the same rank ("lora"). PEFT has no QAT: the peer is LoRA, and
+# "fastft / best peer" is QAT's overhead over it. The providers compute different things on purpose (a
+# quantized model), so no agreement is reported.
+_STEP_KEYS = ("hidden", "intermediate", "layers", "heads", "vocab", "batch", "seq", "rank")
+_FULL = dict(hidden=512, intermediate=1536, layers=4, heads=8, vocab=1024, batch=4, seq=256, rank=16)
+_QUICK = dict(QUICK, vocab=1024)
+SUITE_SWEEPS = {
+    ("cpu", "quick"): (dict({k: _QUICK[k] for k in _STEP_KEYS}, layers=1, dtype="float32"), dict(seq=[_QUICK["seq"]])),
+    ("cpu", "full"): (dict(_FULL, batch=2, dtype="float32"), dict(seq=[256, 1024])),
+    ("cuda", "quick"): (dict(_FULL, dtype="bfloat16"), dict(seq=[256, 1024])),
+    ("cuda", "full"): (dict(_FULL, hidden=2048, intermediate=5632, dtype="bfloat16"),
+                       dict(seq=[256, 1024, 4096], dtype=["bfloat16", "float32"])),
+}
+
+
+def suite_subjects(config: dict, ctx) -> list:
+    """LoRA (peer) and the QAT+LoRA variants, each a model's training step on fastft's default backends (the
+    backends of the QAT ops are compared op by op in "hadamard" and "fake_quant")."""
+    from fastft.dispatch import backend_for
+
+    from .harness import DTYPES, forced_backend, model_step_subject
+
+    args = argparse.Namespace(**config)
+    names = ("lora", "qat+lora") if ctx.quick and not ctx.on_gpu else None  # --quick on a CPU: KV4 left out
+    providers = build_providers(args, DTYPES[config["dtype"]], ctx.device, names)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(2))
+    inputs = dict(input_ids=ids.to(ctx.device), labels=ids.to(ctx.device))
+    counted = dict(flops_context=lambda: forced_backend("torch"))
+    subjects: list = [model_step_subject("lora", backend_for("lora_linear", ctx.device), "peer", providers[0].model,
+                                         inputs, **counted)]
+    for provider in providers[1:]:
+        subjects.append(model_step_subject(provider.name.replace(" ", "-"), backend_for("fake_quantize", ctx.device),
+                                           "fastft", provider.model, inputs, **counted))
+    return subjects
+
+
+def suite_benchmarks(sweeps: dict | None = None) -> list:
+    """The QAT step benchmark of ``python -m benchmarks`` ("qat_step"); sweeps replaceable (tests)."""
+    from .harness import Benchmark, layer_case, layer_estimate, sweep_points
+
+    sweeps = sweeps or SUITE_SWEEPS
+
+    def step_flops(p: dict) -> float:
+        h, i, layers, tokens = p["hidden"], p["intermediate"], p["layers"], p["batch"] * p["seq"]
+        return 4.0 * tokens * (layers * (4 * h * h + 3 * h * i) + p["vocab"] * h)
+
+    def cases(ctx) -> list:
+        key = (ctx.device.type, ctx.sweep)
+        if key not in sweeps:
+            raise ValueError(f"qat_step: no sweep for {key}; known: {sorted(sweeps)}")
+        base, variables = sweeps[key]
+        # fake quantization and rotations are elementwise: on a CPU they cost about as much again as the GEMMs
+        return [layer_case("qat_step", point, x_names, build=suite_subjects, agreement=False,
+                           estimate_s=lambda ctx, point=point: layer_estimate(step_flops(point), 3, ctx, 4.0))
+                for point, x_names in sweep_points(base, variables)]
+
+    return [Benchmark("qat_step", cases, "a small Llama's training step: QAT+LoRA (W4A8, R1-R4; and KV4) vs LoRA",
+                      tags=("step", "qat"))]
 
 
 if __name__ == "__main__":

@@ -112,11 +112,14 @@ def lora_rank_for(model: nn.Module, targets, count: int) -> int:
     return max(1, round(count / per_rank))
 
 
-def build_providers(args: argparse.Namespace) -> tuple[list[Provider], str, nn.Module]:
+def build_providers(args: argparse.Namespace,
+                    names: tuple[str, ...] | None = None) -> tuple[list[Provider], str, nn.Module]:
+    """S²FT, LoRA on the same modules and on every linear layer, full fine-tuning (only ``names`` besides S²FT,
+    when given), each on its copy of one Llama; returns them, S²FT's patch report and S²FT's model."""
     base = build_base(args)
     total = sum(p.numel() for p in base.parameters())
     providers = []
-    full_model = copy.deepcopy(base)  # every parameter trains
+    full_model = copy.deepcopy(base) if names is None or "full" in names else None  # every parameter trains
 
     s2ft_model = copy.deepcopy(base)
     report = fastft.patch(s2ft_model, fastft.S2FTConfig(ffn_ratio=args.ffn_ratio, attn_ratio=args.attn_ratio))
@@ -125,6 +128,8 @@ def build_providers(args: argparse.Namespace) -> tuple[list[Provider], str, nn.M
                               f"attn_ratio={args.attn_ratio:g}, ffn_ratio={args.ffn_ratio:g}"))
 
     for name, targets in (("lora-same", ["o_proj", "down_proj"]), ("lora-all", "all-linear")):
+        if names is not None and name not in names:
+            continue
         rank = lora_rank_for(base, targets, s2ft_count)
         # the LoRA models share the frozen base weights (neither modifies them): less memory for the run
         model = copy.deepcopy(base, memo={id(t): t for t in [*base.parameters(), *base.buffers()]})
@@ -136,7 +141,8 @@ def build_providers(args: argparse.Namespace) -> tuple[list[Provider], str, nn.M
         providers.append(Provider(name, model, _adamw(model), lora_report.trainable_params,
                                   f"r={rank} on {targets if isinstance(targets, str) else '+'.join(targets)}"))
 
-    providers.append(Provider("full", full_model, _adamw(full_model), total, "all parameters"))
+    if full_model is not None:
+        providers.append(Provider("full", full_model, _adamw(full_model), total, "all parameters"))
     return providers, str(report), s2ft_model
 
 
@@ -391,6 +397,123 @@ def main(argv: list[str] | None = None) -> list[Result]:
         write_csv(args.csv, results, args, context)
         print(f"wrote rows to {args.csv}")
     return results
+
+
+# ------------------------------------------------------------------------------------------- in the suite
+# ``python -m benchmarks`` runs two S²FT benchmarks (no PEFT counterpart exists: the peer is LoRA, fastft's, with
+# about as many trainable parameters):
+#   "s2ft"       one down_proj-shaped layer (tokens × intermediate -> hidden), forward + backward: fastft S²FT
+#                (``ffn_ratio`` of the input columns train) on every backend that runs here, ``lora`` (the peer,
+#                rank matched to the slice's entries) and the frozen layer (floor);
+#   "s2ft_step"  one training step (forward + backward; the optimizer is left out) of a small Llama: fastft
+#                S²FT vs ``lora-same`` (LoRA on o_proj + down_proj, rank matched), ``lora-all`` (every linear layer,
+#                rank matched; not in the CPU --quick sweep) and ``full`` fine-tuning, all peers.
+LAYER_SUITE_SWEEPS = {
+    ("cpu", "quick"): (dict(tokens=256, hidden=512, intermediate=1408, ffn_ratio=0.05, dtype="float32"),
+                       dict(ffn_ratio=[0.05])),
+    ("cpu", "full"): (dict(tokens=1024, hidden=1024, intermediate=2816, ffn_ratio=0.05, dtype="float32"),
+                      dict(ffn_ratio=[0.01, 0.05, 0.2], tokens=[256, 1024, 4096], dtype=["float32", "bfloat16"])),
+    ("cuda", "quick"): (dict(tokens=8192, hidden=4096, intermediate=14336, ffn_ratio=0.05, dtype="bfloat16"),
+                        dict(ffn_ratio=[0.01, 0.05])),
+    ("cuda", "full"): (dict(tokens=8192, hidden=4096, intermediate=14336, ffn_ratio=0.05, dtype="bfloat16"),
+                       dict(ffn_ratio=[0.01, 0.05, 0.2], tokens=[2048, 8192, 32768], dtype=["bfloat16", "float32"])),
+}
+_STEP_KEYS = ("hidden", "intermediate", "layers", "heads", "seq", "batch", "vocab", "attn_ratio", "ffn_ratio")
+STEP_SUITE_SWEEPS = {
+    ("cpu", "quick"): (dict({k: QUICK[k] for k in _STEP_KEYS}, seq=64), dict(seq=[64])),
+    ("cpu", "full"): (dict({k: FULL[k] for k in _STEP_KEYS}, seq=256), dict(seq=[256])),
+    ("cuda", "quick"): ({k: FULL[k] for k in _STEP_KEYS}, dict(seq=[FULL["seq"]])),
+    ("cuda", "full"): ({k: FULL[k] for k in _STEP_KEYS}, dict(seq=[512, 2048], batch=[2, 8])),
+}
+
+
+def layer_subjects(config: dict, ctx) -> list:
+    """fastft S²FT (each backend), LoRA with about as many trainable entries (peer) and the frozen layer (floor)."""
+    from .harness import DTYPES, Subject, fastft_backends, forced_backend
+
+    tokens, features, out = config["tokens"], config["intermediate"], config["hidden"]
+    dtype, device = DTYPES[config["dtype"]], ctx.device
+    width = max(1, round(config["ffn_ratio"] * features))
+    rank = max(1, round(width * out / (features + out)))
+    torch.manual_seed(0)
+    frozen = nn.Linear(features, out, bias=False).to(device, dtype).requires_grad_(False)
+    s2ft = S2FTLinear.from_linear(copy.deepcopy(frozen), width)
+    lora = LoRALinear.from_linear(frozen, fastft.LoRAConfig(r=rank, alpha=2 * rank))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # B starts at zero; a non-zero B makes every product of the update matter
+        lora.lora_B.copy_(torch.randn(lora.lora_B.shape, generator=gen) * 0.02)
+    x = torch.randn(tokens, features, generator=gen).to(device, dtype).requires_grad_(True)
+    g = torch.randn(tokens, out, generator=gen).to(device, dtype)
+    backends, skipped = fastft_backends(s2ft.op, device)
+    subjects: list = [
+        Subject("fastft", backend, "fastft", lambda: s2ft(x), g, [x, s2ft.weight_slice], s2ft,
+                context=lambda backend=backend: forced_backend(backend), flops_context=lambda: forced_backend("torch"))
+        for backend in backends
+    ] + skipped
+    subjects.append(Subject("lora", "torch", "peer", lambda: lora(x), g, [x, lora.lora_A, lora.lora_B], lora,
+                            context=lambda: forced_backend("torch")))
+    subjects.append(Subject("frozen", "eager", "floor", lambda: frozen(x), g, [x], frozen))
+    return subjects
+
+
+def step_subjects(config: dict, ctx) -> list:
+    """One training step of each provider of :func:`build_providers` (S²FT, LoRA same modules / all, full), on
+    fastft's default backends (the "s2ft" benchmark compares the op's backends)."""
+    from fastft.dispatch import backend_for
+
+    from .harness import forced_backend, model_step_subject
+
+    args = argparse.Namespace(**config)
+    names = ("lora-same", "full") if ctx.quick and not ctx.on_gpu else None  # --quick on a CPU: lora-all left out
+    providers, _, _ = build_providers(args, names)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
+    inputs = dict(input_ids=ids.to(ctx.device), labels=ids.to(ctx.device))
+    counted = dict(flops_context=lambda: forced_backend("torch"))
+    subjects: list = []
+    for provider in providers:
+        provider.model.to(ctx.device)
+        if provider.name == "s2ft":
+            subjects.append(model_step_subject("fastft", backend_for("s2ft_linear", ctx.device), "fastft",
+                                               provider.model, inputs, **counted))
+        else:
+            backend = backend_for("lora_linear", ctx.device) if provider.name.startswith("lora") else "eager"
+            subjects.append(model_step_subject(provider.name, backend, "peer", provider.model, inputs, **counted))
+    return subjects
+
+
+def _llama_step_flops(config: dict) -> float:
+    """Rough FLOPs of a full fine-tuning step of the small Llama (6 per parameter-token, plus attention)."""
+    h, i, layers, v = config["hidden"], config["intermediate"], config["layers"], config["vocab"]
+    tokens = config["batch"] * config["seq"]
+    params = layers * (4 * h * h + 3 * h * i) + v * h
+    return 6.0 * params * tokens + 12.0 * tokens * config["seq"] * h * layers
+
+
+def suite_benchmarks(layer_sweeps: dict | None = None, step_sweeps: dict | None = None) -> list:
+    """The S²FT benchmarks of ``python -m benchmarks`` ("s2ft", "s2ft_step"); sweeps replaceable (tests)."""
+    from .harness import Benchmark, layer_case, layer_estimate, sweep_points
+
+    def family(op: str, table: dict, build, flops, providers: int, agreement: bool):
+        def cases(ctx) -> list:
+            key = (ctx.device.type, ctx.sweep)
+            if key not in table:
+                raise ValueError(f"{op}: no sweep for {key}; known: {sorted(table)}")
+            base, variables = table[key]
+            return [layer_case(op, point, x_names, build=build, agreement=agreement,
+                               estimate_s=lambda ctx, point=point: layer_estimate(flops(point), providers, ctx))
+                    for point, x_names in sweep_points(base, variables)]
+
+        return cases
+
+    layer_flops = lambda p: 4.0 * p["tokens"] * p["hidden"] * p["intermediate"]  # noqa: E731
+    return [
+        Benchmark("s2ft", family("s2ft", layer_sweeps or LAYER_SUITE_SWEEPS, layer_subjects, layer_flops, 3, False),
+                  "one S²FT linear layer (a slice of down_proj's columns trains) vs LoRA, forward + backward",
+                  tags=("layer",)),
+        Benchmark("s2ft_step", family("s2ft_step", step_sweeps or STEP_SUITE_SWEEPS, step_subjects,
+                                      _llama_step_flops, 4, False),
+                  "a small Llama's training step: S²FT vs LoRA vs full fine-tuning", tags=("step",)),
+    ]
 
 
 if __name__ == "__main__":

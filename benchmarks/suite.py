@@ -34,8 +34,14 @@ from .records import CsvWriter, Environment, Row, format_config, load_average
 # ``suite_benchmarks()`` returning harness.Benchmark objects and append its name here.
 SUITE_MODULES = (
     "benchmarks.lora_layer",
-    "benchmarks.e2e",
+    "benchmarks.dora_layer",
+    "benchmarks.linear_ce",
+    "benchmarks.hadamard",
     "benchmarks.csrc_ops",
+    "benchmarks.s2ft_step",
+    "benchmarks.qat_step",
+    "benchmarks.partial_backprop",
+    "benchmarks.e2e",
 )
 
 DEFAULT_OUT = "bench-results"

@@ -5,18 +5,21 @@ failures are reported. Shapes are tiny so the whole file runs in seconds.
 """
 import csv
 import datetime
+import dataclasses
 import math
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from fastft import dispatch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.append(str(REPO_ROOT))  # benchmarks/ is a top-level folder of the repository, not installed
 
 from benchmarks import e2e, harness, lora_layer, measure, records, render, suite  # noqa: E402
+from benchmarks import csrc_ops, dora_layer, hadamard, linear_ce, partial_backprop, qat_step, s2ft_step  # noqa: E402
 
 TINY = {("cpu", "quick"): (dict(hidden=32, tokens=16, rank=4, dtype="float32"), dict(hidden=[32, 48]))}
 FLOAT32 = 4
@@ -191,9 +194,9 @@ def tiny_setup():
                      batch=2, steps=3, rank=4, alpha=8)
 
 
-@pytest.mark.parametrize("method", ["lora", "qlora"])
+@pytest.mark.parametrize("method", ["lora", "qlora", "dora", "qdora"])
 def test_end_to_end_variants_train_to_the_same_losses(method):
-    if method == "qlora":
+    if method in ("qlora", "qdora"):
         pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes; install fastft[test]")
     pytest.importorskip("peft", reason="the peer variant is PEFT; install fastft[test]")
     results = {p: e2e.run_variant(method, p, tiny_setup(), torch.device("cpu"), torch.float32) for p in ("fastft", "peft")}
@@ -201,7 +204,8 @@ def test_end_to_end_variants_train_to_the_same_losses(method):
     assert len(ours["losses"]) == 3 and all(math.isfinite(v) for v in ours["losses"])
     assert ours["losses"] == pytest.approx(theirs["losses"], abs=1e-5)
     # r·(in + out) over q, k, v, o (64->64, 64->32 twice, 64->64) and gate, up, down (64->128 twice, 128->64)
-    assert ours["trainable_params"] == theirs["trainable_params"] == 4 * (128 + 96 + 96 + 128 + 192 * 3)
+    magnitudes = 64 + 32 + 32 + 64 + 128 + 128 + 64 if "dora" in method else 0  # DoRA: one per output feature
+    assert ours["trainable_params"] == theirs["trainable_params"] == 4 * (128 + 96 + 96 + 128 + 192 * 3) + magnitudes
     assert ours["backend"] == "torch" and theirs["backend"] == "-"
     assert ours["peak_rss"] >= ours["peak_rss_train"] > 0 and ours["rss_baseline"] > 0
 
@@ -210,6 +214,23 @@ def test_end_to_end_variants_train_to_the_same_losses(method):
     assert {"time", "final_loss", "peak_rss", "peak_rss_train", "rss_baseline", "loss"} <= metrics
     curve = [m for m in measurements if m.metric == "loss"]
     assert [m.x for m in curve] == [("step", 1), ("step", 2), ("step", 3)]
+
+
+@pytest.mark.parametrize("method", ["qat", "s2ft"])
+def test_end_to_end_methods_without_a_peft_peer_train(method):
+    # the data's batches differ in difficulty (step 3 is harder than step 1 for every method), so compare
+    # the first and last three steps of ten
+    setup = dataclasses.replace(tiny_setup(), steps=10)
+    result = e2e.run_variant(method, "fastft", setup, torch.device("cpu"), torch.float32)
+    lora = 4 * (128 + 96 + 96 + 128 + 192 * 3)  # the LoRA peer's trainable count (see above)
+    losses = result["losses"]
+    assert len(losses) == 10 and all(math.isfinite(v) for v in losses)
+    assert sum(losses[-3:]) < sum(losses[:3]) - 0.5 * 3  # at least 0.5 nats lower on average
+    assert result["backend"] != "-"  # fastft modules ran
+    if method == "qat":
+        assert result["trainable_params"] == lora  # LoRA's adapters over the fake-quantized base
+    else:
+        assert abs(result["trainable_params"] - lora) <= 64  # one FFN channel of the 64-wide layer
 
 
 def test_a_failing_end_to_end_process_raises_with_its_error():
@@ -228,3 +249,132 @@ def test_list_runs_nothing_and_max_minutes_records_the_cases_it_did_not_start(tm
     _, rows = read_csv(tmp_path / "results.csv")
     assert [r["metric"] for r in rows] == ["skipped", "skipped"]
     assert all("--max-minutes 0 reached" in r["note"] for r in rows)
+
+
+# ------------------------------------------------------------------------------------------- every benchmark
+NEW_BENCHMARKS = {"dora", "qdora", "linear_ce", "fake_quant_weight", "s2ft", "s2ft_step", "qat_step", "partial_backprop",
+                  "hadamard", "rotate_quantize", "e2e-dora", "e2e-qdora", "e2e-qat", "e2e-s2ft"}
+
+
+def _context(device: str, quick: bool) -> harness.Context:
+    return harness.Context(device=torch.device(device), quick=quick,
+                           env=records.Environment(device, 2, "t", "tr", "f", "run-1"))
+
+
+def test_every_registered_benchmark_lists_its_cases_on_every_device_and_sweep():
+    benchmarks, broken = suite.collect()
+    assert broken == []
+    names = [b.name for b in benchmarks]
+    assert len(names) == len(set(names)) and NEW_BENCHMARKS <= set(names)
+    for device in ("cpu", "cuda"):  # listing runs nothing: no GPU is needed to list the CUDA sweeps
+        for quick in (True, False):
+            ctx = _context(device, quick)
+            for benchmark in benchmarks:
+                cases = benchmark.cases(ctx)
+                assert cases, (benchmark.name, device, quick)
+                labels = [c.label for c in cases]
+                assert len(labels) == len(set(labels)), labels
+                for case in cases:
+                    assert set(case.x_names) <= set(case.config) | {"setup"}
+                    assert math.isfinite(case.estimate_s(ctx)) and case.estimate_s(ctx) >= 0
+
+
+TINY_ONE = {("cpu", "quick"): (TINY[("cpu", "quick")][0], dict(hidden=[32]))}
+TINY_SUITE = [
+    dora_layer.suite_benchmarks(sweeps=TINY_ONE, qdora_sweeps=TINY_ONE),
+    linear_ce.suite_benchmarks({("cpu", "quick"): (dict(tokens=24, hidden=32, vocab=80, lm_head="frozen", dtype="float32"),
+                                                   dict(lm_head=["trainable"]))}),
+    hadamard.suite_benchmarks({("cpu", "quick"): (dict(d=128, dtype="float32"), dict(d=[128]))}),
+    csrc_ops.suite_benchmarks({("cpu", "quick"): (dict(d=96, tokens=8, dtype="float32"), dict(d=[96]))}),
+    s2ft_step.suite_benchmarks(
+        {("cpu", "quick"): (dict(tokens=16, hidden=32, intermediate=48, ffn_ratio=0.25, dtype="float32"),
+                            dict(ffn_ratio=[0.25]))},
+        {("cpu", "quick"): (dict(hidden=64, intermediate=128, layers=1, heads=4, seq=16, batch=1, vocab=128,
+                                 attn_ratio=0.25, ffn_ratio=0.125), dict(seq=[16]))}),
+    qat_step.suite_benchmarks({("cpu", "quick"): (dict(hidden=64, intermediate=128, layers=1, heads=4, vocab=128,
+                                                       batch=1, seq=16, rank=4, dtype="float32"), dict(seq=[16]))}),
+    partial_backprop.suite_benchmarks({("cpu", "quick"): (dict(hidden=64, intermediate=128, layers=2, heads=4,
+                                                               vocab=128, seq=16, batch=1), dict(seq=[16]))}),
+]
+
+
+def test_a_tiny_case_of_each_new_benchmark_yields_well_formed_rows(tmp_path):
+    benchmarks = [b for group in TINY_SUITE for b in group]
+    outcome = suite.run(["--quick", "--repeats", "1", "--no-progress", "--no-render", "--out", str(tmp_path)],
+                        benchmarks=benchmarks)
+    assert outcome.failures == []
+    header, rows = read_csv(tmp_path / "results.csv")
+    assert tuple(header) == records.FIELDS
+    figures = [r for r in rows if r["metric"] not in ("skipped", "failed")]
+    ops = {"dora", "qdora", "linear_ce", "fake_quant_weight", "s2ft", "s2ft_step", "qat_step", "partial_backprop",
+           "hadamard_transform", "rotate_quantize"}
+    assert {r["op"] for r in figures} == ops
+    for r in figures:
+        p20, p50, p80 = float(r["p20"]), float(r["p50"]), float(r["p80"])
+        assert math.isfinite(p50) and p20 <= p50 <= p80, r
+    for op in ops:
+        mine = [r for r in figures if r["op"] == op]
+        assert any(r["role"] == "fastft" and r["metric"] == "time" for r in mine), op
+        assert any(r["role"] in ("peer", "floor") and r["metric"] == "time" for r in mine), op
+        assert any(r["metric"] == "flops" for r in mine), op
+
+    def value(op, provider, metric, mode, backend="torch"):
+        (row,) = [r for r in figures if (r["op"], r["provider"], r["metric"], r["mode"]) == (op, provider, metric, mode)
+                  and (r["role"] != "fastft" or r["backend"] == backend)]
+        return float(row["p50"])
+
+    assert value("dora", "fastft", "max_rel_diff", "step") < 1e-4  # against PEFT DoRA
+    assert value("dora", "fastft", "flops", "step") < value("dora", "peft", "flops", "step")
+    assert value("linear_ce", "fastft", "flops", "step") == value("linear_ce", "transformers", "flops", "step")
+    # the fused loss keeps dh (24×32) and dW (80×32) float32 gradients from its forward for the backward
+    assert value("linear_ce", "fastft", "saved_for_backward", "forward") == (24 * 32 + 80 * 32) * FLOAT32
+    assert not [r for r in figures if r["op"] == "linear_ce" and r["provider"] == "fastft" and r["mode"] == "backward"
+                and r["metric"] == "time"]  # its backward cannot run twice on one graph: not timed alone
+    # the transform's backward is the inverse transform: the 12×12 factor of 96 = 12·8 in both directions
+    assert value("hadamard_transform", "fastft", "flops", "step") == 2 * (2 * 8 * 96 * 12)
+    if "cpp" in dispatch.op_backends("hadamard_transform") and dispatch.backend_for("hadamard_transform", "cpu") == "cpp":
+        assert value("hadamard_transform", "fastft", "max_rel_diff", "step", backend="cpp") < 1e-5  # the C++ library
+    for policy in ("layers", "half", "flops@0.5"):
+        assert value("partial_backprop", policy, "flops_report", "backward") == \
+            value("partial_backprop", policy, "flops", "backward")
+    assert not [r for r in figures if r["metric"] == "max_rel_diff" and r["op"] in ("qat_step", "s2ft_step")]
+
+
+def test_linear_ce_skips_a_path_that_would_not_fit_in_memory(monkeypatch):
+    huge = dict(tokens=8192, hidden=4096, vocab=152064, lm_head="trainable", dtype="float32")
+    monkeypatch.setattr(harness, "available_memory", lambda device: 24 * 2**30)
+    why = linear_ce.memory_check("transformers", 8192, 4096, 152064, 4, True, None, torch.device("cpu"))
+    assert why is not None and "needs about" in why and "24.00 GiB is available" in why
+    assert linear_ce.memory_check("fastft", 8192, 4096, 152064, 4, True, None, torch.device("cpu")) is None
+    monkeypatch.setattr(harness, "available_memory", lambda device: 2**30)  # nothing fits: both skipped, none built
+    subjects = linear_ce.suite_subjects(huge, _context("cpu", False))
+    assert [(type(s).__name__, s.provider) for s in subjects if s.backend != "triton"] == [
+        ("Skipped", "fastft"), ("Skipped", "transformers")]
+
+
+def test_end_to_end_methods_share_the_lora_variant_and_s2ft_matches_its_trainable_count(monkeypatch):
+    from fastft.demo import build_base_model
+
+    calls = []
+
+    def fake_run(method, provider, setup_name, device, threads, timeout_s):
+        calls.append((method, provider))
+        return dict(provider=provider, backend="torch", losses=[3.0, 2.0], step_seconds=[0.1], rss_baseline=1,
+                    peak_rss=3, peak_rss_train=2, peak_rss_was_reset=True, trainable_params=7)
+
+    monkeypatch.setattr(e2e, "run_in_subprocess", fake_run)
+    ctx = _context("cpu", True)
+    cases = [c for b in e2e.suite_benchmarks() if b.name in ("e2e-lora", "e2e-qat", "e2e-s2ft") for c in b.cases(ctx)]
+    assert [c.name.split(" (")[0] for c in cases] == ["e2e-lora fastft", "e2e-lora peft", "e2e-qat fastft",
+                                                      "e2e-qat lora", "e2e-s2ft fastft", "e2e-s2ft lora"]
+    assert [c.estimate_s(ctx) == 0 for c in cases] == [False, False, False, True, False, True]
+    measured = [c.run(ctx) for c in cases]
+    assert calls == [("lora", "fastft"), ("lora", "peft"), ("qat", "fastft"), ("s2ft", "fastft")]
+    shared = [m for m in measured[3] if m.metric == "time"][0]
+    assert shared.provider == "lora" and shared.role == "peer" and "e2e-lora fastft" in shared.note
+
+    setup = e2e.setups()["quick"]
+    model = build_base_model(setup)
+    lora_count = sum(setup.rank * (m.in_features + m.out_features) for m in e2e.decoder_linears(model).values())
+    report = __import__("fastft").patch(model, e2e.s2ft_config(model, setup))
+    assert abs(report.trainable_params - lora_count) <= setup.hidden * setup.layers  # within one channel a layer

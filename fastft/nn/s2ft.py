@@ -31,6 +31,7 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import FakeTensor
 
 from ..bnb import is_linear4bit
 from ..ops.s2ft_linear import s2ft_linear
@@ -177,7 +178,9 @@ class S2FTLinear(nn.Module):
                 f"{type(self).__name__}: the input's last dimension is {x.shape[-1]} but this layer takes "
                 f"{self.in_features} features (input shape {tuple(x.shape)})."
             )
-        if not torch.compiler.is_compiling():  # a traced graph keeps the view it was traced with
+        # a traced graph keeps the view it was traced with; a fake slice (shapes only, e.g. while
+        # fastft.select_trainable reads the graph) has no storage to link
+        if not torch.compiler.is_compiling() and not isinstance(self.weight_slice, FakeTensor):
             self.relink()
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         weight = self.base_layer.weight.to(dtype)

@@ -65,6 +65,7 @@ from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
+from torch._guards import detect_fake_mode
 
 from ..dispatch import backend_for, register_op
 
@@ -338,6 +339,9 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # no zero-filled N×H / V×H gradients for the outputs nobody uses
     ctx.reduction = reduction
     ctx.needs = tuple(needs)
+    # operand sizes, read off the graph by cost models (fastft.policies): tokens, hidden, vocab, rank, bias?
+    ctx.sizes = (hidden.shape[0], hidden.shape[1], weight.shape[0], 0 if weight2 is None else weight2.shape[1],
+                 bias is not None)
     if reduction == "none":
         ctx.save_for_backward(hidden, weight, labels, bias, hidden2, weight2, token_weights, kind_weight)
         ctx.meta = (ignore_index, label_smoothing, z_loss, softcap, chunk_size)
@@ -459,6 +463,8 @@ def _check_lowrank(hidden: Tensor, weight: Tensor, lowrank_hidden: Optional[Tens
 
 
 def _check_label_range(labels: Tensor, vocab: int, ignore_index: int) -> None:
+    if not torch.compiler.is_compiling() and detect_fake_mode(labels) is not None:
+        return  # shapes without values (e.g. fastft.select_trainable reading the graph on fake tensors)
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
     if torch.compiler.is_compiling():  # no host synchronisation (graph break) in a compiled graph: assert on device
         torch._assert_async(
