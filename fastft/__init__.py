@@ -40,3 +40,6 @@ __all__ = [
     "unselect",
 ]
 __all__ += ["QATConfig", "export_quantized", "load_quantized"]
+from .io import adapter_state_dict
+from . import distributed  # noqa: F401  (DDP / FSDP2 helpers; see the README's "Multi-process training")
+__all__ += ["adapter_state_dict"]
