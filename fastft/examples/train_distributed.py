@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import sys
 from typing import Iterator
 
 import torch
@@ -115,10 +116,19 @@ def make_accelerator():
     if wants_fsdp and accelerator.distributed_type == DistributedType.MULTI_CPU:
         # what AcceleratorState does for FSDP on a GPU: the plugin from the launcher's FSDP_* variables, and the
         # distributed type in both shared states (a later AcceleratorState() copies PartialState's)
-        accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()
+        plugin = FullyShardedDataParallelPlugin()
+        if accelerator.state.mixed_precision != "no":
+            plugin.set_mixed_precision(accelerator.state.mixed_precision)
+        accelerator.state.fsdp_plugin = plugin
         accelerator.state.distributed_type = DistributedType.FSDP
         PartialState._shared_state["distributed_type"] = DistributedType.FSDP
     return accelerator
+
+
+def say(text) -> None:
+    """One line to stdout in one write: lines of several ranks sharing a terminal or pipe do not interleave."""
+    sys.stdout.write(f"{text}\n")
+    sys.stdout.flush()
 
 
 def describe_engine(model: nn.Module) -> str:
@@ -166,7 +176,7 @@ def train(args: argparse.Namespace, method: str, accelerator=None) -> None:
     torch.manual_seed(args.seed + 1)  # the same seed on every rank: the adapters start equal
     report = fastft.patch(model, method_configs(method))  # 1. patch the plain model ...
     if rank == 0:
-        print(report, flush=True)
+        say(report)
 
     optimizer_class = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[args.optimizer]
     params = lambda: [p for p in model.parameters() if p.requires_grad]  # noqa: E731
@@ -181,7 +191,7 @@ def train(args: argparse.Namespace, method: str, accelerator=None) -> None:
         optimizer = optimizer_class(params(), lr=args.lr)  # after sharding: FSDP2 replaced the parameters
 
     if rank == 0:
-        print(f"{method} engine: {describe_engine(model)}", flush=True)
+        say(f"{method} engine: {describe_engine(model)}")
     per_rank = args.batch // world
     vocab = fastft.distributed.unwrap(model).config.vocab_size
     for step, batch in enumerate(global_batches(args.steps, args.batch, args.seq, vocab, args.seed + 2)):
@@ -198,14 +208,14 @@ def train(args: argparse.Namespace, method: str, accelerator=None) -> None:
             dist.all_reduce(shown)
             shown /= world
         if rank == 0:
-            print(f"{method} step {step}: loss {shown.item():.6f}", flush=True)
+            say(f"{method} step {step}: loss {shown.item():.6f}")
 
     kind, tensors = trained_tensors(model)
-    print(f"{method} rank {rank}: {kind} {fingerprint(tensors)}", flush=True)
+    say(f"{method} rank {rank}: {kind} {fingerprint(tensors)}")
     if args.out and kind == "adapters":
         fastft.save(model, os.path.join(args.out, method))  # every rank calls it; rank 0 writes
         if rank == 0:
-            print(f"{method}: saved to {os.path.join(args.out, method)}", flush=True)
+            say(f"{method}: saved to {os.path.join(args.out, method)}")
 
 
 def local_device() -> torch.device:
