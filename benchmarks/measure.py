@@ -165,7 +165,9 @@ def saved_tensors(fn: Callable[[], Any], parameters: nn.Module | Iterable[Any] =
             reason = "counted"
             seen_storages.add(key)
         records.append(SavedTensor(tuple(tensor.shape), tensor.dtype, size, reason == "counted", reason))
-        return tensor
+        # A detached alias (same storage, no grad_fn): returning the tensor itself would make an op that saves
+        # its own output (exp, softmax, ...) hold its output, which holds the op: a C++ cycle that leaks the graph.
+        return tensor.detach()
 
     def unpack(tensor: torch.Tensor) -> torch.Tensor:
         return tensor

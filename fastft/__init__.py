@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 from . import nn, ops
 from .config import LoRAConfig
 from .config import LossConfig
+from .config import S2FTConfig
 from .dispatch import backends
 from .io import load, save
 from . import methods  # noqa: F401  (registers the planners)
@@ -25,6 +26,7 @@ __all__ = [
     "LoRAConfig",
     "LossConfig",
     "PatchReport",
+    "S2FTConfig",
     "backends",
     "export_peft",
     "from_peft",

@@ -55,6 +55,8 @@ class Plan:
     # another on the layers both target (e.g. QAT's QuantLinear as the base a LoRALinear wraps), validating
     # the combination before anything is applied. A wrapping module's ``base_layer`` is the hosted one.
     compose: Callable[[list["Plan"]], list["Plan"]] | None = None
+    # qualified names of modules whose weights the edits rewrite in place (no other plan may swap them)
+    rewrites: list[str] = field(default_factory=list)
 
     def attach(self) -> None:
         """Second phase of building: initialisation that touches the base layers (e.g. PiSSA's residual)."""
@@ -228,6 +230,14 @@ def patch(model: nn.Module, config: MethodConfig | Sequence[MethodConfig]) -> Pa
         placed[name] = module
     if twice:
         raise ValueError(f"two configs target the same modules: {sorted(twice)[:5]}")
+    rewritten = {name: plan.config.method for plan in plans for name in plan.rewrites}
+    clash = [(n, plan.config.method) for plan in plans for n, _ in plan.swaps if rewritten.get(n, plan.config.method) != plan.config.method]
+    if clash:
+        name, method = clash[0]
+        raise ValueError(
+            f"fastft.patch: {method} targets '{name}', whose weight {rewritten[name]} rewrites (permutes) in place; "
+            f"leave it out of the {method} targets."
+        )
 
     planned = {name: module for plan in plans for name, module in plan.swaps}  # the outermost module per name
     for check in [check for plan in plans for check in plan.checks]:

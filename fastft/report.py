@@ -16,11 +16,16 @@ def logical_numel(param: torch.Tensor) -> int:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts, 4-bit weights counted as the weights they represent."""
+    """(trainable, total) parameter counts, 4-bit weights counted as the weights they represent.
+
+    A parameter marked ``fastft_view_of_frozen`` (an S²FT slice: a view of a frozen weight's storage)
+    counts as trainable but not again in the total.
+    """
     trainable = total = 0
     for param in model.parameters():
         n = logical_numel(param)
-        total += n
+        if not getattr(param, "fastft_view_of_frozen", False):
+            total += n
         if param.requires_grad:
             trainable += n
     return trainable, total

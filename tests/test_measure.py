@@ -181,3 +181,19 @@ def test_peak_live_bytes_does_not_depend_on_earlier_profiling():
         del kept
 
     assert measure.peak_live_bytes(free_then_allocate) == 1000 * FLOAT32
+
+
+def test_saved_tensors_does_not_keep_the_graph_alive():
+    """An op that saves its own output (exp) must not leak its graph through the measuring hooks."""
+    import weakref
+
+    x = torch.randn(64, 64, requires_grad=True)
+    outputs = []
+
+    def forward():
+        y = (x * 2).exp()
+        outputs.append(weakref.ref(y))
+        return y.sum()
+
+    assert measure.saved_bytes(forward) == 64 * 64 * 4  # exp's output (a product with a number saves nothing)
+    assert outputs[0]() is None

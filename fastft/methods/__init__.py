@@ -6,3 +6,4 @@ modifying the model; ``fastft.patch`` applies it.
 from . import loss  # noqa: F401
 from . import lora  # noqa: F401
 from . import qat  # noqa: F401
+from . import s2ft  # noqa: F401

@@ -1,0 +1,397 @@
+"""One training step of a small Llama: fastft S²FT vs fastft LoRA (same trainable count) vs full fine-tuning.
+
+    python -m benchmarks.s2ft_step                      # hidden 1024, intermediate 2816, 4 layers, seq 512, batch 2, fp32
+    python -m benchmarks.s2ft_step --quick              # small shapes, well under a minute
+    python -m benchmarks.s2ft_step --csv s2ft_step.csv  # also one CSV row per measurement
+
+Providers, each on a copy of one randomly initialised LlamaForCausalLM (multi-head attention, 16 heads
+of 64; vocabulary 2048 so that the run fits the shared machine's memory; the two LoRA providers share
+the frozen base weights), all trained with AdamW:
+  s2ft       fastft.S2FTConfig: one attention head (o_proj columns) and 72 of the 2816 FFN channels
+             (down_proj columns) per layer: 1.00% of all parameters;
+  lora-same  fastft.LoRAConfig on the same modules (o_proj, down_proj), rank chosen to match S²FT's
+             trainable count as closely as a rank can;
+  lora-all   fastft.LoRAConfig on every linear layer of the decoder, rank matched the same way;
+  full       every parameter trains.
+
+One step is ``loss = model(ids, labels=ids).loss; loss.backward(); optimizer.step();
+optimizer.zero_grad(set_to_none=True)``. Measured side by side in one process (see
+``benchmarks.measure``):
+  time            median and p20/p80 of interleaved steps (after warm-up steps that also create the
+                  optimizer state);
+  saved for bwd   bytes autograd keeps for backward during the forward (parameters excluded);
+  step peak       peak increase of live tensor bytes during one step (activations, gradients, temporaries);
+  held            bytes held between steps: weights (each storage once) + optimizer state (+ S²FT's
+                  initial slices, kept so unpatch(merge=False) can drop the training);
+  peak total      held + step peak: what a GPU's max_memory_allocated would show for the step;
+  GFLOP           FlopCounterMode FLOPs of forward + backward (fastft's ops through their reference code).
+Beside the steps, one down_proj-shaped layer alone (frozen / S²FT / LoRA with about as many trainable
+parameters), forward + backward, is timed interleaved: there the S²FT-vs-LoRA difference is not
+diluted by the rest of the step.
+The S²FT slice-gradient FLOPs are counted per patched module by running the op's backward for the
+weight gradient alone, and compared with the full weight gradient of the same module (gᵀx, counted
+the same way): they must equal (slice width / full width) of it, exactly.
+
+Targets of the issue, reported (never asserted): S²FT's peak memory and step time below LoRA's (both
+LoRA variants); slice dW FLOPs = slice fraction of the full dW FLOPs. Timings on a shared CPU are
+noisy: the 1-minute load average is printed with them. Byte and FLOP counts are exact.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import ctypes
+import gc
+import os
+import sys
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+import fastft
+from fastft.nn import LoRALinear, S2FTLinear
+from fastft.ops.s2ft_linear import s2ft_backward_reference
+
+from . import measure
+
+# S²FT: one head and ffn_ratio of the channels per layer, about 1.0% of all parameters in both variants
+FULL = dict(hidden=1024, intermediate=2816, layers=4, heads=16, seq=512, batch=2, vocab=2048, repeats=5, warmup=2,
+            attn_ratio=0.0625, ffn_ratio=0.0256)
+QUICK = dict(hidden=256, intermediate=704, layers=2, heads=16, seq=128, batch=2, vocab=1024, repeats=5, warmup=2,
+             attn_ratio=0.0625, ffn_ratio=0.036)
+
+
+@dataclass
+class Provider:
+    name: str
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    trainable: int
+    detail: str
+
+
+@dataclass
+class Result:
+    name: str
+    trainable: int
+    detail: str
+    timing: measure.Timing
+    saved_bytes: int
+    step_peak_bytes: int
+    held_bytes: int
+    flops: int
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def peak_total_bytes(self) -> int:
+        return self.held_bytes + self.step_peak_bytes
+
+
+def build_base(args: argparse.Namespace) -> nn.Module:
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
+        max_position_embeddings=max(args.seq, 64), tie_word_embeddings=False,
+    )
+    return tf.LlamaForCausalLM(config).float().train()
+
+
+def lora_rank_for(model: nn.Module, targets, count: int) -> int:
+    """The LoRA rank whose trainable count on ``targets`` is closest to ``count``."""
+    per_rank = 0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and ".layers." in f".{name}":
+            leaf = name.rsplit(".", 1)[-1]
+            if targets == "all-linear" or leaf in targets:
+                per_rank += module.in_features + module.out_features
+    return max(1, round(count / per_rank))
+
+
+def build_providers(args: argparse.Namespace) -> tuple[list[Provider], str, nn.Module]:
+    base = build_base(args)
+    total = sum(p.numel() for p in base.parameters())
+    providers = []
+    full_model = copy.deepcopy(base)  # every parameter trains
+
+    s2ft_model = copy.deepcopy(base)
+    report = fastft.patch(s2ft_model, fastft.S2FTConfig(ffn_ratio=args.ffn_ratio, attn_ratio=args.attn_ratio))
+    s2ft_count = report.trainable_params
+    providers.append(Provider("s2ft", s2ft_model, _adamw(s2ft_model), s2ft_count,
+                              f"attn_ratio={args.attn_ratio:g}, ffn_ratio={args.ffn_ratio:g}"))
+
+    for name, targets in (("lora-same", ["o_proj", "down_proj"]), ("lora-all", "all-linear")):
+        rank = lora_rank_for(base, targets, s2ft_count)
+        # the LoRA models share the frozen base weights (neither modifies them): less memory for the run
+        model = copy.deepcopy(base, memo={id(t): t for t in [*base.parameters(), *base.buffers()]})
+        lora_report = fastft.patch(model, fastft.LoRAConfig(r=rank, alpha=2 * rank, targets=targets))
+        with torch.no_grad():  # B starts at zero; a non-zero B makes every product of the update matter
+            for module in model.modules():
+                if isinstance(module, LoRALinear):
+                    module.lora_B.normal_(0.0, 0.02)
+        providers.append(Provider(name, model, _adamw(model), lora_report.trainable_params,
+                                  f"r={rank} on {targets if isinstance(targets, str) else '+'.join(targets)}"))
+
+    providers.append(Provider("full", full_model, _adamw(full_model), total, "all parameters"))
+    return providers, str(report), s2ft_model
+
+
+def _adamw(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+
+def make_step(provider: Provider, ids: torch.Tensor):
+    model, optimizer = provider.model, provider.optimizer
+
+    def step() -> None:
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def held_bytes(provider: Provider) -> int:
+    """Weights (each storage once) + optimizer state + S²FT's remembered initial slices."""
+    storages = {}
+    for tensor in [*provider.model.parameters(), *provider.model.buffers()]:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    for module in provider.model.modules():
+        if isinstance(module, S2FTLinear) and module.initial_slice is not None:
+            storages[module.initial_slice.untyped_storage().data_ptr()] = module.initial_slice.untyped_storage().nbytes()
+    for state in provider.optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                storages[value.untyped_storage().data_ptr()] = value.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+def slice_grad_flops(model: nn.Module, tokens: int) -> tuple[int, int, int, int]:
+    """(slice dW FLOPs, full dW FLOPs of the same modules, slice entries, full entries), counted per module."""
+    sliced = full = slice_entries = full_entries = 0
+    for module in model.modules():
+        if not isinstance(module, S2FTLinear):
+            continue
+        O, K, S = module.out_features, module.in_features, module.width
+        g = torch.zeros(tokens, O)
+        saved = torch.zeros(tokens, K if module.rows else S)
+        weight = torch.zeros(O, K)
+        sliced += measure.flops(lambda: s2ft_backward_reference(g, saved, weight, S, module.rows, False, True))
+        x = torch.zeros(tokens, K)
+        full += measure.flops(lambda: g.t() @ x)
+        slice_entries += module.weight_slice.numel()
+        full_entries += O * K
+    return sliced, full, slice_entries, full_entries
+
+
+def release_free_memory() -> None:
+    """Hand the C allocator's free pages back to the OS between phases (glibc keeps them otherwise), so
+    the run's resident memory stays near what is live. Never called inside a timed or measured step."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def down_proj_layer_timing(args: argparse.Namespace, repeats: int) -> dict[str, measure.Timing]:
+    """Forward + backward of one down_proj-shaped layer alone (tokens × intermediate -> hidden): frozen,
+    S²FT (the benchmark's channel count) and LoRA with about as many trainable parameters; interleaved.
+    The step-level difference between S²FT and LoRA is a few percent of a whole step; here it is not."""
+    tokens, features, out = args.batch * args.seq, args.intermediate, args.hidden
+    width = max(1, round(args.ffn_ratio * features))
+    rank = max(1, round(width * out / (features + out)))
+    torch.manual_seed(0)
+    frozen = nn.Linear(features, out, bias=False)
+    frozen.weight.requires_grad_(False)
+    s2ft = S2FTLinear.from_linear(copy.deepcopy(frozen), width)
+    lora = LoRALinear.from_linear(frozen, fastft.LoRAConfig(r=rank, alpha=2 * rank))
+    x = torch.randn(tokens, features, requires_grad=True)
+    g = torch.randn(tokens, out)
+
+    def step(layer: nn.Module, params: list[nn.Parameter]):
+        def run() -> None:
+            x.grad = None
+            for p in params:
+                p.grad = None
+            layer(x).backward(g)
+
+        return run
+
+    steps = {"frozen": step(frozen, []), f"s2ft ({width} cols)": step(s2ft, [s2ft.weight_slice]),
+             f"lora (r={rank})": step(lora, [lora.lora_A, lora.lora_B])}
+    return measure.time_interleaved(steps, repeats=repeats, warmup=2)
+
+
+def _load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def run(args: argparse.Namespace) -> tuple[list[Result], dict]:
+    providers, report, s2ft_model = build_providers(args)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
+    steps = {p.name: make_step(p, ids) for p in providers}
+    for step in steps.values():  # creates the optimizer state, which then belongs to "held"
+        step()
+        release_free_memory()
+
+    by_name = {}
+    for provider in providers:
+        forward = lambda p=provider: p.model(input_ids=ids, labels=ids).loss  # noqa: E731
+        saved = measure.saved_bytes(forward, parameters=provider.model)
+        peak = measure.peak_live_bytes(steps[provider.name])
+        fwd_bwd = lambda p=provider: p.model(input_ids=ids, labels=ids).loss.backward()  # noqa: E731
+        flops = measure.flops(fwd_bwd)
+        provider.optimizer.zero_grad(set_to_none=True)
+        by_name[provider.name] = (saved, peak, held_bytes(provider), flops)
+        release_free_memory()
+
+    load_before = _load_average()
+    timings = measure.time_interleaved(steps, repeats=args.repeats, warmup=args.warmup)
+    load_after = _load_average()
+    results = [Result(p.name, p.trainable, p.detail, timings[p.name], *by_name[p.name]) for p in providers]
+    sliced, full, slice_entries, full_entries = slice_grad_flops(s2ft_model, args.batch * args.seq)
+    layer_timing = down_proj_layer_timing(args, repeats=4 * args.repeats)
+    context = dict(
+        layer_timing=layer_timing,
+        report=report,
+        total_params=sum(p.numel() for p in providers[-1].model.parameters()),
+        slice_flops=(sliced, full, slice_entries, full_entries),
+        load=(load_before, load_after),
+        threads=torch.get_num_threads(),
+    )
+    return results, context
+
+
+def _fmt_load(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def format_table(results: list[Result], context: dict, shape: str) -> str:
+    by_name = {r.name: r for r in results}
+    header = ("provider", "trainable", "%", "median s", "p20 s", "p80 s", "x s2ft", "saved for bwd", "step peak",
+              "held", "peak total", "GFLOP", "detail")
+    s2ft = by_name["s2ft"]
+    rows = []
+    for r in results:
+        t = r.timing
+        rows.append((
+            r.name, f"{r.trainable:,}", f"{100 * r.trainable / context['total_params']:.3f}",
+            f"{t.median_s:.3f}", f"{t.p20_s:.3f}", f"{t.p80_s:.3f}", f"{t.median_s / s2ft.timing.median_s:.2f}",
+            measure.format_bytes(r.saved_bytes), measure.format_bytes(r.step_peak_bytes),
+            measure.format_bytes(r.held_bytes), measure.format_bytes(r.peak_total_bytes), f"{r.flops / 1e9:.1f}", r.detail,
+        ))
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    line = lambda row: "  ".join(str(c).rjust(w) if 0 < i < len(row) - 1 else str(c).ljust(w)  # noqa: E731
+                                 for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+    first = results[0].timing
+    out = [
+        f"One training step (forward + backward + AdamW): {shape}",
+        f"machine: CPU, {context['threads']} threads, {os.cpu_count()} cores; {first.repeats} timed steps after "
+        f"{first.warmup} warm-up, interleaved; torch {torch.__version__}; 1-min load average "
+        f"{_fmt_load(context['load'][0])} before timing, {_fmt_load(context['load'][1])} after",
+        line(header),
+        line(tuple("-" * w for w in widths)),
+        *(line(row) for row in rows),
+    ]
+    sliced, full, slice_entries, full_entries = context["slice_flops"]
+    expected = full * slice_entries / full_entries
+    out += [
+        "",
+        f"S²FT slice dW FLOPs {sliced:,} vs full dW FLOPs of the same modules {full:,}: ratio "
+        f"{sliced / full:.6f}, slice fraction {slice_entries:,} / {full_entries:,} = {slice_entries / full_entries:.6f}",
+    ]
+    layer = context["layer_timing"]
+    frozen = next(iter(layer.values())).median_s
+    out.append("one down_proj-shaped layer alone, forward + backward (interleaved): " + "; ".join(
+        f"{name} {t.median_s * 1e3:.1f} ms (p20 {t.p20_s * 1e3:.1f}, p80 {t.p80_s * 1e3:.1f}; {t.median_s / frozen:.3f}x frozen)"
+        for name, t in layer.items()))
+    verdicts = []
+    for peer in ("lora-same", "lora-all"):
+        if peer not in by_name:
+            continue
+        other = by_name[peer]
+        mem = s2ft.peak_total_bytes < other.peak_total_bytes
+        step_mem = s2ft.step_peak_bytes < other.step_peak_bytes
+        fast = s2ft.timing.median_s < other.timing.median_s
+        verdicts.append(
+            f"peak memory below {peer}: {'met' if mem else 'NOT MET'} (peak total {s2ft.peak_total_bytes / other.peak_total_bytes:.3f}x, "
+            f"step peak {s2ft.step_peak_bytes / other.step_peak_bytes:.3f}x{'' if step_mem else ' NOT below'})"
+        )
+        verdicts.append(
+            f"step time below {peer}: {'met' if fast else 'NOT MET'} ({s2ft.timing.median_s / other.timing.median_s:.3f}x)"
+        )
+    verdicts.append(f"slice dW FLOPs = slice fraction of full dW FLOPs: {'met' if sliced == expected else 'NOT MET'}")
+    out.append("S²FT targets:\n  " + "\n  ".join(verdicts))
+    return "\n".join(out)
+
+
+def write_csv(path: str, results: list[Result], args: argparse.Namespace, context: dict) -> None:
+    fields = ["benchmark", "provider", "metric", "value", "unit", "hidden", "intermediate", "layers", "seq", "batch",
+              "vocab", "threads", "device", "repeats", "warmup", "load_average", "torch"]
+    new = not os.path.exists(path) or os.path.getsize(path) == 0
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        if new:
+            writer.writeheader()
+        common = dict(benchmark="s2ft_step", hidden=args.hidden, intermediate=args.intermediate, layers=args.layers,
+                      seq=args.seq, batch=args.batch, vocab=args.vocab, threads=context["threads"], device="cpu",
+                      repeats=args.repeats, warmup=args.warmup, load_average=context["load"][0], torch=torch.__version__)
+        for r in results:
+            for metric, value, unit in (
+                ("trainable_params", r.trainable, "params"),
+                ("time_median", r.timing.median_s, "s"),
+                ("time_p20", r.timing.p20_s, "s"),
+                ("time_p80", r.timing.p80_s, "s"),
+                ("saved_for_backward", r.saved_bytes, "bytes"),
+                ("step_peak_live", r.step_peak_bytes, "bytes"),
+                ("held", r.held_bytes, "bytes"),
+                ("peak_total", r.peak_total_bytes, "bytes"),
+                ("flops", r.flops, "flop"),
+            ):
+                writer.writerow(dict(common, provider=r.name, metric=metric, value=value, unit=unit))
+        sliced, full, _, _ = context["slice_flops"]
+        writer.writerow(dict(common, provider="s2ft", metric="slice_dw_flops", value=sliced, unit="flop"))
+        writer.writerow(dict(common, provider="s2ft", metric="full_dw_flops_same_modules", value=full, unit="flop"))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.s2ft_step", description=__doc__.split("\n")[0])
+    for key, value in FULL.items():
+        parser.add_argument(f"--{key.replace('_', '-')}", dest=key, type=type(value), default=value)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--quick", action="store_true", help=f"small shapes: {QUICK}")
+    parser.add_argument("--csv", metavar="PATH", help="append one row per measurement to this CSV file")
+    args = parser.parse_args(argv)
+    if args.quick:
+        for key, value in QUICK.items():
+            setattr(args, key, value)
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[Result]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shape = (f"Llama hidden={args.hidden}, intermediate={args.intermediate}, layers={args.layers}, heads={args.heads}, "
+             f"vocab={args.vocab}, seq={args.seq}, batch={args.batch}, float32")
+    results, context = run(args)
+    print(context["report"])
+    print()
+    print(format_table(results, context, shape))
+    if args.csv:
+        write_csv(args.csv, results, args, context)
+        print(f"wrote rows to {args.csv}")
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
