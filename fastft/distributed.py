@@ -113,6 +113,12 @@ def refuse_distributed(model: nn.Module, what: str) -> None:
         )
 
 
+def is_fsdp_managed(module: nn.Module) -> bool:
+    """Whether FSDP manages ``module``'s parameters (``fully_shard`` on it or on a module above it; torch marks
+    each managed module with ``_is_fsdp_managed_module``)."""
+    return bool(getattr(module, "_is_fsdp_managed_module", False))
+
+
 def refuse_sharded_unpatch(model: nn.Module) -> None:
     """``fastft.unpatch`` cannot rewrite FSDP-sharded layers: say what to do instead."""
     sharded = _fsdp_modules(model) or [n for n, p in model.named_parameters() if is_sharded(p)]

@@ -1,8 +1,16 @@
-"""Run by tests/test_distributed.py under ``torchrun --nproc_per_node 2`` (gloo, CPU): fastft's functions on
-FSDP2-sharded and DDP-wrapped models. Prints ``CHECK <name> ok`` per check on rank 0; any failure raises."""
+"""Run by tests/test_distributed.py under ``torchrun --nproc_per_node 2`` (gloo, CPU), in one launch:
+
+1. fastft's functions on FSDP2-sharded and DDP-wrapped models; prints ``CHECK <name> ok`` per check on
+   rank 0 (any failure raises);
+2. FSDP2 training through the copyable example's ``train`` (``fastft.examples.train_distributed``, engine
+   ``fsdp2``), once per dtype given: after a line ``=== <dtype>``, the example's own output.
+
+    torchrun --nproc_per_node 2 tests/distributed_worker.py OUT float32=lora,dora bfloat16=lora -- <example args>
+"""
 from __future__ import annotations
 
 import copy
+import gc
 import os
 import sys
 
@@ -56,8 +64,24 @@ def equal_dicts(a: dict, b: dict, what: str) -> None:
         assert torch.equal(a[key], b[key]), f"{what}: {key} differs"
 
 
-def main(out: str) -> None:
+def main(out: str, runs: list[str], example_args: list[str]) -> None:
     dist.init_process_group("gloo")
+    api_checks(out)
+    from fastft.examples import train_distributed
+
+    for run in runs:
+        dtype, methods = run.split("=")
+        args = train_distributed.parse_args(["--engine", "fsdp2", "--method", methods, "--dtype", dtype,
+                                             "--out", os.path.join(out, dtype), *example_args])
+        train_distributed.say(f"=== {dtype}")
+        for method in args.methods:
+            train_distributed.train(args, method)
+    gc.collect()  # no DDP module may outlive the process group (see the example's main)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def api_checks(out: str) -> None:
     rank = dist.get_rank()
     ids = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(0))
 
@@ -114,7 +138,18 @@ def main(out: str) -> None:
     wrapped = torch.nn.parallel.DistributedDataParallel(tiny_model("llama", torch.float32))
     expect_error(lambda: fastft.patch(wrapped, fastft.LoRAConfig(r=4)), "DistributedDataParallel",
                  "model = DDP(model)")
-    check("patch after wrapping, unpatch of a sharded model: refused")
+    # S²FT trains a view of the frozen weight, which FSDP would shard apart from it: refused at the forward
+    # (a slice of whole rows/columns is contiguous, so fully_shard itself accepts it)
+    s2ft = tiny_model("llama", torch.float32)
+    fastft.patch(s2ft, fastft.S2FTConfig(ffn_ratio=1.0, attn_ratio=1.0))
+    shard(s2ft)
+    try:
+        s2ft(input_ids=ids)
+    except RuntimeError as error:
+        assert "S²FT under FSDP" in str(error) and "DDP" in str(error), error
+    else:
+        raise AssertionError("S²FT under FSDP2 ran")
+    check("patch after wrapping, unpatch of a sharded model, S²FT under FSDP: refused")
 
     # DDP: the functions look through the wrapper
     model = patched_dora(seed=1)
@@ -125,8 +160,8 @@ def main(out: str) -> None:
     fastft.save(ddp, os.path.join(out, "ddp"))
     assert fastft.unpatch(ddp, merge=True) is model and not fastft.is_patched(model)
     check("DDP: save and unpatch through the wrapper")
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    split = sys.argv.index("--") if "--" in sys.argv else len(sys.argv)
+    main(sys.argv[1], sys.argv[2:split], sys.argv[split + 1:])

@@ -1,7 +1,9 @@
 """Multi-process training on this machine: 2 processes, gloo over loopback, launched with torchrun and with
 ``accelerate launch``, under DDP and FSDP2 (``torch.distributed.fsdp.fully_shard``).
 
-Every run is ``python -m fastft.examples.train_distributed`` (the script the README tells users to copy):
+Every run trains through ``fastft.examples.train_distributed`` (the script the README tells users to copy;
+launched as ``-m fastft.examples.train_distributed``, except the torchrun FSDP2 runs, which
+tests/distributed_worker.py drives through the script's ``train`` after its own checks, to save a launch):
 a small random Llama, patched, then wrapped / sharded, trains a few steps on a global batch of 4 sequences
 split 2 + 2 between the ranks. Checked for each method:
 
@@ -56,20 +58,25 @@ ACCELERATE_FSDP2 = ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_polic
 
 
 def launch(command: list[str], cwd) -> str:
-    """Run a launcher (its own process group, killed whole on timeout); return stdout, or fail with the logs."""
+    """Run a launcher (its own process group, killed whole on timeout); return stdout, or fail with the logs:
+    the lines of stderr that report an error first, then the tails (the whole logs stay in ``cwd``)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
     try:
         stdout, stderr = process.communicate(timeout=TIMEOUT_S)
+        failure = f"exit code {process.returncode}" if process.returncode != 0 else None
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         stdout, stderr = process.communicate()
-        pytest.fail(f"timed out after {TIMEOUT_S}s: {' '.join(command)}\n--- stdout\n{stdout[-4000:]}\n"
-                    f"--- stderr\n{stderr[-8000:]}")
-    if process.returncode != 0:
-        pytest.fail(f"exit code {process.returncode}: {' '.join(command)}\n--- stdout\n{stdout[-4000:]}\n"
-                    f"--- stderr\n{stderr[-8000:]}")
+        failure = f"timed out after {TIMEOUT_S}s"
+    if failure:
+        with open(os.path.join(cwd, "launch.log"), "w") as log:
+            log.write(f"{' '.join(command)}\n--- stdout\n{stdout}\n--- stderr\n{stderr}")
+        errors = [line for line in stderr.splitlines()
+                  if re.search(r"error|exception|terminate|abort|signal|killed", line, re.I)]
+        pytest.fail(f"{failure}: {' '.join(command)}\n--- stderr lines reporting errors\n" + "\n".join(errors[:40])
+                    + f"\n--- stdout (tail)\n{stdout[-3000:]}\n--- stderr (tail)\n{stderr[-6000:]}")
     return stdout
 
 
@@ -95,7 +102,7 @@ def run_in_process(args: list[str]) -> str:
 def reference(tmp_path_factory):
     """One-process runs: float32 (every method), and bfloat16 base (trained, and the initial adapters)."""
     root = tmp_path_factory.mktemp("reference")
-    methods = "lora,dora,qat-lora,loss,full-loss"
+    methods = "lora,dora,qat-lora,loss,s2ft,full-loss"
     out32 = run_in_process(["--method", methods, *COMMON, "--out", str(root / "f32")])
     out16 = run_in_process(["--method", "lora,dora", *COMMON, "--dtype", "bfloat16", "--out", str(root / "bf16")])
     run_in_process(["--method", "lora,dora", *COMMON, "--dtype", "bfloat16", "--steps", "0",
@@ -122,33 +129,42 @@ def check_run(stdout: str, out_dir, reference: dict, methods: list[str], engine:
         ours, theirs = adapters(out_dir, method), adapters(reference["root"] / "f32", method)
         assert ours.keys() == theirs.keys() and ours
         for key in ours:
-            assert ours[key].dtype == torch.float32
+            assert ours[key].dtype == torch.float32 or key.endswith(".index")  # S²FT's slice positions
             torch.testing.assert_close(ours[key], theirs[key], **tol, msg=lambda m: f"{method} {key}\n{m}")
 
 
 def test_torchrun_ddp(tmp_path, reference):
-    methods = ["lora", "dora", "qat-lora", "loss"]
+    methods = ["lora", "dora", "qat-lora", "loss", "s2ft"]
     stdout = launch([*TORCHRUN, *EXAMPLE, "--engine", "ddp", "--method", ",".join(methods), *COMMON,
                      "--out", str(tmp_path)], tmp_path)
     check_run(stdout, tmp_path, reference, methods, "DistributedDataParallel")
 
 
-def test_torchrun_fsdp2(tmp_path, reference):
-    methods = ["lora", "dora", "loss"]
-    stdout = launch([*TORCHRUN, *EXAMPLE, "--engine", "fsdp2", "--method", ",".join(methods), *COMMON,
-                     "--out", str(tmp_path)], tmp_path)
-    check_run(stdout, tmp_path, reference, methods, "FSDP2")
+@pytest.fixture(scope="module")
+def torchrun_fsdp2(tmp_path_factory):
+    """One torchrun launch of tests/distributed_worker.py: the API checks on shards, then FSDP2 training
+    through the example's ``train`` in float32 and over a bfloat16 base."""
+    out = tmp_path_factory.mktemp("fsdp2")
+    worker = os.path.join(os.path.dirname(__file__), "distributed_worker.py")
+    stdout = launch([*TORCHRUN, worker, str(out), "float32=lora,dora,loss", "bfloat16=lora,dora", "--", *COMMON], out)
+    before, _, rest = stdout.partition("=== float32\n")
+    float32, _, bfloat16 = rest.partition("=== bfloat16\n")
+    return {"out": out, "checks": before, "float32": float32, "bfloat16": bfloat16}
+
+
+def test_torchrun_fsdp2(torchrun_fsdp2, reference):
+    stdout = torchrun_fsdp2["float32"]
+    check_run(stdout, torchrun_fsdp2["out"] / "float32", reference, ["lora", "dora", "loss"], "FSDP2")
     assert "FSDP2: 3 fully_shard units, 28 trainable tensors sharded" in parse(stdout, "lora")["engine"]
     assert "42 trainable tensors sharded" in parse(stdout, "dora")["engine"]  # A, B and the magnitude
 
 
-def test_torchrun_fsdp2_float32_adapters_on_bfloat16_base(tmp_path, reference):
-    stdout = launch([*TORCHRUN, *EXAMPLE, "--engine", "fsdp2", "--method", "lora,dora", *COMMON,
-                     "--dtype", "bfloat16", "--out", str(tmp_path)], tmp_path)
+def test_torchrun_fsdp2_float32_adapters_on_bfloat16_base(torchrun_fsdp2, reference):
+    stdout = torchrun_fsdp2["bfloat16"]
     for method in ("lora", "dora"):
         got = parse(stdout, method)
         assert got["engine"].startswith("FSDP2") and got["ranks"]["0"] == got["ranks"]["1"]
-        ours = adapters(tmp_path, method)
+        ours = adapters(torchrun_fsdp2["out"] / "bfloat16", method)
         theirs = adapters(reference["root"] / "bf16", method)
         start = adapters(reference["root"] / "bf16-init", method)
         assert all(t.dtype == torch.float32 for t in ours.values())
@@ -159,6 +175,12 @@ def test_torchrun_fsdp2_float32_adapters_on_bfloat16_base(tmp_path, reference):
         assert their_update.norm() > 0
         error = ((ours_update - their_update).norm() / their_update.norm()).item()
         assert error < 0.05, f"{method}: relative error of the update {error:.3g}"
+
+
+def test_fastft_functions_on_sharded_and_wrapped_models(torchrun_fsdp2):
+    """save / load / export_peft / adapter_state_dict on FSDP2 shards and through DDP; the refusals."""
+    checks = re.findall(r"^CHECK (.*) ok$", torchrun_fsdp2["checks"], re.M)
+    assert len(checks) == 6, torchrun_fsdp2["checks"][-4000:]
 
 
 def test_accelerate_ddp(tmp_path, reference):
@@ -176,11 +198,3 @@ def test_accelerate_fsdp2(tmp_path, reference):
                      ",".join(methods), *COMMON, "--out", str(tmp_path)], tmp_path)
     check_run(stdout, tmp_path, reference, methods, "FSDP2")
     assert "6 fully_shard units" in parse(stdout, "lora")["engine"]
-
-
-def test_fastft_functions_on_sharded_and_wrapped_models(tmp_path):
-    """save / load / export_peft / adapter_state_dict on FSDP2 shards and through DDP; the refusals."""
-    worker = os.path.join(os.path.dirname(__file__), "distributed_worker.py")
-    stdout = launch([*TORCHRUN, worker, str(tmp_path)], tmp_path)
-    checks = re.findall(r"^CHECK (.*) ok$", stdout, re.M)
-    assert len(checks) == 6, stdout[-4000:]

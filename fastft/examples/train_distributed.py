@@ -22,14 +22,15 @@ every rank prints a fingerprint of its (full) adapters and rank 0 writes them wi
 ``--out/<method>``.
 
 ``--model`` takes a Hugging Face model name or directory; the default, ``tiny-llama``, builds a small random
-Llama so the script runs anywhere in seconds. The data are random token ids: put your own loader in
-``global_batches`` (in your script: a ``DataLoader`` with a ``DistributedSampler``, or
+Llama so the script runs anywhere in seconds. The data are made up (arithmetic progressions of token ids):
+put your own loader in ``global_batches`` (in your script: a ``DataLoader`` with a ``DistributedSampler``, or
 ``accelerator.prepare(dataloader)``). ``--method`` may list several methods (``lora,dora``), trained one
 after the other from the same start.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import os
 import sys
@@ -41,7 +42,7 @@ from torch import nn
 
 import fastft
 
-METHODS = ("lora", "dora", "qat-lora", "loss", "full-loss")
+METHODS = ("lora", "dora", "qat-lora", "loss", "full-loss", "s2ft")
 ENGINES = ("ddp", "fsdp2", "accelerate")
 
 
@@ -56,6 +57,8 @@ def method_configs(method: str) -> list:
         return [fastft.QATConfig(w_bits=4, a_bits=8), lora]
     if method == "loss":  # LoRA trained through the fused linear cross-entropy (no logits in memory)
         return [lora, fastft.LossConfig(kind="ce")]
+    if method == "s2ft":  # S²FT: a tenth of the FFN channels and a quarter of the heads train in place (DDP only)
+        return [fastft.S2FTConfig(ffn_ratio=0.1, attn_ratio=0.25, selection="random")]
     if method == "full-loss":  # full fine-tuning (every weight trains) through the fused loss
         return [fastft.LossConfig(kind="ce")]
     raise ValueError(f"--method {method!r}: choose from {METHODS}")
@@ -261,12 +264,17 @@ def main(argv=None) -> None:
         if torch.cuda.is_available():
             torch.cuda.set_device(local_device())
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    try:
-        for method in args.methods:
-            train(args, method, accelerator)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    for method in args.methods:
+        train(args, method, accelerator)
+    if dist.is_initialized():
+        # Drop every DDP module before destroying the process group: with gloo, torch 2.13 processes that
+        # destroy it while a DDP module is alive abort at exit now and then ("terminate called without an
+        # active exception"). accelerate holds the prepared models until free_memory().
+        if accelerator is not None:
+            accelerator.free_memory()
+        gc.collect()
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
