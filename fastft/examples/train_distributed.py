@@ -79,14 +79,15 @@ def build_model(name: str, dtype: torch.dtype, seed: int) -> nn.Module:
 
 
 def global_batches(steps: int, batch: int, seq: int, vocab: int, seed: int) -> Iterator[torch.Tensor]:
-    """``steps`` global batches of token ids (batch×seq), the same on every rank: arithmetic progressions
-    modulo the vocabulary (random start and stride), something a model can learn."""
+    """``steps`` global batches of token ids (batch×seq), the same on every rank: drawn from a fixed pool of
+    arithmetic progressions modulo the vocabulary (random start and stride), something a model can learn."""
     generator = torch.Generator().manual_seed(seed)
-    positions = torch.arange(seq)
+    pool = 4 * batch
+    start = torch.randint(0, vocab, (pool, 1), generator=generator)
+    stride = torch.randint(1, 8, (pool, 1), generator=generator)
+    sequences = (start + stride * torch.arange(seq)) % vocab
     for _ in range(steps):
-        start = torch.randint(0, vocab, (batch, 1), generator=generator)
-        stride = torch.randint(1, 8, (batch, 1), generator=generator)
-        yield (start + stride * positions) % vocab
+        yield sequences[torch.randperm(pool, generator=generator)[:batch]]
 
 
 def shard_layers(model: nn.Module) -> None:
@@ -239,7 +240,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model", default="tiny-llama", help="a Hugging Face model name or directory")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "float64"),
                         help="dtype of the base model (adapters over a half base are float32)")
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch", type=int, default=4, help="global batch (sequences per step, all ranks together)")
     parser.add_argument("--seq", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-2)
