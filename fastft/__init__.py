@@ -44,3 +44,6 @@ __all__ = [
 __all__ += ["QATConfig", "export_quantized", "load_quantized"]
 from .merging import merge, merged_state_dict
 __all__ += ["merge", "merged_state_dict"]
+from .io import adapter_state_dict
+from . import distributed  # noqa: F401  (DDP / FSDP2 helpers; see the README's "Multi-process training")
+__all__ += ["adapter_state_dict"]

@@ -4,6 +4,10 @@ A saved directory holds ``fastft_adapter.safetensors`` (keys ``<qualified module
 and ``fastft_config.json`` (the configs, the patched module names per method, the fastft version).
 ``load`` onto a plain model patches it with the saved configs first; onto a patched model it checks
 that the same modules are patched and copies the weights in.
+
+Under torch.distributed (see :mod:`fastft.distributed`): ``save`` gathers FSDP2-sharded adapters to their
+full values (every rank must call it then) and only rank 0 writes; ``load`` onto a sharded model copies
+each rank's shard; a DDP wrapper is looked through.
 """
 from __future__ import annotations
 
@@ -12,9 +16,10 @@ import os
 from collections import defaultdict
 
 from safetensors.torch import load_file, save_file
-from torch import nn
+from torch import Tensor, nn
 
 from .config import config_from_dict
+from .distributed import full_tensor, is_writer
 from .patch import patch, patch_state, unpatch
 
 WEIGHTS_NAME = "fastft_adapter.safetensors"
@@ -28,22 +33,37 @@ def _require_state(model: nn.Module, what: str):
     return state
 
 
+def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The adapter tensors :func:`save` writes (keys ``<qualified module name>.<tensor name>``), whole and on
+    the CPU. FSDP2-sharded adapters are gathered: under FSDP2 every rank must call this (an all-gather)."""
+    state = _require_state(model, "adapter_state_dict")
+    tensors = {}
+    for plan in state.plans:
+        for name, module in plan.swaps:
+            for key, value in module.adapter_state_dict().items():
+                tensors[f"{name}.{key}"] = full_tensor(value.detach()).contiguous().cpu()
+        for edit in plan.edits:  # e.g. modules trained in full: "<module>.<parameter>" -> value
+            for key, value in getattr(edit, "adapter_tensors", dict)().items():
+                tensors[key] = full_tensor(value.detach()).contiguous().cpu()
+    return tensors
+
+
 def save(model: nn.Module, directory: str | os.PathLike) -> None:
-    """Write the adapter weights and configs of a patched model to ``directory`` (created if needed)."""
+    """Write the adapter weights and configs of a patched model to ``directory`` (created if needed).
+
+    Under torch.distributed only rank 0 writes; with FSDP2-sharded adapters every rank must call it (the
+    adapters are gathered first). Other ranks return without waiting for the write: put a
+    ``torch.distributed.barrier()`` after it before they read the directory.
+    """
     from . import __version__
 
     state = _require_state(model, "save")
-    tensors = {}
+    tensors = adapter_state_dict(model)
     modules: dict[str, list[str]] = {}
     for plan in state.plans:
-        names = modules.setdefault(plan.config.method, [])
-        for name, module in plan.swaps:
-            names.append(name)
-            for key, value in module.adapter_state_dict().items():
-                tensors[f"{name}.{key}"] = value.detach().contiguous().cpu()
-        for edit in plan.edits:  # e.g. modules trained in full: "<module>.<parameter>" -> value
-            for key, value in getattr(edit, "adapter_tensors", dict)().items():
-                tensors[key] = value.detach().contiguous().cpu()
+        modules.setdefault(plan.config.method, []).extend(name for name, _ in plan.swaps)
+    if not is_writer():
+        return
     os.makedirs(directory, exist_ok=True)
     save_file(tensors, os.path.join(directory, WEIGHTS_NAME))
     meta = {"fastft_version": __version__, "configs": [c.to_dict() for c in state.configs], "modules": modules}

@@ -24,6 +24,7 @@ from torch import nn
 
 from .config import MethodConfig
 from .dispatch import backend_for
+from .distributed import refuse_distributed, refuse_sharded_unpatch, unwrap
 from .report import PatchedModule, PatchReport, count_parameters, logical_numel
 from .targets import resolve_targets
 
@@ -114,8 +115,8 @@ def plan_module_swaps(model: nn.Module, config: MethodConfig, build: Callable[[n
 
 
 def patch_state(model: nn.Module) -> PatchState | None:
-    """The fastft patch state of ``model``, or None if it is not patched."""
-    return model.__dict__.get(STATE_ATTR)
+    """The fastft patch state of ``model`` (looking through a DDP wrapper), or None if it is not patched."""
+    return unwrap(model).__dict__.get(STATE_ATTR)
 
 
 def is_patched(model: nn.Module) -> bool:
@@ -132,6 +133,7 @@ def _refuse_selected(model: nn.Module, what: str) -> None:
 def _refuse_foreign(model: nn.Module) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"fastft.patch expects a torch.nn.Module, got {type(model).__name__}")
+    refuse_distributed(model, "patch")
     _refuse_selected(model, "patch")
     if is_patched(model):
         n = len(patch_state(model).modules())
@@ -166,6 +168,7 @@ def _swap(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def build_report(model: nn.Module) -> PatchReport:
     """The report of a patched model as it stands now (devices and flags read afresh)."""
+    model = unwrap(model)
     state = patch_state(model)
     rows = []
     for name, module in state.modules():
@@ -277,12 +280,14 @@ def patch(model: nn.Module, config: MethodConfig | Sequence[MethodConfig]) -> Pa
 def unpatch(model: nn.Module, merge: bool = True) -> nn.Module:
     """Restore plain modules. ``merge=True`` folds each update into the base weight, ``False`` drops it.
 
-    The original ``requires_grad`` flags come back. Returns the model.
+    The original ``requires_grad`` flags come back. Returns the model (inside a DDP wrapper: the wrapped one).
     """
+    model = unwrap(model)
     state = patch_state(model)
     if state is None:
         raise ValueError("fastft.unpatch: this model is not patched by fastft (nothing to undo).")
     _refuse_selected(model, "unpatch")
+    refuse_sharded_unpatch(model)
     for plan in reversed(state.plans):
         for name, module in reversed(plan.swaps):
             _swap(model, name, module.unpatched(merge))

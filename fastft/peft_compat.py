@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import LoRAConfig
+from .distributed import full_tensor, is_writer, unwrap
 from .patch import patch, patch_state, unpatch
 
 PEFT_PREFIX = "base_model.model."
@@ -59,7 +60,11 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> None:
     ``PeftModel.from_pretrained(original_base_model, directory)`` then gives the same logits. A PiSSA
     adapter (whose base holds the residual) is written as the equivalent rank-2r LoRA on the original
     weight, with alpha scaled so the scale is unchanged.
+
+    Under torch.distributed only rank 0 writes; with FSDP2-sharded adapters every rank must call it (the
+    adapters are gathered first).
     """
+    model = unwrap(model)
     state = patch_state(model)
     if state is None:
         raise ValueError("fastft.export_peft: this model is not patched by fastft.")
@@ -77,7 +82,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> None:
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = A.to(dtype).contiguous().cpu()
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = B.to(dtype).contiguous().cpu()
         if config.dora:
-            magnitude = module.lora_magnitude_vector.detach()
+            magnitude = full_tensor(module.lora_magnitude_vector.detach())
             tensors[f"{PEFT_PREFIX}{name}.{MAGNITUDE}"] = magnitude.contiguous().cpu()
         names.append(name)
     saved_in_full = [name for edit in _trained_in_full(lora_plans[0]) for name in edit.names]
@@ -106,6 +111,8 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> None:
         "rank_pattern": {},
         "alpha_pattern": {},
     }
+    if not is_writer():
+        return
     os.makedirs(directory, exist_ok=True)
     save_file(tensors, os.path.join(directory, PEFT_WEIGHTS))
     with open(os.path.join(directory, PEFT_CONFIG), "w") as f:

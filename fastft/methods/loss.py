@@ -87,15 +87,35 @@ def _qualified_name(model: nn.Module, module: nn.Module) -> str:
     raise ValueError("the model's output embeddings (lm_head) are not one of its submodules")
 
 
+def _fsdp_sharded(module: nn.Module) -> bool:
+    """Whether ``module`` is its own FSDP2 unit (``fully_shard(module)``): its parameters are whole only inside
+    a forward that FSDP knows about."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return isinstance(module, FSDPModule)
+
+
+def _module_class(module: nn.Module) -> type:
+    """The module's class, seen through FSDP2's ``FSDP<Class>`` subclass that ``fully_shard`` installs."""
+    cls = type(module)
+    if _fsdp_sharded(module):
+        from torch.distributed.fsdp import FSDPModule
+
+        cls = next(base for base in cls.__bases__ if base is not FSDPModule)
+    return cls
+
+
 def check_head(module: nn.Module, name: str) -> None:
     """lm_head must be a plain ``nn.Linear`` with a float weight, or a fastft ``LoRALinear`` over one (the op
-    then adds the low-rank term): the op reads the weights directly."""
+    then adds the low-rank term): the op reads the weights directly. Either may be an FSDP2 unit."""
     from ..bnb import is_linear4bit
     from ..nn.lora import LoRALinear
 
-    if type(module) is nn.Linear and module.weight.is_floating_point():
+    if _module_class(module) is nn.Linear and module.weight.is_floating_point():
         return
-    if type(module) is LoRALinear and not module.is_4bit:
+    if _module_class(module) is LoRALinear and not module.is_4bit:
         return
     if is_linear4bit(module) or getattr(module, "is_4bit", False) or (
         isinstance(module, nn.Linear) and not module.weight.is_floating_point()
@@ -311,21 +331,10 @@ def fused_causal_lm_forward(model: nn.Module, *args, **kwargs):
         )
     head = model.get_submodule(settings.head_name)
     check_head(head, settings.head_name)
-    hidden, weight, bias, lowrank_hidden, lowrank_weight = _head_operands(head, hidden)
-    loss = linear_cross_entropy(
-        hidden, weight, shift_labels.to(hidden.device), bias, kind=cfg.kind, reduction="mean",
-        ignore_index=cfg.ignore_index, label_smoothing=cfg.label_smoothing, z_loss=cfg.z_loss,
-        logit_softcap=settings.softcap, talr_min_weight=cfg.talr_min_weight, chunk_size=cfg.chunk_size,
-        num_items_in_batch=num_items_in_batch, lowrank_hidden=lowrank_hidden, lowrank_weight=lowrank_weight,
-    )
-
-    logits = None
-    if (not model.training) if return_logits is None else bool(return_logits):
-        logits = F.linear(hidden, weight, bias)  # what lm_head computes (with the same LoRA dropout draw)
-        if lowrank_hidden is not None:
-            logits = logits + lowrank_hidden @ lowrank_weight.t()
-        if settings.softcap is not None:
-            logits = torch.tanh(logits / settings.softcap) * settings.softcap
+    want_logits = (not model.training) if return_logits is None else bool(return_logits)
+    run_head = _fsdp_head_method(head) if _fsdp_sharded(head) else functools.partial(fused_head, head)
+    loss, logits = run_head(hidden, shift_labels.to(hidden.device), num_items_in_batch, cfg, settings.softcap,
+                            want_logits)
 
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -333,6 +342,41 @@ def fused_causal_lm_forward(model: nn.Module, *args, **kwargs):
     carried = {key: value for key, value in outputs.items() if key in fields and key not in ("loss", "logits")}
     result = CausalLMOutputWithPast(loss=loss, logits=logits, **carried)
     return result if return_dict else result.to_tuple()
+
+
+def fused_head(head: nn.Module, hidden: torch.Tensor, shift_labels: torch.Tensor, num_items_in_batch: Any,
+               cfg: LossConfig, softcap: Optional[float], want_logits: bool):
+    """lm_head's part of the forward: (the fused loss, the logits or None)."""
+    hidden, weight, bias, lowrank_hidden, lowrank_weight = _head_operands(head, hidden)
+    loss = linear_cross_entropy(
+        hidden, weight, shift_labels, bias, kind=cfg.kind, reduction="mean",
+        ignore_index=cfg.ignore_index, label_smoothing=cfg.label_smoothing, z_loss=cfg.z_loss,
+        logit_softcap=softcap, talr_min_weight=cfg.talr_min_weight, chunk_size=cfg.chunk_size,
+        num_items_in_batch=num_items_in_batch, lowrank_hidden=lowrank_hidden, lowrank_weight=lowrank_weight,
+    )
+    logits = None
+    if want_logits:
+        logits = F.linear(hidden, weight, bias)  # what lm_head computes (with the same LoRA dropout draw)
+        if lowrank_hidden is not None:
+            logits = logits + lowrank_hidden @ lowrank_weight.t()
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+    return loss, logits
+
+
+FSDP_HEAD_METHOD = "_fastft_fused_head"
+
+
+def _fsdp_head_method(head: nn.Module):
+    """:func:`fused_head` as a forward method of an lm_head that is its own FSDP2 unit (accelerate's FSDP2
+    shards it so): FSDP gathers the weight before it, reshards after, and reduce-scatters its gradient in
+    backward, as it does around ``head.forward`` (``torch.distributed.fsdp.register_fsdp_forward_method``)."""
+    if FSDP_HEAD_METHOD not in head.__dict__:
+        from torch.distributed.fsdp import register_fsdp_forward_method
+
+        head.__dict__[FSDP_HEAD_METHOD] = functools.partial(fused_head, head)
+        register_fsdp_forward_method(head, FSDP_HEAD_METHOD)
+    return getattr(head, FSDP_HEAD_METHOD)
 
 
 def _head_operands(head: nn.Module, hidden: torch.Tensor):
@@ -346,7 +390,7 @@ def _head_operands(head: nn.Module, hidden: torch.Tensor):
     from ..nn.lora import LoRALinear
 
     autocast = torch.is_autocast_enabled(hidden.device.type)
-    if type(head) is LoRALinear:  # exactly LoRA (subclasses such as DoRA are refused by check_head)
+    if _module_class(head) is LoRALinear:  # exactly LoRA (subclasses such as DoRA are refused by check_head)
         dtype = torch.get_autocast_dtype(hidden.device.type) if autocast else hidden.dtype
         base = head.base_layer
         hidden = hidden.to(dtype)

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from ..bnb import four_bit_weight, requantize_like
 from ..config import LoRAConfig
+from ..distributed import copy_full_
 from ..ops.dora import NORM_EPS, dora_linear, dora_row_norm, norm_dtype
 from .lora import LoRALinear, adapter_dtype
 
@@ -133,7 +134,7 @@ class DoRALinear(LoRALinear):
                              f"{tuple(self.lora_magnitude_vector.shape)}")
         super().load_adapter_state_dict(state)  # checks the key set, loads A and B (and a PiSSA residual)
         with torch.no_grad():
-            self.lora_magnitude_vector.copy_(magnitude)
+            copy_full_(self.lora_magnitude_vector, magnitude)
             if self.init == "pissa":
                 self._cache_weight_sq_norm()  # the residual base weight was re-derived
 

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ..bnb import four_bit_weight, is_linear4bit, requantize_like
 from ..config import LoRAConfig
+from ..distributed import copy_full_, full_tensor, is_sharded
 from ..ops.lora import lora_linear
 
 
@@ -209,12 +210,17 @@ class LoRALinear(nn.Module):
         expected = set(self.adapter_state_dict())
         if set(state) != expected:
             raise ValueError(f"adapter state has keys {sorted(state)}, expected {sorted(expected)}")
+        if self.init == "pissa" and is_sharded(self.base_layer.weight):
+            raise ValueError(
+                "loading a PiSSA adapter rewrites the base weight (the residual), which is sharded by FSDP here; "
+                "fastft.load it onto the model before sharding it."
+            )
         with torch.no_grad():
             for name in ("lora_A", "lora_B"):
                 param = getattr(self, name)
                 if state[name].shape != param.shape:
                     raise ValueError(f"{name}: saved shape {tuple(state[name].shape)} != {tuple(param.shape)}")
-                param.copy_(state[name])
+                copy_full_(param, state[name])
             if self.init == "pissa":
                 # re-derive the residual from the saved initial factors, whatever this SVD produced
                 weight = self.base_layer.weight
@@ -234,7 +240,7 @@ class LoRALinear(nn.Module):
         For PiSSA the base holds the residual, so the equivalent update is ``s·(BA - B0A0)``: a rank-2r
         LoRA with A' = [A; A0], B' = [B, -B0]. ``extra`` is the rank multiplier (1 or 2).
         """
-        A, B = self.lora_A.detach(), self.lora_B.detach()
+        A, B = full_tensor(self.lora_A.detach()), full_tensor(self.lora_B.detach())
         if self.init != "pissa":
             return A, B, 1
         return torch.cat([A, self.pissa_A0], 0), torch.cat([B, -self.pissa_B0], 1), 2

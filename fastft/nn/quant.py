@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import QATConfig
+from ..distributed import copy_full_
 from ..ops.fake_quantize import dequantize, fake_quantize, fake_quantize_with_mask, quantize
 from ..ops.hadamard import hadamard_factorization, hadamard_transform
 from ..ops.quant_linear import effective_weight, quant_weight_linear
@@ -236,7 +237,7 @@ class QuantLinear(nn.Module):
             for name, param in own.items():
                 if state[name].shape != param.shape:
                     raise ValueError(f"{name}: saved shape {tuple(state[name].shape)} != {tuple(param.shape)}")
-                param.copy_(state[name])
+                copy_full_(param, state[name])
 
     def host_update(self, adapter: nn.Module) -> None:
         """Called when a LoRA adapter wraps this layer (``LoRALinear.rebase``); from then on only the adapter

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from torch._subclasses.fake_tensor import FakeTensor
 
 from ..bnb import is_linear4bit
+from ..distributed import is_fsdp_managed
 from ..ops.s2ft_linear import s2ft_linear
 
 
@@ -177,6 +178,12 @@ class S2FTLinear(nn.Module):
             raise ValueError(
                 f"{type(self).__name__}: the input's last dimension is {x.shape[-1]} but this layer takes "
                 f"{self.in_features} features (input shape {tuple(x.shape)})."
+            )
+        if is_fsdp_managed(self):
+            raise RuntimeError(
+                "fastft S²FT under FSDP: the trained slice is a view of the frozen weight, and FSDP shards and "
+                "gathers the two as separate tensors, so the slice's updates would not reach the weight. Train "
+                "S²FT with DDP (or on one process), or use LoRA with FSDP."
             )
         # a traced graph keeps the view it was traced with; a fake slice (shapes only, e.g. while
         # fastft.select_trainable reads the graph) has no storage to link

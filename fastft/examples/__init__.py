@@ -1,0 +1,1 @@
+"""Scripts to copy: python -m fastft.examples.<name> --help."""
