@@ -232,24 +232,13 @@ def parse_args(argv):
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads, also the C++ kernels'")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile")
-    parser.add_argument("--quick", action="store_true", help=f"small shapes: {QUICK}")
-    parser.add_argument("--csv", metavar="PATH", help="append one row per measurement to this CSV file")
-    args = parser.parse_args(argv)
-    if args.quick:
-        for key, value in QUICK.items():
-            setattr(args, key, value)
-    return args
+    return measure.parse_standalone_args(parser, argv, QUICK, repeats=10, warmup=2)
 
 
 def main(argv=None) -> list[Row]:
     args = parse_args(argv)
     warnings.filterwarnings("ignore", message=".*lru_cache.*")  # dynamo tracing the reference's cached helpers
-    if args.threads:
-        torch.set_num_threads(args.threads)
     load_before = _load_average()
     rows = run(args.tokens, args.sizes, DTYPES[args.dtype], args.repeats, args.warmup, args.compile)
     load_after = _load_average()

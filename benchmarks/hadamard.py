@@ -299,22 +299,11 @@ def parse_args(argv):
     parser.add_argument("--quant-features", type=int, default=4096, help="d of the fake-quantization tables")
     parser.add_argument("--dense-limit", type=int, default=max(SIZES), help="largest d whose dense matmul is timed")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--quick", action="store_true", help=f"small shapes: {QUICK}")
-    parser.add_argument("--csv", metavar="PATH", help="append one row per measurement to this CSV file")
-    args = parser.parse_args(argv)
-    if args.quick:
-        for key, value in QUICK.items():
-            setattr(args, key, value)
-    return args
+    return measure.parse_standalone_args(parser, argv, QUICK, repeats=5, warmup=1)
 
 
 def main(argv=None) -> list[Row]:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
     load_before = _load_average()
     rows = transform_table(args.tokens, args.sizes, dtype, args.repeats, args.warmup, args.dense_limit)

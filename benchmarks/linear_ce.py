@@ -287,22 +287,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-memory-check", action="store_true",
                         help="run every path even when its estimated memory exceeds 80%% of what is available")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per provider")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--quick", action="store_true", help=f"small shapes: {QUICK}")
-    parser.add_argument("--csv", metavar="PATH", help="append one row per measurement to this CSV file")
-    args = parser.parse_args(argv)
-    if args.quick:
-        for key, value in QUICK.items():
-            setattr(args, key, value)
-    return args
+    return measure.parse_standalone_args(parser, argv, QUICK, repeats=3, warmup=1)
 
 
 def main(argv: list[str] | None = None) -> list[Result]:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
     settings = {"frozen": ["frozen lm_head"], "trainable": ["trainable lm_head"],
                 "both": ["frozen lm_head", "trainable lm_head"]}[args.setting]

@@ -299,23 +299,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--features", type=int, default=4096, help="in = out features of the layer")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--repeats", type=int, default=10, help="timed runs per provider")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--quick", action="store_true", help=f"small shapes: {QUICK}")
-    parser.add_argument("--csv", metavar="PATH", help="append one row per measurement to this CSV file")
     parser.add_argument("--profile", action="store_true", help="also print the per-op CPU time of one step each")
-    args = parser.parse_args(argv)
-    if args.quick:
-        for key, value in QUICK.items():
-            setattr(args, key, value)
-    return args
+    return measure.parse_standalone_args(parser, argv, QUICK, repeats=10, warmup=2)
 
 
 def main(argv: list[str] | None = None) -> list[Result]:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
     shape = f"tokens={args.tokens}, in=out={args.features}, r={args.rank}, {args.dtype}, no bias"
     results, context = run(args.tokens, args.features, args.rank, dtype, args.repeats, args.warmup)

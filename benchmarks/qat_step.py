@@ -194,22 +194,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--repeats", type=int, default=10, help="timed runs per provider")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--quick", action="store_true", help=f"small shapes: {QUICK}")
-    parser.add_argument("--csv", metavar="PATH", help="append one row per measurement to this CSV file")
-    args = parser.parse_args(argv)
-    if args.quick:
-        for key, value in QUICK.items():
-            setattr(args, key, value)
-    return args
+    return measure.parse_standalone_args(parser, argv, QUICK, repeats=10, warmup=2)
 
 
 def main(argv: list[str] | None = None) -> list[Result]:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     shape = (f"Llama hidden={args.hidden}, intermediate={args.intermediate}, layers={args.layers}, heads={args.heads}, "
              f"batch={args.batch}x{args.seq} tokens, LoRA r={args.rank}, {args.dtype}; QAT W4 per-channel A8 per-token, R1-R4")
     results, context = run(args)

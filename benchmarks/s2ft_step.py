@@ -373,20 +373,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.s2ft_step", description=__doc__.split("\n")[0])
     for key, value in FULL.items():
         parser.add_argument(f"--{key.replace('_', '-')}", dest=key, type=type(value), default=value)
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--quick", action="store_true", help=f"small shapes: {QUICK}")
-    parser.add_argument("--csv", metavar="PATH", help="append one row per measurement to this CSV file")
-    args = parser.parse_args(argv)
-    if args.quick:
-        for key, value in QUICK.items():
-            setattr(args, key, value)
-    return args
+    return measure.parse_standalone_args(parser, argv, QUICK)
 
 
 def main(argv: list[str] | None = None) -> list[Result]:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     shape = (f"Llama hidden={args.hidden}, intermediate={args.intermediate}, layers={args.layers}, heads={args.heads}, "
              f"vocab={args.vocab}, seq={args.seq}, batch={args.batch}, float32")
     results, context = run(args)
