@@ -111,3 +111,31 @@ def dequantized_copy(model):
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, dense)
     return model
+
+
+class TokenData(torch.utils.data.Dataset):
+    """``n`` random token sequences, each its own labels: a dataset for short transformers Trainer runs."""
+
+    def __init__(self, n: int = 32, length: int = 16, vocab: int = 96, seed: int = 0):
+        self.ids = torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def trainer_losses(model, output_dir, steps: int = 8) -> list[float]:
+    """Train ``model`` with transformers' Trainer on :class:`TokenData` (batch 4, lr 5e-3, CPU, fixed
+    seeds) for ``steps`` steps; the logged loss of each step."""
+    import transformers
+
+    args = transformers.TrainingArguments(
+        output_dir=str(output_dir), per_device_train_batch_size=4, max_steps=steps, learning_rate=5e-3,
+        logging_steps=1, report_to=[], use_cpu=True, seed=0, data_seed=0, save_strategy="no",
+        dataloader_num_workers=0, disable_tqdm=True,
+    )
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=TokenData())
+    trainer.train()
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]

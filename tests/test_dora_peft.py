@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from helpers import TOLERANCES, assert_close, quantize_linears, tiny_model
+from helpers import TOLERANCES, assert_close, quantize_linears, tiny_model, trainer_losses
 
 import fastft
 from fastft.nn import DoRALinear
@@ -227,31 +227,6 @@ def test_qdora_same_logits_and_gradients_as_peft_over_the_same_4bit_base():
     assert_same_gradients(ours, twin, torch.float32)
 
 
-transformers = pytest.importorskip("transformers")
-
-
-class TokenData(torch.utils.data.Dataset):
-    def __init__(self, n=32, length=16, vocab=96, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        self.ids = torch.randint(0, vocab, (n, length), generator=g)
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
-
-
-def train(model, tmp_path, name, steps=8):
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path / name), per_device_train_batch_size=4, max_steps=steps, learning_rate=5e-3,
-        logging_steps=1, report_to=[], use_cpu=True, seed=0, data_seed=0, save_strategy="no",
-        dataloader_num_workers=0, disable_tqdm=True,
-    )
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=TokenData())
-    trainer.train()
-    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-
 
 def test_trainer_loss_curve_matches_peft_dora(tmp_path):
     base = tiny_model("llama", torch.float32).train()
@@ -266,8 +241,8 @@ def test_trainer_loss_curve_matches_peft_dora(tmp_path):
             target.lora_A["default"].weight.copy_(ours.get_submodule(name).lora_A)
             assert_close(target.lora_magnitude_vector["default"].weight,
                          ours.get_submodule(name).lora_magnitude_vector)
-    ours_losses = train(ours, tmp_path, "fastft")
-    peft_losses = train(twin, tmp_path, "peft")
+    ours_losses = trainer_losses(ours, tmp_path / "fastft")
+    peft_losses = trainer_losses(twin, tmp_path / "peft")
     assert len(ours_losses) == len(peft_losses) == 8
     assert ours_losses[-1] < ours_losses[0]  # it learns
     torch.testing.assert_close(torch.tensor(ours_losses), torch.tensor(peft_losses), **TOLERANCES[torch.float32])

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from helpers import TOLERANCES, tiny_model
+from helpers import TOLERANCES, TokenData, tiny_model
 
 import fastft
 from fastft.integrations import FastFTCallback, reselect_trainable
@@ -15,24 +15,13 @@ transformers = pytest.importorskip("transformers")
 PROBE = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(7))
 
 
-class TokenData(torch.utils.data.Dataset):
-    def __init__(self, n=24, length=12, vocab=96, seed=0):
-        self.ids = torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(seed))
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
-
-
 def trainer_for(model, tmp_path, callbacks, steps=5, accumulation=1):
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=accumulation,
         max_steps=steps, learning_rate=1e-2, logging_steps=1, report_to=[], use_cpu=True, seed=0, data_seed=0,
         save_strategy="no", dataloader_num_workers=0, disable_tqdm=True,
     )
-    return transformers.Trainer(model=model, args=args, train_dataset=TokenData(), callbacks=callbacks)
+    return transformers.Trainer(model=model, args=args, train_dataset=TokenData(n=24, length=12), callbacks=callbacks)
 
 
 class Probe(transformers.TrainerCallback):
