@@ -36,7 +36,7 @@ from torch import nn
 import fastft
 
 from . import measure
-from .lora_layer import DTYPES, OneLinear, Provider, Result, _fmt_load, _load_average, make_forward, make_step
+from .lora_layer import DTYPES, OneLinear, Provider, Result, _fmt_load, make_forward, make_step, measure_providers
 
 QUICK = dict(tokens=256, features=512, rank=8, repeats=5, warmup=1)
 TARGET_TIME_RATIO_TO_LORA = 1.1
@@ -117,19 +117,7 @@ def run(tokens: int, features: int, rank: int, dtype: torch.dtype, repeats: int,
     grad_seed = torch.randn(tokens, features, generator=gen).to(dtype)
     agreement = check_agreement(providers, x, grad_seed)
 
-    steps = {p.name: make_step(p, x, grad_seed) for p in providers}
-    memory_and_flops = {
-        p.name: (
-            measure.saved_bytes(make_forward(p, x), parameters=p.layer),
-            measure.peak_live_bytes(steps[p.name]),
-            measure.flops(steps[p.name]),
-        )
-        for p in providers
-    }
-    load_before = _load_average()
-    timings = measure.time_interleaved(steps, repeats=repeats, warmup=warmup)
-    load_after = _load_average()
-    results = [Result(name, timings[name], *memory_and_flops[name]) for name in steps]
+    results, (load_before, load_after) = measure_providers(providers, x, grad_seed, repeats, warmup)
     itemsize = torch.empty(0, dtype=dtype).element_size()
     context = dict(
         report=report,

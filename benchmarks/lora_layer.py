@@ -159,13 +159,11 @@ def _load_average() -> float | None:
         return None
 
 
-def run(tokens: int, features: int, rank: int, dtype: torch.dtype, repeats: int, warmup: int) -> tuple[list[Result], dict]:
-    providers, report = build_providers(features, rank, dtype)
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(tokens, features, generator=gen).to(dtype).requires_grad_(True)
-    grad_seed = torch.randn(tokens, features, generator=gen).to(dtype)
-    agreement = check_agreement(providers, x, grad_seed)
-
+def measure_providers(providers: list[Provider], x: torch.Tensor, grad_seed: torch.Tensor, repeats: int,
+                      warmup: int) -> tuple[list[Result], tuple]:
+    """Each provider's training step on ``x``: bytes saved for backward (parameters excluded), peak live
+    bytes and FLOPs, then times with the providers interleaved; and the 1-minute load average before and
+    after the timing."""
     steps = {p.name: make_step(p, x, grad_seed) for p in providers}
     memory_and_flops = {
         p.name: (
@@ -178,7 +176,17 @@ def run(tokens: int, features: int, rank: int, dtype: torch.dtype, repeats: int,
     load_before = _load_average()
     timings = measure.time_interleaved(steps, repeats=repeats, warmup=warmup)
     load_after = _load_average()
-    results = [Result(name, timings[name], *memory_and_flops[name]) for name in steps]
+    return [Result(name, timings[name], *memory_and_flops[name]) for name in steps], (load_before, load_after)
+
+
+def run(tokens: int, features: int, rank: int, dtype: torch.dtype, repeats: int, warmup: int) -> tuple[list[Result], dict]:
+    providers, report = build_providers(features, rank, dtype)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(tokens, features, generator=gen).to(dtype).requires_grad_(True)
+    grad_seed = torch.randn(tokens, features, generator=gen).to(dtype)
+    agreement = check_agreement(providers, x, grad_seed)
+
+    results, (load_before, load_after) = measure_providers(providers, x, grad_seed, repeats, warmup)
 
     itemsize = torch.empty(0, dtype=dtype).element_size()
     context = dict(
