@@ -7,7 +7,8 @@
 Three tables, every provider measured side by side in one process (``benchmarks.measure``):
 
 1. Transform, forward, x (tokens × d): ``fastft`` = ``fastft.ops.hadamard_transform`` (the O(d log d)
-   transform; on this CPU the PyTorch reference backend, on CUDA the Triton kernel) against ``dense`` =
+   transform; fastft's default backend: on this CPU the C++ library where it builds, else the PyTorch
+   reference; on CUDA the Triton kernel) against ``dense`` =
    ``x @ H_dᵀ`` with the dense matrix built once beforehand. Columns: time; matmul GFLOP counted by
    FlopCounterMode (it counts matrix products only: the dense matmul, the fastft K×K product; a
    butterfly's additions count 0); and the analytic operation count (every add and multiply: butterflies
@@ -47,6 +48,7 @@ from typing import Callable, Optional
 
 import torch
 
+from fastft.dispatch import backend_for
 from fastft.ops import fake_quantize, hadamard_transform
 from fastft.ops.hadamard import hadamard_factorization, hadamard_k_factor
 
@@ -221,7 +223,9 @@ def format_tables(rows: list[Row], context: dict) -> str:
         f"machine: CPU, {context['threads']} threads, {os.cpu_count()} cores; torch {torch.__version__}; "
         f"{context['dtype']}; tokens={context['tokens']}; 1-min load average {context['load'][0]} before, "
         f"{context['load'][1]} after (a loaded machine: ratios within one table are the figures to read)",
-        "backend: fastft ops on this CPU run the PyTorch reference (the Triton kernels: CUDA only; unmeasured here)",
+        "backend: fastft ops on this CPU: " + ", ".join(f"{op} -> {backend_for(op, 'cpu')}" for op in
+                                                      ("hadamard_transform", "fake_quantize"))
+        + " (fastft's default dispatch; the Triton kernels: CUDA only, unmeasured here)",
         "",
         "1. Hadamard transform, forward (median ms (p20-p80); GFLOP counted = matmuls only; analytic = every add "
         "and multiply)",
