@@ -4,7 +4,7 @@
 ``benchmarks/README.md`` and ``benchmarks.suite``); ``python -m benchmarks.<name>`` runs one benchmark
 script with its own table.
 
-``benchmarks.measure`` holds the measurement helpers every benchmark shares (bytes saved for backward,
+``fastft.measure`` holds the measurement helpers every benchmark shares (bytes saved for backward,
 peak live tensor bytes, interleaved timing, FLOPs). ``benchmarks.harness`` is the suite's plug-in
 protocol: a module joins the suite with a ``suite_benchmarks()`` function returning
 ``harness.Benchmark`` objects and one line in ``benchmarks.suite.SUITE_MODULES``.

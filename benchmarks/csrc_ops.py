@@ -10,7 +10,7 @@ Three ops, each on a tokens × d input, for every d:
                 8-bit asymmetric quantize-dequantize, and the 1-byte "not clamped" mask;
   ste backward  its backward: dL/dx = (mask ⊙ dL/dout) H_d, the inverse rotation of the masked gradient.
 
-Providers, interleaved in one process (``benchmarks.measure.time_interleaved``):
+Providers, interleaved in one process (``fastft.measure.time_interleaved``):
   cpp           the C++ library (``fastft._ext``: what the ``cpp`` backend, the default on CPU, runs);
   reference     the PyTorch reference (``fastft.ops.hadamard`` / ``fake_quantize`` ``*_reference``);
   compiled      ``torch.compile`` of the reference (inductor's C++ code for the CPU); a reference that
@@ -47,7 +47,9 @@ from fastft import _ext
 from fastft.ops.fake_quantize import fake_quantize_backward_reference, fake_quantize_reference
 from fastft.ops.hadamard import hadamard_factorization, hadamard_transform_reference
 
-from . import measure
+from fastft import measure
+
+from . import cli
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 SIZES = (1024, 4096, 11008)
@@ -233,7 +235,7 @@ def parse_args(argv):
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile")
-    return measure.parse_standalone_args(parser, argv, QUICK, repeats=10, warmup=2)
+    return cli.parse_standalone_args(parser, argv, QUICK, repeats=10, warmup=2)
 
 
 def main(argv=None) -> list[Row]:

@@ -10,7 +10,7 @@ away from its initial row norms. The input x requires grad, as inside a network;
 ``y = layer(x); y.backward(g)`` with a fixed upstream gradient g, the gradients of x and the adapters
 dropped before each step.
 
-Measured for each provider, side by side in one process (``benchmarks.measure`` defines them):
+Measured for each provider, side by side in one process (``fastft.measure`` defines them):
   time       forward+backward wall time: median and p20/p80 of interleaved runs; its ratio to fastft LoRA
              and to PEFT DoRA;
   saved      bytes autograd keeps for backward, parameters excluded;
@@ -35,7 +35,9 @@ from torch import nn
 
 import fastft
 
-from . import measure
+from fastft import measure
+
+from . import cli
 from .lora_layer import DTYPES, OneLinear, Provider, Result, _fmt_load, make_forward, make_step, measure_providers
 
 QUICK = dict(tokens=256, features=512, rank=8, repeats=5, warmup=1)
@@ -215,7 +217,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--features", type=int, default=4096, help="in = out features of the layer")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    return measure.parse_standalone_args(parser, argv, QUICK, repeats=10, warmup=2)
+    return cli.parse_standalone_args(parser, argv, QUICK, repeats=10, warmup=2)
 
 
 def main(argv: list[str] | None = None) -> list[Result]:

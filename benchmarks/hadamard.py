@@ -4,7 +4,7 @@
     python -m benchmarks.hadamard --quick           # tokens=64, about ten seconds on 2 idle cores
     python -m benchmarks.hadamard --csv qat.csv     # also one CSV row per measurement
 
-Three tables, every provider measured side by side in one process (``benchmarks.measure``):
+Three tables, every provider measured side by side in one process (``fastft.measure``):
 
 1. Transform, forward, x (tokens × d): ``fastft`` = ``fastft.ops.hadamard_transform`` (the O(d log d)
    transform; fastft's default backend: on this CPU the C++ library where it builds, else the PyTorch
@@ -52,7 +52,9 @@ from fastft.dispatch import backend_for
 from fastft.ops import fake_quantize, hadamard_transform
 from fastft.ops.hadamard import hadamard_factorization, hadamard_k_factor
 
-from . import measure
+from fastft import measure
+
+from . import cli
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SIZES = (1024, 4096, 11008, 14336)
@@ -303,7 +305,7 @@ def parse_args(argv):
     parser.add_argument("--quant-features", type=int, default=4096, help="d of the fake-quantization tables")
     parser.add_argument("--dense-limit", type=int, default=max(SIZES), help="largest d whose dense matmul is timed")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    return measure.parse_standalone_args(parser, argv, QUICK, repeats=5, warmup=1)
+    return cli.parse_standalone_args(parser, argv, QUICK, repeats=5, warmup=1)
 
 
 def main(argv=None) -> list[Row]:

@@ -9,7 +9,7 @@ suite stamps them into CSV rows). Most ops need only :func:`layer_case`: give it
 all alike, see :func:`measure_subjects`. A provider that cannot run here is a :class:`Skipped` entry
 (it becomes a "skipped" row with the reason), never an error.
 
-What :func:`measure_subjects` records, per subject (definitions in ``benchmarks.measure``):
+What :func:`measure_subjects` records, per subject (definitions in ``fastft.measure``):
 
 * time of the forward (graph built), the backward alone (on a retained graph) and the step (forward +
   backward), all subjects interleaved in one process: CPU ``time.perf_counter`` (``--repeats`` timed
@@ -36,7 +36,7 @@ from typing import Any, Callable, ContextManager, Iterable, Sequence, Union
 
 import torch
 
-from . import measure
+from fastft import measure
 from .records import Environment
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

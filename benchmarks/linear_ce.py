@@ -19,7 +19,7 @@ weight W (vocab × hidden, no bias, as in Llama) and labels (random ids, ~10% se
 Each is run with lm_head frozen (LoRA fine-tuning: only dh is needed) and trainable (full fine-tuning:
 dW too, a vocab × hidden tensor that both must produce). Before each step the gradients are dropped.
 
-Measured, side by side in one process (see ``benchmarks.measure``):
+Measured, side by side in one process (see ``fastft.measure``):
   peak live  peak increase of live tensor bytes during loss + backward (h, W, labels allocated before);
              "peak - grads" subtracts the gradients the step must leave behind (h.grad, and W.grad when
              lm_head trains: V×H, which both paths hold at the end), leaving the loss's working memory;
@@ -45,7 +45,9 @@ import torch.nn.functional as F
 from fastft.ops import linear_cross_entropy
 from fastft.ops.linear_cross_entropy import default_chunk_size
 
-from . import measure
+from fastft import measure
+
+from . import cli
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FULL_VOCABS = (32000, 128256, 152064)
@@ -287,7 +289,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-memory-check", action="store_true",
                         help="run every path even when its estimated memory exceeds 80%% of what is available")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    return measure.parse_standalone_args(parser, argv, QUICK, repeats=3, warmup=1)
+    return cli.parse_standalone_args(parser, argv, QUICK, repeats=3, warmup=1)
 
 
 def main(argv: list[str] | None = None) -> list[Result]:

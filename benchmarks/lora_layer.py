@@ -12,7 +12,7 @@ same A (r×in) and B (out×r), both non-zero, with the same scale alpha/r. The i
 does inside a network, and one step is ``y = layer(x); y.backward(g)`` with a fixed upstream gradient g.
 Before each step the gradients of x, A and B are dropped, so no provider pays for accumulation.
 
-Measured for each provider, side by side in one process (see ``benchmarks.measure`` for the definitions):
+Measured for each provider, side by side in one process (see ``fastft.measure`` for the definitions):
   time          forward+backward wall time: median and p20/p80 of interleaved runs, and its ratio to the
                 frozen linear (the floor: LoRA cannot be cheaper) and to PEFT;
   saved         bytes autograd keeps for backward, parameters excluded, beside the floor for LoRA with a
@@ -39,7 +39,9 @@ from torch import nn
 
 import fastft
 
-from . import measure
+from fastft import measure
+
+from . import cli
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 QUICK = dict(tokens=256, features=512, rank=8, repeats=5, warmup=1)
@@ -308,7 +310,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--profile", action="store_true", help="also print the per-op CPU time of one step each")
-    return measure.parse_standalone_args(parser, argv, QUICK, repeats=10, warmup=2)
+    return cli.parse_standalone_args(parser, argv, QUICK, repeats=10, warmup=2)
 
 
 def main(argv: list[str] | None = None) -> list[Result]:

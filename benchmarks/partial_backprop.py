@@ -12,7 +12,7 @@ Providers, all on one model (same weights), switching only which parameters requ
 A step is ``model(x, labels=x).loss.backward()`` with every gradient dropped first (so each provider
 allocates the gradients it needs), and the policy's backward cut installed as ``select_trainable`` does.
 
-Measured per provider, side by side in one process (``benchmarks.measure`` defines each):
+Measured per provider, side by side in one process (``fastft.measure`` defines each):
   backward FLOPs   the report's analytic count and FlopCounterMode's on a real backward (they must agree);
   time             forward+backward wall time, interleaved (median, p20, p80), and its ratio to full;
   peak live        peak bytes of tensors alive during the step (activations, gradients), ratio to full.
@@ -36,7 +36,9 @@ import fastft
 from fastft.policies import build_context, selection_state
 from fastft.policies.cut import BackwardCut
 
-from . import measure
+from fastft import measure
+
+from . import cli
 
 QUICK = dict(hidden=256, intermediate=704, layers=4, heads=4, vocab=1024, seq=128, batch=2, repeats=3, warmup=1)
 BUDGETS = (0.5, 0.25)
@@ -239,7 +241,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--batch", type=int, default=2)
-    return measure.parse_standalone_args(parser, argv, QUICK, repeats=5, warmup=1)
+    return cli.parse_standalone_args(parser, argv, QUICK, repeats=5, warmup=1)
 
 
 def main(argv: list[str] | None = None) -> list[Result]:

@@ -10,7 +10,7 @@ Providers, one copy of the same random Llama each, patched in one process:
                  computes Q_a(x Q₄)·Q_w(W + s·BA)ᵀ, R3 rotates q and k inside attention;
   qat+lora kv4   the same with kv_bits=4 (keys and values fake-quantized inside attention).
 One step is ``loss = model(ids, labels=ids).loss; loss.backward()`` with the adapters' gradients dropped
-first. Measured side by side (see ``benchmarks.measure``): time (median and p20/p80 of interleaved
+first. Measured side by side (see ``fastft.measure``): time (median and p20/p80 of interleaved
 runs, and the ratio to lora), bytes saved for backward (parameters excluded), peak live bytes of the
 step, and matmul FLOPs (FlopCounterMode; fastft's custom ops counted through their reference code).
 
@@ -32,7 +32,9 @@ import transformers as tf
 
 import fastft
 
-from . import measure
+from fastft import measure
+
+from . import cli
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 QUICK = dict(hidden=128, intermediate=384, layers=2, heads=4, batch=2, seq=64, rank=8, repeats=5, warmup=1)
@@ -194,7 +196,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    return measure.parse_standalone_args(parser, argv, QUICK, repeats=10, warmup=2)
+    return cli.parse_standalone_args(parser, argv, QUICK, repeats=10, warmup=2)
 
 
 def main(argv: list[str] | None = None) -> list[Result]:

@@ -16,7 +16,7 @@ the frozen base weights), all trained with AdamW:
 
 One step is ``loss = model(ids, labels=ids).loss; loss.backward(); optimizer.step();
 optimizer.zero_grad(set_to_none=True)``. Measured side by side in one process (see
-``benchmarks.measure``):
+``fastft.measure``):
   time            median and p20/p80 of interleaved steps (after warm-up steps that also create the
                   optimizer state);
   saved for bwd   bytes autograd keeps for backward during the forward (parameters excluded);
@@ -54,7 +54,9 @@ import fastft
 from fastft.nn import LoRALinear, S2FTLinear
 from fastft.ops.s2ft_linear import s2ft_backward_reference
 
-from . import measure
+from fastft import measure
+
+from . import cli
 
 # S²FT: one head and ffn_ratio of the channels per layer, about 1.0% of all parameters in both variants
 FULL = dict(hidden=1024, intermediate=2816, layers=4, heads=16, seq=512, batch=2, vocab=2048, repeats=5, warmup=2,
@@ -373,7 +375,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.s2ft_step", description=__doc__.split("\n")[0])
     for key, value in FULL.items():
         parser.add_argument(f"--{key.replace('_', '-')}", dest=key, type=type(value), default=value)
-    return measure.parse_standalone_args(parser, argv, QUICK)
+    return cli.parse_standalone_args(parser, argv, QUICK)
 
 
 def main(argv: list[str] | None = None) -> list[Result]:

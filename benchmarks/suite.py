@@ -143,7 +143,7 @@ def _fmt(value: float | None, unit: str) -> str:
 
         return format_seconds(value)
     if unit == "bytes":
-        from .measure import format_bytes
+        from fastft.measure import format_bytes
 
         return format_bytes(value)
     if unit == "flop":

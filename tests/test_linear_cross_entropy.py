@@ -19,7 +19,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.append(str(REPO_ROOT))  # benchmarks/ is a top-level folder of the repository, not installed
 
-from benchmarks import measure  # noqa: E402
+from fastft import measure  # noqa: E402
 from fastft.ops import linear_cross_entropy  # noqa: E402
 from fastft.ops.linear_cross_entropy import default_chunk_size  # noqa: E402
 

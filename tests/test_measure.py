@@ -1,4 +1,4 @@
-"""benchmarks.measure: each helper counts exactly what its docstring says, on cases computed by hand.
+"""fastft.measure: each helper counts exactly what its docstring says, on cases computed by hand.
 
 No timing is asserted anywhere: only the shape of what ``time_interleaved`` returns.
 """
@@ -14,7 +14,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.append(str(REPO_ROOT))  # benchmarks/ is a top-level folder of the repository, not installed
 
-from benchmarks import measure  # noqa: E402
+from fastft import measure  # noqa: E402
 
 import fastft  # noqa: E402
 

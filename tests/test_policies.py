@@ -1,6 +1,6 @@
 """fastft.select_trainable: partial-backprop policies (layers, half, GreenTrainer flops).
 
-Every FLOP figure of a report is checked against FlopCounterMode (benchmarks.measure.flops) on a real
+Every FLOP figure of a report is checked against FlopCounterMode (fastft.measure.flops) on a real
 training step's backward; the knapsack against brute force; the probe's restoration bit for bit.
 """
 import itertools
@@ -19,7 +19,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.append(str(REPO_ROOT))  # benchmarks/ is a top-level folder of the repository, not installed
 
 import fastft  # noqa: E402
-from benchmarks import measure  # noqa: E402
+from fastft import measure  # noqa: E402
 from fastft.nn import LoRALinear  # noqa: E402
 from fastft.policies import build_context, selection_state  # noqa: E402
 from fastft.policies.knapsack import SelectionProblem, brute_force, solve  # noqa: E402

@@ -1,6 +1,6 @@
 """The backward-FLOP formulas of fastft's ops (fastft/policies/cost.py), and select_trainable on every method.
 
-Each formula is checked against FlopCounterMode (benchmarks.measure.flops, the reference backend) on a real
+Each formula is checked against FlopCounterMode (fastft.measure.flops, the reference backend) on a real
 step, for every subset of the op's inputs that may need a gradient. What is compared is the cost of training:
 the FLOPs of forward + backward minus those of the same forward without gradients — for most ops that is the
 backward alone; the fused loss computes its gradient products during its forward (reductions "mean"/"sum").
@@ -21,7 +21,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.append(str(REPO_ROOT))  # benchmarks/ is a top-level folder of the repository, not installed
 
 import fastft  # noqa: E402
-from benchmarks import measure  # noqa: E402
+from fastft import measure  # noqa: E402
 from fastft.nn import DoRALinear, LoRALinear, S2FTLinear  # noqa: E402
 from fastft.ops import fake_quantize, hadamard_transform, linear_cross_entropy  # noqa: E402
 from fastft.ops.quant_linear import quant_weight_linear  # noqa: E402

@@ -1,4 +1,4 @@
-"""Measurement helpers shared by the benchmarks (and the demo): what they count, precisely.
+"""Measurement helpers shared by the demo and the benchmarks: what they count, precisely.
 
 Every helper takes a zero-argument callable ``fn`` and runs it once (``time_interleaved`` runs several
 callables many times). The quantities are chosen to carry over from this CPU-only machine to a GPU
@@ -57,7 +57,6 @@ callables many times). The quantities are chosen to carry over from this CPU-onl
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import statistics
@@ -474,27 +473,3 @@ def flops_by_op(fn: Callable[[], Any]) -> dict[str, int]:
 def flops(fn: Callable[[], Any]) -> int:
     """Total FLOPs of ``fn()`` (forward and, if ``fn`` runs it, backward); see the module docstring."""
     return sum(flops_by_op(fn).values())
-
-
-def parse_standalone_args(parser: argparse.ArgumentParser, argv: list[str] | None, quick: Mapping[str, Any],
-                          repeats: int | None = None, warmup: int | None = None) -> argparse.Namespace:
-    """Finish and parse the command line of a standalone benchmark (``python -m benchmarks.<name>``).
-
-    Adds the options they all share: ``--repeats`` and ``--warmup`` (when given defaults), ``--threads``,
-    ``--quick`` (which overrides the shape options with ``quick``) and ``--csv``; then parses ``argv``,
-    applies ``--quick`` and sets torch's intra-op thread count when ``--threads`` is given.
-    """
-    if repeats is not None:
-        parser.add_argument("--repeats", type=int, default=repeats, help="timed runs per provider")
-    if warmup is not None:
-        parser.add_argument("--warmup", type=int, default=warmup, help="untimed rounds first")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--quick", action="store_true", help=f"small shapes: {dict(quick)}")
-    parser.add_argument("--csv", metavar="PATH", help="append one row per measurement to this CSV file")
-    args = parser.parse_args(argv)
-    if args.quick:
-        for key, value in quick.items():
-            setattr(args, key, value)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    return args
