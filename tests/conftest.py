@@ -7,7 +7,6 @@ import atexit
 import os
 import shutil
 import tempfile
-import warnings
 
 import torch
 
@@ -21,5 +20,4 @@ atexit.register(shutil.rmtree, _LIBRARY_CACHE, True)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-warnings.filterwarnings("ignore", message=".*kernels-community.*")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

@@ -17,6 +17,10 @@ def test_readme_opens_with_demo_and_test_commands():
         assert command.index("torch==2.13.0") < command.index(".[")
 
 
-def test_ci_runs_the_readme_test_command():
-    tests = readme_commands()[1]
-    assert tests in (ROOT / ".ci" / "run").read_text().splitlines()
+def test_ci_runs_both_readme_commands_verbatim_demo_first():
+    demo, tests = readme_commands()[:2]
+    lines = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert demo in lines and tests in lines
+    assert lines.index(demo) < lines.index(tests)
+    for command in (demo, tests):  # a failure anywhere in the && chain fails CI, not only the last command
+        assert lines[lines.index(command) + 1].startswith("check ")
