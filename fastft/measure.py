@@ -82,7 +82,9 @@ __all__ = [
     "saved_bytes",
     "saved_tensors",
     "time_do_bench",
+    "compare_timings",
     "time_interleaved",
+    "timing_from_samples",
 ]
 
 MiB = 1024 * 1024
@@ -333,21 +335,44 @@ def time_interleaved(
             elapsed = time.perf_counter() - start
             if round_index >= warmup:
                 samples[name].append(elapsed)
-    threads = torch.get_num_threads()
-    results = {}
-    for name in names:
-        values = sorted(samples[name])
-        results[name] = Timing(
-            median_s=statistics.median(values),
-            p20_s=_percentile(values, 20),
-            p80_s=_percentile(values, 80),
-            repeats=repeats,
-            warmup=warmup,
-            threads=threads,
-            device=str(device),
-            samples_s=tuple(samples[name]),
-        )
-    return results
+    return {
+        name: timing_from_samples(samples[name], warmup=warmup, device=str(device))
+        for name in names
+    }
+
+
+def timing_from_samples(samples_s: Iterable[float], warmup: int = 0, device: str = "cpu",
+                        threads: int | None = None, method: str = "perf_counter") -> Timing:
+    """A :class:`Timing` (median, p20, p80) of seconds already measured, in the order they were taken."""
+    samples = tuple(float(s) for s in samples_s)
+    if not samples:
+        raise ValueError("timing_from_samples needs at least one sample")
+    values = sorted(samples)
+    return Timing(
+        median_s=statistics.median(values),
+        p20_s=_percentile(values, 20),
+        p80_s=_percentile(values, 80),
+        repeats=len(samples),
+        warmup=warmup,
+        threads=torch.get_num_threads() if threads is None else threads,
+        device=device,
+        samples_s=samples,
+        method=method,
+    )
+
+
+def compare_timings(a: Timing, b: Timing, a_name: str = "a", b_name: str = "b") -> str:
+    """One honest sentence on ``a`` against ``b``.
+
+    When the p20–p80 ranges of the two overlap the difference is inside the run-to-run spread: "no
+    measurable difference". Otherwise the ratio of the medians, and which one is faster.
+    """
+    if a.p20_s <= b.p80_s and b.p20_s <= a.p80_s:
+        return (f"no measurable difference between {a_name} and {b_name} "
+                f"(their p20-p80 ranges overlap; medians {a.median_s / b.median_s:.2f}x)")
+    faster, slower = (a_name, b_name) if a.median_s < b.median_s else (b_name, a_name)
+    ratio = max(a.median_s, b.median_s) / min(a.median_s, b.median_s)
+    return f"{faster} is {ratio:.2f}x faster than {slower} (median; p20-p80 ranges do not overlap)"
 
 
 def time_do_bench(
