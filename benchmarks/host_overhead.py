@@ -105,7 +105,8 @@ def _shira(base: nn.Module, width: int, hidden: int):
         from peft import ShiraConfig, get_peft_model
     except ImportError:
         return not_run_here("peft-shira", "eager", "peer", "this PEFT has no SHiRA (peft >= 0.17)")
-    model = get_peft_model(OneLinear(copy.deepcopy(base)), ShiraConfig(r=width * hidden // (2 * hidden),
+    # SHiRA trains r·(in + out) entries: r = width / 2 gives the S²FT slice's width·hidden entries
+    model = get_peft_model(OneLinear(copy.deepcopy(base)), ShiraConfig(r=max(1, round(width / 2)),
                                                                        target_modules=["proj"]))
     layer = model.base_model.model.proj
     return ("peft-shira", "eager", "peer", layer, [p for p in layer.parameters() if p.requires_grad])
