@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Iterable, Sequence, Union
 
 import torch
@@ -61,6 +61,49 @@ def installed(package: str) -> bool:
 def missing_note(package: str, what: str) -> str:
     hint = INSTALL_HINTS.get(package, f"pip install {package}")
     return f"{package} is not installed: {what} skipped ({hint})"
+
+
+def not_run_here(provider: str, backend: str, role: str, why: str) -> "Skipped":
+    """A peer that exists but cannot run on this device (listed as "not run here", never dropped)."""
+    return Skipped(provider, backend, role, f"{provider}: not run here: {why}")
+
+
+def compiler_available() -> str | None:
+    """None when torch.compile (inductor) can build code on the CPU here, else why not."""
+    import shutil
+
+    if not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
+        return "no C++ compiler on PATH (inductor compiles CPU code with one)"
+    return None
+
+
+COMPILE_SECONDS = 40.0  # a forward + backward compiled by inductor on 2 CPU cores (for duration estimates)
+
+
+def compiled_peer(ctx: "Context", fn: Callable[..., Any], args: Sequence[Any], grad_output: torch.Tensor | None,
+                  grads: Sequence[torch.Tensor], parameters: Any = (), what: str = "the op's PyTorch reference",
+                  **kwargs) -> Union["Subject", "Skipped"]:
+    """``torch.compile(fn)`` as a peer ("torch.compile", backend "inductor"): the strong, fair peer every op gets.
+
+    ``fn(*args)`` is the op's plain PyTorch reference (autograd differentiates it; inductor compiles forward
+    and backward). Not built in ``--quick`` (compiling one shape takes about a minute on 2 CPU cores) or where
+    inductor cannot compile: a skipped row says which.
+    """
+    if device_type(ctx) == "cpu":
+        missing = compiler_available()
+        if missing:
+            return not_run_here("torch.compile", "inductor", "peer", missing)
+    if not ctx.compile:
+        return Skipped("torch.compile", "inductor", "peer",
+                       f"torch.compile of {what}: not run in --quick (compiling a shape takes about a minute on a "
+                       "2-core CPU); the full sweep runs it (or pass --compile)")
+    compiled = torch.compile(fn, dynamic=False)
+    return Subject("torch.compile", "inductor", "peer", lambda: compiled(*args), grad_output, list(grads), parameters,
+                   **kwargs)
+
+
+def device_type(ctx: "Context") -> str:
+    return ctx.device.type
 
 
 @contextlib.contextmanager
@@ -181,6 +224,8 @@ class Context:
     gemm_flops_per_s: float = 5e10  # this machine's matmul speed now (for duration estimates only)
     contention: float = 1.0  # 1-minute load average per core, at least 1 (scales fixed costs in estimates)
     peaks: Peaks | None = None  # GPU only
+    compile: bool = True  # build torch.compile peers (off in --quick: compiling a shape takes a minute here)
+    remeasure: bool = True  # time a mode again when its two halves disagree (see measure_subjects)
 
     @property
     def sweep(self) -> str:
@@ -358,6 +403,34 @@ def max_rel_diff(ours: list[torch.Tensor], theirs: list[torch.Tensor]) -> float:
     return worst
 
 
+# The first case of a process runs 10-30x slower for its first dozen calls on a CPU (measured here on 2 cores:
+# a 256×512×512 linear's forward + backward took 675 ms, then 30-60 ms for ten calls, then 2 ms): the intra-op
+# thread pool starting, oneDNN/MKL building its kernels for the shapes, glibc growing the heap and faulting
+# its pages in. One or two warm-up rounds do not cover that, and the first case is a sweep's base point,
+# which every panel of the sweep shares: issue 19's "rank 16 -> 64 makes everything 30x faster" was this.
+# So every subject is stepped for a minimum time before anything is measured, longer in a fresh process.
+WARM_UP_S = (1.0, 0.1)  # seconds of warm-up steps per subject: the first case of a process, the others
+WARM_UP_CALLS = (2, 50)  # at least, at most
+_process_warm: set[str] = set()
+
+
+def warm_up(steps: Sequence[Callable[[], Any]], ctx: "Context") -> None:
+    """Call each step until it ran ``WARM_UP_S`` seconds (at least / at most ``WARM_UP_CALLS`` calls);
+    the first time on a device in this process, ``WARM_UP_S[0]`` (see the note above)."""
+    import time
+
+    first = ctx.device.type not in _process_warm
+    budget = WARM_UP_S[0] if first else WARM_UP_S[1]
+    for step in steps:
+        start, calls = time.perf_counter(), 0
+        while calls < WARM_UP_CALLS[0] or (time.perf_counter() - start < budget and calls < WARM_UP_CALLS[1]):
+            step()
+            calls += 1
+            if ctx.on_gpu:
+                torch.cuda.synchronize(ctx.device)
+    _process_warm.add(ctx.device.type)
+
+
 def time_calls(calls: dict[str, Callable[[], Any]], ctx: Context) -> dict[str, measure.Timing]:
     """Interleaved timing of ``calls`` on ``ctx``'s device (perf_counter on CPU, do_bench on CUDA)."""
     if ctx.on_gpu:
@@ -369,6 +442,50 @@ def _timing_note(timing: measure.Timing, ctx: Context) -> str:
     if timing.method == "do_bench":
         return f"do_bench: {timing.repeats} timed calls over {ctx.rounds} interleaved rounds"
     return f"perf_counter: {timing.repeats} interleaved rounds after {timing.warmup} warm-up"
+
+
+def halves_disagree(timing: measure.Timing) -> str | None:
+    """Why the first and second half of ``timing``'s rounds disagree (None when they agree).
+
+    The two halves are two repeated runs of the case, interleaved with the same peers: their medians must be
+    within the spread of the whole (p20–p80, at least 5% of the median), or the case was disturbed while it
+    ran (another process, a frequency change) and its figure is not to be trusted as is.
+    """
+    samples = list(timing.samples_s)
+    if len(samples) < 4:
+        return None
+    import statistics
+
+    half = len(samples) // 2
+    first, second = statistics.median(samples[:half]), statistics.median(samples[half:])
+    spread = max(timing.p80_s - timing.p20_s, 0.05 * timing.median_s)
+    if abs(first - second) <= spread:
+        return None
+    return (f"the two halves of its rounds disagree: medians {first * 1e3:.3g} ms and {second * 1e3:.3g} ms, "
+            f"spread {spread * 1e3:.3g} ms")
+
+
+def time_checked(calls: dict[str, Callable[[], Any]], ctx: Context) -> tuple[dict[str, measure.Timing], dict[str, str]]:
+    """:func:`time_calls`, then the same calls timed once more when a provider's halves disagree.
+
+    Returns the timings kept and a note per provider: ``re-measured`` (the second run agreed with itself
+    and replaces the first) or ``noisy: ...`` (both runs disagreed: the figure is kept and marked).
+    """
+    timings = time_calls(calls, ctx)
+    notes: dict[str, str] = {}
+    bad = {name: why for name, t in timings.items() if (why := halves_disagree(t))}
+    if not bad or not ctx.remeasure:
+        return timings, {name: f"noisy: {why}" for name, why in bad.items()}
+    again = time_calls(calls, ctx)
+    for name in timings:
+        still = halves_disagree(again[name])
+        if name in bad and still is None:
+            timings[name] = again[name]
+            notes[name] = f"re-measured: the first run's {bad[name]}; the second run agreed with itself"
+        elif name in bad:
+            timings[name] = again[name]
+            notes[name] = f"noisy: measured twice and both runs' halves disagreed ({still})"
+    return timings, notes
 
 
 def measure_subjects(
@@ -396,8 +513,7 @@ def measure_subjects(
     with_backward = all(s.has_backward for s in runnable)
     modes = ("forward", "backward", "step") if with_backward else ("forward",)
 
-    for subject in runnable:  # warm-up: lazy initialisation, first allocations, kernel compilation
-        subject.step_fn()()
+    warm_up([s.step_fn() for s in runnable], ctx)  # lazy initialisation, first allocations, compilation
 
     reference = next((s for s in runnable if s.role == "peer"), None)
     if reference is not None and agreement:
@@ -444,14 +560,15 @@ def measure_subjects(
             calls = {s.label: s.backward_fn() for s in runnable if s.backward_alone}
         else:
             calls = {s.label: s.step_fn() for s in runnable}
-        timings = time_calls(calls, ctx)
+        timings, noisy = time_checked(calls, ctx)
         del calls
         for subject in runnable:
             if subject.label not in timings:
                 continue
             t = timings[subject.label]
+            note = _timing_note(t, ctx) + (f"; {noisy[subject.label]}" if subject.label in noisy else "")
             out.append(Measurement(subject.provider, subject.backend, subject.role, mode, "time", "s",
-                                   t.median_s, t.p20_s, t.p80_s, note=_timing_note(t, ctx)))
+                                   t.median_s, t.p20_s, t.p80_s, note=note))
             subject.drop_grads()
 
     if ctx.peaks is not None and min_bytes is not None and fastft_flops:

@@ -1,75 +1,47 @@
-"""Loss + backward of a causal-LM head: transformers' default path vs fastft's fused linear cross-entropy.
+"""Loss + backward of a causal-LM head: fastft's fused linear cross-entropy vs transformers, a compiled chunked
+loss, Apple's cut-cross-entropy and Liger-Kernel.
 
-    python -m benchmarks.linear_ce                          # tokens=8192, hidden=4096, vocab 32k/128k/152k
-    python -m benchmarks.linear_ce --quick                  # small shapes, seconds
-    python -m benchmarks.linear_ce --vocab 32000 --tokens 2048 --csv linear_ce.csv
+    python -m benchmarks.linear_ce --quick   # this module's benchmark ("linear_ce") through the suite
 
 MEMORY: the default path holds the fp32 logits (tokens × vocab), their log-softmax and their gradient at
-once: at tokens=8192 and vocab=152064 that is ~5 GB each, 15-20 GB in all. Before each shape the memory
+once: at tokens=8192 and vocab=152064 that is ~5 GB each, 15-20 GB in all. Before each point the memory
 each path needs is estimated (:func:`memory_estimate`) and compared with what the machine has available:
-a path that would not fit in 80% of it is skipped, with the reason printed (``--no-memory-check`` runs it
-anyway). Choose the vocabularies with ``--vocab`` on a shared machine.
+a path that would not fit in 80% of it is skipped, with the reason.
 
-Providers, on the same hidden states h (tokens × hidden, requires grad, as inside a network), lm_head
-weight W (vocab × hidden, no bias, as in Llama) and labels (random ids, ~10% set to -100):
-  transformers  ``logits = F.linear(h, W)`` then ``transformers.loss.loss_utils.ForCausalLMLoss`` (the
-                path of ``LlamaForCausalLM.forward``: ``.float()``, shift, cross_entropy), backward;
-  fastft        ``fastft.ops.linear_cross_entropy`` on the shifted labels (the reference backend on CPU,
-                the Triton kernel on CUDA), backward.
-Each is run with lm_head frozen (LoRA fine-tuning: only dh is needed) and trainable (full fine-tuning:
-dW too, a vocab × hidden tensor that both must produce). Before each step the gradients are dropped.
-
-Measured, side by side in one process (see ``fastft.measure``):
-  peak live  peak increase of live tensor bytes during loss + backward (h, W, labels allocated before);
-             "peak - grads" subtracts the gradients the step must leave behind (h.grad, and W.grad when
-             lm_head trains: V×H, which both paths hold at the end), leaving the loss's working memory;
-  time       median and p20/p80 of interleaved runs;
-  GFLOP      matmul FLOPs (FlopCounterMode; fastft's op counted through its reference).
-Before measuring, the two are checked to give the same loss and gradients.
-
-The issue's targets: fastft's peak memory at most 10% of transformers', its time at most 1.2x on CPU.
-Reported per shape and setting as met / MISSED, never asserted.
+Providers, on the same hidden states h (tokens × hidden, requires grad, as inside a network), lm_head weight W
+(vocab × hidden, no bias, as in Llama) and labels (random ids, ~10% set to -100), lm_head frozen (LoRA
+fine-tuning: only dh) or trainable (dW too):
+  fastft        ``fastft.ops.linear_cross_entropy`` on the shifted labels, on every backend that runs here;
+  transformers  ``logits = F.linear(h, W)`` then ``ForCausalLMLoss`` (the path of ``LlamaForCausalLM``);
+  torch.compile a chunked loss in plain PyTorch (logits a chunk of tokens at a time), compiled (full sweep);
+  cce           Apple's cut-cross-entropy: its Triton kernels on CUDA, its ``torch_compile`` implementation
+                on a CPU (full sweep: it compiles);
+  liger         Liger-Kernel's fused linear cross-entropy (Triton: CUDA only, "not run here" on a CPU).
 """
 from __future__ import annotations
 
-import argparse
-import csv
-import os
 import sys
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from fastft import measure
 from fastft.ops import linear_cross_entropy
 from fastft.ops.linear_cross_entropy import default_chunk_size
 
-from fastft import measure
-
-from . import cli
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-FULL_VOCABS = (32000, 128256, 152064)
-QUICK = dict(tokens=4096, hidden=256, vocab=[8000], repeats=3, warmup=1)
-TARGET_MEMORY_SHARE = 0.10
-TARGET_TIME_RATIO = 1.2
+CHUNK_TOKENS = 1024  # the compiled chunked loss's chunk
 
 
-@dataclass
-class Result:
-    vocab: int
-    setting: str  # "frozen lm_head" / "trainable lm_head"
-    provider: str
-    timing: measure.Timing
-    peak_live_bytes: int
-    flops: int
-    gradient_bytes: int  # h.grad (+ W.grad when trainable): what the step must leave behind
-
-    @property
-    def working_bytes(self) -> int:
-        """Peak live bytes beyond the gradients the step returns: the loss's own working memory."""
-        return self.peak_live_bytes - self.gradient_bytes
+def chunked_loss(h: torch.Tensor, W: torch.Tensor, shifted: torch.Tensor, chunk: int = CHUNK_TOKENS) -> torch.Tensor:
+    """Mean cross-entropy of ``h @ Wᵀ`` against ``shifted`` (-100 ignored), ``chunk`` tokens of logits at a time:
+    what one writes in plain PyTorch to avoid the full logits (the torch.compile peer's code)."""
+    h2, y = h.reshape(-1, h.shape[-1]), shifted.reshape(-1)
+    total = h2.new_zeros((), dtype=torch.float32)
+    for start in range(0, h2.shape[0], chunk):
+        logits = F.linear(h2[start:start + chunk], W).float()
+        total = total + F.cross_entropy(logits, y[start:start + chunk], ignore_index=-100, reduction="sum")
+    return total / (y != -100).sum().clamp_min(1)
 
 
 def make_inputs(tokens: int, hidden: int, vocab: int, dtype: torch.dtype, seed: int = 0):
@@ -108,30 +80,6 @@ def make_steps(h, W, labels, shifted, kind: str, chunk_size: int | None,
     return {name: step(fn) for name, fn in providers.items()}, providers
 
 
-def check_agreement(h, W, providers) -> str:
-    if "transformers" not in providers:
-        return "fastft vs transformers: skipped (kind != 'ce' has no transformers counterpart)"
-    results = {}
-    for name, loss_fn in providers.items():
-        h.grad = W.grad = None
-        loss = loss_fn()
-        loss.backward()
-        results[name] = [loss.detach(), h.grad.clone(), None if W.grad is None else W.grad.clone()]
-    h.grad = W.grad = None
-    parts = []
-    for label, a, b in zip(("loss", "dh", "dW"), results["fastft"], results["transformers"]):
-        if a is not None:
-            parts.append(f"{label} {(a.float() - b.float()).abs().max().item():.2e}")
-    return "fastft vs transformers, max abs difference: " + ", ".join(parts)
-
-
-def _load_average() -> float | None:
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return None
-
-
 MEMORY_SHARE = 0.8  # of the available memory, at most, for one path's estimated peak
 
 
@@ -167,154 +115,6 @@ def memory_check(provider: str, tokens: int, hidden: int, vocab: int, itemsize: 
             f"(it runs when its estimate fits in {MEMORY_SHARE:.0%} of that)")
 
 
-def run_shape(tokens, hidden, vocab, dtype, kind, chunk_size, repeats, warmup, settings,
-              memory_checked: bool = True) -> tuple[list[Result], list[str]]:
-    itemsize = torch.empty(0, dtype=dtype).element_size()
-    results, notes = [], []
-    fits = {}
-    for setting in settings:
-        for provider in ("transformers", "fastft"):
-            why = memory_check(provider, tokens, hidden, vocab, itemsize, setting == "trainable lm_head", chunk_size,
-                               torch.device("cpu")) if memory_checked else None
-            fits[(setting, provider)] = why is None
-            if why is not None:
-                notes.append(f"[vocab {vocab}, {setting}] {provider} skipped: {why} (--no-memory-check runs it)")
-                print(f"skipping {provider} at vocab {vocab}, {setting}: {why}", flush=True)
-    if not any(fits.values()):
-        return results, notes
-    h, W, labels, shifted = make_inputs(tokens, hidden, vocab, dtype)
-    for setting in settings:
-        if not fits[(setting, "fastft")]:
-            continue
-        W.requires_grad_(setting == "trainable lm_head")
-        steps, providers = make_steps(h, W, labels, shifted, kind, chunk_size,
-                                      with_default=fits[(setting, "transformers")])
-        notes.append(f"[vocab {vocab}, {setting}] " + check_agreement(h, W, providers))
-        memory_and_flops = {}
-        for name, step in steps.items():
-            step()  # warm (allocator, first-call overheads)
-            memory_and_flops[name] = (measure.peak_live_bytes(step), measure.flops(step))
-        load_before = _load_average()
-        timings = measure.time_interleaved(steps, repeats=repeats, warmup=warmup)
-        load_after = _load_average()
-        notes.append(f"[vocab {vocab}, {setting}] 1-min load average {_fmt(load_before)} before timing, "
-                     f"{_fmt(load_after)} after")
-        gradient_bytes = h.numel() * h.element_size() + (W.numel() * W.element_size() if W.requires_grad else 0)
-        for name in steps:
-            results.append(Result(vocab, setting, name, timings[name], *memory_and_flops[name], gradient_bytes))
-    h.grad = W.grad = None
-    return results, notes
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2f}"
-
-
-def format_table(results: list[Result], shape: str) -> str:
-    header = ("vocab", "lm_head", "provider", "median ms", "p20 ms", "p80 ms", "x default", "peak live",
-              "% of default", "peak - grads", "% of default", "GFLOP")
-    rows, verdicts = [], []
-    groups: dict[tuple[int, str], dict[str, Result]] = {}
-    for r in results:
-        groups.setdefault((r.vocab, r.setting), {})[r.provider] = r
-    for (vocab, setting), group in groups.items():
-        default = group.get("transformers")
-        for r in group.values():
-            t = r.timing
-            rows.append((
-                str(vocab), setting.split()[0], r.provider, f"{t.median_s * 1e3:.1f}", f"{t.p20_s * 1e3:.1f}",
-                f"{t.p80_s * 1e3:.1f}", "-" if default is None else f"{t.median_s / default.timing.median_s:.3f}",
-                measure.format_bytes(r.peak_live_bytes),
-                "-" if default is None else f"{100.0 * r.peak_live_bytes / max(default.peak_live_bytes, 1):.1f}%",
-                measure.format_bytes(r.working_bytes),
-                "-" if default is None else f"{100.0 * r.working_bytes / max(default.working_bytes, 1):.1f}%",
-                f"{r.flops / 1e9:.2f}",
-            ))
-        if default is not None:
-            ours = group["fastft"]
-            share = ours.peak_live_bytes / max(default.peak_live_bytes, 1)
-            ratio = ours.timing.median_s / default.timing.median_s
-            verdicts.append(
-                f"vocab {vocab}, {setting}: peak memory <= {TARGET_MEMORY_SHARE:.0%} of default: "
-                f"{'met' if share <= TARGET_MEMORY_SHARE else 'MISSED'} ({share:.1%}); time <= {TARGET_TIME_RATIO}x: "
-                f"{'met' if ratio <= TARGET_TIME_RATIO else 'MISSED'} ({ratio:.3f}x); [info] working memory beyond "
-                f"the returned gradients: {ours.working_bytes / max(default.working_bytes, 1):.1%} of default's"
-            )
-    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-    line = lambda row: "  ".join(str(c).rjust(w) if i > 2 else str(c).ljust(w) for i, (c, w) in enumerate(zip(row, widths)))  # noqa: E731
-    first = results[0].timing
-    out = [
-        f"causal-LM loss + backward: {shape}",
-        f"machine: CPU, {first.threads} threads, {os.cpu_count()} cores; {first.repeats} timed runs after "
-        f"{first.warmup} warm-up, interleaved; torch {torch.__version__}",
-        line(header),
-        line(tuple("-" * w for w in widths)),
-        *(line(row) for row in rows),
-        "",
-        *("target " + v for v in verdicts),
-    ]
-    return "\n".join(out)
-
-
-def write_csv(path: str, results: list[Result], args: argparse.Namespace) -> None:
-    fields = ["benchmark", "provider", "setting", "metric", "value", "unit", "tokens", "hidden", "vocab", "kind",
-              "dtype", "threads", "device", "repeats", "warmup", "torch", "load_average"]
-    new = not os.path.exists(path) or os.path.getsize(path) == 0
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        if new:
-            writer.writeheader()
-        for r in results:
-            common = dict(benchmark="linear_ce", provider=r.provider, setting=r.setting, tokens=args.tokens,
-                          hidden=args.hidden, vocab=r.vocab, kind=args.kind, dtype=args.dtype,
-                          threads=r.timing.threads, device="cpu", repeats=args.repeats, warmup=args.warmup,
-                          torch=torch.__version__, load_average=_fmt(_load_average()))
-            for metric, value, unit in (("time_median", r.timing.median_s, "s"), ("time_p20", r.timing.p20_s, "s"),
-                                        ("time_p80", r.timing.p80_s, "s"), ("peak_live", r.peak_live_bytes, "bytes"),
-                                        ("peak_minus_gradients", r.working_bytes, "bytes"), ("flops", r.flops, "flop")):
-                writer.writerow(dict(common, metric=metric, value=value, unit=unit))
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.linear_ce", description=__doc__.split("\n")[0])
-    parser.add_argument("--tokens", type=int, default=8192, help="tokens in the batch (batch × sequence)")
-    parser.add_argument("--hidden", type=int, default=4096, help="hidden size (lm_head's in features)")
-    parser.add_argument("--vocab", type=int, nargs="+", default=list(FULL_VOCABS),
-                        help="vocabulary sizes to run (default: 32000 128256 152064; mind the memory warning)")
-    parser.add_argument("--kind", choices=("ce", "dft", "talr"), default="ce",
-                        help="fastft's loss kind (only 'ce' has a transformers counterpart to compare with)")
-    parser.add_argument("--setting", choices=("frozen", "trainable", "both"), default="both",
-                        help="lm_head frozen (LoRA), trainable (full fine-tuning) or both")
-    parser.add_argument("--chunk-size", type=int, default=None, help="fastft's token chunk (default: automatic)")
-    parser.add_argument("--no-memory-check", action="store_true",
-                        help="run every path even when its estimated memory exceeds 80%% of what is available")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    return cli.parse_standalone_args(parser, argv, QUICK, repeats=3, warmup=1)
-
-
-def main(argv: list[str] | None = None) -> list[Result]:
-    args = parse_args(argv)
-    dtype = DTYPES[args.dtype]
-    settings = {"frozen": ["frozen lm_head"], "trainable": ["trainable lm_head"],
-                "both": ["frozen lm_head", "trainable lm_head"]}[args.setting]
-    results, notes = [], []
-    for vocab in args.vocab:
-        shape_results, shape_notes = run_shape(args.tokens, args.hidden, vocab, dtype, args.kind, args.chunk_size,
-                                               args.repeats, args.warmup, settings,
-                                               memory_checked=not args.no_memory_check)
-        results += shape_results
-        notes += shape_notes
-    chunks = ", ".join(f"{v}: {args.chunk_size or default_chunk_size(args.tokens, args.hidden, v)}" for v in args.vocab)
-    shape = (f"tokens={args.tokens}, hidden={args.hidden}, kind={args.kind}, {args.dtype}, no bias; "
-             f"fastft token chunk per vocab {{{chunks}}}")
-    print(format_table(results, shape) if results else f"causal-LM loss + backward: {shape}: nothing measured")
-    print("\n".join(notes))
-    if args.csv:
-        write_csv(args.csv, results, args)
-        print(f"wrote {len(results) * 6} rows to {args.csv}")
-    return results
-
-
 # ------------------------------------------------------------------------------------------- in the suite
 # ``python -m benchmarks`` runs the loss + backward of an lm_head ("linear_ce"), lm_head frozen (LoRA
 # fine-tuning: dh only) and trainable (dW too), across one-at-a-time sweeps. Providers: fastft on every
@@ -343,7 +143,7 @@ def _fastft_kept_bytes(loss: torch.Tensor) -> int:
 
 def suite_subjects(config: dict, ctx) -> list:
     """fastft (each backend) and transformers' default path at one point, on the same h, W and labels."""
-    from .harness import DTYPES, Skipped, Subject, fastft_backends, forced_backend
+    from .harness import DTYPES, Skipped, Subject, compiled_peer, fastft_backends, forced_backend
 
     tokens, hidden, vocab = config["tokens"], config["hidden"], config["vocab"]
     dtype, device = DTYPES[config["dtype"]], ctx.device
@@ -375,7 +175,48 @@ def suite_subjects(config: dict, ctx) -> list:
         subjects.append(Skipped("transformers", "eager", "peer", too_big["transformers"]))
     else:
         subjects.append(Subject("transformers", "eager", "peer", providers["transformers"], None, grads, [W]))
+    if too_big["fastft"]:  # the chunked peers hold what fastft holds, about
+        return subjects
+    subjects.append(compiled_peer(ctx, chunked_loss, (h, W, shifted), None, grads, [W], what="a chunked loss"))
+    subjects.append(_cce(ctx, h, W, shifted, grads))
+    subjects.append(_liger(ctx, h, W, shifted, grads))
     return subjects
+
+
+def _cce(ctx, h, W, shifted, grads):
+    """Apple's cut-cross-entropy: "cce" (Triton) on CUDA, its torch.compile implementation on a CPU."""
+    from .harness import Skipped, Subject, installed, not_run_here
+
+    if not installed("cut_cross_entropy"):
+        return Skipped("cce", "-", "peer", "cut-cross-entropy is not installed: its peer skipped "
+                       "(pip install cut-cross-entropy)")
+    from cut_cross_entropy import linear_cross_entropy as cce_loss
+
+    impl = "cce" if ctx.on_gpu else "torch_compile"
+    if impl == "torch_compile" and not ctx.compile:
+        return Skipped("cce", impl, "peer", "cut-cross-entropy's torch_compile implementation: not run in --quick "
+                       "(it compiles); the full sweep runs it (or pass --compile)")
+    if ctx.on_gpu and h.dtype == torch.float32:
+        return not_run_here("cce", impl, "peer", "its kernels take bfloat16 / float16 inputs only")
+    h2, y = h.reshape(-1, h.shape[-1]), shifted.reshape(-1)
+    return Subject("cce", impl, "peer", lambda: cce_loss(h2, W, y, impl=impl, ignore_index=-100), None, grads, [W])
+
+
+def _liger(ctx, h, W, shifted, grads):
+    """Liger-Kernel's fused linear cross-entropy (Triton kernels: CUDA only)."""
+    from .harness import Skipped, Subject, installed, not_run_here
+
+    if not ctx.on_gpu:
+        return not_run_here("liger", "triton", "peer", "Liger-Kernel's fused linear cross-entropy is Triton "
+                            "kernels, which run on a GPU (on a CPU only under Triton's interpreter)")
+    if not installed("liger_kernel"):
+        return Skipped("liger", "triton", "peer", "liger-kernel is not installed: its peer skipped "
+                       "(pip install liger-kernel)")
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    loss = LigerFusedLinearCrossEntropyLoss(ignore_index=-100)
+    h2, y = h.reshape(-1, h.shape[-1]), shifted.reshape(-1)
+    return Subject("liger", "triton", "peer", lambda: loss(W, h2, y), None, grads, [W])
 
 
 def suite_min_bytes(config: dict, mode: str) -> int:
@@ -392,7 +233,7 @@ def suite_min_bytes(config: dict, mode: str) -> int:
 
 def suite_benchmarks(sweeps: dict | None = None) -> list:
     """The fused-loss benchmark of ``python -m benchmarks`` ("linear_ce"); sweeps replaceable (tests)."""
-    from .harness import Benchmark, layer_case, layer_estimate, sweep_points
+    from .harness import COMPILE_SECONDS, Benchmark, layer_case, layer_estimate, sweep_points
 
     sweeps = sweeps or SUITE_SWEEPS
 
@@ -405,7 +246,8 @@ def suite_benchmarks(sweeps: dict | None = None) -> list:
             raise ValueError(f"linear_ce: no sweep for {key}; known: {sorted(sweeps)}")
         base, variables = sweeps[key]
         return [layer_case("linear_ce", point, x_names, build=suite_subjects, min_bytes=suite_min_bytes,
-                           estimate_s=lambda ctx, point=point: layer_estimate(step_flops(point), 2, ctx))
+                           estimate_s=lambda ctx, point=point: layer_estimate(step_flops(point), 2 + 2 * ctx.compile, ctx)
+                           + (2 * COMPILE_SECONDS if ctx.compile else 0.0))
                 for point, x_names in sweep_points(base, variables)]
 
     return [Benchmark("linear_ce", cases, "fused linear cross-entropy of an lm_head vs transformers' loss, "
@@ -413,4 +255,6 @@ def suite_benchmarks(sweeps: dict | None = None) -> list:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from .suite import main_module
+
+    sys.exit(main_module("linear_ce", suite_benchmarks()))

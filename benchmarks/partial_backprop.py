@@ -1,8 +1,11 @@
 """Partial-backprop policies on a small Llama: one training step under each policy vs full fine-tuning.
 
-    python -m benchmarks.partial_backprop                        # hidden 1024, 4 layers, 2x512 tokens, fp32
-    python -m benchmarks.partial_backprop --quick                # small shapes, under a minute
-    python -m benchmarks.partial_backprop --csv partial.csv      # also one CSV row per measurement
+    python -m benchmarks.partial_backprop --quick   # this module's benchmarks through the suite's command line
+    python -m benchmarks.partial_backprop           # their full sweep (the suite's options apply: --only, --out, ...)
+
+This module only declares its cases and how to run one; the command line, CSV, plots, summary and sanity
+checks are the suite's (``benchmarks.suite``), the measurement procedure ``benchmarks.harness``'s. The text
+below describes what the benchmarks measure (targets are reported by the summary's ratios, never asserted).
 
 Providers, all on one model (same weights), switching only which parameters require grad:
   full         every parameter trains (the peer: full fine-tuning);
@@ -23,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
-import os
 import sys
 from dataclasses import dataclass
 from typing import Callable
@@ -38,7 +39,6 @@ from fastft.policies.cut import BackwardCut
 
 from fastft import measure
 
-from . import cli
 
 QUICK = dict(hidden=256, intermediate=704, layers=4, heads=4, vocab=1024, seq=128, batch=2, repeats=3, warmup=1)
 BUDGETS = (0.5, 0.25)
@@ -51,14 +51,6 @@ class Provider:
     cut: nn.Module | None
     report_flops: int
     budget: float | None = None
-
-
-@dataclass
-class Result:
-    provider: Provider
-    measured_flops: int
-    timing: measure.Timing
-    peak_live_bytes: int
 
 
 def build_model(args: argparse.Namespace) -> nn.Module:
@@ -123,140 +115,6 @@ def measured_backward_flops(model: nn.Module, provider: Provider, batch: torch.T
     finally:
         if cut is not None:
             cut.remove()
-
-
-def _load_average() -> float | None:
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return None
-
-
-def run(args: argparse.Namespace) -> tuple[list[Result], dict]:
-    model = build_model(args)
-    batch = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
-    chosen, reports = providers(model, batch, args.layers)
-    flops = {p.name: measured_backward_flops(model, p, batch) for p in chosen}
-    steps = {p.name: make_step(model, p, batch) for p in chosen}
-    peaks = {name: measure.peak_live_bytes(step) for name, step in steps.items()}
-    load_before = _load_average()
-    timings = measure.time_interleaved(steps, repeats=args.repeats, warmup=args.warmup)
-    load_after = _load_average()
-    for p in model.parameters():
-        p.requires_grad_(True)
-        p.grad = None
-    results = [Result(p, flops[p.name], timings[p.name], peaks[p.name]) for p in chosen]
-    params = {p.name: sum(q.numel() for q in model.parameters() if id(q) in p.trainable) for p in chosen}
-    return results, dict(reports=reports, load=(load_before, load_after), threads=torch.get_num_threads(),
-                         params=params)
-
-
-def _fmt_load(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2f}"
-
-
-def format_table(results: list[Result], context: dict, shape: str) -> str:
-    full = results[0]
-    header = ("provider", "trainable", "bwd GFLOP report", "bwd GFLOP counted", "x full", "median ms", "p20 ms",
-              "p80 ms", "x full", "peak live", "x full")
-    rows = []
-    for r in results:
-        t = r.timing
-        rows.append((
-            r.provider.name,
-            f"{context['params'][r.provider.name]:,}",
-            f"{r.provider.report_flops / 1e9:.3f}",
-            f"{r.measured_flops / 1e9:.3f}",
-            f"{r.measured_flops / full.measured_flops:.3f}",
-            f"{t.median_s * 1e3:.0f}",
-            f"{t.p20_s * 1e3:.0f}",
-            f"{t.p80_s * 1e3:.0f}",
-            f"{t.median_s / full.timing.median_s:.3f}",
-            measure.format_bytes(r.peak_live_bytes),
-            f"{r.peak_live_bytes / full.peak_live_bytes:.3f}",
-        ))
-    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-    line = lambda row: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(row, widths)))  # noqa: E731
-    first = full.timing
-    out = [
-        f"partial backprop, one training step: {shape}",
-        f"machine: CPU, {context['threads']} threads, {os.cpu_count()} cores; {first.repeats} timed runs after "
-        f"{first.warmup} warm-up, interleaved; torch {torch.__version__}; 1-min load average "
-        f"{_fmt_load(context['load'][0])} before timing, {_fmt_load(context['load'][1])} after",
-        line(header),
-        line(tuple("-" * w for w in widths)),
-        *(line(row) for row in rows),
-        "",
-    ]
-    verdicts = []
-    agree = all(r.provider.report_flops == r.measured_flops for r in results)
-    verdicts.append(f"report FLOPs == FlopCounterMode for every provider: {'met' if agree else 'MISSED'}")
-    for r in results:
-        if r.provider.budget is not None:
-            ok = r.measured_flops <= r.provider.budget * full.measured_flops
-            verdicts.append(f"{r.provider.name} within budget: {'met' if ok else 'MISSED'} "
-                            f"({r.measured_flops / full.measured_flops:.3f} <= {r.provider.budget})")
-    for label, key in (("backward FLOPs", lambda r: r.measured_flops), ("time", lambda r: r.timing.median_s),
-                       ("peak live", lambda r: r.peak_live_bytes)):
-        below = [r.provider.name for r in results[1:] if key(r) < key(full)]
-        missed = [r.provider.name for r in results[1:] if key(r) >= key(full)]
-        verdicts.append(f"{label} below full: " + ("met" if not missed else f"MISSED for {missed}") +
-                        f" ({len(below)}/{len(results) - 1})")
-    out += [f"target: {v}" for v in verdicts]
-    return "\n".join(out)
-
-
-def write_csv(path: str, results: list[Result], args: argparse.Namespace, context: dict) -> None:
-    fields = ["benchmark", "provider", "metric", "value", "unit", "hidden", "intermediate", "layers", "heads",
-              "vocab", "seq", "batch", "threads", "device", "repeats", "warmup", "torch"]
-    new = not os.path.exists(path) or os.path.getsize(path) == 0
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        if new:
-            writer.writeheader()
-        common = dict(benchmark="partial_backprop", hidden=args.hidden, intermediate=args.intermediate,
-                      layers=args.layers, heads=args.heads, vocab=args.vocab, seq=args.seq, batch=args.batch,
-                      threads=context["threads"], device="cpu", repeats=args.repeats, warmup=args.warmup,
-                      torch=torch.__version__)
-        for r in results:
-            metrics = [
-                ("trainable_params", context["params"][r.provider.name], "params"),
-                ("backward_flops_report", r.provider.report_flops, "flop"),
-                ("backward_flops_counted", r.measured_flops, "flop"),
-                ("time_median", r.timing.median_s, "s"),
-                ("time_p20", r.timing.p20_s, "s"),
-                ("time_p80", r.timing.p80_s, "s"),
-                ("peak_live", r.peak_live_bytes, "bytes"),
-            ]
-            for metric, value, unit in metrics:
-                writer.writerow(dict(common, provider=r.provider.name, metric=metric, value=value, unit=unit))
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.partial_backprop", description=__doc__.split("\n")[0])
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--intermediate", type=int, default=2816)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--vocab", type=int, default=8192)
-    parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--batch", type=int, default=2)
-    return cli.parse_standalone_args(parser, argv, QUICK, repeats=5, warmup=1)
-
-
-def main(argv: list[str] | None = None) -> list[Result]:
-    args = parse_args(argv)
-    shape = (f"Llama hidden={args.hidden}, intermediate={args.intermediate}, layers={args.layers}, "
-             f"heads={args.heads}, vocab={args.vocab}, tokens={args.batch}x{args.seq}, float32")
-    results, context = run(args)
-    for report in context["reports"]:
-        print(report)
-        print()
-    print(format_table(results, context, shape))
-    if args.csv:
-        write_csv(args.csv, results, args, context)
-        print(f"wrote {len(results) * 7} rows to {args.csv}")
-    return results
 
 
 # ------------------------------------------------------------------------------------------- in the suite
@@ -347,4 +205,6 @@ def suite_benchmarks(sweeps: dict | None = None) -> list:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from .suite import main_module
+
+    sys.exit(main_module("partial_backprop", suite_benchmarks()))

@@ -1,8 +1,11 @@
 """A training step of a small Llama: plain fastft LoRA vs QAT+LoRA (fake-quantized base, rotations).
 
-    python -m benchmarks.qat_step                     # hidden 512, 4 layers, batch 4 x 256 tokens, float32
-    python -m benchmarks.qat_step --quick             # small shapes, a few seconds
-    python -m benchmarks.qat_step --csv qat_step.csv  # also one CSV row per measurement
+    python -m benchmarks.qat_step --quick   # this module's benchmarks through the suite's command line
+    python -m benchmarks.qat_step           # their full sweep (the suite's options apply: --only, --out, ...)
+
+This module only declares its cases and how to run one; the command line, CSV, plots, summary and sanity
+checks are the suite's (``benchmarks.suite``), the measurement procedure ``benchmarks.harness``'s. The text
+below describes what the benchmarks measure (targets are reported by the summary's ratios, never asserted).
 
 Providers, one copy of the same random Llama each, patched in one process:
   lora           fastft.LoRAConfig(r) on every decoder linear layer (the peer: what QAT adds cost to);
@@ -21,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
-import os
 import sys
 from dataclasses import dataclass
 from typing import Callable
@@ -32,9 +33,7 @@ import transformers as tf
 
 import fastft
 
-from fastft import measure
 
-from . import cli
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 QUICK = dict(hidden=128, intermediate=384, layers=2, heads=4, batch=2, seq=64, rank=8, repeats=5, warmup=1)
@@ -45,15 +44,6 @@ class Provider:
     name: str
     model: torch.nn.Module
     report: str
-
-
-@dataclass
-class Result:
-    name: str
-    timing: measure.Timing
-    saved_bytes: int
-    peak_live_bytes: int
-    flops: int
 
 
 def build_providers(args: argparse.Namespace, dtype: torch.dtype, device: torch.device | str = "cpu",
@@ -97,120 +87,6 @@ def make_step(model: torch.nn.Module, ids: torch.Tensor) -> Callable[[], None]:
         model(ids, labels=ids).loss.backward()
 
     return step
-
-
-def make_forward(model: torch.nn.Module, ids: torch.Tensor) -> Callable[[], None]:
-    def forward() -> None:
-        model(ids, labels=ids)
-
-    return forward
-
-
-def _load_average() -> float | None:
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return None
-
-
-def run(args: argparse.Namespace) -> tuple[list[Result], dict]:
-    dtype = DTYPES[args.dtype]
-    providers = build_providers(args, dtype)
-    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(2))
-    steps = {p.name: make_step(p.model, ids) for p in providers}
-    memory_and_flops = {
-        p.name: (
-            measure.saved_bytes(make_forward(p.model, ids), parameters=p.model),
-            measure.peak_live_bytes(steps[p.name]),
-            measure.flops(steps[p.name]),
-        )
-        for p in providers
-    }
-    load_before = _load_average()
-    timings = measure.time_interleaved(steps, repeats=args.repeats, warmup=args.warmup)
-    load_after = _load_average()
-    results = [Result(name, timings[name], *memory_and_flops[name]) for name in steps]
-    return results, dict(report=providers[1].report, threads=torch.get_num_threads(), load=(load_before, load_after))
-
-
-def _fmt_load(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2f}"
-
-
-def format_table(results: list[Result], context: dict, shape: str) -> str:
-    peer = {r.name: r for r in results}["lora"]
-    header = ("provider", "median ms", "p20 ms", "p80 ms", "x lora", "saved for bwd", "x lora", "peak live", "x lora",
-              "GFLOP")
-    rows = []
-    for r in results:
-        t = r.timing
-        rows.append((
-            r.name, f"{t.median_s * 1e3:.1f}", f"{t.p20_s * 1e3:.1f}", f"{t.p80_s * 1e3:.1f}",
-            f"{t.median_s / peer.timing.median_s:.3f}",
-            measure.format_bytes(r.saved_bytes), f"{r.saved_bytes / max(peer.saved_bytes, 1):.3f}",
-            measure.format_bytes(r.peak_live_bytes), f"{r.peak_live_bytes / max(peer.peak_live_bytes, 1):.3f}",
-            f"{r.flops / 1e9:.2f}",
-        ))
-    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-    line = lambda row: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(row, widths)))  # noqa: E731
-    first = results[0].timing
-    return "\n".join([
-        f"training step (forward + backward), QAT+LoRA vs LoRA: {shape}",
-        f"machine: CPU, {context['threads']} threads, {os.cpu_count()} cores; {first.repeats} timed runs after "
-        f"{first.warmup} warm-up, interleaved; torch {torch.__version__}; 1-min load average "
-        f"{_fmt_load(context['load'][0])} before timing, {_fmt_load(context['load'][1])} after",
-        line(header),
-        line(tuple("-" * w for w in widths)),
-        *(line(row) for row in rows),
-    ])
-
-
-def write_csv(path: str, results: list[Result], args: argparse.Namespace, threads: int) -> None:
-    fields = ["benchmark", "provider", "metric", "value", "unit", "hidden", "intermediate", "layers", "batch", "seq",
-              "rank", "dtype", "threads", "device", "repeats", "warmup", "torch"]
-    new = not os.path.exists(path) or os.path.getsize(path) == 0
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        if new:
-            writer.writeheader()
-        common = dict(benchmark="qat_step", hidden=args.hidden, intermediate=args.intermediate, layers=args.layers,
-                      batch=args.batch, seq=args.seq, rank=args.rank, dtype=args.dtype, threads=threads, device="cpu",
-                      repeats=args.repeats, warmup=args.warmup, torch=torch.__version__)
-        for r in results:
-            for metric, value, unit in [
-                ("time_median", r.timing.median_s, "s"), ("time_p20", r.timing.p20_s, "s"),
-                ("time_p80", r.timing.p80_s, "s"), ("saved_for_backward", r.saved_bytes, "bytes"),
-                ("peak_live", r.peak_live_bytes, "bytes"), ("flops", r.flops, "flop"),
-            ]:
-                writer.writerow(dict(common, provider=r.name, metric=metric, value=value, unit=unit))
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.qat_step", description=__doc__.split("\n")[0])
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--intermediate", type=int, default=1536, help="a Hadamard size (R4): 2^n or K·2^n")
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--vocab", type=int, default=1024)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    return cli.parse_standalone_args(parser, argv, QUICK, repeats=10, warmup=2)
-
-
-def main(argv: list[str] | None = None) -> list[Result]:
-    args = parse_args(argv)
-    shape = (f"Llama hidden={args.hidden}, intermediate={args.intermediate}, layers={args.layers}, heads={args.heads}, "
-             f"batch={args.batch}x{args.seq} tokens, LoRA r={args.rank}, {args.dtype}; QAT W4 per-channel A8 per-token, R1-R4")
-    results, context = run(args)
-    print(context["report"])
-    print()
-    print(format_table(results, context, shape))
-    if args.csv:
-        write_csv(args.csv, results, args, context["threads"])
-        print(f"wrote {len(results) * 6} rows to {args.csv}")
-    return results
 
 
 # ------------------------------------------------------------------------------------------- in the suite
@@ -277,4 +153,6 @@ def suite_benchmarks(sweeps: dict | None = None) -> list:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from .suite import main_module
+
+    sys.exit(main_module("qat_step", suite_benchmarks()))

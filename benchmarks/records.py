@@ -15,12 +15,17 @@ One row is one figure: a metric of one provider (on one backend) in one mode at 
     x_value   its value at this point
     p50 p20 p80   median and 20th / 80th percentiles (equal for exact counts; empty for skipped/failed)
     config    the whole point as "key=value" pairs
-    device threads torch triton fastft timestamp
-              where and with what it ran (threads: torch's intra-op threads), when (UTC, ISO 8601)
-    load_avg  the machine's 1-minute load average when the row was recorded (CPU timings are noisy
-              when other processes compete for the cores)
+    device processor threads torch triton fastft timestamp
+              where and with what it ran (processor: the CPU model, and the GPU's name on CUDA; threads:
+              torch's intra-op threads), when (UTC, ISO 8601)
+    load_start  the machine's 1-minute load average when the row's case started
+    load_avg  the 1-minute load average when the row was recorded, at the end of its case (CPU timings
+              are noisy when other processes compete for the cores)
+    sweep     "quick" (a check that the suite runs: small shapes, few rounds, never published) or "full"
+    command   the exact command line that produced the row (to reproduce it)
     run_id    the start time of the run that wrote the row (the renderer shows the latest run)
-    note      free text: the method of an estimate, why something was skipped, the error of a failure
+    note      free text: the method of an estimate, why something was skipped, the error of a failure;
+              "noisy: ..." when repeated timings of the case disagreed (see ``benchmarks.harness``)
 """
 from __future__ import annotations
 
@@ -52,12 +57,16 @@ class Row:
     p80: float | None
     config: str
     device: str
+    processor: str
     threads: int
     torch: str
     triton: str
     fastft: str
     timestamp: str
+    load_start: float | None
     load_avg: float | None
+    sweep: str
+    command: str
     run_id: str
     note: str = ""
 
@@ -89,6 +98,23 @@ def _version(module: str) -> str:
         return "not installed"
 
 
+def processor_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``, else ``platform.processor()``) and its core count."""
+    import platform
+
+    name = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    name = name or platform.processor() or platform.machine() or "unknown CPU"
+    return f"{name} ({os.cpu_count()} cores)"
+
+
 def device_name(device: torch.device) -> str:
     """``cpu`` or ``cuda:<name of the GPU>`` (the CSV's device cell)."""
     if device.type == "cuda":
@@ -106,9 +132,12 @@ class Environment:
     triton: str
     fastft: str
     run_id: str
+    processor: str = ""
+    sweep: str = ""
+    command: str = ""
 
     @classmethod
-    def current(cls, device: torch.device) -> "Environment":
+    def current(cls, device: torch.device, sweep: str = "", command: str = "") -> "Environment":
         return cls(
             device=device_name(device),
             threads=torch.get_num_threads(),
@@ -116,11 +145,14 @@ class Environment:
             triton=_version("triton"),
             fastft=_version("fastft"),
             run_id=utc_now(),
+            processor=processor_name(),
+            sweep=sweep,
+            command=command,
         )
 
-    def row(self, **values: Any) -> Row:
-        """A row stamped with this environment, the time and the load average now."""
-        return Row(**values, **asdict(self), timestamp=utc_now(), load_avg=load_average())
+    def row(self, load_start: float | None = None, **values: Any) -> Row:
+        """A row stamped with this environment, the time and the load average now (and at its case's start)."""
+        return Row(**values, **asdict(self), timestamp=utc_now(), load_start=load_start, load_avg=load_average())
 
 
 class CsvWriter:
@@ -164,7 +196,7 @@ def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     for row in rows:
-        for key in ("p50", "p20", "p80", "load_avg"):
+        for key in ("p50", "p20", "p80", "load_avg", "load_start"):
             row[key] = float(row[key]) if row.get(key) not in (None, "") else None
         row["threads"] = int(row["threads"]) if row.get("threads") else None
     return rows

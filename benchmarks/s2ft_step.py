@@ -1,8 +1,11 @@
 """One training step of a small Llama: fastft S²FT vs fastft LoRA (same trainable count) vs full fine-tuning.
 
-    python -m benchmarks.s2ft_step                      # hidden 1024, intermediate 2816, 4 layers, seq 512, batch 2, fp32
-    python -m benchmarks.s2ft_step --quick              # small shapes, well under a minute
-    python -m benchmarks.s2ft_step --csv s2ft_step.csv  # also one CSV row per measurement
+    python -m benchmarks.s2ft_step --quick   # this module's benchmarks through the suite's command line
+    python -m benchmarks.s2ft_step           # their full sweep (the suite's options apply: --only, --out, ...)
+
+This module only declares its cases and how to run one; the command line, CSV, plots, summary and sanity
+checks are the suite's (``benchmarks.suite``), the measurement procedure ``benchmarks.harness``'s. The text
+below describes what the benchmarks measure (targets are reported by the summary's ratios, never asserted).
 
 Providers, each on a copy of one randomly initialised LlamaForCausalLM (multi-head attention, 16 heads
 of 64; vocabulary 2048 so that the run fits the shared machine's memory; the two LoRA providers share
@@ -40,12 +43,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import ctypes
 import gc
-import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -56,7 +57,6 @@ from fastft.ops.s2ft_linear import s2ft_backward_reference
 
 from fastft import measure
 
-from . import cli
 
 # S²FT: one head and ffn_ratio of the channels per layer, about 1.0% of all parameters in both variants
 FULL = dict(hidden=1024, intermediate=2816, layers=4, heads=16, seq=512, batch=2, vocab=2048, repeats=5, warmup=2,
@@ -72,23 +72,6 @@ class Provider:
     optimizer: torch.optim.Optimizer
     trainable: int
     detail: str
-
-
-@dataclass
-class Result:
-    name: str
-    trainable: int
-    detail: str
-    timing: measure.Timing
-    saved_bytes: int
-    step_peak_bytes: int
-    held_bytes: int
-    flops: int
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def peak_total_bytes(self) -> int:
-        return self.held_bytes + self.step_peak_bytes
 
 
 def build_base(args: argparse.Namespace) -> nn.Module:
@@ -207,191 +190,6 @@ def release_free_memory() -> None:
         pass
 
 
-def down_proj_layer_timing(args: argparse.Namespace, repeats: int) -> dict[str, measure.Timing]:
-    """Forward + backward of one down_proj-shaped layer alone (tokens × intermediate -> hidden): frozen,
-    S²FT (the benchmark's channel count) and LoRA with about as many trainable parameters; interleaved.
-    The step-level difference between S²FT and LoRA is a few percent of a whole step; here it is not."""
-    tokens, features, out = args.batch * args.seq, args.intermediate, args.hidden
-    width = max(1, round(args.ffn_ratio * features))
-    rank = max(1, round(width * out / (features + out)))
-    torch.manual_seed(0)
-    frozen = nn.Linear(features, out, bias=False)
-    frozen.weight.requires_grad_(False)
-    s2ft = S2FTLinear.from_linear(copy.deepcopy(frozen), width)
-    lora = LoRALinear.from_linear(frozen, fastft.LoRAConfig(r=rank, alpha=2 * rank))
-    x = torch.randn(tokens, features, requires_grad=True)
-    g = torch.randn(tokens, out)
-
-    def step(layer: nn.Module, params: list[nn.Parameter]):
-        def run() -> None:
-            x.grad = None
-            for p in params:
-                p.grad = None
-            layer(x).backward(g)
-
-        return run
-
-    steps = {"frozen": step(frozen, []), f"s2ft ({width} cols)": step(s2ft, [s2ft.weight_slice]),
-             f"lora (r={rank})": step(lora, [lora.lora_A, lora.lora_B])}
-    return measure.time_interleaved(steps, repeats=repeats, warmup=2)
-
-
-def _load_average() -> float | None:
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return None
-
-
-def run(args: argparse.Namespace) -> tuple[list[Result], dict]:
-    providers, report, s2ft_model = build_providers(args)
-    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
-    steps = {p.name: make_step(p, ids) for p in providers}
-    for step in steps.values():  # creates the optimizer state, which then belongs to "held"
-        step()
-        release_free_memory()
-
-    by_name = {}
-    for provider in providers:
-        forward = lambda p=provider: p.model(input_ids=ids, labels=ids).loss  # noqa: E731
-        saved = measure.saved_bytes(forward, parameters=provider.model)
-        peak = measure.peak_live_bytes(steps[provider.name])
-        fwd_bwd = lambda p=provider: p.model(input_ids=ids, labels=ids).loss.backward()  # noqa: E731
-        flops = measure.flops(fwd_bwd)
-        provider.optimizer.zero_grad(set_to_none=True)
-        by_name[provider.name] = (saved, peak, held_bytes(provider), flops)
-        release_free_memory()
-
-    load_before = _load_average()
-    timings = measure.time_interleaved(steps, repeats=args.repeats, warmup=args.warmup)
-    load_after = _load_average()
-    results = [Result(p.name, p.trainable, p.detail, timings[p.name], *by_name[p.name]) for p in providers]
-    sliced, full, slice_entries, full_entries = slice_grad_flops(s2ft_model, args.batch * args.seq)
-    layer_timing = down_proj_layer_timing(args, repeats=4 * args.repeats)
-    context = dict(
-        layer_timing=layer_timing,
-        report=report,
-        total_params=sum(p.numel() for p in providers[-1].model.parameters()),
-        slice_flops=(sliced, full, slice_entries, full_entries),
-        load=(load_before, load_after),
-        threads=torch.get_num_threads(),
-    )
-    return results, context
-
-
-def _fmt_load(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2f}"
-
-
-def format_table(results: list[Result], context: dict, shape: str) -> str:
-    by_name = {r.name: r for r in results}
-    header = ("provider", "trainable", "%", "median s", "p20 s", "p80 s", "x s2ft", "saved for bwd", "step peak",
-              "held", "peak total", "GFLOP", "detail")
-    s2ft = by_name["s2ft"]
-    rows = []
-    for r in results:
-        t = r.timing
-        rows.append((
-            r.name, f"{r.trainable:,}", f"{100 * r.trainable / context['total_params']:.3f}",
-            f"{t.median_s:.3f}", f"{t.p20_s:.3f}", f"{t.p80_s:.3f}", f"{t.median_s / s2ft.timing.median_s:.2f}",
-            measure.format_bytes(r.saved_bytes), measure.format_bytes(r.step_peak_bytes),
-            measure.format_bytes(r.held_bytes), measure.format_bytes(r.peak_total_bytes), f"{r.flops / 1e9:.1f}", r.detail,
-        ))
-    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-    line = lambda row: "  ".join(str(c).rjust(w) if 0 < i < len(row) - 1 else str(c).ljust(w)  # noqa: E731
-                                 for i, (c, w) in enumerate(zip(row, widths))).rstrip()
-    first = results[0].timing
-    out = [
-        f"One training step (forward + backward + AdamW): {shape}",
-        f"machine: CPU, {context['threads']} threads, {os.cpu_count()} cores; {first.repeats} timed steps after "
-        f"{first.warmup} warm-up, interleaved; torch {torch.__version__}; 1-min load average "
-        f"{_fmt_load(context['load'][0])} before timing, {_fmt_load(context['load'][1])} after",
-        line(header),
-        line(tuple("-" * w for w in widths)),
-        *(line(row) for row in rows),
-    ]
-    sliced, full, slice_entries, full_entries = context["slice_flops"]
-    expected = full * slice_entries / full_entries
-    out += [
-        "",
-        f"S²FT slice dW FLOPs {sliced:,} vs full dW FLOPs of the same modules {full:,}: ratio "
-        f"{sliced / full:.6f}, slice fraction {slice_entries:,} / {full_entries:,} = {slice_entries / full_entries:.6f}",
-    ]
-    layer = context["layer_timing"]
-    frozen = next(iter(layer.values())).median_s
-    out.append("one down_proj-shaped layer alone, forward + backward (interleaved): " + "; ".join(
-        f"{name} {t.median_s * 1e3:.1f} ms (p20 {t.p20_s * 1e3:.1f}, p80 {t.p80_s * 1e3:.1f}; {t.median_s / frozen:.3f}x frozen)"
-        for name, t in layer.items()))
-    verdicts = []
-    for peer in ("lora-same", "lora-all"):
-        if peer not in by_name:
-            continue
-        other = by_name[peer]
-        mem = s2ft.peak_total_bytes < other.peak_total_bytes
-        step_mem = s2ft.step_peak_bytes < other.step_peak_bytes
-        fast = s2ft.timing.median_s < other.timing.median_s
-        verdicts.append(
-            f"peak memory below {peer}: {'met' if mem else 'NOT MET'} (peak total {s2ft.peak_total_bytes / other.peak_total_bytes:.3f}x, "
-            f"step peak {s2ft.step_peak_bytes / other.step_peak_bytes:.3f}x{'' if step_mem else ' NOT below'})"
-        )
-        verdicts.append(
-            f"step time below {peer}: {'met' if fast else 'NOT MET'} ({s2ft.timing.median_s / other.timing.median_s:.3f}x)"
-        )
-    verdicts.append(f"slice dW FLOPs = slice fraction of full dW FLOPs: {'met' if sliced == expected else 'NOT MET'}")
-    out.append("S²FT targets:\n  " + "\n  ".join(verdicts))
-    return "\n".join(out)
-
-
-def write_csv(path: str, results: list[Result], args: argparse.Namespace, context: dict) -> None:
-    fields = ["benchmark", "provider", "metric", "value", "unit", "hidden", "intermediate", "layers", "seq", "batch",
-              "vocab", "threads", "device", "repeats", "warmup", "load_average", "torch"]
-    new = not os.path.exists(path) or os.path.getsize(path) == 0
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        if new:
-            writer.writeheader()
-        common = dict(benchmark="s2ft_step", hidden=args.hidden, intermediate=args.intermediate, layers=args.layers,
-                      seq=args.seq, batch=args.batch, vocab=args.vocab, threads=context["threads"], device="cpu",
-                      repeats=args.repeats, warmup=args.warmup, load_average=context["load"][0], torch=torch.__version__)
-        for r in results:
-            for metric, value, unit in (
-                ("trainable_params", r.trainable, "params"),
-                ("time_median", r.timing.median_s, "s"),
-                ("time_p20", r.timing.p20_s, "s"),
-                ("time_p80", r.timing.p80_s, "s"),
-                ("saved_for_backward", r.saved_bytes, "bytes"),
-                ("step_peak_live", r.step_peak_bytes, "bytes"),
-                ("held", r.held_bytes, "bytes"),
-                ("peak_total", r.peak_total_bytes, "bytes"),
-                ("flops", r.flops, "flop"),
-            ):
-                writer.writerow(dict(common, provider=r.name, metric=metric, value=value, unit=unit))
-        sliced, full, _, _ = context["slice_flops"]
-        writer.writerow(dict(common, provider="s2ft", metric="slice_dw_flops", value=sliced, unit="flop"))
-        writer.writerow(dict(common, provider="s2ft", metric="full_dw_flops_same_modules", value=full, unit="flop"))
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.s2ft_step", description=__doc__.split("\n")[0])
-    for key, value in FULL.items():
-        parser.add_argument(f"--{key.replace('_', '-')}", dest=key, type=type(value), default=value)
-    return cli.parse_standalone_args(parser, argv, QUICK)
-
-
-def main(argv: list[str] | None = None) -> list[Result]:
-    args = parse_args(argv)
-    shape = (f"Llama hidden={args.hidden}, intermediate={args.intermediate}, layers={args.layers}, heads={args.heads}, "
-             f"vocab={args.vocab}, seq={args.seq}, batch={args.batch}, float32")
-    results, context = run(args)
-    print(context["report"])
-    print()
-    print(format_table(results, context, shape))
-    if args.csv:
-        write_csv(args.csv, results, args, context)
-        print(f"wrote rows to {args.csv}")
-    return results
-
-
 # ------------------------------------------------------------------------------------------- in the suite
 # ``python -m benchmarks`` runs two S²FT benchmarks (no PEFT counterpart exists: the peer is LoRA, fastft's, with
 # about as many trainable parameters):
@@ -454,7 +252,7 @@ def step_subjects(config: dict, ctx) -> list:
     fastft's default backends (the "s2ft" benchmark compares the op's backends)."""
     from fastft.dispatch import backend_for
 
-    from .harness import forced_backend, model_step_subject
+    from .harness import Measurement, forced_backend, model_step_subject
 
     args = argparse.Namespace(**config)
     names = ("lora-same", "full") if ctx.quick and not ctx.on_gpu else None  # --quick on a CPU: lora-all left out
@@ -463,15 +261,24 @@ def step_subjects(config: dict, ctx) -> list:
     inputs = dict(input_ids=ids.to(ctx.device), labels=ids.to(ctx.device))
     counted = dict(flops_context=lambda: forced_backend("torch"))
     subjects: list = []
+    extra: list = []
     for provider in providers:
         provider.model.to(ctx.device)
         if provider.name == "s2ft":
-            subjects.append(model_step_subject("fastft", backend_for("s2ft_linear", ctx.device), "fastft",
-                                               provider.model, inputs, **counted))
+            backend = backend_for("s2ft_linear", ctx.device)
+            subjects.append(model_step_subject("fastft", backend, "fastft", provider.model, inputs, **counted))
+            sliced, full, slice_entries, full_entries = slice_grad_flops(provider.model, args.batch * args.seq)
+            note = (f"the S²FT modules' slice dW: {sliced:,} FLOPs of the full dW's {full:,}; it must equal the slice's "
+                    f"share of the weights, {slice_entries:,} / {full_entries:,} entries")
+            extra += [Measurement("fastft", backend, "fastft", "backward", "slice_dw_flops", "flop", sliced, note=note),
+                      Measurement("fastft", backend, "fastft", "backward", "slice_dw_share", "ratio", sliced / full,
+                                  note=note),
+                      Measurement("fastft", backend, "fastft", "backward", "slice_entry_share", "ratio",
+                                  slice_entries / full_entries, note=note)]
         else:
             backend = backend_for("lora_linear", ctx.device) if provider.name.startswith("lora") else "eager"
             subjects.append(model_step_subject(provider.name, backend, "peer", provider.model, inputs, **counted))
-    return subjects
+    return subjects, extra
 
 
 def _llama_step_flops(config: dict) -> float:
@@ -510,4 +317,6 @@ def suite_benchmarks(layer_sweeps: dict | None = None, step_sweeps: dict | None 
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from .suite import main_module
+
+    sys.exit(main_module("s2ft_step", suite_benchmarks()))

@@ -5,6 +5,11 @@
     python -m benchmarks --only lora,qlora  # some benchmarks (names or tags: layer, e2e); --skip likewise
     python -m benchmarks --list             # what would run, with estimated durations; runs nothing
     python -m benchmarks --out DIR          # results.csv (appended), summary.md and plots/ (default bench-results/)
+    python -m benchmarks --strict           # exit 1 on a sanity warning that nothing explains
+    python -m benchmarks.lora_layer ...     # one module's benchmarks, with the same options
+
+This module owns the command line, the CSV rows, the sanity checks and the rendering of every benchmark;
+a benchmark module only declares its cases and how to run one (``benchmarks.harness``).
 
 Each benchmark module lists its cases through ``suite_benchmarks()`` (see ``benchmarks.harness``); the
 modules are in :data:`SUITE_MODULES`. A provider that is not installed or cannot run here is skipped with
@@ -15,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import time
 import traceback
@@ -41,6 +45,7 @@ SUITE_MODULES = (
     "benchmarks.s2ft_step",
     "benchmarks.qat_step",
     "benchmarks.partial_backprop",
+    "benchmarks.host_overhead",
     "benchmarks.e2e",
 )
 
@@ -59,6 +64,7 @@ class Outcome:
     csv_path: Path | None = None
     summary_path: Path | None = None
     plots: list[Path] = field(default_factory=list)
+    warnings: list = field(default_factory=list)  # sanity.Warning of the run
     expected_s: float = 0.0
     elapsed_s: float = 0.0
 
@@ -111,14 +117,15 @@ def _describe(error: BaseException) -> str:
 
 
 # ----------------------------------------------------------------------------------- rows
-def case_rows(case: Case, measurements: Iterable[Measurement], env: Environment) -> list[Row]:
+def case_rows(case: Case, measurements: Iterable[Measurement], env: Environment,
+              load_start: float | None = None) -> list[Row]:
     """The CSV rows of a case: one per measurement and sweep (or per curve point)."""
     rows = []
     config = format_config(case.config)
     for m in measurements:
         points = [m.x] if m.x is not None else [(name, case.config.get(name, "")) for name in case.x_names]
         for x_name, x_value in points:
-            rows.append(env.row(op=case.op, provider=m.provider, backend=m.backend, role=m.role, mode=m.mode,
+            rows.append(env.row(load_start=load_start, op=case.op, provider=m.provider, backend=m.backend, role=m.role, mode=m.mode,
                                 metric=m.metric, unit=m.unit, x_name=x_name, x_value=str(x_value), p50=m.p50,
                                 p20=m.p20, p80=m.p80, config=config, note=m.note))
     return rows
@@ -236,8 +243,8 @@ class Progress:
 
 
 # ----------------------------------------------------------------------------------- running
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0],
+def parse_args(argv: list[str] | None, prog: str = "python -m benchmarks") -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--quick", action="store_true", help="small shapes and fewer timed runs")
@@ -253,7 +260,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--list", action="store_true", help="list the cases and their estimated durations; run nothing")
     parser.add_argument("--no-render", action="store_true", help="write the CSV only (no plots, no summary.md)")
     parser.add_argument("--no-progress", action="store_true", help="plain progress lines instead of a bar")
+    parser.add_argument("--strict", action="store_true",
+                        help="exit 1 when a sanity check warns and nothing explains it (benchmarks.sanity)")
+    parser.add_argument("--compile", dest="compile", action="store_true", default=None,
+                        help="build the torch.compile peers (default: in the full sweep, not in --quick)")
+    parser.add_argument("--no-compile", dest="compile", action="store_false", help="leave the torch.compile peers out")
     args = parser.parse_args(argv)
+    args.prog = prog
     args.only = [n.strip() for n in args.only.split(",") if n.strip()]
     args.skip = [n.strip() for n in args.skip.split(",") if n.strip()]
     return args
@@ -270,7 +283,16 @@ def make_context(args: argparse.Namespace) -> Context:
     timing = dict(QUICK_TIMING if args.quick else FULL_TIMING)
     if args.repeats:
         timing["repeats"] = args.repeats
-    return Context(device=device, quick=args.quick, env=Environment.current(device), **timing)
+    compile_peers = (not args.quick) if args.compile is None else args.compile
+    env = Environment.current(device, sweep="quick" if args.quick else "full", command=command_line(args))
+    return Context(device=device, quick=args.quick, env=env, compile=compile_peers, **timing)
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The command that reproduces this run (its argv as given, after the program's name)."""
+    import shlex
+
+    return " ".join([args.prog, *(shlex.quote(a) for a in getattr(args, "argv", []))])
 
 
 def plan(benchmarks: list[Benchmark], ctx: Context, outcome: Outcome) -> list[tuple[Benchmark, Case]]:
@@ -292,9 +314,12 @@ def plan(benchmarks: list[Benchmark], ctx: Context, outcome: Outcome) -> list[tu
     return cases
 
 
-def run(argv: list[str] | None = None, benchmarks: list[Benchmark] | None = None) -> Outcome:
+def run(argv: list[str] | None = None, benchmarks: list[Benchmark] | None = None,
+        prog: str = "python -m benchmarks") -> Outcome:
     """Run the suite (``benchmarks`` replaces the collected ones; tests use it); returns the outcome."""
-    args = parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv, prog)
+    args.argv = argv
     if args.threads:
         torch.set_num_threads(args.threads)
     ctx = make_context(args)
@@ -325,8 +350,8 @@ def run(argv: list[str] | None = None, benchmarks: list[Benchmark] | None = None
 
     env = ctx.env
     load = load_average()
-    print(f"fastft benchmarks ({'quick' if ctx.quick else 'full'} sweep) on {env.device}, {env.threads} threads "
-          f"({os.cpu_count()} cores), 1-min load average {load if load is not None else 'n/a'}; torch {env.torch}, "
+    print(f"fastft benchmarks ({'QUICK CHECK: small shapes, not for publishing' if ctx.quick else 'full'} sweep) "
+          f"on {env.device} ({env.processor}), {env.threads} threads, 1-min load average {load if load is not None else 'n/a'}; torch {env.torch}, "
           f"triton {env.triton}, fastft {env.fastft}")
     if ctx.peaks is not None:
         print(f"roofline: {ctx.peaks.how} (estimates are labelled as such)")
@@ -353,11 +378,12 @@ def run(argv: list[str] | None = None, benchmarks: list[Benchmark] | None = None
                 outcome.note(f"cases not run: --max-minutes {args.max_minutes:g} reached")
             else:
                 progress.start(case.label)
+                load_start = load_average()
                 try:
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")
                         measurements = case.run(ctx)
-                    rows = case_rows(case, measurements, env)
+                    rows = case_rows(case, measurements, env, load_start)
                     progress.write(format_case(case, measurements))
                     for m in measurements:
                         if m.metric == "skipped":
@@ -374,6 +400,13 @@ def run(argv: list[str] | None = None, benchmarks: list[Benchmark] | None = None
         progress.close()
     outcome.elapsed_s = time.perf_counter() - started
     outcome.csv_path = writer.path
+    from . import sanity
+
+    outcome.warnings = sanity.check([_as_dict(r) for r in outcome.rows])
+    if args.strict:
+        for w in outcome.warnings:
+            if not w.explanation:
+                outcome.failures.append(f"--strict: sanity warning {w.text()}")
 
     if not args.no_render:
         from . import render
@@ -389,6 +422,12 @@ def run(argv: list[str] | None = None, benchmarks: list[Benchmark] | None = None
     return outcome
 
 
+def _as_dict(row: Row) -> dict:
+    from dataclasses import asdict
+
+    return asdict(row)
+
+
 def _print_end(outcome: Outcome, load_at_start: float | None) -> None:
     load = load_average()
     print()
@@ -401,13 +440,25 @@ def _print_end(outcome: Outcome, load_at_start: float | None) -> None:
         print(f"summary: {outcome.summary_path}; {len(outcome.plots)} plots in {outcome.summary_path.parent / 'plots'}")
     for note in outcome.notes:
         print(f"skipped: {note}")
+    if outcome.warnings:
+        explained = sum(1 for w in outcome.warnings if w.explanation)
+        print(f"{len(outcome.warnings)} sanity warnings ({explained} explained; drawn under their figures):")
+        for w in outcome.warnings:
+            print(f"WARNING {w.text()}")
     for failure in outcome.failures:
         print(f"FAILED: {failure}")
     if outcome.failures:
         print(f"{len(outcome.failures)} FAILED (see above and the summary); the other cases ran.")
 
 
-def main(argv: list[str] | None = None, benchmarks: list[Benchmark] | None = None) -> int:
-    """Run the suite; exit status 1 when a case failed (after everything else ran), else 0."""
-    outcome = run(argv, benchmarks)
+def main(argv: list[str] | None = None, benchmarks: list[Benchmark] | None = None,
+         prog: str = "python -m benchmarks") -> int:
+    """Run the suite; exit status 1 when a case failed (after everything else ran; with ``--strict`` also on
+    an unexplained sanity warning), else 0."""
+    outcome = run(argv, benchmarks, prog)
     return 1 if outcome.failures else 0
+
+
+def main_module(module: str, benchmarks: list[Benchmark]) -> int:
+    """``python -m benchmarks.<module>``: the suite's command line over that module's benchmarks alone."""
+    return main(None, benchmarks, prog=f"python -m benchmarks.{module}")

@@ -18,7 +18,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.append(str(REPO_ROOT))  # benchmarks/ is a top-level folder of the repository, not installed
 
-from benchmarks import e2e, harness, lora_layer, measure, records, render, suite  # noqa: E402
+from fastft import measure  # noqa: E402
+
+from benchmarks import e2e, harness, lora_layer, records, render, sanity, suite  # noqa: E402
 from benchmarks import csrc_ops, dora_layer, hadamard, linear_ce, partial_backprop, qat_step, s2ft_step  # noqa: E402
 
 TINY = {("cpu", "quick"): (dict(hidden=32, tokens=16, rank=4, dtype="float32"), dict(hidden=[32, 48]))}
@@ -80,11 +82,18 @@ def test_quick_run_of_one_op_writes_well_formed_rows_a_summary_and_plots(tmp_pat
         assert figure("fastft", "max_rel_diff", str(hidden), "step") < 1e-5
         assert figure("fastft", "peak_live", str(hidden), "step") > 0
     skipped = [r for r in rows if r["metric"] == "skipped"]
-    assert skipped and all(r["backend"] == "triton" and "interpreter" in r["note"] for r in skipped)
+    assert {r["backend"] for r in skipped} == {"triton", "inductor"}
+    assert all("interpreter" in r["note"] for r in skipped if r["backend"] == "triton")
+    assert all("not run in --quick" in r["note"] for r in skipped if r["backend"] == "inductor")
+    # every row states its conditions: processor, sweep, the command, the load at its case's start and end
+    assert all(r["processor"] and r["sweep"] == "quick" and r["command"].startswith("python -m benchmarks --quick")
+               and r["load_start"] != "" and r["load_avg"] != "" for r in rows)
 
     summary = (tmp_path / "summary.md").read_text()
     assert "## lora" in summary and "fastft[torch] / best peer" in summary and "time, step" in summary
     assert "## Skipped" in summary and "## FAILED" not in summary
+    assert "QUICK CHECK" in summary and "reproduce: python -m benchmarks --quick" in summary
+    assert rows[0]["processor"] in summary
     plot = tmp_path / "plots" / "lora-time.png"
     assert plot in outcome.plots and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -378,3 +387,103 @@ def test_end_to_end_methods_share_the_lora_variant_and_s2ft_matches_its_trainabl
     lora_count = sum(setup.rank * (m.in_features + m.out_features) for m in e2e.decoder_linears(model).values())
     report = __import__("fastft").patch(model, e2e.s2ft_config(model, setup))
     assert abs(report.trainable_params - lora_count) <= setup.hidden * setup.layers  # within one channel a layer
+
+
+# ------------------------------------------------------------------------------------------- sanity checks
+def _row(op="op", provider="fastft", role="fastft", mode="step", metric="time", x_name="tokens", x=8, p50=1e-3,
+         spread=0.0, config=None, note="", load=0.5, sweep="full"):
+    env = records.Environment("cpu", 2, "t", "tr", "f", "run-1", processor="Test CPU (2 cores)", sweep=sweep,
+                              command="python -m benchmarks")
+    r = env.row(load_start=load, op=op, provider=provider, backend="torch" if role == "fastft" else "eager", role=role,
+                mode=mode, metric=metric, unit="s" if metric == "time" else "flop", x_name=x_name, x_value=str(x),
+                p50=p50, p20=p50 * (1 - spread), p80=p50 * (1 + spread), config=config or f"{x_name}={x}", note=note)
+    r = {k: getattr(r, k) for k in records.FIELDS}
+    r["load_avg"] = load
+    return r
+
+
+def test_sanity_checks_flag_time_falling_with_work_steps_that_are_not_forward_plus_backward_noise_and_the_floor():
+    rows = [_row(x=8, p50=20e-3), _row(x=64, p50=1e-3)]  # the base-point anomaly of issue 19
+    (w,) = sanity.check(rows)
+    assert w.check == "falls_with_work" and "tokens=8 20 ms → tokens=64 1 ms" in w.message and w.explanation is None
+    assert not sanity.check([_row(x=8, p50=1.0e-3, spread=0.2), _row(x=64, p50=0.95e-3, spread=0.2)])  # within spread
+
+    parts = [_row(mode="forward", p50=1e-3), _row(mode="backward", p50=1e-3), _row(mode="step", p50=7e-3)]
+    (w,) = sanity.check(parts)
+    assert w.check == "step_sum" and "3.50×" in w.message
+    assert not sanity.check(parts[:2] + [_row(mode="step", p50=2.2e-3)])
+
+    (w,) = sanity.check([_row(p50=1e-3, note="perf_counter; noisy: measured twice and both runs disagreed")])
+    assert w.check == "noisy"
+
+    floor = [_row(provider="frozen", role="floor", p50=1e-3), _row(provider="peft", role="peer", p50=3e-3),
+             _row(provider="frozen", role="floor", metric="flops", p50=100.0),
+             _row(provider="peft", role="peer", metric="flops", p50=110.0)]
+    (w,) = sanity.check(floor)
+    assert w.check == "floor" and w.provider == "peft" and "3.0× the floor" in w.message
+    floor[3]["p50"] = 300.0  # three times the work: three times the time is allowed
+    assert not sanity.check(floor)
+
+
+def test_sanity_warnings_are_explained_by_load_or_a_known_cause_and_strict_fails_on_the_rest(tmp_path, capsys):
+    (w,) = sanity.check([_row(x=8, p50=20e-3, load=5.0), _row(x=64, p50=1e-3, load=5.0)])
+    assert "loaded while it ran (1-minute load average 5.0–5.0 on 2 cores)" in w.explanation
+    (w,) = sanity.check([_row(op="linear_ce", mode=m, p50=v) for m, v in
+                         (("forward", 1e-3), ("backward", 1e-3), ("step", 9e-3))])
+    assert "computes its gradients in its forward" in w.explanation
+
+    def falling(ctx):
+        return [harness.Measurement("fastft", "torch", "fastft", "step", "time", "s", 9e-3 if ctx else 1e-3)]
+
+    cases = lambda ctx: [harness.Case("odd", {"tokens": n}, ("tokens",),  # noqa: E731
+                                      lambda ctx, n=n: [harness.Measurement("fastft", "torch", "fastft", "step", "time",
+                                                                            "s", 1e-2 / n)], lambda ctx: 0.0)
+                         for n in (1, 64)]
+    odd = harness.Benchmark("odd", cases)
+    argv = ["--quick", "--no-progress", "--out", str(tmp_path)]
+    if sanity.load_explanation([{"load_avg": records.load_average(), "processor": records.processor_name()}]):
+        pytest.skip("the machine is loaded: every warning is explained by the load, --strict has nothing to fail on")
+    assert suite.main(argv, benchmarks=[odd]) == 0  # warned, not failed
+    assert "WARNING [falls_with_work] odd step fastft[torch]" in capsys.readouterr().out
+    assert suite.main(argv + ["--strict"], benchmarks=[odd]) == 1
+
+
+def test_the_results_page_refuses_a_quick_run_and_states_the_conditions_of_a_full_one(tmp_path):
+    from benchmarks import results_page
+
+    with pytest.raises(ValueError, match="--quick run"):
+        results_page.page([_row(sweep="quick")])
+    rows = [_row(op="host-lora", x=1, p50=2e-4), _row(op="host-lora", provider="peft", role="peer", x=1, p50=1e-4),
+            _row(op="lora", x=8, p50=1e-3)]
+    text = results_page.page(rows)
+    assert "Test CPU (2 cores)" in text and "reproduce: python -m benchmarks" in text and "run-1" in text
+    assert "## Host overhead" in text and "2.00× (peft)" in text and "### lora" in text
+
+
+def test_the_host_overhead_benchmark_times_fastft_its_peer_and_the_plain_layer(tmp_path):
+    from benchmarks import host_overhead
+
+    tiny = {("cpu", "quick"): (32, [1, 4])}
+    outcome = suite.run(["--quick", "--no-progress", "--no-render", "--out", str(tmp_path)],
+                        benchmarks=host_overhead.suite_benchmarks(tiny))
+    assert outcome.failures == []
+    _, rows = read_csv(tmp_path / "results.csv")
+    times = [r for r in rows if r["metric"] == "time"]
+    assert {r["op"] for r in times} == {f"host-{m}" for m in host_overhead.METHODS}
+    for method, peer in (("lora", "peft"), ("dora", "peft"), ("s2ft", "peft-shira"), ("qat", "torchao")):
+        providers = {r["provider"] for r in times if r["op"] == f"host-{method}"}
+        assert {"fastft", "plain"} <= providers, method
+        assert peer in providers or any(r["provider"] == peer and r["metric"] == "skipped" for r in rows), method
+    assert {r["x_value"] for r in times} == {"1", "4"} and {r["mode"] for r in times} == {"forward", "step"}
+
+
+def test_a_compiled_peer_runs_with_compile(tmp_path):
+    if harness.compiler_available():
+        pytest.skip(harness.compiler_available())
+    lora, _ = lora_layer.suite_benchmarks(sweeps=TINY_ONE, qlora_sweeps=TINY_ONE)
+    outcome = run_suite(tmp_path, [lora], "--compile", "--no-render")
+    assert outcome.failures == []
+    _, rows = read_csv(tmp_path / "results.csv")
+    compiled = [r for r in rows if r["provider"] == "torch.compile"]
+    assert {r["backend"] for r in compiled} == {"inductor"} and {r["role"] for r in compiled} == {"peer"}
+    assert {r["mode"] for r in compiled if r["metric"] == "time"} == {"forward", "backward", "step"}

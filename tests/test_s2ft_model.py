@@ -381,17 +381,26 @@ def test_four_bit_base_is_refused_with_a_clear_error():
         fastft.patch(model, fastft.S2FTConfig())
 
 
-def test_benchmark_runs_and_counts_slice_flops_exactly(capsys):
+def test_benchmark_runs_and_counts_slice_flops_exactly(tmp_path):
+    import csv
     import sys
     from pathlib import Path
 
     sys.path.append(str(Path(__file__).resolve().parents[1]))  # benchmarks/ is not installed
-    from benchmarks import s2ft_step
+    from benchmarks import s2ft_step, suite
 
-    results = s2ft_step.main(["--hidden", "64", "--intermediate", "88", "--layers", "1", "--heads", "4", "--seq", "16",
-                              "--vocab", "96", "--repeats", "1", "--warmup", "0"])
-    out = capsys.readouterr().out
-    assert [r.name for r in results] == ["s2ft", "lora-same", "lora-all", "full"]
-    assert "slice dW FLOPs = slice fraction of full dW FLOPs: met" in out
-    by_name = {r.name: r for r in results}
-    assert by_name["s2ft"].saved_bytes < by_name["lora-same"].saved_bytes < by_name["full"].saved_bytes
+    tiny = {("cpu", "quick"): (dict(hidden=64, intermediate=88, layers=1, heads=4, seq=16, batch=1, vocab=96,
+                                    attn_ratio=0.25, ffn_ratio=0.125), dict(seq=[16]))}
+    step = [b for b in s2ft_step.suite_benchmarks(step_sweeps=tiny) if b.name == "s2ft_step"]
+    outcome = suite.run(["--quick", "--repeats", "1", "--no-progress", "--no-render", "--out", str(tmp_path)],
+                        benchmarks=step)
+    assert outcome.failures == []
+    with open(tmp_path / "results.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["metric"] not in ("skipped", "failed")]
+    value = {(r["provider"], r["metric"]): float(r["p50"]) for r in rows}
+    assert {r["provider"] for r in rows if r["metric"] == "time"} == {"fastft", "lora-same", "full"}
+    # slice dW FLOPs = the slice's fraction of the full dW FLOPs of the same modules, exactly
+    assert value[("fastft", "slice_dw_flops")] > 0
+    assert value[("fastft", "slice_dw_share")] == value[("fastft", "slice_entry_share")]
+    saved = {p: value[(p, "saved_for_backward")] for p in ("fastft", "lora-same", "full")}
+    assert saved["fastft"] < saved["lora-same"] < saved["full"]
