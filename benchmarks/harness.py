@@ -42,10 +42,10 @@ from .records import Environment
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 INSTALL_HINTS = {
-    "peft": 'pip install "fastft[peft]"',
-    "bitsandbytes": 'pip install "fastft[qlora]"',
-    "matplotlib": 'pip install "fastft[bench]"',
-    "tqdm": 'pip install "fastft[bench]"',
+    "peft": 'pip install -e ".[peft]" from the fastft checkout',
+    "bitsandbytes": 'pip install -e ".[qlora]" from the fastft checkout',
+    "matplotlib": 'pip install -e ".[bench]" from the fastft checkout',
+    "tqdm": 'pip install -e ".[bench]" from the fastft checkout',
 }
 
 

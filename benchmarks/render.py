@@ -396,7 +396,7 @@ def render(csv_path: str | Path, out_dir: str | Path, run_id: str | None = None)
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        rendered.notes.append('matplotlib is not installed: plots skipped (pip install "fastft[bench]")')
+        rendered.notes.append('matplotlib is not installed: plots skipped (pip install -e ".[bench]" from the fastft checkout)')
         return rendered
     rendered.plots = plot(rows, out_dir / "plots", warnings)
     return rendered

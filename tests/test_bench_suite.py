@@ -108,7 +108,7 @@ def test_missing_providers_are_skipped_with_a_note_not_an_error(tmp_path, monkey
     _, rows = read_csv(tmp_path / "results.csv")
     assert not [r for r in rows if r["provider"] == "peft" and r["metric"] != "skipped"]
     peft_notes = {r["note"] for r in rows if r["provider"] == "peft" and r["metric"] == "skipped"}
-    assert peft_notes == {'peft is not installed: the PEFT provider skipped (pip install "fastft[peft]")'}
+    assert peft_notes == {'peft is not installed: the PEFT provider skipped (pip install -e ".[peft]" from the fastft checkout)'}
     assert {r["provider"] for r in rows if r["metric"] == "time"} == {"fastft", "pytorch", "frozen"}
     qlora = [r for r in rows if r["op"] == "qlora"]
     assert [r["metric"] for r in qlora] == ["skipped"] and "bitsandbytes is not installed" in qlora[0]["note"]
