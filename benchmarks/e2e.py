@@ -3,7 +3,7 @@
     python -m benchmarks --only e2e                                # through the suite (every method)
     python -m benchmarks.e2e --method lora --provider fastft       # one variant; prints one RESULT line (JSON)
 
-The model, the data and the training loop are the demo's (``fastft.demo``): a random-weight
+The model, the data and the training loop are the demo's tiny ones (``fastft.demo``): a random-weight
 ``LlamaForCausalLM`` built from its config class, batches of a synthetic language (same seed, so the same
 data for every variant), AdamW on the trainable parameters. Default: hidden 1024, intermediate 2816,
 4 layers, 16 heads / 4 KV heads, vocab 32000, sequence 512, batch 2, 6 steps, LoRA r=16 alpha=32 on every
@@ -51,11 +51,46 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULT_PREFIX = "RESULT "
 
 
-def setups():
-    """The end-to-end model/run sizes: {"default": ..., "quick": ...} (``fastft.demo.DemoSetup``)."""
-    from fastft.demo import DemoSetup
+@dataclass(frozen=True)
+class E2ESetup:
+    """Sizes of the random Llama, its synthetic language (``fastft.demo.data.grammar_batches``) and the run."""
 
-    default = DemoSetup(hidden=1024, intermediate=2816, layers=4, heads=16, kv_heads=4, vocab=32000, seq_len=512,
+    hidden: int = 256
+    intermediate: int = 688
+    layers: int = 4
+    heads: int = 8
+    kv_heads: int = 4
+    vocab: int = 512
+    words: int = 48  # the language uses token ids 1..words; 0 starts every sentence
+    successors: int = 2  # each word can be followed by this many words
+    init_std: float = 0.06
+    seq_len: int = 128
+    batch: int = 16
+    steps: int = 40
+    lr: float = 5e-3
+    rank: int = 16
+    alpha: float = 32
+    seed: int = 0
+
+
+def build_base_model(setup: E2ESetup):
+    """A random ``LlamaForCausalLM`` of the setup's size (deterministic given ``setup.seed``)."""
+    from fastft.demo.models import TinyLlamaShape, build_tiny_llama
+
+    shape = TinyLlamaShape(hidden=setup.hidden, intermediate=setup.intermediate, layers=setup.layers,
+                           heads=setup.heads, kv_heads=setup.kv_heads, vocab=setup.vocab, init_std=setup.init_std)
+    return build_tiny_llama(shape, max_positions=setup.seq_len, seed=setup.seed)
+
+
+def make_batches(setup: E2ESetup) -> list[torch.Tensor]:
+    from fastft.demo.data import grammar_batches
+
+    return grammar_batches(setup.words, setup.successors, setup.steps, setup.batch, setup.seq_len, setup.seed)
+
+
+def setups():
+    """The end-to-end model/run sizes: {"default": ..., "quick": ...} (:class:`E2ESetup`)."""
+    default = E2ESetup(hidden=1024, intermediate=2816, layers=4, heads=16, kv_heads=4, vocab=32000, seq_len=512,
                         batch=2, steps=6, lr=5e-3, rank=16, alpha=32, seed=0)
     # every in_features a multiple of 64, bitsandbytes' block: its CPU C++ dequantize_4bit (0.50.2) disagrees with
     # its own reference (and fastft) when the blocks straddle rows, e.g. for 256x688 weights
@@ -101,16 +136,16 @@ def quantize_decoder_linears(model: nn.Module, dtype: torch.dtype, device: torch
 
 
 def _lora_fastft(model, setup):
-    from fastft.demo import patch_with_fastft
+    import fastft
 
-    patch_with_fastft(model, setup, seeded_lora_adapters(model, setup))
+    adapters = seeded_lora_adapters(model, setup)
+    fastft.patch(model, fastft.LoRAConfig(r=setup.rank, alpha=setup.alpha, targets="all-linear"))
+    _copy_adapters(model, adapters)
     return model
 
 
 def _lora_peft(model, setup):
-    from fastft.demo import patch_with_peft
-
-    return patch_with_peft(model, setup, seeded_lora_adapters(model, setup))
+    return _peft_adapters(model, setup, use_dora=False)
 
 
 def _peft_adapters(model, setup, use_dora: bool):
@@ -225,7 +260,7 @@ METHODS: dict[str, Method] = {
 # ----------------------------------------------------------------------------------------------- one variant
 def run_variant(method_name: str, provider: str, setup, device: torch.device, dtype: torch.dtype) -> dict:
     """Build, patch and train one variant in this process; returns the figures (see the module docstring)."""
-    from fastft.demo import Trainer, build_base_model, make_batches
+    from fastft.demo.variants import Trainer
     from fastft.dispatch import backend_for
     from fastft.process_memory import current_rss, peak_rss, release_freed_memory, reset_peak_rss
     from fastft.report import count_parameters

@@ -197,9 +197,7 @@ def test_time_do_bench_interleaves_providers_and_pools_their_samples():
 
 # ------------------------------------------------------------------------------------------- end to end
 def tiny_setup():
-    from fastft.demo import DemoSetup
-
-    return DemoSetup(hidden=64, intermediate=128, layers=1, heads=4, kv_heads=2, vocab=128, words=16, seq_len=16,
+    return e2e.E2ESetup(hidden=64, intermediate=128, layers=1, heads=4, kv_heads=2, vocab=128, words=16, seq_len=16,
                      batch=2, steps=3, rank=4, alpha=8)
 
 
@@ -362,7 +360,7 @@ def test_linear_ce_skips_a_path_that_would_not_fit_in_memory(monkeypatch):
 
 
 def test_end_to_end_methods_share_the_lora_variant_and_s2ft_matches_its_trainable_count(monkeypatch):
-    from fastft.demo import build_base_model
+    build_base_model = e2e.build_base_model
 
     calls = []
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 try:
     import trl
 except ImportError as err:
-    raise ImportError("fastft.integrations.FastFTSFTTrainer needs TRL: pip install trl (or, from a fastft checkout, pip install -e ".[test]").") from err
+    raise ImportError("fastft.integrations.FastFTSFTTrainer needs TRL: pip install trl (or, from a fastft checkout, pip install -e '.[test]').") from err
 
 import transformers
 from torch import nn
