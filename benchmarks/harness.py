@@ -37,6 +37,7 @@ from typing import Any, Callable, ContextManager, Iterable, Sequence, Union
 import torch
 
 from fastft import measure
+from fastft.dispatch import use_backend as forced_backend  # the one copy of the context manager
 from .records import Environment
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -104,20 +105,6 @@ def compiled_peer(ctx: "Context", fn: Callable[..., Any], args: Sequence[Any], g
 
 def device_type(ctx: "Context") -> str:
     return ctx.device.type
-
-
-@contextlib.contextmanager
-def forced_backend(name: str):
-    """Run fastft ops on backend ``name`` inside the block (``FASTFT_BACKEND``, read at every op call)."""
-    old = os.environ.get("FASTFT_BACKEND")
-    os.environ["FASTFT_BACKEND"] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("FASTFT_BACKEND", None)
-        else:
-            os.environ["FASTFT_BACKEND"] = old
 
 
 def fastft_backends(op: str, device: torch.device) -> tuple[list[str], list["Skipped"]]:

@@ -6,15 +6,14 @@
     fastft.save(model, "adapter")          # or fastft.export_peft(model, "peft-adapter")
     fastft.unpatch(model, merge=True)      # a plain model again, updates folded in
 """
-__version__ = "0.1.0"
-
+from ._version import __version__  # noqa: F401
 from . import nn, ops
 from .config import LoRAConfig
 from .config import LossConfig
 from .config import S2FTConfig
 from .dispatch import backends
 from .io import load, save
-from . import methods  # noqa: F401  (registers the planners)
+from . import plans  # noqa: F401  (registers the planners)
 from .patch import is_patched, patch, unpatch
 from .peft_compat import export_peft, from_peft
 from .policies import SelectionReport, select_trainable, unselect

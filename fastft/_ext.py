@@ -31,6 +31,8 @@ import torch
 from torch import Tensor
 
 from . import build
+from .math.hadamard import hadamard_factorization, hadamard_k_factor
+from .math.quantization import SCALE_EPS
 
 __all__ = [
     "RowsArgs",
@@ -219,8 +221,6 @@ def as_rows(x: Tensor) -> tuple[Tensor, int]:
 @functools.lru_cache(maxsize=64)
 def _k_factor(K: int, inverse: bool, device: torch.device) -> Tensor:
     """H_K (or H_Kᵀ for the inverse), ±1 as int8, row-major on ``device``."""
-    from .ops.hadamard import hadamard_k_factor
-
     H = hadamard_k_factor(K, torch.float32)
     return (H.t() if inverse else H).to(torch.int8).contiguous().to(device)
 
@@ -245,9 +245,6 @@ def rows(
     for the fake quantization of fastft.ops.fake_quantize, per group of ``group_size`` (0: per row) or
     with the tensor-wide ``stats`` (max, min). keep_in / keep_out: bool masks of x's shape.
     """
-    from .ops.fake_quantize import SCALE_EPS
-    from .ops.hadamard import hadamard_factorization
-
     kind = "cuda" if x.device.type == "cuda" else "cpu"
     if x.dtype not in DTYPE_CODES or out.dtype not in DTYPE_CODES:
         raise TypeError(f"fastft C kernels take float32/bfloat16/float16/float64 tensors, got {x.dtype} -> {out.dtype}")

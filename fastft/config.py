@@ -412,7 +412,7 @@ class S2FTConfig(MethodConfig):
     Each decoder block is co-permuted (a permutation that leaves the model's function unchanged) so that
     the selected heads and channels come first, then only dense slices train: the first columns of
     ``o_proj`` (the selected heads) and of ``down_proj`` (the selected channels), and with ``rows=True``
-    also the matching first rows of ``v_proj`` and ``up_proj``. See ``fastft.copermute`` for the
+    also the matching first rows of ``v_proj`` and ``up_proj``. See ``fastft.plans.s2ft_copermute`` for the
     permutation rules and ``fastft.nn.S2FTLinear`` for the layer.
 
     Args:

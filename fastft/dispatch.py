@@ -1,49 +1,110 @@
 """The one place that decides which implementation of an op runs on which device.
 
-Every op in ``fastft.ops`` registers the backends it implements with :func:`register_op`, and asks
-:func:`backend_for` at call time. The default is the Triton kernel on a CUDA device; on the CPU the C++
-library (``cpp``) for the ops it implements, built on first use — if it cannot be built (no compiler),
-one warning and the PyTorch reference; and the PyTorch reference everywhere else. ``FASTFT_BACKEND``
-overrides the choice: a backend name, or a comma-separated preference list (``FASTFT_BACKEND=triton,torch``).
-A forced backend that cannot run an op on a device (or, see ``limits``, this call of it) is an error,
-never a silent fallback.
+Every op in ``fastft.ops`` registers its implementations per backend with :func:`register_op` and asks
+:func:`implementation` (which asks :func:`backend_for`) at call time; no op file compares backend names
+itself. The default is the Triton kernel on a CUDA device; on the CPU the C++ library (``cpp``) for the
+ops it implements, built on first use — if it cannot be built (no compiler), one warning and the PyTorch
+reference; and the PyTorch reference everywhere else. ``FASTFT_BACKEND`` overrides the choice: a backend
+name, or a comma-separated preference list (``FASTFT_BACKEND=triton,torch``); :func:`use_backend` sets it
+for a block. A forced backend that cannot run an op on a device (or, see ``limits``, this call of it) is
+an error, never a silent fallback.
 
 Backends:
   ``torch``   the PyTorch reference implementation: the spec of each op; runs on any device.
   ``triton``  Triton kernels from ``fastft.kernels``; runs on CUDA, and on the CPU only under the Triton
               interpreter (``TRITON_INTERPRET=1``, set before fastft is imported), which the tests use.
+              Registered with :func:`lazy`: the kernel module is imported the first time it is chosen,
+              which keeps Triton optional (the only function-level import of fastft code).
   ``cpp``     the C++ CPU library built from ``csrc/`` (``fastft/build.py``, ``fastft/_ext.py``); CPU tensors.
   ``cuda``    the CUDA library built from ``csrc/`` with nvcc; CUDA tensors. Chosen only when forced
               (``FASTFT_BACKEND=cuda`` or a list naming it): the default on CUDA stays ``triton``.
+
+Entries. An op's implementation per backend is a mapping of entry names (``"forward"``, ``"backward"``,
+...) to callables with the same signature on every backend. A backend that lists no callable for an
+entry runs the ``torch`` entry for it (the reference's composite of the entries the backend does
+implement, e.g. a nested 4-bit dequantization that unnests, then dequantizes on the chosen backend).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import importlib
 import os
-from typing import Callable, Optional
+from typing import Callable, Iterator, Mapping, Optional, Union
 
 import torch
+
+from . import _ext
 
 KNOWN_BACKENDS = ("torch", "triton", "cpp", "cuda")
 
 _OP_BACKENDS: dict[str, tuple[str, ...]] = {}
 _OP_LIMITS: dict[str, dict[str, Callable[..., Optional[str]]]] = {}
+_OP_IMPLEMENTATIONS: dict[str, dict[str, Union[Mapping[str, Callable], "lazy"]]] = {}
 _LIBRARY_DEVICE = {"cpp": "cpu", "cuda": "cuda"}  # backend -> its csrc library (named by device) and device type
 
 
-def register_op(op: str, backends: tuple[str, ...],
-                limits: Optional[dict[str, Callable[..., Optional[str]]]] = None) -> None:
-    """Declare the backends that implement ``op`` (the reference ``torch`` one is mandatory).
+class lazy:
+    """Entries of a backend that live in a module imported only when the backend is first chosen.
 
-    ``limits``: for a backend that implements only some calls of the op, ``check(**call)`` returning
-    None when it can run the call described by the keyword arguments the op passes to
-    :func:`backend_for` (e.g. ``d=``, ``dtype=``), else the reason it cannot.
+    ``lazy("fastft.kernels.lora", forward="lora_forward")``: entry ``forward`` is that module's
+    ``lora_forward``. This is how the Triton kernels register: importing ``fastft`` never imports Triton.
     """
+
+    def __init__(self, module: str, **entries: str):
+        self.module = module
+        self.entries = dict(entries)
+
+    def __contains__(self, entry: str) -> bool:
+        return entry in self.entries
+
+    def __getitem__(self, entry: str) -> Callable:
+        return getattr(importlib.import_module(self.module), self.entries[entry])
+
+    def __repr__(self) -> str:
+        return f"lazy({self.module!r}, {', '.join(f'{k}={v!r}' for k, v in self.entries.items())})"
+
+
+def register_op(op: str, implementations: Mapping[str, Union[Mapping[str, Callable], lazy]],
+                limits: Optional[dict[str, Callable[..., Optional[str]]]] = None) -> None:
+    """Register ``op``'s implementations: ``{backend: {entry: callable}}`` (or a :class:`lazy` per backend).
+
+    The reference ``torch`` backend is mandatory and names every entry. ``limits``: for a backend that
+    implements only some calls of the op, ``check(**call)`` returning None when it can run the call
+    described by the keyword arguments the op passes to :func:`backend_for` (e.g. ``d=``, ``dtype=``),
+    else the reason it cannot.
+    """
+    backends = tuple(implementations)
     unknown = [b for b in backends if b not in KNOWN_BACKENDS]
     if unknown or "torch" not in backends:
         raise ValueError(f"op {op!r}: backends {backends} must include 'torch' and only {KNOWN_BACKENDS}")
-    _OP_BACKENDS[op] = tuple(backends)
+    _OP_BACKENDS[op] = backends
     _OP_LIMITS[op] = dict(limits or {})
+    _OP_IMPLEMENTATIONS[op] = dict(implementations)
+
+
+def implementation(op: str, entry: str, device: torch.device | str, **call) -> Callable:
+    """The callable of ``op``'s ``entry`` on the backend :func:`backend_for` chooses for ``device`` and ``call``."""
+    implementations = _OP_IMPLEMENTATIONS[op]
+    chosen = implementations[backend_for(op, device, **call)]
+    return chosen[entry] if entry in chosen else implementations["torch"][entry]
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run fastft ops on backend ``name`` (or a preference list ``"triton,torch"``) inside the block.
+
+    Sets ``FASTFT_BACKEND``, which :func:`backend_for` reads at every op call, and restores it after.
+    """
+    old = os.environ.get("FASTFT_BACKEND")
+    os.environ["FASTFT_BACKEND"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("FASTFT_BACKEND", None)
+        else:
+            os.environ["FASTFT_BACKEND"] = old
 
 
 @functools.lru_cache(maxsize=None)
@@ -68,8 +129,6 @@ def _runnable(backend: str, device: torch.device) -> bool:
             return False
         return device.type == "cuda" or (device.type == "cpu" and triton_interpreter_enabled())
     if backend in ("cpp", "cuda"):
-        from . import _ext  # builds the library on first use
-
         return device.type == _LIBRARY_DEVICE[backend] and _ext.available(_LIBRARY_DEVICE[backend])
     return False
 
@@ -81,8 +140,6 @@ def _not_runnable_reason(backend: str, device: torch.device) -> str:
         wanted = _LIBRARY_DEVICE[backend]
         if device.type != wanted:
             return f"{backend!r} runs on {wanted} tensors only"
-        from . import _ext
-
         return f"the {backend!r} library is unavailable: {_ext.unavailable_reason(wanted)}"
     return f"{backend!r} cannot run on {device.type}"
 

@@ -20,7 +20,8 @@ from torch import Tensor, nn
 
 from .config import config_from_dict
 from .distributed import full_tensor, is_writer
-from .patch import patch, patch_state, unpatch
+from ._version import __version__
+from .patch import build_report, patch, patch_state, unpatch
 
 WEIGHTS_NAME = "fastft_adapter.safetensors"
 CONFIG_NAME = "fastft_config.json"
@@ -55,8 +56,6 @@ def save(model: nn.Module, directory: str | os.PathLike) -> None:
     adapters are gathered first). Other ranks return without waiting for the write: put a
     ``torch.distributed.barrier()`` after it before they read the directory.
     """
-    from . import __version__
-
     state = _require_state(model, "save")
     tensors = adapter_state_dict(model)
     modules: dict[str, list[str]] = {}
@@ -80,8 +79,6 @@ def _saved_before_modules_to_save(config: dict) -> dict:
 
 def load(model: nn.Module, directory: str | os.PathLike):
     """Load what :func:`save` wrote; patches a plain model first. Returns the :class:`PatchReport`."""
-    from .patch import build_report
-
     config_path = os.path.join(directory, CONFIG_NAME)
     weights_path = os.path.join(directory, WEIGHTS_NAME)
     for path in (config_path, weights_path):

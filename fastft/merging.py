@@ -45,6 +45,14 @@ from typing import Any, Callable, Mapping, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from .config import LoRAConfig
+from .io import CONFIG_NAME, load
+from .nn.lora import LoRALinear
+from .patch import is_patched, patch_state, unpatch
+from .peft_compat import PEFT_CONFIG, from_peft
+from .plans.modules_to_save import TrainInFull
+from .targets import find_layer_stack
+
 StateDict = dict[str, Tensor]
 Source = Union[Mapping[str, Tensor], nn.Module, str, os.PathLike]
 
@@ -70,17 +78,11 @@ def merged_state_dict(model: nn.Module, adapter: str | os.PathLike | None = None
 
     Tensors the adapters do not change share storage with the model's, as ``state_dict()`` does.
     """
-    from .patch import patch_state
-
     if adapter is not None:
         return _adapter_state_dict(model, os.fspath(adapter))
     state = patch_state(model)
     if state is None:
         return dict(model.state_dict())
-    from .config import LoRAConfig
-    from .methods.modules_to_save import TrainInFull
-    from .nn.lora import LoRALinear
-
     for plan in state.plans:
         if plan.config.method == "loss":  # a fused loss changes the forward only, never a weight
             continue
@@ -130,10 +132,6 @@ def _merged_weight(module) -> Tensor:
 
 
 def _adapter_state_dict(model: nn.Module, directory: str) -> StateDict:
-    from .io import CONFIG_NAME, load
-    from .patch import patch_state, unpatch
-    from .peft_compat import PEFT_CONFIG, from_peft
-
     if patch_state(model) is not None:
         raise ValueError(
             "fastft.merged_state_dict(model, adapter): the model is already patched; pass the plain base model "
@@ -286,8 +284,6 @@ def merge(
 
     base_model = base if isinstance(base, nn.Module) else None
     if base_model is not None:
-        from .patch import is_patched
-
         if is_patched(base_model):
             raise ValueError("fastft.merge: base is a fastft-patched model; pass the plain pretrained model as base.")
     base_state = None if base is None else _as_state(base, base_model, "base")
@@ -347,8 +343,6 @@ def _combiner(method: str, options: dict, n: int, reference: Mapping[str, Tensor
             )
     prefix, num_layers = options["layer_prefix"], options["num_layers"]
     if prefix is None:
-        from .targets import find_layer_stack
-
         stack = find_layer_stack(base_model) if base_model is not None else None
         if stack is not None:
             prefix, found = stack.prefix, len(stack.blocks)

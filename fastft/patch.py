@@ -10,75 +10,28 @@ The path of one call:
      can find it;
   3. a :class:`~fastft.report.PatchReport` lists each patched module with the backend it will run on.
 
-Methods plug in by registering a planner for their config class (:func:`register_planner`): a function
-``(model, config) -> Plan``, one file per method in ``fastft/methods/``. A :class:`Plan` holds the
-module swaps and optional model-level :class:`Edit` objects (apply / revert pairs) for what is not a
-module swap.
+Methods plug in by registering a planner for their config class (``fastft.plans.registry.register_planner``):
+a function ``(model, config) -> Plan``, one file per method in ``fastft/plans/``. A ``Plan`` holds the
+module swaps and optional model-level ``Edit`` objects (apply / revert pairs) for what is not a module
+swap. Importing ``fastft.plans`` registers every method's planner.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Sequence
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 from torch import nn
 
 from .config import MethodConfig
 from .dispatch import backend_for
 from .distributed import refuse_distributed, refuse_sharded_unpatch, unwrap
+from .nn import FASTFT_MODULES
+from . import plans as _plans  # noqa: F401  (importing fastft.plans registers every method's planner)
+from .plans.registry import PLANNERS, Edit, Plan, Planner, plan_module_swaps, register_planner  # noqa: F401  (re-exported)
+from .policies import selection_state
 from .report import PatchedModule, PatchReport, count_parameters, logical_numel
-from .targets import resolve_targets
 
 STATE_ATTR = "_fastft_patch"
-
-
-class Edit(Protocol):
-    """A model-level change a method makes besides swapping modules (e.g. a weight permutation).
-
-    Optional methods: ``adapter_parameters()`` (kept trainable), ``report_rows(model)``, and
-    ``adapter_tensors()`` / ``load_adapter_tensors(tensors)`` (what ``fastft.save`` / ``load`` store).
-    """
-
-    def apply(self, model: nn.Module) -> None: ...
-
-    def revert(self, model: nn.Module, merge: bool) -> None: ...
-
-
-@dataclass
-class Plan:
-    """What one config does to a model: module swaps (qualified name -> new module) and edits."""
-
-    config: MethodConfig
-    swaps: list[tuple[str, nn.Module]] = field(default_factory=list)
-    # False for methods that add no adapter and leave training to the model's own parameters (a fused loss)
-    freeze_base: bool = True
-    # run once every plan is built, before anything is applied: check(model, {name: planned module})
-    checks: list[Callable[[nn.Module, dict[str, nn.Module]], None]] = field(default_factory=list)
-    edits: list[Any] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    # (all plans of the call) -> the plans in the order to apply them. Lets a method host the modules of
-    # another on the layers both target (e.g. QAT's QuantLinear as the base a LoRALinear wraps), validating
-    # the combination before anything is applied. A wrapping module's ``base_layer`` is the hosted one.
-    compose: Callable[[list["Plan"]], list["Plan"]] | None = None
-    # qualified names of modules whose weights the edits rewrite in place (no other plan may swap them)
-    rewrites: list[str] = field(default_factory=list)
-
-    def attach(self) -> None:
-        """Second phase of building: initialisation that touches the base layers (e.g. PiSSA's residual)."""
-        for _, module in self.swaps:
-            getattr(module, "attach", lambda: None)()
-
-    def discard(self) -> None:
-        """Undo what :meth:`attach` changed (exact up to float rounding for a weight rewrite)."""
-        for _, module in self.swaps:
-            module.unpatched(merge=False)
-
-    def adapter_parameters(self) -> list[nn.Parameter]:
-        params = []
-        for _, module in self.swaps:
-            params.extend(module.adapter_parameters().values())
-        for edit in self.edits:
-            params.extend(getattr(edit, "adapter_parameters", lambda: [])())
-        return params
 
 
 @dataclass
@@ -96,24 +49,6 @@ class PatchState:
         return [swap for plan in self.plans for swap in plan.swaps]
 
 
-Planner = Callable[[nn.Module, MethodConfig], Plan]
-PLANNERS: dict[type, Planner] = {}
-
-
-def register_planner(config_class: type, planner: Planner) -> None:
-    PLANNERS[config_class] = planner
-
-
-def plan_module_swaps(model: nn.Module, config: MethodConfig, build: Callable[[nn.Module, Any], nn.Module]) -> Plan:
-    """Plan for methods that replace each targeted linear layer by ``build(layer, config)``.
-
-    ``build`` validates and allocates but must not modify the layer; anything that does belongs in the
-    module's ``attach()``, which ``patch`` calls once every plan is built.
-    """
-    targets = resolve_targets(model, config.targets, config.layers)
-    return Plan(config, swaps=[(name, build(layer, config)) for name, layer in targets])
-
-
 def patch_state(model: nn.Module) -> PatchState | None:
     """The fastft patch state of ``model`` (looking through a DDP wrapper), or None if it is not patched."""
     return unwrap(model).__dict__.get(STATE_ATTR)
@@ -124,8 +59,6 @@ def is_patched(model: nn.Module) -> bool:
 
 
 def _refuse_selected(model: nn.Module, what: str) -> None:
-    from .policies import selection_state
-
     if selection_state(model) is not None:
         raise ValueError(f"fastft.{what}: this model has a fastft.select_trainable selection; call fastft.unselect(model) first.")
 
@@ -147,8 +80,6 @@ def _refuse_foreign(model: nn.Module) -> None:
             "load a PEFT LoRA adapter with fastft.from_peft(base_model, adapter_dir), or call "
             "peft_model.merge_and_unload() / .get_base_model() first."
         )
-    from .nn import FASTFT_MODULES
-
     inner = [n for n, m in model.named_modules() if isinstance(m, FASTFT_MODULES)]
     if inner:
         raise ValueError(f"this model already contains fastft modules ({inner[:3]}...); unpatch it first.")
@@ -207,8 +138,6 @@ def patch(model: nn.Module, config: MethodConfig | Sequence[MethodConfig]) -> Pa
     Everything that is not an adapter parameter ends frozen (unless every config leaves the base alone, as
     a lone ``LossConfig`` does). On any error the model is left unchanged.
     """
-    from . import methods  # noqa: F401  (registers every method's planner)
-
     configs = list(config) if isinstance(config, (list, tuple)) else [config]
     if not configs:
         raise ValueError("fastft.patch needs at least one config, e.g. fastft.LoRAConfig(r=16).")

@@ -23,6 +23,7 @@ from torch import nn
 from .config import LoRAConfig
 from .distributed import full_tensor, is_writer, unwrap
 from .patch import patch, patch_state, unpatch
+from .plans.modules_to_save import TrainInFull
 
 PEFT_PREFIX = "base_model.model."
 PEFT_CONFIG = "adapter_config.json"
@@ -49,8 +50,6 @@ def _task_type(model: nn.Module, trains_head: bool) -> str | None:
 
 
 def _trained_in_full(plan) -> list:
-    from .methods.modules_to_save import TrainInFull
-
     return [edit for edit in plan.edits if isinstance(edit, TrainInFull)]
 
 

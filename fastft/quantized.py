@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from ._version import __version__
 from .config import QATConfig, config_from_dict
 from .patch import patch, patch_state
 
@@ -51,8 +52,6 @@ def _qat_plan(model: nn.Module, what: str):
 def export_quantized(model: nn.Module, directory: str | os.PathLike) -> None:
     """Write the integer codes, scales and zero points of every QAT layer, the other tensors and the
     rotation configuration of a QAT-patched model to ``directory`` (LoRA updates merged first)."""
-    from . import __version__
-
     state, plan = _qat_plan(model, "export_quantized")
     config: QATConfig = plan.config
     tensors: dict[str, Tensor] = {}

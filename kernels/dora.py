@@ -40,10 +40,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .lora import (
-    _block, _check_operands, _dot_flags, _four_bit_parts, _index_dtype, _keep_mask, _mma, _sm_count,
-    accumulate_linear, fused_linear_lowrank, lowrank_tile, scaled_matmul,
+from .common import (
+    accumulate_linear, block_size, check_operands, dot_flags, four_bit_parts, index_dtype, keep_mask, lowrank_tile, mma,
+    sm_count,
 )
+from .lora import fused_linear_lowrank, scaled_matmul
 
 
 @triton.jit
@@ -73,7 +74,7 @@ def _row_norm_kernel(
                          mask=in_o[:, None] & (offs_r1 < R)[None, :], other=0.0).to(ACC_DTYPE)
             gram = tl.load(gram_ptr + offs_r1[:, None] * stride_gi + offs_r[None, :] * stride_gj,
                            mask=(offs_r1 < R)[:, None] & (offs_r < R)[None, :], other=0.0).to(ACC_DTYPE)
-            bg = _mma(b1, gram, bg, False, "ieee")
+            bg = mma(b1, gram, bg, False, "ieee")
         quad += tl.sum(bg * b, axis=1)
     sq = tl.load(sq_ptr + offs_o, mask=in_o, other=0.0).to(ACC_DTYPE)
     q = sq + 2.0 * scale * cross + scale * scale * quad
@@ -147,7 +148,7 @@ def _row_norm_from_projection(proj: Tensor, lora_B: Tensor, gram: Tensor, weight
     if O == 0:
         return norm
     cap = 32 if lora_B.device.type == "cpu" else 64
-    block_o, block_r = _block(O, cap), _block(R, cap)
+    block_o, block_r = block_size(O, cap), block_size(R, cap)
     _row_norm_kernel[(triton.cdiv(O, block_o),)](
         proj, lora_B, gram, weight_sq_norm.contiguous(), norm, O, R,
         proj.stride(0), proj.stride(1), lora_B.stride(0), lora_B.stride(1), gram.stride(0), gram.stride(1),
@@ -172,10 +173,10 @@ def dora_row_norm(
     A = lora_A.contiguous()
     R, K = A.shape
     dense = weight if absmax is None else None
-    _check_operands(A.dtype, dense, (out_features, K), lora_B=lora_B)
+    check_operands(A.dtype, dense, (out_features, K), lora_B=lora_B)
     dtype = weight_sq_norm.dtype
     proj = torch.empty(out_features, R, dtype=dtype, device=A.device)
-    w, four_bit = _four_bit_parts(weight, absmax, code, blocksize, out_features * K)
+    w, four_bit = four_bit_parts(weight, absmax, code, blocksize, out_features * K)
     if four_bit is None:
         scaled_matmul(weight, A.t(), proj)
     else:  # Pᵀ = A Wᵀ with W dequantized tile by tile
@@ -199,7 +200,7 @@ def dora_row_norm_backward(
     if need_dA:
         R, K = A.shape
         weighted_B = dq[:, None] * B
-        w, four_bit = _four_bit_parts(weight, absmax, code, blocksize, lora_B.shape[0] * K)
+        w, four_bit = four_bit_parts(weight, absmax, code, blocksize, lora_B.shape[0] * K)
         dA = torch.empty(R, K, dtype=A.dtype, device=A.device)
         fused_linear_lowrank(weighted_B.t().to(A.dtype), w, four_bit, False, (B.t() @ weighted_B).to(A.dtype), A,
                              scale, None, None, 1.0, dA)
@@ -217,8 +218,8 @@ def dora_forward(
     M, K = x.shape
     R = lora_A.shape[0]
     dense = weight if absmax is None else None
-    _check_operands(x.dtype, dense, (out_features, K), lora_A=lora_A, lora_B=lora_B, bias=bias)
-    w, four_bit = _four_bit_parts(weight, absmax, code, blocksize, out_features * K)
+    check_operands(x.dtype, dense, (out_features, K), lora_A=lora_A, lora_B=lora_B, bias=bias)
+    w, four_bit = four_bit_parts(weight, absmax, code, blocksize, out_features * K)
     w_t = w if four_bit else weight.t()
     bias = None if bias is None else bias.contiguous()
     g = g.contiguous()
@@ -230,7 +231,7 @@ def dora_forward(
         fused_linear_lowrank(x, w_t, four_bit, True, xa, lora_B.t(), scale, bias, None, 1.0, y, out_scale=g,
                              pre_scale_out=z if keep_pre_scale else None)
         return y, xa, z
-    keep = _keep_mask(mask, x)
+    keep = keep_mask(mask, x)
     keep_scale = 1.0 / (1.0 - p)
     scaled_matmul(lora_A, x.t(), xa.t(), keep=keep.t(), keep_scale=keep_scale)
     z = x.new_empty(M, out_features)
@@ -254,11 +255,11 @@ def pre_scale_dot(
     interpreting = grad_y.device.type == "cpu"
     cap = 32 if interpreting else 64
     K = x.shape[1] if saved_is_output else 0
-    block_m, block_n = _block(M, cap), _block(N, cap)
-    block_k = _block(K, 32 if (interpreting or four_bit is not None or x.dtype == torch.float32) else 64)
-    block_r = _block(lora_B.shape[1], 16 if interpreting else 64)
+    block_m, block_n = block_size(M, cap), block_size(N, cap)
+    block_k = block_size(K, 32 if (interpreting or four_bit is not None or x.dtype == torch.float32) else 64)
+    block_r = block_size(lora_B.shape[1], 16 if interpreting else 64)
     col_blocks = triton.cdiv(N, block_n)
-    splits = 1 if interpreting else max(1, min(triton.cdiv(4 * _sm_count(g.device.index or 0), col_blocks),
+    splits = 1 if interpreting else max(1, min(triton.cdiv(4 * sm_count(g.device.index or 0), col_blocks),
                                                triton.cdiv(M, block_m)))
     tokens_per_split = triton.cdiv(triton.cdiv(max(M, 1), splits), block_m) * block_m
     splits = max(1, triton.cdiv(M, tokens_per_split))
@@ -272,7 +273,7 @@ def pre_scale_dot(
         extra = N * K
     x_ = x if saved_is_output else saved
     xa_ = xa if saved_is_output else saved
-    flags = _dot_flags(grad_y.dtype, grad_y.device)
+    flags = dot_flags(grad_y.dtype, grad_y.device)
     _pre_scale_dot_kernel[(col_blocks, splits)](
         grad_y, saved, bias if bias is not None else g, g, x_, w if saved_is_output else saved, absmax, code, xa_,
         lora_B, target,
@@ -282,7 +283,7 @@ def pre_scale_dot(
         target.stride(0) if splits > 1 else 0,
         float(scale),
         SAVED_IS_OUTPUT=saved_is_output, HAS_BIAS=bias is not None, FOUR_BIT=four_bit is not None, BLOCKSIZE=blocksize,
-        INDEX_DTYPE=_index_dtype(grad_y, saved, x_, xa_, None if four_bit else w_t, extra=extra),
+        INDEX_DTYPE=index_dtype(grad_y, saved, x_, xa_, None if four_bit else w_t, extra=extra),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=4, **flags,
     )
     if splits > 1:
@@ -303,9 +304,9 @@ def dora_backward(
     dx, dA, dB, dg = (gy.new_empty(0) for _ in range(4))
     keep_scale = 1.0 / (1.0 - p) if mask is not None else 1.0
     dense = weight if absmax is None else None
-    _check_operands(gy.dtype, dense, (N, in_features), lora_A=lora_A, lora_B=lora_B, xa=xa,
+    check_operands(gy.dtype, dense, (N, in_features), lora_A=lora_A, lora_B=lora_B, xa=xa,
                     x=x if (need_dA or (need_dg and saved_is_output)) else None)
-    w, four_bit = _four_bit_parts(weight, absmax, code, blocksize, N * in_features)
+    w, four_bit = four_bit_parts(weight, absmax, code, blocksize, N * in_features)
     g = g.contiguous()
     gb = None
     if need_dx or need_dA:
@@ -325,7 +326,7 @@ def dora_backward(
     if need_dA:
         x = x.contiguous()
         dA = gy.new_empty(R, in_features)
-        scaled_matmul(gb.t(), x, dA, scale=scale, keep=_keep_mask(mask, x), keep_scale=keep_scale)
+        scaled_matmul(gb.t(), x, dA, scale=scale, keep=keep_mask(mask, x), keep_scale=keep_scale)
     if need_dB:
         product = scaled_matmul(gy.t(), xa, torch.empty(N, R, dtype=g.dtype, device=gy.device), scale=scale)
         dB = product.mul_(g[:, None]).to(gy.dtype)

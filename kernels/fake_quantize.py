@@ -36,53 +36,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastft.ops.fake_quantize import SCALE_EPS, qrange
+from ..math.quantization import SCALE_EPS
 
-from .dequantize_4bit import cast_to
+from .common import cast_to, group_scale_zero, quant_flags, quantize_tile
+from .hadamard import rotate_rows
 
 _MAX_TILE = 8192
-
-
-@triton.jit
-def round_half_even(v):
-    """Round to the nearest integer, ties to even (torch.round), for any finite or infinite float tile."""
-    f = tl.floor(v)
-    d = v - f
-    odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
-    return tl.where((d > 0.5) | ((d == 0.5) & odd), f + 1.0, f)
-
-
-@triton.jit
-def exact_div(a, b, IS_F64: tl.constexpr):
-    """Correctly rounded a / b (float64 division is always correctly rounded)."""
-    if IS_F64:
-        return a / b
-    else:
-        return tl.math.div_rn(a, b)
-
-
-@triton.jit
-def group_scale_zero(vmax, vmin, clip, eps, SYMMETRIC: tl.constexpr, QMAX: tl.constexpr, IS_F64: tl.constexpr):
-    """(scale, zero) from a group's max and min (any broadcastable shapes), in vmax's dtype."""
-    qmax = tl.full((), QMAX, vmax.dtype)
-    if SYMMETRIC:
-        amax = tl.maximum(vmax, -vmin)
-        scale = tl.maximum(exact_div(amax * clip, qmax, IS_F64), eps)
-        zero = tl.zeros_like(scale)
-    else:
-        hi = tl.maximum(vmax, 0.0) * clip
-        lo = tl.minimum(vmin, 0.0) * clip
-        scale = tl.maximum(exact_div(hi - lo, qmax, IS_F64), eps)
-        zero = round_half_even(exact_div(-lo, scale, IS_F64))
-    return scale, zero
-
-
-@triton.jit
-def quantize_tile(v, scale, zero, QMIN: tl.constexpr, QMAX: tl.constexpr, IS_F64: tl.constexpr):
-    """(out, kept): the fake-quantized tile and where its code was not clamped."""
-    raw = round_half_even(exact_div(v, scale, IS_F64)) + zero
-    q = tl.minimum(tl.maximum(raw, QMIN), QMAX)
-    return (q - zero) * scale, q == raw
 
 
 @triton.jit
@@ -166,17 +125,6 @@ def _ste_mask_kernel(g_ptr, keep_ptr, out_ptr, n, BLOCK: tl.constexpr):
 
 
 # --------------------------------------------------------------------------- launchers
-def acc_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def quant_flags(bits: int, symmetric: bool, dtype: torch.dtype, device: torch.device) -> dict:
-    """The constexpr arguments the quantization epilogue needs."""
-    qmin, qmax = qrange(bits, symmetric)
-    return dict(
-        SYMMETRIC=symmetric, QMIN=float(qmin), QMAX=float(qmax), ACC_DTYPE=acc_dtype(dtype),
-        IS_F64=dtype == torch.float64, ROUND_BF16_BY_HAND=device.type == "cpu",
-    )
 
 
 def quantize_groups(
@@ -228,8 +176,6 @@ def fake_quantize(
     if x.numel() == 0:
         return out, mask
     if rotate:
-        from .hadamard import rotate_rows
-
         if granularity in ("token", "channel"):
             rotate_rows(x, out, inverse=False, quant=dict(bits=bits, symmetric=symmetric, clip_ratio=clip_ratio),
                         keep=keep if need_mask else None)
@@ -246,8 +192,6 @@ def fake_quantize_backward(grad: Tensor, mask: Tensor, rotate: bool) -> Tensor:
     grad = grad.contiguous()
     keep = mask.view(torch.int8) if mask.numel() else None
     if rotate:
-        from .hadamard import rotate_rows
-
         out = torch.empty_like(grad)
         rotate_rows(grad, out, inverse=True, mask_in=keep)
         return out

@@ -46,11 +46,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastft.ops.fake_quantize import SCALE_EPS
-from fastft.ops.hadamard import hadamard_factorization, hadamard_k_factor
+from ..math.hadamard import hadamard_factorization, hadamard_k_factor
+from ..math.quantization import SCALE_EPS
 
-from .dequantize_4bit import cast_to
-from .fake_quantize import group_scale_zero, quant_flags, quantize_tile
+from .common import cast_to, group_scale_zero, quant_flags, quantize_tile
 
 _MAX_TILE = 16384  # elements of the butterfly tile a program holds
 _BK_MAX = 64

@@ -36,20 +36,10 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime.errors import OutOfResources
 
-from .dequantize_4bit import cast_to
+from .common import INT32_LIMIT, block_size, cast_to, mma
 
-_INT32_LIMIT = 2**31
 KIND_CE, KIND_DFT, KIND_GIVEN = 0, 1, 2
 _KINDS = {"ce": KIND_CE, "dft": KIND_DFT, "given": KIND_GIVEN}
-
-
-@triton.jit
-def _mma(a, b, acc, UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """``acc + a @ b`` in acc's dtype; with UPCAST_DOT the operands are widened to float32 first."""
-    if UPCAST_DOT:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
 
 
 @triton.jit
@@ -78,7 +68,7 @@ def _logits_tile(
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptr + offs_v[None, :] * stride_wv + offs_k[:, None] * stride_wk,
                     mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-        acc = _mma(h, w, acc, UPCAST_DOT, INPUT_PRECISION)
+        acc = mma(h, w, acc, UPCAST_DOT, INPUT_PRECISION)
     if HAS_LOWRANK:
         for r0 in range(0, R, BLOCK_R):
             offs_r = (r0 + tl.arange(0, BLOCK_R)).to(INDEX_DTYPE)
@@ -87,7 +77,7 @@ def _logits_tile(
                          mask=row_ok[:, None] & r_ok[None, :], other=0.0)
             w2 = tl.load(w2_ptr + offs_v[None, :] * stride_w2v + offs_r[:, None] * stride_w2r,
                          mask=col_ok[None, :] & r_ok[:, None], other=0.0)
-            acc = _mma(h2, w2, acc, UPCAST_DOT, INPUT_PRECISION)
+            acc = mma(h2, w2, acc, UPCAST_DOT, INPUT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_v, mask=col_ok, other=0.0).to(ACC_DTYPE)[None, :]
     if ROUND_LOGITS:
@@ -187,7 +177,7 @@ def _linear_cross_entropy_kernel(
                     if NEED_DH:
                         w = tl.load(w_ptr + offs_v[:, None] * stride_wv + offs_k[None, :] * stride_wk,
                                     mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-                        update = _mma(g_in, w, tl.zeros((BLOCK_M, BLOCK_K), ACC_DTYPE), UPCAST_DOT, INPUT_PRECISION)
+                        update = mma(g_in, w, tl.zeros((BLOCK_M, BLOCK_K), ACC_DTYPE), UPCAST_DOT, INPUT_PRECISION)
                         dh_ptrs = dh_ptr + offs_m[:, None] * stride_dhm + offs_k[None, :] * stride_dhk
                         dh_mask = row_ok[:, None] & k_ok[None, :]
                         if DH_ATOMIC:
@@ -197,7 +187,7 @@ def _linear_cross_entropy_kernel(
                     if NEED_DW:
                         h = tl.load(h_ptr + offs_m[:, None] * stride_hm + offs_k[None, :] * stride_hk,
                                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                        update = _mma(tl.trans(g_in), h, tl.zeros((BLOCK_V, BLOCK_K), ACC_DTYPE), UPCAST_DOT,
+                        update = mma(tl.trans(g_in), h, tl.zeros((BLOCK_V, BLOCK_K), ACC_DTYPE), UPCAST_DOT,
                                       INPUT_PRECISION)
                         tl.atomic_add(dw_ptr + offs_v[:, None] * stride_dwv + offs_k[None, :] * stride_dwk, update,
                                       mask=col_ok[:, None] & k_ok[None, :])
@@ -209,7 +199,7 @@ def _linear_cross_entropy_kernel(
                     if NEED_DH2:
                         w2 = tl.load(w2_ptr + offs_v[:, None] * stride_w2v + offs_r[None, :] * stride_w2r,
                                      mask=col_ok[:, None] & r_ok[None, :], other=0.0)
-                        update = _mma(g_in, w2, tl.zeros((BLOCK_M, BLOCK_R), ACC_DTYPE), UPCAST_DOT, INPUT_PRECISION)
+                        update = mma(g_in, w2, tl.zeros((BLOCK_M, BLOCK_R), ACC_DTYPE), UPCAST_DOT, INPUT_PRECISION)
                         dh2_ptrs = dh2_ptr + offs_m[:, None] * stride_dh2m + offs_r[None, :] * stride_dh2r
                         dh2_mask = row_ok[:, None] & r_ok[None, :]
                         if DH_ATOMIC:
@@ -219,35 +209,30 @@ def _linear_cross_entropy_kernel(
                     if NEED_DW2:
                         h2 = tl.load(h2_ptr + offs_m[:, None] * stride_h2m + offs_r[None, :] * stride_h2r,
                                      mask=row_ok[:, None] & r_ok[None, :], other=0.0)
-                        update = _mma(tl.trans(g_in), h2, tl.zeros((BLOCK_V, BLOCK_R), ACC_DTYPE), UPCAST_DOT,
+                        update = mma(tl.trans(g_in), h2, tl.zeros((BLOCK_V, BLOCK_R), ACC_DTYPE), UPCAST_DOT,
                                       INPUT_PRECISION)
                         tl.atomic_add(dw2_ptr + offs_v[:, None] * stride_dw2v + offs_r[None, :] * stride_dw2r, update,
                                       mask=col_ok[:, None] & r_ok[None, :])
 
 
-def _block(dim: int, cap: int) -> int:
-    """Smallest power of two ≥ dim, within [16, cap] (16 is tl.dot's smallest tile)."""
-    return max(16, min(cap, triton.next_power_of_2(max(dim, 1))))
-
-
 def choose_tiles(tokens: int, vocab: int, hidden: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_V, BLOCK_K, warps). Interpreter: at most 16/32/16, so shapes of a few dozen cross edges."""
     if device.type == "cpu":
-        return _block(tokens, 16), _block(vocab, 32), _block(hidden, 16), 4
-    return _block(tokens, 64), _block(vocab, 128), _block(hidden, 32 if dtype == torch.float32 else 64), 8
+        return block_size(tokens, 16), block_size(vocab, 32), block_size(hidden, 16), 4
+    return block_size(tokens, 64), block_size(vocab, 128), block_size(hidden, 32 if dtype == torch.float32 else 64), 8
 
 
 @functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
+def sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _index_dtype(*tensors: Optional[Tensor]):
+def index_dtype(*tensors: Optional[Tensor]):
     largest = 0
     for t in tensors:
         if t is not None and t.numel() > 0:
             largest = max(largest, sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())))
-    return tl.int64 if largest + 4096 >= _INT32_LIMIT else tl.int32
+    return tl.int64 if largest + 4096 >= INT32_LIMIT else tl.int32
 
 
 def fused_pass(
@@ -316,7 +301,7 @@ def _launch(hidden, weight, bias, hidden2, weight2, labels, row_scale, lse, nll,
     token_blocks = triton.cdiv(n_tokens, block_m)
     vocab_blocks = triton.cdiv(vocab, block_v)
     if vocab_splits is None:
-        vocab_splits = 1 if interpreting else min(vocab_blocks, triton.cdiv(_sm_count(device.index or 0), token_blocks))
+        vocab_splits = 1 if interpreting else min(vocab_blocks, triton.cdiv(sm_count(device.index or 0), token_blocks))
     vocab_splits = max(1, min(vocab_splits, vocab_blocks)) if need_grad else 1
     v_per_split = triton.cdiv(vocab_blocks, vocab_splits) * block_v
     vocab_splits = triton.cdiv(vocab, v_per_split)
@@ -332,7 +317,7 @@ def _launch(hidden, weight, bias, hidden2, weight2, labels, row_scale, lse, nll,
         INPUT_PRECISION="tf32" if tf32 else "ieee",
         ROUND_LOGITS=dtype in (torch.float16, torch.bfloat16),
         ROUND_BF16_BY_HAND=interpreting,
-        INDEX_DTYPE=_index_dtype(hidden, weight, dh, dw),
+        INDEX_DTYPE=index_dtype(hidden, weight, dh, dw),
     )
     or_dummy = lambda t: t if t is not None else dummy  # noqa: E731
     args = (
@@ -343,7 +328,7 @@ def _launch(hidden, weight, bias, hidden2, weight2, labels, row_scale, lse, nll,
         *strides(dh), *strides(dw), *strides(dh2), *strides(dw2),
         ignore_index, float(label_smoothing), float(z_loss), float(softcap or 1.0),
     )
-    block_r = _block(rank, 16 if interpreting else 64)
+    block_r = block_size(rank, 16 if interpreting else 64)
 
     def run(grid, block_k_now, **flags) -> None:
         _linear_cross_entropy_kernel[grid](*args, **common, **flags, BLOCK_M=block_m, BLOCK_V=block_v,

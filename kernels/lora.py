@@ -23,9 +23,10 @@ Two kernels do all of it:
 
 Launches: forward = xa, y (2); backward = gb, dx, dA, dB (up to 4, only those needed).
 
-Building blocks shared with other kernel families (DoRA, ``fastft.kernels.dora``): ``lowrank_tile`` (the
-low-rank term of a tile), ``accumulate_linear`` (a GEMM's K-loop over a dense or 4-bit W, optionally
-scaling act's columns), and the fused kernel's DoRA hooks (a column scale on act, a per-column scale of
+The building blocks it shares with other kernel families live in ``fastft.kernels.common``:
+``lowrank_tile`` (the low-rank term of a tile), ``accumulate_linear`` (a GEMM's K-loop over a dense or
+4-bit W, optionally scaling act's columns), tiles and launch. DoRA (``fastft.kernels.dora``) reuses
+the fused kernel's DoRA hooks (a column scale on act, a per-column scale of
 the result before the bias, a second store of the unscaled result); ``scaled_matmul`` and
 ``fused_linear_lowrank`` are the launchers.
 
@@ -39,42 +40,17 @@ stores are rounded by hand (its float32 -> bfloat16 cast truncates).
 """
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass, replace
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from triton.runtime.errors import OutOfResources
 
-from .dequantize_4bit import cast_to, check_4bit_weight, load_dequantized_tile
-
-_INT32_LIMIT = 2**31
-_GROUP_M = 8
-
-
-@triton.jit
-def _mma(a, b, acc, UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """``acc + a @ b`` in acc's dtype; with UPCAST_DOT the operands are widened to float32 first."""
-    if UPCAST_DOT:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
-
-
-@triton.jit
-def _tile_coordinates(pid, n_rows, n_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """(tile row, tile column) of program ``pid``, walking GROUP_M tile rows column by column (L2 reuse)."""
-    tiles_m = tl.cdiv(n_rows, BLOCK_M)
-    tiles_n = tl.cdiv(n_cols, BLOCK_N)
-    tiles_per_group = GROUP_M * tiles_n
-    first_m = (pid // tiles_per_group) * GROUP_M
-    group_rows = min(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % tiles_per_group) % group_rows
-    pid_n = (pid % tiles_per_group) // group_rows
-    return pid_m, pid_n
+from .common import (
+    GROUP_M, Tiles, accumulate_linear, block_size, cast_to, check_operands, choose_tiles, dot_flags, four_bit_parts,
+    index_dtype, keep_mask, launch_with_fallback, lowrank_tile, mma, sm_count, tile_coordinates,
+)
 
 
 @triton.jit
@@ -93,7 +69,7 @@ def _matmul_kernel(
     Program (t, split) reduces over ``l in [split · l_per_split, (split+1) · l_per_split)``; with one split
     ``out`` is the result, otherwise ``out`` is an ACC_DTYPE (splits × I × J) buffer summed by the caller.
     """
-    pid_i, pid_j = _tile_coordinates(tl.program_id(0), I, J, BLOCK_I, BLOCK_J, GROUP_M)
+    pid_i, pid_j = tile_coordinates(tl.program_id(0), I, J, BLOCK_I, BLOCK_J, GROUP_M)
     scale = tl.full((), scale, ACC_DTYPE)
     keep_scale = tl.full((), keep_scale, ACC_DTYPE)
     split = tl.program_id(1)
@@ -115,64 +91,11 @@ def _matmul_kernel(
                            mask=q_mask, other=0)
             q = tl.where(keep != 0, q.to(ACC_DTYPE) * keep_scale, 0.0)
             q = cast_to(q, q_dtype, ROUND_BF16_BY_HAND)
-        acc = _mma(p, q, acc, UPCAST_DOT, INPUT_PRECISION)
+        acc = mma(p, q, acc, UPCAST_DOT, INPUT_PRECISION)
     acc = acc * scale
     out_ptrs = out_ptr + split * stride_split + offs_i[:, None] * stride_oi + offs_j[None, :] * stride_oj
     out_mask = (offs_i[:, None] < I) & (offs_j[None, :] < J)
     tl.store(out_ptrs, cast_to(acc, out_ptr.dtype.element_ty, ROUND_BF16_BY_HAND), mask=out_mask)
-
-
-@triton.jit
-def lowrank_tile(acc, u_ptr, v_ptr, offs_m, offs_n, in_m, in_n, R, stride_um, stride_ur, stride_vr, stride_vn,
-                 UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr):
-    """``acc + U[offs_m, :] @ V[:, offs_n]`` for U (M×R) and V (R×N), a ``tl.dot`` per BLOCK_R of the rank."""
-    for r0 in range(0, R, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        in_r = offs_r < R
-        u = tl.load(u_ptr + offs_m[:, None] * stride_um + offs_r[None, :] * stride_ur,
-                    mask=in_m[:, None] & in_r[None, :], other=0.0)
-        v = tl.load(v_ptr + offs_r[:, None] * stride_vr + offs_n[None, :] * stride_vn,
-                    mask=in_r[:, None] & in_n[None, :], other=0.0)
-        acc = _mma(u, v, acc, UPCAST_DOT, INPUT_PRECISION)
-    return acc
-
-
-@triton.jit
-def accumulate_linear(
-    acc, act_ptr, w_ptr, absmax_ptr, code_ptr, act_scale_ptr, offs_m, offs_n, in_m, in_n, K, N,
-    stride_am, stride_ak, stride_wk, stride_wn,
-    FOUR_BIT: tl.constexpr, W_ROWS_ALONG_N: tl.constexpr, BLOCKSIZE: tl.constexpr, HAS_ACT_SCALE: tl.constexpr,
-    UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, INDEX_DTYPE: tl.constexpr,
-    ROUND_BF16_BY_HAND: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """``acc + (act[offs_m, :] [⊙ act_scale]) @ W'[:, offs_n]``: the K-loop of a GEMM with act (M×K), W' (K×N).
-
-    A dense W' is read through its strides; a 4-bit W' is dequantized per tile (W stored N×K if
-    W_ROWS_ALONG_N, i.e. W' = Wᵀ, else K×N). With HAS_ACT_SCALE each act column k is multiplied by
-    ``act_scale[k]`` in ACC precision and rounded back to act's dtype before the dot (DoRA's ``g ⊙ grad``).
-    """
-    act_dtype = act_ptr.dtype.element_ty
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = (k0 + tl.arange(0, BLOCK_K)).to(INDEX_DTYPE)
-        in_k = offs_k < K
-        a = tl.load(act_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
-                    mask=in_m[:, None] & in_k[None, :], other=0.0)
-        if HAS_ACT_SCALE:
-            column_scale = tl.load(act_scale_ptr + offs_k, mask=in_k, other=0.0).to(acc.dtype)
-            a = cast_to(a.to(acc.dtype) * column_scale[None, :], act_dtype, ROUND_BF16_BY_HAND)
-        if FOUR_BIT:
-            if W_ROWS_ALONG_N:
-                w = load_dequantized_tile(w_ptr, absmax_ptr, code_ptr, offs_n[None, :], offs_k[:, None], N, K,
-                                          BLOCKSIZE)
-            else:
-                w = load_dequantized_tile(w_ptr, absmax_ptr, code_ptr, offs_k[:, None], offs_n[None, :], K, N,
-                                          BLOCKSIZE)
-            w = cast_to(w, act_dtype, ROUND_BF16_BY_HAND)
-        else:
-            w = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                        mask=in_k[:, None] & in_n[None, :], other=0.0)
-        acc = _mma(a, w, acc, UPCAST_DOT, INPUT_PRECISION)
-    return acc
 
 
 @triton.jit
@@ -201,7 +124,7 @@ def _linear_lowrank_kernel(
     after the scaling); STORE_PRE_SCALE also stores the accumulator before that epilogue to ``pre_scale``
     (out's strides).
     """
-    pid_m, pid_n = _tile_coordinates(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = tile_coordinates(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     scale = tl.full((), scale, ACC_DTYPE)
     keep_scale = tl.full((), keep_scale, ACC_DTYPE)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(INDEX_DTYPE)
@@ -242,102 +165,6 @@ def _linear_lowrank_kernel(
 # ----------------------------------------------------------------------------------------------- launch
 
 
-@dataclass(frozen=True)
-class Tiles:
-    """Block sizes of one launch: an m×n output tile, k per reduction step, warps and pipeline stages."""
-
-    m: int
-    n: int
-    k: int
-    warps: int
-    stages: int
-
-
-def _block(dim: int, cap: int) -> int:
-    """Smallest power of two ≥ dim, within [16, cap] (16 is tl.dot's smallest tile)."""
-    return max(16, min(cap, triton.next_power_of_2(max(dim, 1))))
-
-
-def choose_tiles(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device, four_bit: bool = False) -> Tiles:
-    """Tiles for an m×n output reducing over k.
-
-    GPU: up to 128×128 output tiles (a skinny dimension such as the rank gets its own power of two, at
-    least 16), BLOCK_K 64 for 16-bit operands and 32 for float32 or a 4-bit weight (whose dequantization
-    already costs registers), 8 warps for a full 128×128 tile. Interpreter (CPU tensors): at most 32, so
-    tests run fast and shapes of a few dozen cross tile edges.
-    """
-    if device.type == "cpu":
-        return Tiles(_block(m, 32), _block(n, 32), _block(k, 32), 4, 1)
-    block_m, block_n = _block(m, 128), _block(n, 128)
-    block_k = _block(k, 32 if (dtype == torch.float32 or four_bit) else 64)
-    return Tiles(block_m, block_n, block_k, 8 if block_m * block_n >= 128 * 128 else 4, 2 if four_bit else 3)
-
-
-def smaller_tiles(tiles: Tiles) -> Optional[Tiles]:
-    """The next, leaner configuration to try after ``tiles`` ran out of shared memory (None: none left).
-
-    Fewer pipeline stages first, then a shorter reduction step, then a smaller output tile (GPUs with
-    less shared memory than an A100, e.g. a T4's 64 KiB, take this path once per shape class).
-    """
-    if tiles.stages > 2:
-        return replace(tiles, stages=tiles.stages - 1)
-    if tiles.k > 16:
-        return replace(tiles, k=tiles.k // 2)
-    if max(tiles.m, tiles.n) > 32:
-        m, n = (tiles.m // 2, tiles.n) if tiles.m >= tiles.n else (tiles.m, tiles.n // 2)
-        return replace(tiles, m=m, n=n, warps=4)
-    return None
-
-
-_WORKING_TILES: dict = {}
-
-
-def launch_with_fallback(key, tiles: Tiles, launch: Callable[[Tiles], None]) -> None:
-    """``launch(tiles)``, shrinking the tiles while the GPU reports too little shared memory for them.
-
-    ``key`` identifies the kernel specialization and shape class; the configuration that worked is
-    remembered for it, so the retries happen once.
-    """
-    tiles = _WORKING_TILES.get((key, tiles), tiles)
-    first = tiles
-    while True:
-        try:
-            launch(tiles)
-        except OutOfResources:
-            tiles = smaller_tiles(tiles)
-            if tiles is None:
-                raise
-            continue
-        if tiles != first:
-            _WORKING_TILES[(key, first)] = tiles
-        return
-
-
-def _dot_flags(dtype: torch.dtype, device: torch.device) -> dict:
-    interpreting = device.type == "cpu"
-    tf32 = dtype == torch.float32 and not interpreting and torch.backends.cuda.matmul.allow_tf32
-    return dict(
-        ACC_DTYPE=tl.float64 if dtype == torch.float64 else tl.float32,
-        UPCAST_DOT=interpreting and dtype == torch.bfloat16,
-        INPUT_PRECISION="tf32" if tf32 else "ieee",
-        ROUND_BF16_BY_HAND=interpreting,
-    )
-
-
-def _index_dtype(*tensors: Optional[Tensor], extra: int = 0):
-    """int64 offsets when some tensor's largest element offset (or ``extra``) reaches 2**31, else int32."""
-    largest = extra
-    for t in tensors:
-        if t is not None and t.numel() > 0:
-            largest = max(largest, sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())))
-    return tl.int64 if largest + 256 >= _INT32_LIMIT else tl.int32
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def scaled_matmul(p: Tensor, q: Tensor, out: Tensor, scale: float = 1.0, keep: Optional[Tensor] = None,
                   keep_scale: float = 1.0, split: Optional[int] = None) -> Tensor:
     """``out = scale · p @ (q ⊙ keep · keep_scale)`` for strided 2-D views (keep: uint8, q's shape).
@@ -352,11 +179,11 @@ def scaled_matmul(p: Tensor, q: Tensor, out: Tensor, scale: float = 1.0, keep: O
     tiles = choose_tiles(I, J, L, p.dtype, p.device)
     if split is None:
         n_tiles = triton.cdiv(I, tiles.m) * triton.cdiv(J, tiles.n)
-        split = 1 if interpreting else min(triton.cdiv(_sm_count(p.device.index or 0), n_tiles),
+        split = 1 if interpreting else min(triton.cdiv(sm_count(p.device.index or 0), n_tiles),
                                            triton.cdiv(L, tiles.k) // 4, 32)
     split = max(1, split)
     keep_strides = (keep.stride(0), keep.stride(1)) if keep is not None else (0, 0)
-    flags = _dot_flags(p.dtype, p.device)
+    flags = dot_flags(p.dtype, p.device)
 
     def launch(t: Tiles) -> None:
         l_blocks = max(1, triton.cdiv(L, t.k))
@@ -373,8 +200,8 @@ def scaled_matmul(p: Tensor, q: Tensor, out: Tensor, scale: float = 1.0, keep: O
             I, J, L, l_per_split,
             p.stride(0), p.stride(1), q.stride(0), q.stride(1), *keep_strides, *strides,
             float(scale), float(keep_scale),
-            HAS_MASK=keep is not None, INDEX_DTYPE=_index_dtype(p, q, keep, target),
-            BLOCK_I=t.m, BLOCK_J=t.n, BLOCK_L=t.k, GROUP_M=_GROUP_M, num_warps=t.warps, num_stages=t.stages, **flags,
+            HAS_MASK=keep is not None, INDEX_DTYPE=index_dtype(p, q, keep, target),
+            BLOCK_I=t.m, BLOCK_J=t.n, BLOCK_L=t.k, GROUP_M=GROUP_M, num_warps=t.warps, num_stages=t.stages, **flags,
         )
         if n_splits > 1:
             out.copy_(target.sum(dim=0))
@@ -406,7 +233,7 @@ def fused_linear_lowrank(
     if pre_scale_out is not None and pre_scale_out.stride() != out.stride():
         raise ValueError("pre_scale_out must have out's strides")
     tiles = choose_tiles(M, N, K, act.dtype, act.device, four_bit=four_bit is not None)
-    block_r = _block(R, 16 if act.device.type == "cpu" else 64)
+    block_r = block_size(R, 16 if act.device.type == "cpu" else 64)
     if four_bit is None:
         absmax = code = w
         blocksize, stride_wk, stride_wn, w_extent = 0, w.stride(0), w.stride(1), 0
@@ -414,8 +241,8 @@ def fused_linear_lowrank(
         absmax, code, blocksize = four_bit
         stride_wk = stride_wn = 0
         w_extent = N * K
-    index_dtype = _index_dtype(act, None if four_bit else w, u, v, keep, out, extra=w_extent)
-    flags = _dot_flags(act.dtype, act.device)
+    index_type = index_dtype(act, None if four_bit else w, u, v, keep, out, extra=w_extent)
+    flags = dot_flags(act.dtype, act.device)
 
     def launch(t: Tiles) -> None:
         _linear_lowrank_kernel[(triton.cdiv(M, t.m) * triton.cdiv(N, t.n),)](
@@ -427,10 +254,10 @@ def fused_linear_lowrank(
             *((keep.stride(0), keep.stride(1)) if keep is not None else (0, 0)), out.stride(0), out.stride(1),
             float(scale), float(keep_scale),
             FOUR_BIT=four_bit is not None, W_ROWS_ALONG_N=w_rows_along_n, BLOCKSIZE=blocksize,
-            HAS_BIAS=bias is not None, HAS_MASK=keep is not None, INDEX_DTYPE=index_dtype,
+            HAS_BIAS=bias is not None, HAS_MASK=keep is not None, INDEX_DTYPE=index_type,
             HAS_ACT_SCALE=act_scale is not None, HAS_OUT_SCALE=out_scale is not None,
             STORE_PRE_SCALE=pre_scale_out is not None,
-            BLOCK_M=t.m, BLOCK_N=t.n, BLOCK_K=t.k, BLOCK_R=block_r, GROUP_M=_GROUP_M,
+            BLOCK_M=t.m, BLOCK_N=t.n, BLOCK_K=t.k, BLOCK_R=block_r, GROUP_M=GROUP_M,
             num_warps=t.warps, num_stages=t.stages, **flags,
         )
 
@@ -443,32 +270,6 @@ def fused_linear_lowrank(
 # ------------------------------------------------------------------------------------------ entry points
 
 
-def _four_bit_parts(weight: Tensor, absmax: Optional[Tensor], code: Optional[Tensor], blocksize: int, numel: int):
-    if absmax is None:
-        return weight, None
-    packed, absmax, code = check_4bit_weight(weight, absmax, code, blocksize, numel)
-    return packed, (absmax, code, blocksize)
-
-
-def _keep_mask(mask: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
-    if mask is None:
-        return None
-    if mask.shape != like.shape:
-        raise ValueError(f"dropout mask has shape {tuple(mask.shape)}, expected {tuple(like.shape)}")
-    return mask.to(torch.bool).view(torch.uint8)
-
-
-def _check_operands(
-    dtype: torch.dtype, weight: Optional[Tensor], weight_shape: tuple[int, int], **others: Optional[Tensor]
-) -> None:
-    """Dense weight of ``weight_shape`` and every other operand in the activations' ``dtype``."""
-    if weight is not None and (tuple(weight.shape) != weight_shape or weight.dtype != dtype):
-        raise ValueError(f"dense weight must be {weight_shape} of {dtype}, got {tuple(weight.shape)} of {weight.dtype}")
-    for name, t in others.items():
-        if t is not None and t.dtype != dtype:
-            raise ValueError(f"{name} must be {dtype} like the activations, got {t.dtype}")
-
-
 def lora_forward(
     x: Tensor, weight: Tensor, absmax: Optional[Tensor], code: Optional[Tensor], blocksize: int, out_features: int,
     bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, scale: float, mask: Optional[Tensor], p: float,
@@ -478,9 +279,9 @@ def lora_forward(
     M, K = x.shape
     R = lora_A.shape[0]
     dense = weight if absmax is None else None
-    _check_operands(x.dtype, dense, (out_features, K), lora_A=lora_A, lora_B=lora_B, bias=bias)
-    w, four_bit = _four_bit_parts(weight, absmax, code, blocksize, out_features * K)
-    keep = _keep_mask(mask, x)
+    check_operands(x.dtype, dense, (out_features, K), lora_A=lora_A, lora_B=lora_B, bias=bias)
+    w, four_bit = four_bit_parts(weight, absmax, code, blocksize, out_features * K)
+    keep = keep_mask(mask, x)
     keep_scale = 1.0 / (1.0 - p) if keep is not None else 1.0
     xa = x.new_empty(M, R)
     scaled_matmul(lora_A, x.t(), xa.t(), keep=None if keep is None else keep.t(), keep_scale=keep_scale)
@@ -503,16 +304,16 @@ def lora_backward(
     dx, dA, dB = g.new_empty(0), g.new_empty(0), g.new_empty(0)
     keep_scale = 1.0 / (1.0 - p) if mask is not None else 1.0
     dense = weight if (need_dx and absmax is None) else None
-    _check_operands(g.dtype, dense, (N, in_features), lora_A=lora_A, lora_B=lora_B, xa=xa, x=x if need_dA else None)
+    check_operands(g.dtype, dense, (N, in_features), lora_A=lora_A, lora_B=lora_B, xa=xa, x=x if need_dA else None)
     gb = scaled_matmul(g, lora_B, g.new_empty(M, R)) if (need_dx or need_dA) else None
     if need_dx:
-        w, four_bit = _four_bit_parts(weight, absmax, code, blocksize, N * in_features)
+        w, four_bit = four_bit_parts(weight, absmax, code, blocksize, N * in_features)
         dx = g.new_empty(M, in_features)
-        fused_linear_lowrank(g, w, four_bit, False, gb, lora_A, scale, None, _keep_mask(mask, dx), keep_scale, dx)
+        fused_linear_lowrank(g, w, four_bit, False, gb, lora_A, scale, None, keep_mask(mask, dx), keep_scale, dx)
     if need_dA:
         x = x.contiguous()
         dA = g.new_empty(R, in_features)
-        scaled_matmul(gb.t(), x, dA, scale=scale, keep=_keep_mask(mask, x), keep_scale=keep_scale)
+        scaled_matmul(gb.t(), x, dA, scale=scale, keep=keep_mask(mask, x), keep_scale=keep_scale)
     if need_dB:
         dB = g.new_empty(N, R)
         scaled_matmul(g.t(), xa, dB, scale=scale)

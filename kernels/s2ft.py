@@ -32,8 +32,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .dequantize_4bit import cast_to
-from .lora import _GROUP_M, _dot_flags, _index_dtype, _mma, _sm_count, _tile_coordinates, choose_tiles, launch_with_fallback
+from .common import (
+    GROUP_M, cast_to, choose_tiles, dot_flags, index_dtype, launch_with_fallback, mma, sm_count, tile_coordinates,
+)
 
 
 @triton.jit
@@ -46,7 +47,7 @@ def _linear_saving_slice_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """One tile of ``y = x Wᵀ + b``; the first tile column also copies ``x[:, :S]`` into ``xs``."""
-    pid_m, pid_n = _tile_coordinates(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = tile_coordinates(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(INDEX_DTYPE)
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(INDEX_DTYPE)
     in_m = offs_m < M
@@ -64,7 +65,7 @@ def _linear_saving_slice_kernel(
                          mask=in_m[:, None] & (offs_k[None, :] < S))
         w = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
                     mask=in_k[:, None] & in_n[None, :], other=0.0)
-        acc = _mma(a, w, acc, UPCAST_DOT, INPUT_PRECISION)
+        acc = mma(a, w, acc, UPCAST_DOT, INPUT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=in_n, other=0.0).to(ACC_DTYPE)[None, :]
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
@@ -84,7 +85,7 @@ def _slice_grad_kernel(
 
     P is read at transposed indices, so the dot sees Pᵀ without a transpose in memory.
     """
-    pid_i, pid_j = _tile_coordinates(tl.program_id(0), I, J, BLOCK_I, BLOCK_J, GROUP_M)
+    pid_i, pid_j = tile_coordinates(tl.program_id(0), I, J, BLOCK_I, BLOCK_J, GROUP_M)
     split = tl.program_id(1)
     offs_i = (pid_i * BLOCK_I + tl.arange(0, BLOCK_I)).to(INDEX_DTYPE)
     offs_j = (pid_j * BLOCK_J + tl.arange(0, BLOCK_J)).to(INDEX_DTYPE)
@@ -98,7 +99,7 @@ def _slice_grad_kernel(
                       mask=(offs_i[:, None] < I) & in_l[None, :], other=0.0)
         q = tl.load(q_ptr + offs_l[:, None] * stride_ql + offs_j[None, :] * stride_qj,
                     mask=in_l[:, None] & (offs_j[None, :] < J), other=0.0)
-        acc = _mma(p_t, q, acc, UPCAST_DOT, INPUT_PRECISION)
+        acc = mma(p_t, q, acc, UPCAST_DOT, INPUT_PRECISION)
     out_ptrs = out_ptr + split * stride_split + offs_i[:, None] * stride_oi + offs_j[None, :] * stride_oj
     tl.store(out_ptrs, cast_to(acc, out_ptr.dtype.element_ty, ROUND_BF16_BY_HAND),
              mask=(offs_i[:, None] < I) & (offs_j[None, :] < J))
@@ -123,8 +124,8 @@ def linear_saving_slice(x: Tensor, weight: Tensor, bias: Optional[Tensor], width
         return y, x_slice
     bias = None if bias is None else bias.contiguous()
     tiles = choose_tiles(M, N, K, x.dtype, x.device)
-    flags = _dot_flags(x.dtype, x.device)
-    index_dtype = _index_dtype(x, weight, y, x_slice)
+    flags = dot_flags(x.dtype, x.device)
+    index_type = index_dtype(x, weight, y, x_slice)
 
     def launch(t) -> None:
         _linear_saving_slice_kernel[(triton.cdiv(M, t.m) * triton.cdiv(N, t.n),)](
@@ -132,8 +133,8 @@ def linear_saving_slice(x: Tensor, weight: Tensor, bias: Optional[Tensor], width
             M, N, K, width,
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), y.stride(0), y.stride(1),
             x_slice.stride(0), x_slice.stride(1),
-            HAS_BIAS=bias is not None, INDEX_DTYPE=index_dtype,
-            BLOCK_M=t.m, BLOCK_N=t.n, BLOCK_K=t.k, GROUP_M=_GROUP_M, num_warps=t.warps, num_stages=t.stages, **flags,
+            HAS_BIAS=bias is not None, INDEX_DTYPE=index_type,
+            BLOCK_M=t.m, BLOCK_N=t.n, BLOCK_K=t.k, GROUP_M=GROUP_M, num_warps=t.warps, num_stages=t.stages, **flags,
         )
 
     launch_with_fallback(("s2ft_linear_saving_slice", x.device, x.dtype, bias is not None), tiles, launch)
@@ -156,10 +157,10 @@ def token_reduction(p: Tensor, q: Tensor, split: Optional[int] = None) -> Tensor
     tiles = choose_tiles(I, J, L, p.dtype, p.device)
     if split is None:
         n_tiles = triton.cdiv(I, tiles.m) * triton.cdiv(J, tiles.n)
-        split = 1 if interpreting else min(triton.cdiv(_sm_count(p.device.index or 0), n_tiles),
+        split = 1 if interpreting else min(triton.cdiv(sm_count(p.device.index or 0), n_tiles),
                                            triton.cdiv(L, tiles.k) // 4, 64)
     split = max(1, split)
-    flags = _dot_flags(p.dtype, p.device)
+    flags = dot_flags(p.dtype, p.device)
 
     def launch(t) -> None:
         l_blocks = max(1, triton.cdiv(L, t.k))
@@ -171,8 +172,8 @@ def token_reduction(p: Tensor, q: Tensor, split: Optional[int] = None) -> Tensor
         _slice_grad_kernel[(triton.cdiv(I, t.m) * triton.cdiv(J, t.n), n_splits)](
             p, q, target, I, J, L, l_per_split,
             p.stride(0), p.stride(1), q.stride(0), q.stride(1), *strides,
-            INDEX_DTYPE=_index_dtype(p, q, target),
-            BLOCK_I=t.m, BLOCK_J=t.n, BLOCK_L=t.k, GROUP_M=_GROUP_M, num_warps=t.warps, num_stages=t.stages, **flags,
+            INDEX_DTYPE=index_dtype(p, q, target),
+            BLOCK_I=t.m, BLOCK_J=t.n, BLOCK_L=t.k, GROUP_M=GROUP_M, num_warps=t.warps, num_stages=t.stages, **flags,
         )
         if n_splits > 1:
             out.copy_(target.sum(dim=0))
@@ -191,3 +192,28 @@ def slice_weight_grad(grad_y: Tensor, saved: Tensor, width: int, rows: bool, spl
     if rows:
         return token_reduction(grad_y[:, :width], saved, split)
     return token_reduction(grad_y, saved, split)
+
+
+def s2ft_forward(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], width: int, rows: bool, save_slice: bool
+) -> tuple[Tensor, Tensor]:
+    """The op ``fastft::s2ft_linear`` on Triton: (y, x[:, :S]) with the slice saved by the GEMM's own loads.
+
+    Rows mode and the no-gradient forward save nothing: a plain GEMM, which is what torch runs anyway.
+    """
+    if save_slice and not rows:
+        return linear_saving_slice(x, weight, bias, width)
+    return torch.nn.functional.linear(x, weight, bias), x.new_empty(0)
+
+
+def s2ft_backward(
+    grad_y: Tensor, saved: Tensor, weight: Tensor, width: int, rows: bool, need_dx: bool, need_dw: bool
+) -> tuple[Tensor, Tensor]:
+    """The op ``fastft::s2ft_linear_backward`` on Triton: dx by the vendor BLAS, dW_s by :func:`slice_weight_grad`."""
+    if not need_dw:  # what the reference returns: dx by the vendor BLAS, an empty dW_s
+        dx = dw = grad_y.new_empty(0)
+        if need_dx:
+            dx = grad_y @ weight
+        return dx, dw
+    dx = grad_y @ weight if need_dx else grad_y.new_empty(0)
+    return dx, slice_weight_grad(grad_y, saved, width, rows)

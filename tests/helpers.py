@@ -1,10 +1,9 @@
 """Shared test helpers: the one tolerance table, comparison, and tiny models built from config classes."""
 from __future__ import annotations
 
-import contextlib
-import os
-
 import torch
+
+from fastft.dispatch import use_backend as backend  # noqa: F401  (force FASTFT_BACKEND inside a block)
 
 # One table, per dtype, for comparing an implementation with a reference evaluated at the same input
 # precision (float64 entries: against an exact float64 evaluation of the formula).
@@ -20,20 +19,6 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     """``torch.testing.assert_close`` with the table's tolerance for ``dtype`` (default: actual's dtype)."""
     tol = TOLERANCES[dtype or actual.dtype]
     torch.testing.assert_close(actual.to(expected.dtype), expected, **tol, msg=lambda m: f"{msg}\n{m}" if msg else m)
-
-
-@contextlib.contextmanager
-def backend(name: str):
-    """Force FASTFT_BACKEND inside a block."""
-    old = os.environ.get("FASTFT_BACKEND")
-    os.environ["FASTFT_BACKEND"] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["FASTFT_BACKEND"]
-        else:
-            os.environ["FASTFT_BACKEND"] = old
 
 
 def tiny_config(family: str):

@@ -21,6 +21,7 @@ from fastft.ops.lora import lora_backward_reference, lora_forward_reference, lor
 
 bnb_functional = pytest.importorskip("bitsandbytes.functional")
 lora_kernels = pytest.importorskip("fastft.kernels.lora")
+common_kernels = pytest.importorskip("fastft.kernels.common")
 
 TOKENS, IN, OUT = 37, 70, 45
 
@@ -139,7 +140,7 @@ def test_strided_inputs_and_split_reduction(monkeypatch):
     strided = (torch.stack([x, -x], -1)[..., 0], W.t().contiguous().t(), A.t().contiguous().t(), B.t().contiguous().t())
     assert not any(t.is_contiguous() for t in strided)
     xs, Ws, As, Bs = strided
-    monkeypatch.setattr(lora_kernels, "_INT32_LIMIT", 0)
+    monkeypatch.setattr(common_kernels, "INT32_LIMIT", 0)
     fwd = (xs, Ws, None, None, 0, out, b, As, Bs, scale, mask, p)
     for got, ref in zip(lora_kernels.lora_forward(*fwd), lora_forward_reference(*args)):
         assert_close(got, ref)

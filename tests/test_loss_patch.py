@@ -8,7 +8,7 @@ import torch
 from helpers import TOLERANCES, assert_close, randomize_lora, tiny_config
 
 import fastft
-from fastft.methods.loss import SUPPORTED_MODELS
+from fastft.plans.loss import SUPPORTED_MODELS
 
 transformers = pytest.importorskip("transformers")
 VOCAB = 96

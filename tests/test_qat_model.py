@@ -16,13 +16,13 @@ import transformers as tf
 from helpers import assert_close, randomize_lora, tiny_config, tiny_model
 
 import fastft
-from fastft.methods.qat import plan_qat
+from fastft.plans.qat import plan_qat
 from fastft.nn import LoRALinear, QuantLinear
 from fastft.nn.quant import SETTINGS_ATTR
 from fastft.ops import fake_quantize, hadamard_matrix, hadamard_transform, quantize
 from fastft.ops.fake_quantize import qrange
 from fastft.patch import patch_state
-from fastft.rotations import Rotation
+from fastft.plans.qat_rotations import Rotation
 
 FAMILIES = ["llama", "qwen2", "mistral", "gemma"]
 CLASSES = {"llama": tf.LlamaForCausalLM, "qwen2": tf.Qwen2ForCausalLM, "mistral": tf.MistralForCausalLM,

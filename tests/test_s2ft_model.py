@@ -9,8 +9,8 @@ from helpers import assert_close, tiny_model
 from test_patch_api import assert_unchanged, snapshot
 
 import fastft
-from fastft.copermute import head_orders
-from fastft.methods.s2ft import pick_channels, pick_heads
+from fastft.plans.s2ft_copermute import head_orders
+from fastft.plans.s2ft import pick_channels, pick_heads
 from fastft.nn import S2FTLinear
 from fastft.patch import PLANNERS, patch_state
 

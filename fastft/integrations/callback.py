@@ -31,6 +31,7 @@ except ImportError as err:  # transformers is a dependency; keep the message cle
     raise ImportError("fastft.integrations needs transformers (pip install transformers)") from err
 
 from ..patch import build_report, is_patched
+from ..policies import select_trainable, selection_state, unselect
 from . import cola
 
 
@@ -45,8 +46,6 @@ def reselect_trainable(policy: str, budget: float | None = None, seed: int = 0, 
     With ``policy="flops"`` the importance is probed again on the current weights (GreenTrainer's
     periodic re-selection), on the ``batch=`` given here.
     """
-    from ..policies import select_trainable, selection_state, unselect
-
     def reselect(model: nn.Module):
         if selection_state(model) is not None:
             unselect(model)

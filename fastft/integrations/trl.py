@@ -26,12 +26,11 @@ import transformers
 from torch import nn
 
 from ..nn import FASTFT_MODULES
+from ..plans.loss import SETTINGS_ATTR
 
 
 def uses_model_loss(model: nn.Module) -> bool:
     """True when TRL's fused LM head would bypass fastft: a fastft fused loss, or a fastft module as lm_head."""
-    from ..methods.loss import SETTINGS_ATTR
-
     if SETTINGS_ATTR in model.__dict__:
         return True
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None

@@ -56,6 +56,7 @@ class LoRALinear(nn.Module):
 
     op = "lora_linear"
     supports_dora = False  # fastft.nn.DoRALinear, the subclass that does, sets it
+    _dora_class: "type | None" = None  # that subclass; it registers itself (__init_subclass__)
 
     def __init__(self, base_layer: nn.Module, config: LoRAConfig, defer_attach: bool = False):
         super().__init__()
@@ -104,10 +105,15 @@ class LoRALinear(nn.Module):
         """Wrap ``layer`` (an ``nn.Linear`` or a bitsandbytes ``Linear4bit``); a :class:`fastft.nn.DoRALinear`
         when ``config.dora``."""
         if getattr(config, "dora", False) and not cls.supports_dora:
-            from .dora import DoRALinear
-
-            cls = DoRALinear
+            cls = LoRALinear._dora_class
         return cls(layer, config, defer_attach=defer_attach)
+
+    def __init_subclass__(cls, **kwargs):
+        # the DoRA subclass (fastft.nn.dora, imported with fastft.nn) registers itself here, so that
+        # from_linear can build it without this module importing its own subclass
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("supports_dora") and LoRALinear._dora_class is None:
+            LoRALinear._dora_class = cls
 
     @property
     def kind(self) -> str:

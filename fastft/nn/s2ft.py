@@ -10,7 +10,7 @@ updating ``weight_slice`` in place updates W. Optimizers keep state for the slic
 trained slice, as the child ``base_layer``; its weight and bias stay frozen.
 
 In a model, ``fastft.patch`` with a :class:`fastft.S2FTConfig` first co-permutes each decoder block so
-that the selected heads/channels come first (``fastft.copermute``); the slice is then always the first
+that the selected heads/channels come first (``fastft.plans.s2ft_copermute``); the slice is then always the first
 S columns or rows. ``index`` records, for each position of the slice, the column (or row) of the
 *original, unpermuted* weight it came from; ``fastft.save`` stores it with the slice.
 

@@ -21,9 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..dispatch import backend_for, register_op
-
-register_op("dequantize_4bit", ("torch", "triton", "cuda"))
+from .. import _ext
+from ..dispatch import implementation, lazy, register_op
 
 
 def unnest_absmax(absmax_codes: Tensor, code2: Tensor, absmax2: Tensor, blocksize2: int, offset: float | Tensor) -> Tensor:
@@ -50,16 +49,7 @@ def dequantize_4bit(
     """Dense ``shape`` matrix of ``dtype`` from a packed 4-bit weight, on the backend chosen for its device."""
     if absmax.dtype != torch.float32:
         raise TypeError(f"dequantize_4bit expects a float32 absmax (unnest it first), got {absmax.dtype}")
-    backend = backend_for("dequantize_4bit", packed.device)
-    if backend == "triton":
-        from ..kernels.dequantize_4bit import dequantize_4bit as kernel
-
-        return kernel(packed, absmax, code, blocksize, shape, dtype)
-    if backend == "cuda":
-        from .._ext import dequantize_4bit as kernel
-
-        return kernel(packed, absmax, code, blocksize, shape, dtype)
-    return dequantize_4bit_reference(packed, absmax, code, blocksize, shape, dtype)
+    return implementation("dequantize_4bit", "forward", packed.device)(packed, absmax, code, blocksize, shape, dtype)
 
 
 def dequantize_4bit_nested(
@@ -71,13 +61,33 @@ def dequantize_4bit_nested(
     The CUDA library decodes each block's absmax inside the kernel; the other backends unnest it first
     (:func:`unnest_absmax`) — the same float32 operations, so the same result.
     """
-    if backend_for("dequantize_4bit", packed.device) == "cuda":
-        from .._ext import dequantize_4bit as kernel
+    return implementation("dequantize_4bit", "nested", packed.device)(
+        packed, absmax_codes, code2, absmax2, blocksize2, offset, code, blocksize, shape, dtype)
 
-        return kernel(packed, None, code, blocksize, shape, dtype,
-                      nested=(absmax_codes, code2, absmax2, int(blocksize2), float(offset)))
+
+def _nested_by_unnesting(
+    packed: Tensor, absmax_codes: Tensor, code2: Tensor, absmax2: Tensor, blocksize2: int, offset: float | Tensor,
+    code: Tensor, blocksize: int, shape: tuple[int, int], dtype: torch.dtype,
+) -> Tensor:
+    """The nested entry of the reference (and of Triton): unnest the absmax, then :func:`dequantize_4bit`."""
     absmax = unnest_absmax(absmax_codes, code2, absmax2, blocksize2, offset)
     return dequantize_4bit(packed, absmax, code, blocksize, shape, dtype)
+
+
+def _nested_in_cuda(
+    packed: Tensor, absmax_codes: Tensor, code2: Tensor, absmax2: Tensor, blocksize2: int, offset: float | Tensor,
+    code: Tensor, blocksize: int, shape: tuple[int, int], dtype: torch.dtype,
+) -> Tensor:
+    """The nested entry of the CUDA library: it decodes each block's absmax inside the kernel."""
+    return _ext.dequantize_4bit(packed, None, code, blocksize, shape, dtype,
+                                nested=(absmax_codes, code2, absmax2, int(blocksize2), float(offset)))
+
+
+register_op("dequantize_4bit", {
+    "torch": {"forward": dequantize_4bit_reference, "nested": _nested_by_unnesting},
+    "triton": lazy("fastft.kernels.dequantize_4bit", forward="dequantize_4bit"),
+    "cuda": {"forward": _ext.dequantize_4bit, "nested": _nested_in_cuda},
+})
 
 
 @dataclass

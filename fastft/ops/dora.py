@@ -70,12 +70,9 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor
 
-from ..dispatch import backend_for, register_op
+from ..dispatch import implementation, lazy, register_op
 from .dequantize_4bit import FourBitWeight
 from .lora import _dense_weight, _dropped
-
-register_op("dora_row_norm", ("torch", "triton"))
-register_op("dora_linear", ("torch", "triton"))
 
 NORM_EPS = 1e-6
 """Lower bound of a DoRA row norm: a zero row of ``W + s·BA`` divides by this instead of by 0."""
@@ -141,17 +138,19 @@ def dora_row_norm_backward_reference(
     return dA, dB
 
 
+register_op("dora_row_norm", {
+    "torch": {"forward": dora_row_norm_reference, "backward": dora_row_norm_backward_reference},
+    "triton": lazy("fastft.kernels.dora", forward="dora_row_norm", backward="dora_row_norm_backward"),
+})
+
+
 @torch.library.custom_op("fastft::dora_row_norm", mutates_args=())
 def _dora_row_norm_op(
     weight: Tensor, absmax: Optional[Tensor], code: Optional[Tensor], blocksize: int, out_features: int,
     lora_A: Tensor, lora_B: Tensor, weight_sq_norm: Tensor, scale: float, eps: float,
 ) -> tuple[Tensor, Tensor]:
     args = (weight, absmax, code, blocksize, out_features, lora_A, lora_B, weight_sq_norm, scale, eps)
-    if backend_for("dora_row_norm", lora_A.device) == "triton":
-        from ..kernels.dora import dora_row_norm
-
-        return dora_row_norm(*args)
-    return dora_row_norm_reference(*args)
+    return implementation("dora_row_norm", "forward", lora_A.device)(*args)
 
 
 @_dora_row_norm_op.register_fake
@@ -166,11 +165,7 @@ def _dora_row_norm_backward_op(
     need_dA: bool, need_dB: bool,
 ) -> tuple[Tensor, Tensor]:
     args = (grad_norm, norm, proj, weight, absmax, code, blocksize, lora_A, lora_B, scale, eps, need_dA, need_dB)
-    if backend_for("dora_row_norm", lora_A.device) == "triton":
-        from ..kernels.dora import dora_row_norm_backward
-
-        return dora_row_norm_backward(*args)
-    return dora_row_norm_backward_reference(*args)
+    return implementation("dora_row_norm", "backward", lora_A.device)(*args)
 
 
 @_dora_row_norm_backward_op.register_fake
@@ -331,6 +326,12 @@ def dora_backward_reference(
     return dx, dA, dB, dg
 
 
+register_op("dora_linear", {
+    "torch": {"forward": dora_forward_reference, "backward": dora_backward_reference},
+    "triton": lazy("fastft.kernels.dora", forward="dora_forward", backward="dora_backward"),
+})
+
+
 @torch.library.custom_op("fastft::dora_linear", mutates_args=())
 def _dora_linear_op(
     x: Tensor, weight: Tensor, absmax: Optional[Tensor], code: Optional[Tensor], blocksize: int, out_features: int,
@@ -338,11 +339,7 @@ def _dora_linear_op(
     p: float, keep_pre_scale: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     args = (x, weight, absmax, code, blocksize, out_features, bias, lora_A, lora_B, g, scale, mask, p, keep_pre_scale)
-    if backend_for("dora_linear", x.device) == "triton":
-        from ..kernels.dora import dora_forward
-
-        return dora_forward(*args)
-    return dora_forward_reference(*args)
+    return implementation("dora_linear", "forward", x.device)(*args)
 
 
 @_dora_linear_op.register_fake
@@ -361,11 +358,7 @@ def _dora_linear_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     args = (grad_y, x, xa, saved, saved_is_output, weight, absmax, code, blocksize, in_features, bias, lora_A, lora_B,
             g, scale, mask, p, need_dx, need_dA, need_dB, need_dg)
-    if backend_for("dora_linear", grad_y.device) == "triton":
-        from ..kernels.dora import dora_backward
-
-        return dora_backward(*args)
-    return dora_backward_reference(*args)
+    return implementation("dora_linear", "backward", grad_y.device)(*args)
 
 
 @_dora_linear_backward_op.register_fake

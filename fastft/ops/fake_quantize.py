@@ -57,8 +57,13 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..dispatch import backend_for, register_op
-from .hadamard import compute_dtype, hadamard_factorization, hadamard_transform_reference
+from .. import _ext
+from ..dispatch import implementation, lazy, register_op
+from ..math.hadamard import compute_dtype
+from ..math.quantization import (  # noqa: F401  (re-exported)
+    GRANULARITIES, SCALE_EPS, STE_MODES, _divisor_hint, check_quant_args, qrange,
+)
+from .hadamard import hadamard_transform_reference
 
 __all__ = [
     "GRANULARITIES",
@@ -73,17 +78,8 @@ __all__ = [
     "quantize",
 ]
 
-SCALE_EPS = 1e-8
-"""Lower bound of every scale (see the module docstring)."""
-
-GRANULARITIES = ("token", "channel", "group", "tensor")
-STE_MODES = ("identity", "clipped")
-
-
 
 def _cuda_limit(d: int, dtype: torch.dtype, granularity: Optional[str] = None, **_) -> Optional[str]:
-    from .. import _ext
-
     if granularity not in (None, "token", "channel"):
         return f"the CUDA library quantizes per token (granularity 'token'/'channel'), not {granularity!r}"
     longest = _ext.cuda_max_row(dtype)
@@ -91,47 +87,8 @@ def _cuda_limit(d: int, dtype: torch.dtype, granularity: Optional[str] = None, *
 
 
 def _cpp_limit(dtype: torch.dtype, **_) -> Optional[str]:
-    from .. import _ext
-
     return None if _ext.cpu_supports(dtype) else f"this build of the C++ library has no {dtype} support"
 
-
-register_op("fake_quantize", ("torch", "triton", "cpp", "cuda"), limits={"cuda": _cuda_limit, "cpp": _cpp_limit})
-
-
-# --------------------------------------------------------------------------- validation
-def check_quant_args(
-    bits: int, granularity: str, group_size: int, symmetric: bool, clip_ratio: float, ste: str = "identity",
-    last_dim: Optional[int] = None, rotate: bool = False,
-) -> None:
-    """Raise ValueError/TypeError naming the argument unless the quantization arguments are valid."""
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
-        raise ValueError(f"bits={bits!r}: fake quantization supports integer bits from 2 to 8")
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"granularity={granularity!r}: choose one of {list(GRANULARITIES)}")
-    if granularity == "group":
-        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-            raise ValueError(f"group_size={group_size!r}: must be a positive integer")
-        if last_dim is not None and last_dim % group_size:
-            raise ValueError(
-                f"group_size={group_size} does not divide the last dimension {last_dim}; choose a divisor of "
-                f"{last_dim} (e.g. {_divisor_hint(last_dim, group_size)}) or granularity='token'"
-            )
-    if not isinstance(symmetric, bool):
-        raise ValueError(f"symmetric={symmetric!r}: must be True or False")
-    if isinstance(clip_ratio, bool) or not isinstance(clip_ratio, (int, float)) or not 0.0 < clip_ratio <= 1.0:
-        raise ValueError(f"clip_ratio={clip_ratio!r}: must be a number in (0, 1]")
-    if ste not in STE_MODES:
-        raise ValueError(f"ste={ste!r}: choose one of {list(STE_MODES)}")
-    if not isinstance(rotate, bool):
-        raise ValueError(f"rotate={rotate!r}: must be True or False")
-    if rotate and last_dim is not None:
-        hadamard_factorization(last_dim)
-
-
-def _divisor_hint(d: int, wanted: int) -> int:
-    divisors = [g for g in range(1, d + 1) if d % g == 0]
-    return min(divisors, key=lambda g: (abs(g - wanted), -g))
 
 
 def _check_tensor(x: Tensor, what: str) -> None:
@@ -139,13 +96,6 @@ def _check_tensor(x: Tensor, what: str) -> None:
         raise TypeError(f"{what} takes float16/bfloat16/float32/float64 input, got {x.dtype}")
     if x.dim() == 0:
         raise ValueError(f"{what} needs at least one dimension")
-
-
-def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
-    """(qmin, qmax) of the integer codes."""
-    if symmetric:
-        return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-    return 0, (1 << bits) - 1
 
 
 def _groups(x: Tensor, granularity: str, group_size: int) -> Tensor:
@@ -214,22 +164,22 @@ def fake_quantize_backward_reference(grad: Tensor, mask: Tensor, rotate: bool) -
     return grad
 
 
+register_op("fake_quantize", {
+    "torch": {"forward": fake_quantize_reference, "backward": fake_quantize_backward_reference},
+    "triton": lazy("fastft.kernels.fake_quantize", forward="fake_quantize", backward="fake_quantize_backward"),
+    "cpp": {"forward": _ext.fake_quantize, "backward": _ext.fake_quantize_backward},
+    "cuda": {"forward": _ext.fake_quantize, "backward": _ext.fake_quantize_backward},
+}, limits={"cuda": _cuda_limit, "cpp": _cpp_limit})
+
+
 @torch.library.custom_op("fastft::fake_quantize", mutates_args=())
 def _fake_quantize_op(
     x: Tensor, bits: int, granularity: str, group_size: int, symmetric: bool, clip_ratio: float, rotate: bool,
     need_mask: bool,
 ) -> tuple[Tensor, Tensor]:
     args = (x, bits, granularity, group_size, symmetric, clip_ratio, rotate, need_mask)
-    backend = backend_for("fake_quantize", x.device, d=x.shape[-1], dtype=x.dtype, granularity=granularity)
-    if backend == "triton":
-        from ..kernels.fake_quantize import fake_quantize as kernel
-
-        return kernel(*args)
-    if backend in ("cpp", "cuda"):
-        from .._ext import fake_quantize as kernel
-
-        return kernel(*args)
-    return fake_quantize_reference(*args)
+    call = dict(d=x.shape[-1], dtype=x.dtype, granularity=granularity)
+    return implementation("fake_quantize", "forward", x.device, **call)(*args)
 
 
 @_fake_quantize_op.register_fake
@@ -240,16 +190,8 @@ def _(x, bits, granularity, group_size, symmetric, clip_ratio, rotate, need_mask
 
 @torch.library.custom_op("fastft::fake_quantize_backward", mutates_args=())
 def _fake_quantize_backward_op(grad: Tensor, mask: Tensor, rotate: bool) -> Tensor:
-    backend = backend_for("fake_quantize", grad.device, d=grad.shape[-1], dtype=grad.dtype)
-    if backend == "triton":
-        from ..kernels.fake_quantize import fake_quantize_backward as kernel
-
-        return kernel(grad, mask, rotate)
-    if backend in ("cpp", "cuda"):
-        from .._ext import fake_quantize_backward as kernel
-
-        return kernel(grad, mask, rotate)
-    return fake_quantize_backward_reference(grad, mask, rotate)
+    call = dict(d=grad.shape[-1], dtype=grad.dtype)
+    return implementation("fake_quantize", "backward", grad.device, **call)(grad, mask, rotate)
 
 
 @_fake_quantize_backward_op.register_fake

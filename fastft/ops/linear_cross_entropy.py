@@ -67,9 +67,7 @@ import torch
 from torch import Tensor
 from torch._guards import detect_fake_mode
 
-from ..dispatch import backend_for, register_op
-
-register_op("linear_cross_entropy", ("torch", "triton"))
+from ..dispatch import implementation, lazy, register_op
 
 KINDS = ("ce", "dft", "talr")
 REDUCTIONS = ("mean", "sum", "none")
@@ -199,13 +197,15 @@ def reference_pass(
     return PassResult(lse, nll, z_mean, kind_weight, dh, dw, db, dh2, dw2)
 
 
+register_op("linear_cross_entropy", {
+    "torch": {"pass": reference_pass},
+    "triton": lazy("fastft.kernels.linear_cross_entropy", **{"pass": "fused_pass"}),
+})
+
+
 def _run_pass(*args, **kwargs) -> PassResult:
     hidden = args[0]
-    if backend_for("linear_cross_entropy", hidden.device) == "triton":
-        from ..kernels.linear_cross_entropy import fused_pass
-
-        return PassResult(*fused_pass(*args, **kwargs))
-    return reference_pass(*args, **kwargs)
+    return PassResult(*implementation("linear_cross_entropy", "pass", hidden.device)(*args, **kwargs))
 
 
 # --------------------------------------------------------------------------- shared formulas

@@ -30,11 +30,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from ..dispatch import backend_for, register_op
+from ..dispatch import implementation, lazy, register_op
 from .dequantize_4bit import FourBitWeight, dequantize_4bit
-
-register_op("lora_linear", ("torch", "triton"))
-
 
 def _dense_weight(weight: Tensor, absmax: Optional[Tensor], code: Optional[Tensor], blocksize: int, shape: tuple[int, int], dtype: torch.dtype) -> Tensor:
     if absmax is None:
@@ -83,17 +80,19 @@ def lora_backward_reference(
     return dx, dA, dB
 
 
+register_op("lora_linear", {
+    "torch": {"forward": lora_forward_reference, "backward": lora_backward_reference},
+    "triton": lazy("fastft.kernels.lora", forward="lora_forward", backward="lora_backward"),
+})
+
+
 @torch.library.custom_op("fastft::lora_linear", mutates_args=())
 def _lora_linear_op(
     x: Tensor, weight: Tensor, absmax: Optional[Tensor], code: Optional[Tensor], blocksize: int, out_features: int,
     bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, scale: float, mask: Optional[Tensor], p: float,
 ) -> tuple[Tensor, Tensor]:
     args = (x, weight, absmax, code, blocksize, out_features, bias, lora_A, lora_B, scale, mask, p)
-    if backend_for("lora_linear", x.device) == "triton":
-        from ..kernels.lora import lora_forward
-
-        return lora_forward(*args)
-    return lora_forward_reference(*args)
+    return implementation("lora_linear", "forward", x.device)(*args)
 
 
 @_lora_linear_op.register_fake
@@ -109,11 +108,7 @@ def _lora_linear_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     args = (grad_y, x, xa, weight, absmax, code, blocksize, in_features, lora_A, lora_B, scale, mask, p,
             need_dx, need_dA, need_dB)
-    if backend_for("lora_linear", grad_y.device) == "triton":
-        from ..kernels.lora import lora_backward
-
-        return lora_backward(*args)
-    return lora_backward_reference(*args)
+    return implementation("lora_linear", "backward", grad_y.device)(*args)
 
 
 @_lora_linear_backward_op.register_fake

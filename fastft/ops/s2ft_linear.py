@@ -36,10 +36,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..dispatch import backend_for, register_op
-
-register_op("s2ft_linear", ("torch", "triton"))
-
+from ..dispatch import implementation, lazy, register_op
 
 def slice_width(weight_slice: Tensor, rows: bool) -> int:
     """S: the number of trained rows (rows mode) or columns (columns mode)."""
@@ -68,17 +65,18 @@ def s2ft_backward_reference(
     return dx, dw
 
 
+register_op("s2ft_linear", {
+    "torch": {"forward": s2ft_forward_reference, "backward": s2ft_backward_reference},
+    "triton": lazy("fastft.kernels.s2ft", forward="s2ft_forward", backward="s2ft_backward"),
+})
+
+
 @torch.library.custom_op("fastft::s2ft_linear", mutates_args=())
 def _s2ft_linear_op(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], weight_slice: Tensor, rows: bool, save_slice: bool
 ) -> tuple[Tensor, Tensor]:
     width = slice_width(weight_slice, rows)
-    if backend_for("s2ft_linear", x.device) == "triton" and save_slice and not rows:
-        from ..kernels.s2ft import linear_saving_slice
-
-        return linear_saving_slice(x, weight, bias, width)
-    # Rows mode and the no-gradient forward save nothing: a plain GEMM, which is what torch runs anyway.
-    return s2ft_forward_reference(x, weight, bias, width, rows, save_slice)
+    return implementation("s2ft_linear", "forward", x.device)(x, weight, bias, width, rows, save_slice)
 
 
 @_s2ft_linear_op.register_fake
@@ -92,12 +90,7 @@ def _(x, weight, bias, weight_slice, rows, save_slice):
 def _s2ft_linear_backward_op(
     grad_y: Tensor, saved: Tensor, weight: Tensor, width: int, rows: bool, need_dx: bool, need_dw: bool
 ) -> tuple[Tensor, Tensor]:
-    if backend_for("s2ft_linear", grad_y.device) == "triton" and need_dw:
-        from ..kernels.s2ft import slice_weight_grad
-
-        dx = grad_y @ weight if need_dx else grad_y.new_empty(0)
-        return dx, slice_weight_grad(grad_y, saved, width, rows)
-    return s2ft_backward_reference(grad_y, saved, weight, width, rows, need_dx, need_dw)
+    return implementation("s2ft_linear", "backward", grad_y.device)(grad_y, saved, weight, width, rows, need_dx, need_dw)
 
 
 @_s2ft_linear_backward_op.register_fake

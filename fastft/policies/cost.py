@@ -44,6 +44,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from ..math.hadamard import hadamard_factorization
 from .cut import first_tensor, replace_first_tensor
 
 NodeCost = Callable[[Any, Callable[[Any], tuple[int, ...]]], list[tuple[int, tuple[int, ...]]]]
@@ -204,8 +205,6 @@ def _dora_row_norm_items(node, grad_shape):
 def _hadamard_flops(shape: tuple[int, ...]) -> int:
     """One Hadamard transform over the last dimension d = K·2^n: butterflies and the 1/sqrt(d) scale are
     additions and products by constants (0); the K×K product is 2·K·d per row (0 for K = 1)."""
-    from ..ops.hadamard import hadamard_factorization
-
     if not shape:
         return 0
     K, _ = hadamard_factorization(int(shape[-1]))

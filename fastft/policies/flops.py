@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from .context import Choice, Context
 from .cut import BackwardCut
+from .knapsack import solve
 
 UPDATES = ("adam", "sgd")
 
@@ -107,8 +108,6 @@ def choose(ctx: Context) -> Choice:
     full = ctx.backward_flops(everything)
     capacity = int(ctx.budget * full)
     problem, index_of, exact = ctx.selection_problem(importance, capacity)
-    from .knapsack import solve
-
     solution = solve(problem, max_bins=int(ctx.options.get("bins", 1 << 16)))
     selected = sorted(index_of[k] for k in solution.chosen)
     if not selected:

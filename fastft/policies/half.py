@@ -15,6 +15,7 @@ import random
 
 from torch import nn
 
+from ..nn import FASTFT_MODULES
 from ..targets import is_linear
 from .context import Choice, Context
 
@@ -27,8 +28,6 @@ def check(budget, options: dict, n_layers: int) -> None:
 
 
 def _is_matrix(module: nn.Module) -> bool:
-    from ..nn import FASTFT_MODULES
-
     return isinstance(module, FASTFT_MODULES) or is_linear(module)
 
 

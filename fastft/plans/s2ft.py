@@ -3,7 +3,7 @@
 Planning (nothing in the model changes; the gradient probe restores every flag and gradient):
   1. the targeted ``o_proj`` / ``down_proj`` modules are found (``resolve_targets``: a name that is not in
      the model is an error listing the names that are) and their attention / FFN blocks checked to be
-     Llama-style (``fastft.copermute``);
+     Llama-style (``fastft.plans.s2ft_copermute``);
   2. per layer and part, unit scores are computed (``random`` / ``weight_norm`` / ``gradient``) and the
      selection made: the top channels; for heads, the best selection that a function-preserving
      permutation can make a prefix (whole key/value groups plus at most one partial group);
@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import S2FTConfig
-from ..copermute import (
+from .s2ft_copermute import (
     ATTENTION_PROJECTIONS,
     FFN_PROJECTIONS,
     AttentionBlock,
@@ -34,7 +34,7 @@ from ..copermute import (
     head_orders,
 )
 from ..nn.s2ft import S2FTLinear
-from ..patch import Plan, register_planner
+from .registry import Plan, register_planner
 from ..targets import find_layer_stack, resolve_targets
 
 

@@ -3,9 +3,9 @@
 The plan, built without modifying the model:
   swaps   every linear layer inside the decoder layers -> :class:`fastft.nn.QuantLinear` (``down_proj``
           rotates its input online where R4 is kept);
-  edits   :class:`~fastft.rotations.KeepOriginals` (a CPU copy of every tensor the patch may change, so a
+  edits   :class:`~fastft.plans.qat_rotations.KeepOriginals` (a CPU copy of every tensor the patch may change, so a
           failed patch and ``unpatch(merge=False)`` restore them bit-exactly), then
-          :class:`~fastft.rotations.RotationFolding` (norm scales, R1, R2, R4 folded into the weights), then
+          :class:`~fastft.plans.qat_rotations.RotationFolding` (norm scales, R1, R2, R4 folded into the weights), then
           :class:`AttentionEdit` (R3 and KV fake-quantization inside attention: the model's own config —
           this instance only — names the ``fastft_qat_<impl>`` attention function, and each attention
           module carries its settings).
@@ -28,6 +28,8 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ALL_LINEAR, LoRAConfig, QATConfig
+from ..math.hadamard import hadamard_factorization
+from ..ops.hadamard import hadamard_transform
 from ..nn.quant import (
     ATTENTION_PREFIX,
     SETTINGS_ATTR,
@@ -40,8 +42,8 @@ from ..nn.quant import (
     register_attention,
     weight_spec,
 )
-from ..patch import Plan, register_planner
-from ..rotations import KeepOriginals, ModelLayout, Rotation, RotationFolding, model_layout
+from .registry import Plan, register_planner
+from .qat_rotations import KeepOriginals, ModelLayout, Rotation, RotationFolding, model_layout
 from ..targets import find_layer_stack, resolve_targets
 
 
@@ -84,8 +86,6 @@ def attention_implementation(model: nn.Module) -> str:
 
 # ---------------------------------------------------------------------------------- checks and sizes
 def check_hadamard_size(size: int, what: str) -> None:
-    from ..ops.hadamard import hadamard_factorization
-
     try:
         hadamard_factorization(size)
     except ValueError as err:
@@ -138,8 +138,6 @@ def calibrate(model: nn.Module, layout: ModelLayout, config: QATConfig, resolved
     if inputs["input_ids"].ndim == 1:
         inputs["input_ids"] = inputs["input_ids"][None]
     w_spec, a_spec, k_spec = weight_spec(config), activation_spec(config), kv_spec(config)
-    from ..ops.hadamard import hadamard_transform
-
     n = len(layout.layers)
     act = {i: [0.0, 0.0, 0] for i in resolved.r4}  # sum of mse without / with R4, count
     keys = {i: [0.0, 0.0, 0] for i in resolved.r3}

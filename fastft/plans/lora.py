@@ -2,7 +2,7 @@
 modules named by ``modules_to_save`` (a classification model's head, by default) train in full."""
 from ..config import LoRAConfig
 from ..nn.lora import LoRALinear
-from ..patch import Plan, plan_module_swaps, register_planner
+from .registry import Plan, plan_module_swaps, register_planner
 from .modules_to_save import TrainInFull, resolve_modules_to_save
 
 

@@ -33,6 +33,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..ops.hadamard import hadamard_transform
+
 # model_type -> offset of the RMSNorm scale (the norm multiplies by ``weight + offset``)
 NORM_OFFSET = {"llama": 0.0, "qwen2": 0.0, "mistral": 0.0, "gemma": 1.0}
 
@@ -202,14 +204,10 @@ class Rotation:
         return None if self.signs is None else self.signs.to(device=x.device, dtype=x.dtype)
 
     def right(self, x: Tensor) -> Tensor:
-        from .ops.hadamard import hadamard_transform
-
         signs = self._signs(x)
         return hadamard_transform(x if signs is None else x * signs)
 
     def right_t(self, x: Tensor) -> Tensor:
-        from .ops.hadamard import hadamard_transform
-
         y = hadamard_transform(x, inverse=True)
         signs = self._signs(x)
         return y if signs is None else y * signs

@@ -37,10 +37,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..bnb import is_linear4bit
 from ..config import LossConfig
 from ..dispatch import backend_for
+from ..nn.lora import LoRALinear
 from ..ops.linear_cross_entropy import linear_cross_entropy
-from ..patch import Plan, register_planner
+from .registry import Plan, register_planner
 from ..report import PatchedModule
 
 # Classes whose forward is decoder -> slice_logits_to_keep -> lm_head [-> final softcap] -> ForCausalLMLoss,
@@ -110,9 +112,6 @@ def _module_class(module: nn.Module) -> type:
 def check_head(module: nn.Module, name: str) -> None:
     """lm_head must be a plain ``nn.Linear`` with a float weight, or a fastft ``LoRALinear`` over one (the op
     then adds the low-rank term): the op reads the weights directly. Either may be an FSDP2 unit."""
-    from ..bnb import is_linear4bit
-    from ..nn.lora import LoRALinear
-
     if _module_class(module) is nn.Linear and module.weight.is_floating_point():
         return
     if _module_class(module) is LoRALinear and not module.is_4bit:
@@ -387,8 +386,6 @@ def _head_operands(head: nn.Module, hidden: torch.Tensor):
     ``s · dropout(h) Aᵀ`` and ``B``, cast like LoRALinear casts them (to the input's or autocast dtype),
     with the same dropout draw it would make.
     """
-    from ..nn.lora import LoRALinear
-
     autocast = torch.is_autocast_enabled(hidden.device.type)
     if _module_class(head) is LoRALinear:  # exactly LoRA (subclasses such as DoRA are refused by check_head)
         dtype = torch.get_autocast_dtype(hidden.device.type) if autocast else hidden.dtype
