@@ -44,7 +44,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
             for key, value in module.adapter_state_dict().items():
                 tensors[f"{name}.{key}"] = full_tensor(value.detach()).contiguous().cpu()
         for edit in plan.edits:  # e.g. modules trained in full: "<module>.<parameter>" -> value
-            for key, value in getattr(edit, "adapter_tensors", dict)().items():
+            for key, value in edit.adapter_tensors().items():
                 tensors[key] = full_tensor(value.detach()).contiguous().cpu()
     return tensors
 
@@ -115,7 +115,7 @@ def load(model: nn.Module, directory: str | os.PathLike):
                 param = next(module.parameters())
                 module.load_adapter_state_dict({k: v.to(param.device) for k, v in per_module[name].items()})
             for edit in plan.edits:
-                getattr(edit, "load_adapter_tensors", lambda tensors: None)(tensors)
+                edit.load_adapter_tensors(tensors)
     except Exception:
         if patched_here:
             unpatch(model, merge=False)

@@ -105,7 +105,7 @@ def build_report(model: nn.Module) -> PatchReport:
     for name, module in state.modules():
         device = next(module.parameters()).device
         trainable = sum(logical_numel(p) for p in module.adapter_parameters().values() if p.requires_grad)
-        detail = getattr(module, "report_detail", lambda: "")()
+        detail = module.report_detail()
         rows.append(
             PatchedModule(
                 name=name,
@@ -118,7 +118,7 @@ def build_report(model: nn.Module) -> PatchReport:
         )
     for plan in state.plans:
         for edit in plan.edits:
-            rows.extend(getattr(edit, "report_rows", lambda model: [])(model))
+            rows.extend(edit.report_rows(model))
     trainable, total = count_parameters(model)
     notes = [note for plan in state.plans for note in plan.notes]
     return PatchReport(

@@ -1,14 +1,13 @@
 """Drop-in ``nn.Module`` replacements, one method per file."""
+from .layer import FastFTLayer
 from .lora import LoRALinear
 from .dora import DoRALinear
 from .quant import QuantLinear
 from .s2ft import S2FTLinear
 
-FASTFT_MODULES = (LoRALinear,)
-FASTFT_MODULES += (QuantLinear,)
-FASTFT_MODULES += (S2FTLinear,)
+FASTFT_MODULES = (FastFTLayer,)  # isinstance(module, FASTFT_MODULES): a module fastft.patch put in
 
-__all__ = ["LoRALinear", "FASTFT_MODULES"]
+__all__ = ["FastFTLayer", "LoRALinear", "FASTFT_MODULES"]
 __all__ += ["DoRALinear"]
 __all__ += ["QuantLinear"]
 __all__ += ["S2FTLinear"]

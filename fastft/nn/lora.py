@@ -23,6 +23,7 @@ from ..bnb import four_bit_weight, is_linear4bit, requantize_like
 from ..config import LoRAConfig
 from ..distributed import copy_full_, full_tensor, is_sharded
 from ..ops.lora import lora_linear
+from .layer import FastFTLayer
 
 
 def check_linear(layer: nn.Module, what: str = "LoRA") -> None:
@@ -46,7 +47,7 @@ def adapter_dtype(base_layer: nn.Module) -> torch.dtype:
     return base_layer.weight.dtype
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(FastFTLayer):
     """LoRA over a frozen linear layer; see the module docstring for the math.
 
     Args:

@@ -36,6 +36,7 @@ from ..distributed import copy_full_
 from ..ops.fake_quantize import dequantize, fake_quantize, fake_quantize_with_mask, quantize
 from ..ops.hadamard import hadamard_factorization, hadamard_transform
 from ..ops.quant_linear import effective_weight, quant_weight_linear
+from .layer import FastFTLayer
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,7 @@ def check_group_sizes(in_features: int, config: QATConfig, what: str) -> None:
         )
 
 
-class QuantLinear(nn.Module):
+class QuantLinear(FastFTLayer):
     """Fake-quantized linear layer; see the module docstring for the math.
 
     Args:

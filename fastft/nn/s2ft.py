@@ -36,6 +36,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from ..bnb import is_linear4bit
 from ..distributed import is_fsdp_managed
 from ..ops.s2ft_linear import s2ft_linear
+from .layer import FastFTLayer
 
 
 def _check_base(layer: nn.Module) -> None:
@@ -51,7 +52,7 @@ def _check_base(layer: nn.Module) -> None:
         raise TypeError(f"fastft S²FT patches nn.Linear layers with float weights; got {what}.")
 
 
-class S2FTLinear(nn.Module):
+class S2FTLinear(FastFTLayer):
     """Trains ``W[:, :width]`` (or ``W[:width, :]`` with ``rows=True``) of a frozen ``nn.Linear``.
 
     Args:

@@ -42,7 +42,7 @@ from ..config import LossConfig
 from ..dispatch import backend_for
 from ..nn.lora import LoRALinear
 from ..ops.linear_cross_entropy import linear_cross_entropy
-from .registry import Plan, register_planner
+from .registry import Edit, Plan, register_planner
 from ..report import PatchedModule
 
 # Classes whose forward is decoder -> slice_logits_to_keep -> lm_head [-> final softcap] -> ForCausalLMLoss,
@@ -186,7 +186,7 @@ def refuse_foreign_fused_head(module: nn.Module, args: tuple, kwargs: dict):
     return None
 
 
-class FusedLossForward:
+class FusedLossForward(Edit):
     """The model-level :class:`fastft.patch.Edit` of a LossConfig: install / remove the instance forward."""
 
     def __init__(self, config: LossConfig, head_name: str, softcap: Optional[float]):

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..report import PatchedModule
 from ..targets import is_linear
+from .registry import Edit
 
 TASK_MODEL_SUFFIXES = ("ForSequenceClassification", "ForTokenClassification", "ForMultipleChoice", "ForQuestionAnswering")
 TASK_HEAD_NAMES = ("classifier", "score", "qa_outputs")
@@ -81,7 +82,7 @@ def resolve_modules_to_save(model: nn.Module, spec, lora_targets: Sequence[str])
     return names, notes
 
 
-class TrainInFull:
+class TrainInFull(Edit):
     """The :class:`fastft.patch.Edit` of ``modules_to_save``: these modules' parameters train in place."""
 
     def __init__(self, model: nn.Module, names: Sequence[str]):

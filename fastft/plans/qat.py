@@ -42,14 +42,14 @@ from ..nn.quant import (
     register_attention,
     weight_spec,
 )
-from .registry import Plan, register_planner
+from .registry import Edit, Plan, register_planner
 from .qat_rotations import KeepOriginals, ModelLayout, Rotation, RotationFolding, model_layout
 from ..targets import find_layer_stack, resolve_targets
 
 
 # ------------------------------------------------------------------------------------------ attention
 @dataclass
-class AttentionEdit:
+class AttentionEdit(Edit):
     """Points this model instance's config at ``fastft_qat_<impl>`` and gives each attention module its
     :class:`~fastft.nn.quant.AttentionQuant`; ``revert`` takes both back."""
 

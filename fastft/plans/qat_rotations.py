@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.hadamard import hadamard_transform
+from .registry import Edit
 
 # model_type -> offset of the RMSNorm scale (the norm multiplies by ``weight + offset``)
 NORM_OFFSET = {"llama": 0.0, "qwen2": 0.0, "mistral": 0.0, "gemma": 1.0}
@@ -246,7 +247,7 @@ def rotate_head_rows(rotation: Rotation, w: Tensor, heads: int, inverse: bool = 
 
 
 @dataclass
-class RotationFolding:
+class RotationFolding(Edit):
     """The reversible edit folding norm scales, R1, R2 and R4 into a model's weights (see the module doc).
 
     ``apply`` rewrites the weights in place. ``revert`` undoes each step in reverse order: the linear
@@ -423,7 +424,7 @@ class RotationFolding:
 
 
 @dataclass
-class KeepOriginals:
+class KeepOriginals(Edit):
     """Keeps a CPU copy of tensors another edit or training may change, and puts them back.
 
     ``revert(merge=False)`` restores every tensor bit-exactly (a failed patch, or ``unpatch(merge=False)``);

@@ -9,7 +9,7 @@ optional model-level :class:`Edit` objects (apply / revert pairs) for what is no
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 from torch import nn
 
@@ -19,16 +19,31 @@ from ..targets import resolve_targets
 __all__ = ["Edit", "PLANNERS", "Plan", "Planner", "plan_module_swaps", "register_planner"]
 
 
-class Edit(Protocol):
+class Edit:
     """A model-level change a method makes besides swapping modules (e.g. a weight permutation).
 
-    Optional methods: ``adapter_parameters()`` (kept trainable), ``report_rows(model)``, and
-    ``adapter_tensors()`` / ``load_adapter_tensors(tensors)`` (what ``fastft.save`` / ``load`` store).
+    Subclasses implement ``apply`` and ``revert``; the rest defaults to "nothing": ``adapter_parameters()``
+    (kept trainable), ``report_rows(model)`` (rows of the patch report), ``adapter_tensors()`` /
+    ``load_adapter_tensors(tensors)`` (what ``fastft.save`` / ``load`` store).
     """
 
-    def apply(self, model: nn.Module) -> None: ...
+    def apply(self, model: nn.Module) -> None:
+        raise NotImplementedError(f"{type(self).__name__}.apply")
 
-    def revert(self, model: nn.Module, merge: bool) -> None: ...
+    def revert(self, model: nn.Module, merge: bool) -> None:
+        raise NotImplementedError(f"{type(self).__name__}.revert")
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        return []
+
+    def report_rows(self, model: nn.Module) -> list:
+        return []
+
+    def adapter_tensors(self) -> dict:
+        return {}
+
+    def load_adapter_tensors(self, tensors: dict) -> None:
+        """Nothing to load by default (an edit that stores no tensors)."""
 
 
 @dataclass
@@ -53,7 +68,7 @@ class Plan:
     def attach(self) -> None:
         """Second phase of building: initialisation that touches the base layers (e.g. PiSSA's residual)."""
         for _, module in self.swaps:
-            getattr(module, "attach", lambda: None)()
+            module.attach()
 
     def discard(self) -> None:
         """Undo what :meth:`attach` changed (exact up to float rounding for a weight rewrite)."""
@@ -65,7 +80,7 @@ class Plan:
         for _, module in self.swaps:
             params.extend(module.adapter_parameters().values())
         for edit in self.edits:
-            params.extend(getattr(edit, "adapter_parameters", lambda: [])())
+            params.extend(edit.adapter_parameters())
         return params
 
 

@@ -44,6 +44,7 @@ from typing import Sequence
 
 import torch
 from torch import Tensor, nn
+from .registry import Edit
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 FFN_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -219,7 +220,7 @@ def _permute_columns_(layer: nn.Linear, order: Tensor) -> None:
     _gather_(layer.weight, order, 1)
 
 
-class CoPermutation:
+class CoPermutation(Edit):
     """An :class:`fastft.patch.Edit` permuting heads and FFN channels of decoder blocks in place.
 
     ``attention``: (block, query head order π, key/value head order σ) triples; ``ffn``: (block, channel
