@@ -78,7 +78,7 @@ def test_patch_reports_dora_and_trains_the_magnitude():
 def test_merge_folds_the_magnitude_and_direction_into_the_weight():
     model = tiny_model("qwen2", torch.float64)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    fastft.patch(model, fastft.LoRAConfig(r=4, alpha=4, dora=True))
+    fastft.patch(model, fastft.LoRAConfig(r=4, alpha=6, dora=True))  # s = 1.5: a dropped scale shows
     randomize(model)
     layer = model.model.layers[0].self_attn.q_proj
     W, A, B, m = (t.detach().clone() for t in (layer.base_layer.weight, layer.lora_A, layer.lora_B,
@@ -88,7 +88,7 @@ def test_merge_folds_the_magnitude_and_direction_into_the_weight():
     fastft.unpatch(model, merge=True)
     assert not any(isinstance(m, LoRALinear) for m in model.modules())
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
-    full = W + 1.0 * B @ A
+    full = W + (6 / 4) * B @ A
     assert_close(model.model.layers[0].self_attn.q_proj.weight, m[:, None] * full / full.norm(dim=1, keepdim=True))
     with torch.no_grad():
         assert_close(model(ids()).logits, patched_logits)
@@ -213,12 +213,12 @@ def test_qdora_merge_dequantizes_merges_requantizes_and_warns():
     base = bnb.nn.Linear4bit(64, 32, compute_dtype=torch.float32, compress_statistics=True, quant_type="nf4")
     base.load_state_dict(torch.nn.Linear(64, 32).state_dict())
     base = base.to("cpu")
-    layer = LoRALinear.from_linear(base, fastft.LoRAConfig(r=4, alpha=4, dora=True))
+    layer = LoRALinear.from_linear(base, fastft.LoRAConfig(r=4, alpha=6, dora=True))  # s = 1.5
     torch.nn.init.normal_(layer.lora_B, std=0.05)
     with torch.no_grad():
         layer.lora_magnitude_vector.mul_(1.1)
-    W = four_bit_weight(base).dequantize(torch.float32)
-    full = W + layer.lora_B.detach() @ layer.lora_A.detach()
+    W = bnb.functional.dequantize_4bit(base.weight.data, base.weight.quant_state)  # bitsandbytes' own
+    full = W + (6 / 4) * layer.lora_B.detach() @ layer.lora_A.detach()
     expected = layer.lora_magnitude_vector.detach()[:, None] * full / full.norm(dim=1, keepdim=True)
     assert_close(layer.merged_weight(), expected)
     assert_close(W + layer.delta_weight(), expected)

@@ -73,8 +73,8 @@ def test_fused_pass_matches_reference(name):
     got, want = run_both(dtype, kind, OPTIONS[options], bias)
     for what, g, w in zip(NAMES, got, want):
         assert g.shape == w.shape and g.dtype == w.dtype, what
-        if g.numel():
-            assert_close(g, w, dtype, msg=what)
+        if g.numel():  # each output at its own dtype's tolerance: the statistics are float32 in 16-bit cases
+            assert_close(g, w, msg=what)
 
 
 @pytest.mark.parametrize("splits", [2, 4])

@@ -3,7 +3,7 @@ import copy
 
 import pytest
 import torch
-from helpers import assert_close, randomize_lora, tiny_model
+from helpers import assert_close, assert_model_unchanged, model_snapshot, randomize_lora, tiny_model
 
 import fastft
 
@@ -123,15 +123,19 @@ def test_from_peft_refuses_what_it_cannot_read(tmp_path):
     )
     twin.save_pretrained(tmp_path)
     model = copy.deepcopy(base)
+    before = model_snapshot(model)
     with pytest.raises(ValueError, match="rank_pattern"):
         fastft.from_peft(model, tmp_path)
     assert not fastft.is_patched(model)
+    assert_model_unchanged(model, before)
 
 
 def test_patching_a_peft_model_points_to_from_peft():
     twin = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    before = model_snapshot(twin)
     with pytest.raises(ValueError, match="from_peft"):
         fastft.patch(twin, fastft.LoRAConfig())
+    assert_model_unchanged(twin, before)
 
 
 def test_bf16_autocast_matches_peft():

@@ -13,7 +13,7 @@ import types
 import pytest
 import torch
 import transformers as tf
-from helpers import assert_close, randomize_lora, tiny_config, tiny_model
+from helpers import assert_close, assert_model_unchanged, model_snapshot, randomize_lora, tiny_config, tiny_model
 
 import fastft
 from fastft.methods.qat import plan_qat
@@ -60,23 +60,8 @@ def logits(model, tokens=None):
         return model(ids() if tokens is None else tokens).logits
 
 
-def snapshot(model):
-    return (
-        [(n, type(m)) for n, m in model.named_modules()],
-        {n: (t.detach().clone(), getattr(t, "requires_grad", False)) for n, t in model.state_dict(keep_vars=True).items()},
-        model.config._attn_implementation,
-        getattr(model.config, "tie_word_embeddings", None),
-    )
-
-
-def assert_unchanged(model, before):
-    types_, tensors, attention, tied = snapshot(model)
-    assert types_ == before[0]
-    assert tensors.keys() == before[1].keys()
-    for name, (tensor, flag) in tensors.items():
-        assert torch.equal(tensor, before[1][name][0]), name
-        assert flag == before[1][name][1], name
-    assert (attention, tied) == before[2:]
+snapshot = model_snapshot  # the shared whole-model snapshot (tests/helpers.py)
+assert_unchanged = assert_model_unchanged
 
 
 def float64_norms(model, offset: float) -> None:
@@ -296,7 +281,7 @@ def test_qat_plus_lora_trains_and_merges(order):
     with pytest.warns(UserWarning, match="5 RMSNorm.* zero entries in their scale; their scales stay folded"):
         fastft.unpatch(model, merge=True)  # the test model's norms each hold a zero
     assert not any(isinstance(m, (LoRALinear, QuantLinear)) for m in model.modules())
-    assert model.config._attn_implementation == before[2]
+    assert model.config._attn_implementation == before["config"][0]
     # the merged plain model, fake-quantized again by the same QAT config, is the model that trained
     fastft.patch(model, qat)
     assert_close(logits(model), trained)
@@ -430,12 +415,16 @@ def test_bad_patch_is_refused_before_any_weight_is_touched(kwargs, intermediate,
 def test_unsupported_attention_and_family():
     model = model_of("llama")
     model.config._attn_implementation_internal = "flash_attention_2"
+    before = snapshot(model)
     with pytest.raises(ValueError, match="attn_implementation='sdpa'"):
         fastft.patch(model, fastft.QATConfig(kv_bits=4))
+    assert_unchanged(model, before)
     opt = tf.OPTForCausalLM(tf.OPTConfig(vocab_size=96, hidden_size=64, ffn_dim=128, num_hidden_layers=1,
                                          num_attention_heads=4, word_embed_proj_dim=64)).eval()
+    before = snapshot(opt)
     with pytest.raises(ValueError, match=r"model_type='opt'.*Supported families.*rotations=\(\), kv_bits=None"):
         fastft.patch(opt, fastft.QATConfig())
+    assert_unchanged(opt, before)
     report = fastft.patch(opt, fastft.QATConfig(rotations=()))
     assert len(report) == 6
 
@@ -454,7 +443,7 @@ def test_unpatch_restores_the_original_model(family):
     fastft.patch(model, fastft.QATConfig(w_bits=4, a_bits=4, kv_bits=4))
     fastft.unpatch(model, merge=True)
     assert_close(logits(model), reference)
-    assert [(n, type(m)) for n, m in model.named_modules()] == before[0]
+    assert snapshot(model)["modules"] == before["modules"]
 
 
 def test_qat_alone_trains_the_weights_and_merge_keeps_what_trained():

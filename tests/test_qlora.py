@@ -90,9 +90,12 @@ def test_same_logits_as_peft_over_the_same_4bit_base():
 
 def test_merge_into_4bit_dequantizes_merges_requantizes_and_warns():
     base = linear4bit(64, 32, nested=True, quant_type="nf4")
-    layer = LoRALinear.from_linear(base, fastft.LoRAConfig(r=4, alpha=4))
+    layer = LoRALinear.from_linear(base, fastft.LoRAConfig(r=4, alpha=6))
     torch.nn.init.normal_(layer.lora_B, std=0.05)
-    expected_float = four_bit_weight(base).dequantize(torch.float32) + layer.delta_weight()
+    # W + (alpha/r)·B·A written out, on bitsandbytes' own dequantization (not the layer's delta_weight)
+    W = bnb.functional.dequantize_4bit(base.weight.data, base.weight.quant_state)
+    expected_float = W + (6 / 4) * (layer.lora_B.detach() @ layer.lora_A.detach())
+    assert_close(layer.delta_weight(), expected_float - W)
     with pytest.warns(UserWarning, match="re-quantized"):
         merged = layer.unpatched(merge=True)
     assert isinstance(merged, bnb.nn.Linear4bit)
