@@ -38,6 +38,11 @@ from triton.runtime.errors import OutOfResources
 
 from .dequantize_4bit import cast_to
 
+
+INTERPRETER_SPLITS = 1
+"""Test hook: the number of reduction splits used under the Triton interpreter (CPU), where the GPU's choice
+(from its SM count) does not apply. Tests raise it to run the split path a GPU takes; 1 leaves behaviour as is."""
+
 _INT32_LIMIT = 2**31
 KIND_CE, KIND_DFT, KIND_GIVEN = 0, 1, 2
 _KINDS = {"ce": KIND_CE, "dft": KIND_DFT, "given": KIND_GIVEN}
@@ -316,7 +321,7 @@ def _launch(hidden, weight, bias, hidden2, weight2, labels, row_scale, lse, nll,
     token_blocks = triton.cdiv(n_tokens, block_m)
     vocab_blocks = triton.cdiv(vocab, block_v)
     if vocab_splits is None:
-        vocab_splits = 1 if interpreting else min(vocab_blocks, triton.cdiv(_sm_count(device.index or 0), token_blocks))
+        vocab_splits = INTERPRETER_SPLITS if interpreting else min(vocab_blocks, triton.cdiv(_sm_count(device.index or 0), token_blocks))
     vocab_splits = max(1, min(vocab_splits, vocab_blocks)) if need_grad else 1
     v_per_split = triton.cdiv(vocab_blocks, vocab_splits) * block_v
     vocab_splits = triton.cdiv(vocab, v_per_split)

@@ -51,6 +51,11 @@ from triton.runtime.errors import OutOfResources
 
 from .dequantize_4bit import cast_to, check_4bit_weight, load_dequantized_tile
 
+
+INTERPRETER_SPLITS = 1
+"""Test hook: the number of reduction splits used under the Triton interpreter (CPU), where the GPU's choice
+(from its SM count) does not apply. Tests raise it to run the split path a GPU takes; 1 leaves behaviour as is."""
+
 _INT32_LIMIT = 2**31
 _GROUP_M = 8
 
@@ -352,7 +357,7 @@ def scaled_matmul(p: Tensor, q: Tensor, out: Tensor, scale: float = 1.0, keep: O
     tiles = choose_tiles(I, J, L, p.dtype, p.device)
     if split is None:
         n_tiles = triton.cdiv(I, tiles.m) * triton.cdiv(J, tiles.n)
-        split = 1 if interpreting else min(triton.cdiv(_sm_count(p.device.index or 0), n_tiles),
+        split = INTERPRETER_SPLITS if interpreting else min(triton.cdiv(_sm_count(p.device.index or 0), n_tiles),
                                            triton.cdiv(L, tiles.k) // 4, 32)
     split = max(1, split)
     keep_strides = (keep.stride(0), keep.stride(1)) if keep is not None else (0, 0)

@@ -213,3 +213,45 @@ def written_out_merges(model, alpha: float, r: int) -> dict:
             full = m[:, None] * full / full.pow(2).sum(1, keepdim=True).sqrt()
         out[f"{name}.weight"] = full
     return out
+
+
+# ------------------------------------------------------------------ Triton launches under the interpreter
+SPLIT_KERNEL_MODULES = ("lora", "s2ft", "linear_cross_entropy", "dora")
+
+
+@contextlib.contextmanager
+def interpreter_splits(n: int):
+    """Force ``n`` reduction splits (split-K, token and vocabulary splits, DoRA's pre-scale dot) in every
+    kernel module with the ``INTERPRETER_SPLITS`` hook: the path a GPU takes, run under the interpreter."""
+    import importlib
+
+    modules = [importlib.import_module(f"fastft.kernels.{name}") for name in SPLIT_KERNEL_MODULES]
+    old = [m.INTERPRETER_SPLITS for m in modules]
+    for m in modules:
+        m.INTERPRETER_SPLITS = n
+    try:
+        yield
+    finally:
+        for m, value in zip(modules, old):
+            m.INTERPRETER_SPLITS = value
+
+
+class LaunchSpy:
+    """Stands in for a ``@triton.jit`` kernel (a module global launched as ``kernel[grid](...)``) and records
+    each launch grid, so a test can assert that the kernel ran, and with how many splits."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(tuple(grid))
+        return self.kernel[grid]
+
+    def __getattr__(self, name):
+        return getattr(self.kernel, name)
+
+
+def spy_on(monkeypatch, module, name: str) -> LaunchSpy:
+    spy = LaunchSpy(getattr(module, name))
+    monkeypatch.setattr(module, name, spy)
+    return spy

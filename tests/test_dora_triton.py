@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close, backend
+from helpers import assert_close, backend, interpreter_splits, spy_on
 
 import fastft
 from fastft.ops.dequantize_4bit import dequantize_4bit
@@ -119,6 +119,28 @@ def test_backward_matches_reference(name):
     for t, ref, what in zip(got, expected, "dx dA dB dg".split()):
         assert t.shape == ref.shape and t.dtype == ref.dtype, what
         assert_close(t, ref, msg=what)  # the tolerance of each output's own dtype: dg is float32 in every case
+
+
+@pytest.mark.parametrize("name", ["fp32-dense-bias", "fp32-dense-dropout", "fp16-dense-bias-r16", "fp32-nf4-nested-bias"])
+def test_backward_with_split_reductions_matches_reference(name, monkeypatch):
+    """The GPU's split paths under the interpreter: dg summed over token splits (``pre_scale_dot``) and the
+    dA/dB reductions split over the tokens (split-K), each split a float32 partial summed afterwards."""
+    args, grad = make_case(**CASES[name])
+    bargs = backward_args(args, grad)
+    dots = spy_on(monkeypatch, dora_kernels, "_pre_scale_dot_kernel")
+    from fastft.kernels import lora as lora_kernels
+
+    matmuls = spy_on(monkeypatch, lora_kernels, "_matmul_kernel")
+    with interpreter_splits(3):
+        got = dora_kernels.dora_backward(*bargs)
+    assert dots.grids and dots.grids[-1][1] > 1, "dg was not reduced over several token splits"
+    assert matmuls.grids and max(grid[1] for grid in matmuls.grids) > 1, "no split-K reduction ran"
+    expected = list(dora_backward_reference(*bargs))
+    if sums_of_gemms_rounded_apart(CASES[name]):
+        expected[0] = dora_backward_reference(*widened(bargs, 13))[0].to(CASES[name]["dtype"])
+    for t, ref, what in zip(got, expected, "dx dA dB dg".split()):
+        assert t.shape == ref.shape and t.dtype == ref.dtype, what
+        assert_close(t, ref, msg=what)
 
 
 @pytest.mark.parametrize("quant", [None, ("nf4", True)], ids=["dense", "nf4"])
