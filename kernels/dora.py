@@ -47,6 +47,12 @@ from .common import (
 from .lora import fused_linear_lowrank, scaled_matmul
 
 
+INTERPRETER_SPLITS = 1
+"""Test hook: the number of token splits of ``pre_scale_dot`` under the Triton interpreter (CPU), where the
+GPU's choice (from its SM count) does not apply. Tests raise it to run the split path a GPU takes (the
+reductions of ``fastft.kernels.lora`` have their own ``INTERPRETER_SPLITS``)."""
+
+
 @triton.jit
 def _row_norm_kernel(
     proj_ptr, b_ptr, gram_ptr, sq_ptr, norm_ptr, O, R,
@@ -259,7 +265,7 @@ def pre_scale_dot(
     block_k = block_size(K, 32 if (interpreting or four_bit is not None or x.dtype == torch.float32) else 64)
     block_r = block_size(lora_B.shape[1], 16 if interpreting else 64)
     col_blocks = triton.cdiv(N, block_n)
-    splits = 1 if interpreting else max(1, min(triton.cdiv(4 * sm_count(g.device.index or 0), col_blocks),
+    splits = INTERPRETER_SPLITS if interpreting else max(1, min(triton.cdiv(4 * sm_count(g.device.index or 0), col_blocks),
                                                triton.cdiv(M, block_m)))
     tokens_per_split = triton.cdiv(triton.cdiv(max(M, 1), splits), block_m) * block_m
     splits = max(1, triton.cdiv(M, tokens_per_split))

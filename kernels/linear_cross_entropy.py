@@ -38,6 +38,11 @@ from triton.runtime.errors import OutOfResources
 
 from .common import INT32_LIMIT, block_size, cast_to, mma
 
+
+INTERPRETER_SPLITS = 1
+"""Test hook: the number of reduction splits used under the Triton interpreter (CPU), where the GPU's choice
+(from its SM count) does not apply. Tests raise it to run the split path a GPU takes; 1 leaves behaviour as is."""
+
 KIND_CE, KIND_DFT, KIND_GIVEN = 0, 1, 2
 _KINDS = {"ce": KIND_CE, "dft": KIND_DFT, "given": KIND_GIVEN}
 
@@ -242,6 +247,7 @@ def fused_pass(
     hidden2: Optional[Tensor] = None, weight2: Optional[Tensor] = None, need_dh2: bool = False,
     need_dw2: bool = False, vocab_splits: Optional[int] = None,
 ) -> tuple[Tensor, ...]:
+
     """One pass over the tokens with the contract of ``fastft.ops.linear_cross_entropy.reference_pass``.
 
     Returns (lse, nll, z_mean, kind_weight, dh, dw, db, dh2, dw2), gradients empty where not needed. ``chunk_size``
@@ -301,7 +307,7 @@ def _launch(hidden, weight, bias, hidden2, weight2, labels, row_scale, lse, nll,
     token_blocks = triton.cdiv(n_tokens, block_m)
     vocab_blocks = triton.cdiv(vocab, block_v)
     if vocab_splits is None:
-        vocab_splits = 1 if interpreting else min(vocab_blocks, triton.cdiv(sm_count(device.index or 0), token_blocks))
+        vocab_splits = INTERPRETER_SPLITS if interpreting else min(vocab_blocks, triton.cdiv(sm_count(device.index or 0), token_blocks))
     vocab_splits = max(1, min(vocab_splits, vocab_blocks)) if need_grad else 1
     v_per_split = triton.cdiv(vocab_blocks, vocab_splits) * block_v
     vocab_splits = triton.cdiv(vocab, v_per_split)

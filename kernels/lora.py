@@ -53,6 +53,11 @@ from .common import (
 )
 
 
+INTERPRETER_SPLITS = 1
+"""Test hook: the number of reduction splits used under the Triton interpreter (CPU), where the GPU's choice
+(from its SM count) does not apply. Tests raise it to run the split path a GPU takes; 1 leaves behaviour as is."""
+
+
 @triton.jit
 def _matmul_kernel(
     p_ptr, q_ptr, keep_ptr, out_ptr,
@@ -179,7 +184,7 @@ def scaled_matmul(p: Tensor, q: Tensor, out: Tensor, scale: float = 1.0, keep: O
     tiles = choose_tiles(I, J, L, p.dtype, p.device)
     if split is None:
         n_tiles = triton.cdiv(I, tiles.m) * triton.cdiv(J, tiles.n)
-        split = 1 if interpreting else min(triton.cdiv(sm_count(p.device.index or 0), n_tiles),
+        split = INTERPRETER_SPLITS if interpreting else min(triton.cdiv(sm_count(p.device.index or 0), n_tiles),
                                            triton.cdiv(L, tiles.k) // 4, 32)
     split = max(1, split)
     keep_strides = (keep.stride(0), keep.stride(1)) if keep is not None else (0, 0)
@@ -296,6 +301,7 @@ def lora_backward(
     blocksize: int, in_features: int, lora_A: Tensor, lora_B: Tensor, scale: float, mask: Optional[Tensor], p: float,
     need_dx: bool, need_dA: bool, need_dB: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
+
     """``(dx, dA, dB)`` of the LoRA backward, empty tensors where not needed (see the module docstring)."""
     g = grad_y.contiguous()
     M, N = g.shape

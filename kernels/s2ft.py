@@ -37,6 +37,11 @@ from .common import (
 )
 
 
+INTERPRETER_SPLITS = 1
+"""Test hook: the number of reduction splits used under the Triton interpreter (CPU), where the GPU's choice
+(from its SM count) does not apply. Tests raise it to run the split path a GPU takes; 1 leaves behaviour as is."""
+
+
 @triton.jit
 def _linear_saving_slice_kernel(
     x_ptr, w_ptr, bias_ptr, y_ptr, xs_ptr,
@@ -157,7 +162,7 @@ def token_reduction(p: Tensor, q: Tensor, split: Optional[int] = None) -> Tensor
     tiles = choose_tiles(I, J, L, p.dtype, p.device)
     if split is None:
         n_tiles = triton.cdiv(I, tiles.m) * triton.cdiv(J, tiles.n)
-        split = 1 if interpreting else min(triton.cdiv(sm_count(p.device.index or 0), n_tiles),
+        split = INTERPRETER_SPLITS if interpreting else min(triton.cdiv(sm_count(p.device.index or 0), n_tiles),
                                            triton.cdiv(L, tiles.k) // 4, 64)
     split = max(1, split)
     flags = dot_flags(p.dtype, p.device)

@@ -124,3 +124,119 @@ def trainer_losses(model, output_dir, steps: int = 8) -> list[float]:
     trainer = transformers.Trainer(model=model, args=args, train_dataset=TokenData())
     trainer.train()
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+# ------------------------------------------------------------------ whole-model snapshot (error paths)
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+               "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+               "_load_state_dict_post_hooks")
+
+
+def model_snapshot(model: torch.nn.Module) -> dict:
+    """Everything a refused call must leave as it was: every module's class and training flag, every
+    parameter and buffer (bitwise, with dtype, device, requires_grad and identity of shared tensors), and
+    every module hook (forward, pre-forward, backward, state-dict) with the function it calls."""
+    modules = [(name, type(m), m.training) for name, m in model.named_modules(remove_duplicate=False)]
+    tensors = {}
+    for kind, items in (("param", model.named_parameters(remove_duplicate=False)),
+                        ("buffer", model.named_buffers(remove_duplicate=False))):
+        for name, t in items:
+            if t is None:
+                continue
+            tensors[name] = (kind, t.detach().clone(), t.dtype, t.device, t.requires_grad, id(t))
+    hooks = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        for attr in _HOOK_DICTS:
+            table = getattr(m, attr, None) or {}
+            if table:
+                hooks[(name, attr)] = [(k, id(fn)) for k, fn in table.items()]
+    config = getattr(model, "config", None)
+    extra = (getattr(config, "_attn_implementation", None), getattr(config, "tie_word_embeddings", None)) \
+        if config is not None else None
+    return dict(modules=modules, tensors=tensors, hooks=hooks, config=extra)
+
+
+def assert_model_unchanged(model: torch.nn.Module, before: dict) -> None:
+    """``model`` is as :func:`model_snapshot` saw it (the check every error-path test ends with)."""
+    after = model_snapshot(model)
+    assert after["modules"] == before["modules"], "module classes, names or training flags changed"
+    assert after["tensors"].keys() == before["tensors"].keys(), "the set of parameters/buffers changed"
+    for name, (kind, value, dtype, device, flag, ident) in after["tensors"].items():
+        kind0, value0, dtype0, device0, flag0, ident0 = before["tensors"][name]
+        assert (kind, dtype, device, flag) == (kind0, dtype0, device0, flag0), name
+        assert ident == ident0, f"{name} is another tensor object now"
+        assert value.shape == value0.shape, name
+        bits = (lambda t: t.reshape(-1).view(torch.uint8)) if value.dtype.is_floating_point else (lambda t: t)
+        assert torch.equal(bits(value), bits(value0)), f"{name} changed (bitwise)"
+    assert after["hooks"] == before["hooks"], "module hooks changed"
+    assert after["config"] == before["config"], "attention implementation / tied embeddings changed"
+
+
+# ------------------------------------------------------------------ merges written out
+def written_out_merges(model, alpha: float, r: int) -> dict:
+    """{``<module>.weight``: merged weight} for every fastft LoRA/DoRA module of a patched ``model``, written
+    out here in float64 from its tensors and the config numbers ``alpha`` and ``r`` (never the module's own
+    scale or merge code): ``W + (alpha/r)·B·A`` for LoRA, ``m ⊙ (W + s·B·A) / ‖W + s·B·A‖`` (row norms) for
+    DoRA. A 4-bit base is dequantized by bitsandbytes itself."""
+    from fastft.nn import DoRALinear, LoRALinear
+
+    s = alpha / r
+    out = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, LoRALinear):
+            continue
+        base = module.base_layer
+        if type(base).__name__ == "Linear4bit":
+            import bitsandbytes as bnb
+
+            W = bnb.functional.dequantize_4bit(base.weight.data, base.weight.quant_state).double()
+        else:
+            W = base.weight.detach().double()
+        full = W + s * module.lora_B.detach().double() @ module.lora_A.detach().double()
+        if isinstance(module, DoRALinear):
+            m = module.lora_magnitude_vector.detach().double()
+            full = m[:, None] * full / full.pow(2).sum(1, keepdim=True).sqrt()
+        out[f"{name}.weight"] = full
+    return out
+
+
+# ------------------------------------------------------------------ Triton launches under the interpreter
+SPLIT_KERNEL_MODULES = ("lora", "s2ft", "linear_cross_entropy", "dora")
+
+
+@contextlib.contextmanager
+def interpreter_splits(n: int):
+    """Force ``n`` reduction splits (split-K, token and vocabulary splits, DoRA's pre-scale dot) in every
+    kernel module with the ``INTERPRETER_SPLITS`` hook: the path a GPU takes, run under the interpreter."""
+    import importlib
+
+    modules = [importlib.import_module(f"fastft.kernels.{name}") for name in SPLIT_KERNEL_MODULES]
+    old = [m.INTERPRETER_SPLITS for m in modules]
+    for m in modules:
+        m.INTERPRETER_SPLITS = n
+    try:
+        yield
+    finally:
+        for m, value in zip(modules, old):
+            m.INTERPRETER_SPLITS = value
+
+
+class LaunchSpy:
+    """Stands in for a ``@triton.jit`` kernel (a module global launched as ``kernel[grid](...)``) and records
+    each launch grid, so a test can assert that the kernel ran, and with how many splits."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(tuple(grid))
+        return self.kernel[grid]
+
+    def __getattr__(self, name):
+        return getattr(self.kernel, name)
+
+
+def spy_on(monkeypatch, module, name: str) -> LaunchSpy:
+    spy = LaunchSpy(getattr(module, name))
+    monkeypatch.setattr(module, name, spy)
+    return spy

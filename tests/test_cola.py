@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from helpers import TOLERANCES, quantize_linears, randomize_lora, tiny_model
+from helpers import TOLERANCES, assert_model_unchanged, model_snapshot, quantize_linears, randomize_lora, tiny_model
 
 import fastft
 from fastft.integrations import merge_and_restart
@@ -111,23 +111,34 @@ def test_optimizer_state_is_fresh_for_the_new_adapters_only():
 
 def test_refusals_change_nothing():
     model = tiny_model("llama")
+    before = model_snapshot(model)
     with pytest.raises(ValueError, match="patched by fastft"):
         merge_and_restart(model)
+    assert_model_unchanged(model, before)
     fastft.patch(model, fastft.S2FTConfig(ffn_ratio=0.1))
+    before = model_snapshot(model)
     with pytest.raises(ValueError, match="no low-rank adapter"):
         merge_and_restart(model)
+    assert_model_unchanged(model, before)
 
     pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes; install fastft[test]")
     qmodel = quantize_linears(tiny_model("llama"))
     fastft.patch(qmodel, fastft.LoRAConfig(r=4))
     randomize_lora(qmodel)
-    state = {k: v.clone() for k, v in qmodel.state_dict().items()}
+    before = model_snapshot(qmodel)
     with pytest.raises(ValueError, match="4-bit"):
         merge_and_restart(qmodel)
-    assert all(torch.equal(state[k], v) for k, v in qmodel.state_dict().items())
+    assert_model_unchanged(qmodel, before)
 
+
+@pytest.mark.xfail(strict=True, reason="found by the whole-model snapshot: merge_and_restart merges and "
+                   "re-initialises the adapters before it checks the optimizer (fastft/integrations/cola.py, "
+                   "merge_and_restart then reset_optimizer_state); the refusal leaves a changed model")
+def test_refusing_an_unrelated_optimizer_changes_nothing():
     other = tiny_model("llama")
     fastft.patch(other, fastft.LoRAConfig(r=4))
     unrelated = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
+    before = model_snapshot(other)
     with pytest.raises(ValueError, match="holds none of the adapter"):
         merge_and_restart(other, unrelated)
+    assert_model_unchanged(other, before)

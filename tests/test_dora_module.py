@@ -12,7 +12,11 @@ from fastft.bnb import four_bit_weight
 from fastft.nn import DoRALinear, LoRALinear
 from fastft.ops.dora import NORM_EPS
 
-bnb = pytest.importorskip("bitsandbytes", reason="QDoRA needs bitsandbytes; install fastft[test]")
+
+
+def needs_bnb():
+    """bitsandbytes for the QDoRA tests only: the dense tests of this file run without it."""
+    return pytest.importorskip("bitsandbytes", reason="QDoRA needs bitsandbytes; install fastft[test]")
 
 
 def ids(seed=0, shape=(2, 9)):
@@ -78,7 +82,7 @@ def test_patch_reports_dora_and_trains_the_magnitude():
 def test_merge_folds_the_magnitude_and_direction_into_the_weight():
     model = tiny_model("qwen2", torch.float64)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    fastft.patch(model, fastft.LoRAConfig(r=4, alpha=4, dora=True))
+    fastft.patch(model, fastft.LoRAConfig(r=4, alpha=6, dora=True))  # s = 1.5: a dropped scale shows
     randomize(model)
     layer = model.model.layers[0].self_attn.q_proj
     W, A, B, m = (t.detach().clone() for t in (layer.base_layer.weight, layer.lora_A, layer.lora_B,
@@ -88,7 +92,7 @@ def test_merge_folds_the_magnitude_and_direction_into_the_weight():
     fastft.unpatch(model, merge=True)
     assert not any(isinstance(m, LoRALinear) for m in model.modules())
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
-    full = W + 1.0 * B @ A
+    full = W + (6 / 4) * B @ A
     assert_close(model.model.layers[0].self_attn.q_proj.weight, m[:, None] * full / full.norm(dim=1, keepdim=True))
     with torch.no_grad():
         assert_close(model(ids()).logits, patched_logits)
@@ -163,6 +167,7 @@ def test_all_zero_weight_row_gives_finite_outputs_and_gradients(detach_norm):
 @pytest.mark.parametrize("nested", [False, True])
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_qdora_matches_dora_on_bitsandbytes_dequantized_weight(nested, quant_type):
+    bnb = needs_bnb()  # noqa: F841
     torch.manual_seed(0)
     dense = torch.nn.Linear(70, 45)  # 3150 weights: not a multiple of the 64 block
     base = bnb.nn.Linear4bit(70, 45, compute_dtype=torch.float32, compress_statistics=nested, quant_type=quant_type)
@@ -190,6 +195,7 @@ def test_qdora_matches_dora_on_bitsandbytes_dequantized_weight(nested, quant_typ
 
 
 def test_quantized_model_equals_dense_model_with_the_dequantized_weights():
+    bnb = needs_bnb()  # noqa: F841
     quantized = quantize_linears(tiny_model("qwen2"), nested=True)
     dense = dequantized_copy(quantized)
     config = fastft.LoRAConfig(r=4, alpha=8, dora=True)
@@ -209,16 +215,17 @@ def test_quantized_model_equals_dense_model_with_the_dequantized_weights():
 
 
 def test_qdora_merge_dequantizes_merges_requantizes_and_warns():
+    bnb = needs_bnb()  # noqa: F841
     torch.manual_seed(0)
     base = bnb.nn.Linear4bit(64, 32, compute_dtype=torch.float32, compress_statistics=True, quant_type="nf4")
     base.load_state_dict(torch.nn.Linear(64, 32).state_dict())
     base = base.to("cpu")
-    layer = LoRALinear.from_linear(base, fastft.LoRAConfig(r=4, alpha=4, dora=True))
+    layer = LoRALinear.from_linear(base, fastft.LoRAConfig(r=4, alpha=6, dora=True))  # s = 1.5
     torch.nn.init.normal_(layer.lora_B, std=0.05)
     with torch.no_grad():
         layer.lora_magnitude_vector.mul_(1.1)
-    W = four_bit_weight(base).dequantize(torch.float32)
-    full = W + layer.lora_B.detach() @ layer.lora_A.detach()
+    W = bnb.functional.dequantize_4bit(base.weight.data, base.weight.quant_state)  # bitsandbytes' own
+    full = W + (6 / 4) * layer.lora_B.detach() @ layer.lora_A.detach()
     expected = layer.lora_magnitude_vector.detach()[:, None] * full / full.norm(dim=1, keepdim=True)
     assert_close(layer.merged_weight(), expected)
     assert_close(W + layer.delta_weight(), expected)
@@ -230,6 +237,7 @@ def test_qdora_merge_dequantizes_merges_requantizes_and_warns():
 
 
 def test_qdora_unpatch_without_merge_gives_back_the_same_4bit_layers():
+    bnb = needs_bnb()  # noqa: F841
     model = quantize_linears(tiny_model("llama"))
     originals = {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
     fastft.patch(model, fastft.LoRAConfig(r=2, dora=True))

@@ -144,12 +144,19 @@ def test_magnitude_starts_at_the_row_norms_so_dora_equals_lora_at_init():
     fastft.patch(lora, fastft.LoRAConfig(r=4, alpha=8))
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():  # B non-zero: the initial magnitude is the norm of W + s·BA, not of W
-        for (name, d), l in zip(dora_modules(dora).items(), dora_modules(dora).values()):
+        for name, d in dora_modules(dora).items():
+            W = d.base_layer.weight.detach()
+            # at patch time (B = 0) the magnitude is ‖W_i‖, written out here
+            assert_close(d.lora_magnitude_vector, (W * W).sum(1).sqrt(), msg=name)
             d.lora_B.normal_(0.0, 0.1, generator=gen)
             lora.get_submodule(name).lora_A.copy_(d.lora_A)
             lora.get_submodule(name).lora_B.copy_(d.lora_B)
-            d.lora_magnitude_vector.copy_(d.row_norms())
-            assert_close(d.lora_magnitude_vector, torch.linalg.vector_norm(d.merged_weight(), dim=1))
+            full = W + (8 / 4) * d.lora_B @ d.lora_A  # W + s·BA written out, s = alpha/r = 2
+            norms = (full * full).sum(1).sqrt()
+            assert_close(d.row_norms(), norms, msg=name)  # the op's norm, against the written-out one
+            d.lora_magnitude_vector.copy_(norms)  # g = m/n is 1 only if the forward divides by the true norm
+            assert_close(torch.linalg.vector_norm(d.merged_weight(), dim=1), norms, msg=name)
+            assert_close(d.merged_weight(), full, msg=name)
     inputs = batch()
     with torch.no_grad():
         assert_close(dora(**inputs).logits, lora(**inputs).logits)

@@ -14,7 +14,7 @@ import random
 import pytest
 import torch
 import transformers
-from helpers import assert_close
+from helpers import assert_close, assert_model_unchanged, model_snapshot
 
 import fastft
 
@@ -158,7 +158,7 @@ def rows_of(report, name):
 
 def test_modules_to_save_errors_leave_the_model_untouched():
     model = tiny_bert()
-    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    before = model_snapshot(model)
     with pytest.raises(ValueError, match="'nope' matches no module"):
         fastft.patch(model, fastft.LoRAConfig(r=2, modules_to_save=["nope"]))
     with pytest.raises(ValueError, match="both in modules_to_save"):
@@ -166,7 +166,7 @@ def test_modules_to_save_errors_leave_the_model_untouched():
     with pytest.raises(ValueError, match="modules_to_save"):
         fastft.LoRAConfig(modules_to_save="classifier")
     assert not fastft.is_patched(model)
-    assert before == {n: p.requires_grad for n, p in model.named_parameters()}
+    assert_model_unchanged(model, before)
 
 
 def test_unpatch_keeps_or_restores_the_trained_head():

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TOLERANCES, assert_close, backend
+from helpers import assert_close, backend
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
@@ -166,13 +166,14 @@ def test_talr_weights_use_the_median_over_sequences():
     h, W, b, y, _ = make(batch=4)
     with backend("torch"):
         ce = linear_cross_entropy(h, W, y, b, reduction="none")
-        talr = linear_cross_entropy(h, W, y, b, kind="talr", reduction="none", talr_min_weight=0.05)
+        talr = linear_cross_entropy(h, W, y, b, kind="talr", reduction="none", talr_min_weight=0.3)
     valid = y != IGNORE
     means = torch.stack([ce[i][valid[i]].mean() for i in range(4)])
     tau = means.sort().values[1:3].mean()  # even count: mean of the two middle values
-    weights = torch.clamp(torch.exp(-ce / tau), min=0.05)
+    weights = torch.clamp(torch.exp(-ce / tau), min=0.3)
     assert_close(talr, torch.where(valid, weights * ce, 0.0), torch.float64)
-    assert (weights[valid] == 0.05).any() or weights[valid].min() > 0.05
+    raw = torch.exp(-ce / tau)[valid]
+    assert (raw < 0.3).any() and (raw > 0.3).any()  # the data reach both sides of the floor w_min
 
 
 @pytest.mark.parametrize("kind", ["ce", "dft"])
@@ -321,7 +322,6 @@ def test_default_chunk_size():
     assert default_chunk_size(100000, 4096, 152064) == 4096
     assert default_chunk_size(3000, 64, 1000) == 256
     assert default_chunk_size(5, 4096, 10) == 5
-    assert TOLERANCES  # the one table is what every comparison above uses
 
 
 def test_lowrank_term_matches_the_formula():

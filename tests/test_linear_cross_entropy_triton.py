@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close, backend
+from helpers import assert_close, backend, interpreter_splits, spy_on
 
 from fastft.ops import linear_cross_entropy
 from fastft.ops.linear_cross_entropy import reference_pass
@@ -73,8 +73,8 @@ def test_fused_pass_matches_reference(name):
     got, want = run_both(dtype, kind, OPTIONS[options], bias)
     for what, g, w in zip(NAMES, got, want):
         assert g.shape == w.shape and g.dtype == w.dtype, what
-        if g.numel():
-            assert_close(g, w, dtype, msg=what)
+        if g.numel():  # each output at its own dtype's tolerance: the statistics are float32 in 16-bit cases
+            assert_close(g, w, msg=what)
 
 
 @pytest.mark.parametrize("splits", [2, 4])
@@ -116,6 +116,31 @@ def test_op_on_triton_backend_matches_torch_backend(kind, reduction):
         results[name] = [loss.detach(), *(t.grad for t in leaves)]
     for what, got, want in zip(("loss", "dh", "dW", "db"), results["triton"], results["torch"]):
         assert_close(got, want, torch.float32, msg=what)
+
+
+@pytest.mark.parametrize("splits", [1, 3], ids=["one-split", "vocab-split"])
+def test_op_on_triton_backend_against_the_float64_formula(splits, monkeypatch):
+    """The op through the Triton backend (the kernel's launches recorded, so it cannot fall back), with the
+    vocabulary split of pass 2 forced as on a GPU in the second variant, against cross-entropy in float64."""
+    g = torch.Generator().manual_seed(6)
+    h = torch.randn(2, 13, 24, generator=g)
+    W = torch.randn(53, 24, generator=g) / 5
+    b = torch.randn(53, generator=g)
+    y = torch.randint(0, 53, (2, 13), generator=g)
+    y[0, :3] = IGNORE
+    spy = spy_on(monkeypatch, kernels, "_linear_cross_entropy_kernel")
+    leaves = [t.clone().requires_grad_(True) for t in (h, W, b)]
+    with backend("triton"), interpreter_splits(splits):
+        loss = linear_cross_entropy(*leaves[:2], y, leaves[2], chunk_size=7)
+        loss.backward()
+    assert spy.grids and (max(grid[1] if len(grid) > 1 else 1 for grid in spy.grids) > 1) == (splits > 1)
+    wide = [t.double().requires_grad_(True) for t in (h, W, b)]
+    logits = wide[0].reshape(-1, 24) @ wide[1].t() + wide[2]
+    want = torch.nn.functional.cross_entropy(logits, y.reshape(-1), ignore_index=IGNORE)
+    want.backward()
+    assert_close(loss.detach(), want.float(), msg="loss")
+    for what, got, ref in zip(("dh", "dW", "db"), leaves, wide):
+        assert_close(got.grad, ref.grad.float(), msg=what)
 
 
 def test_no_tokens():

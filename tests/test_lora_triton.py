@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close, backend
+from helpers import assert_close, backend, interpreter_splits, spy_on
 
 from fastft.ops.dequantize_4bit import FourBitWeight, unnest_absmax
 from fastft.ops.lora import lora_backward_reference, lora_forward_reference, lora_linear
 
-bnb_functional = pytest.importorskip("bitsandbytes.functional")
 lora_kernels = pytest.importorskip("fastft.kernels.lora")
 common_kernels = pytest.importorskip("fastft.kernels.common")
 
@@ -27,7 +26,9 @@ TOKENS, IN, OUT = 37, 70, 45
 
 
 def quantize(W: torch.Tensor, quant_type: str, nested: bool) -> FourBitWeight:
-    """bitsandbytes' 4-bit encoding of W as the plain tensors the op takes (nested absmax undone)."""
+    """bitsandbytes' 4-bit encoding of W as the plain tensors the op takes (nested absmax undone); a test that
+    quantizes is skipped without bitsandbytes, the dense tests of this file (and of test_dora_triton) run."""
+    bnb_functional = pytest.importorskip("bitsandbytes.functional", reason="install fastft[test]")
     packed, state = bnb_functional.quantize_4bit(W, blocksize=64, compress_statistics=nested, quant_type=quant_type)
     absmax = state.absmax
     if state.nested:
@@ -102,6 +103,34 @@ def test_backward_matches_reference(name):
         assert_close(grad, ref, msg=what)
 
 
+def widened(args):
+    """``args`` with every 16-bit tensor in float64: the reference then evaluates the formula exactly."""
+    return [t.double() if isinstance(t, torch.Tensor) and t.dtype in (torch.float16, torch.bfloat16) else t
+            for t in args]
+
+
+@pytest.mark.parametrize("quant", [None, ("nf4", False)], ids=["dense", "nf4"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_16bit_with_a_scale_that_is_not_a_power_of_two(dtype, quant):
+    """s = 0.7 in 16 bits: the kernels round once, so they are compared with the exact value (the reference
+    on float64 copies of the same 16-bit inputs) rounded to the output dtype, at that dtype's tolerance."""
+    args, g = make_case(dtype, quant=quant, scale=0.7)
+    y, xa = lora_kernels.lora_forward(*args)
+    y_exact, xa_exact = lora_forward_reference(*widened(args))
+    assert_close(xa, xa_exact.to(dtype), msg="xa")
+    assert_close(y, y_exact.to(dtype), msg="y")
+    bargs = backward_args(args, g)
+    exact = list(lora_backward_reference(*widened(bargs)))
+    # dA = s·gbᵀ x̃ reads gb = gy B as the 16-bit intermediate the kernels store: exact from that rounded gb
+    x, A, B, mask, p = args[0], args[7], args[8], args[10], args[11]
+    gb = (g.double() @ B.double()).to(dtype).double()
+    dropped = x.double() if mask is None else x.double() * mask / (1.0 - p)
+    exact[1] = 0.7 * gb.t() @ dropped
+    for grad, ref, what in zip(lora_kernels.lora_backward(*bargs), exact, "dx dA dB".split()):
+        assert grad.dtype == dtype, what
+        assert_close(grad, ref.to(dtype), msg=what)
+
+
 @pytest.mark.parametrize("quant", [None, ("nf4", True)], ids=["dense", "nf4"])
 @pytest.mark.parametrize("need", [(True, False, False), (False, True, False), (False, False, True),
                                   (False, True, True)], ids=["dx", "dA", "dB", "dA+dB"])
@@ -174,10 +203,12 @@ def test_launch_shrinks_tiles_until_shared_memory_suffices():
         lora_kernels.launch_with_fallback("never", first, lambda t: launch(lora_kernels.Tiles(512, 512, 512, 8, 4)))
 
 
+@pytest.mark.parametrize("splits", [1, 3], ids=["one-split", "split-k"])
 @pytest.mark.parametrize("dtype,quant", [(torch.float32, None), (torch.float16, ("nf4", True))],
                          ids=["fp32-dense", "fp16-nf4"])
-def test_lora_linear_autograd_triton_equals_torch(dtype, quant):
-    """The public op end to end: 3-D input, dropout, autograd through the custom op on both backends."""
+def test_lora_linear_autograd_triton_equals_torch(dtype, quant, splits, monkeypatch):
+    """The public op end to end: 3-D input, dropout, autograd through the custom op on both backends; with
+    split-K forced (the reduction path a GPU takes for dA and dB) in the second variant."""
     args, _ = make_case(dtype, quant=quant)
     x, weight, absmax, code, blocksize, out, bias, A, B, scale, _, p = args
     if quant is not None:
@@ -186,12 +217,14 @@ def test_lora_linear_autograd_triton_equals_torch(dtype, quant):
     mask = torch.rand(x3.shape, generator=torch.Generator().manual_seed(5)) >= p
     g = torch.randn(4, 9, out, generator=torch.Generator().manual_seed(6)).to(dtype)
     results = {}
+    spy = spy_on(monkeypatch, lora_kernels, "_matmul_kernel")
     for name in ("torch", "triton"):
         leaves = [t.detach().clone().requires_grad_(True) for t in (x3, A, B)]
-        with backend(name):
+        with backend(name), interpreter_splits(splits):
             y = lora_linear(leaves[0], weight, bias, leaves[1], leaves[2], scale, p, mask)
             y.backward(g)
         results[name] = [y.detach()] + [t.grad for t in leaves]
+    assert spy.grids and max(grid[1] for grid in spy.grids) == splits  # the reduction ran with that many splits
     for got, ref, what in zip(results["triton"], results["torch"], "y dx dA dB".split()):
         assert_close(got, ref, msg=what)
 

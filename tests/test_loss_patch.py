@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from helpers import TOLERANCES, assert_close, randomize_lora, tiny_config
+from helpers import assert_close, assert_model_unchanged, model_snapshot, randomize_lora, tiny_config
 
 import fastft
 from fastft.plans.loss import SUPPORTED_MODELS
@@ -86,8 +86,11 @@ def test_gemma2_softcap_is_the_models():
     plain = copy.deepcopy(model)
     plain.config.final_logit_softcapping = None
     assert (plain(**inputs).loss - unpatched_loss).abs() > 1e-3  # the cap matters at c=3
+    capped = copy.deepcopy(model)
+    before = model_snapshot(capped)
     with pytest.raises(ValueError, match="already softcaps"):
-        fastft.patch(copy.deepcopy(model), fastft.LossConfig(logit_softcap=10.0))
+        fastft.patch(capped, fastft.LossConfig(logit_softcap=10.0))
+    assert_model_unchanged(capped, before)
 
 
 def test_num_items_in_batch_and_shift_labels_follow_transformers():
@@ -132,8 +135,10 @@ def test_logits_to_keep_with_matching_labels():
     inputs = batch(4)
     inputs["labels"] = inputs["labels"][:, -5:]
     assert_close(ours(**inputs, logits_to_keep=5).loss, model(**inputs, logits_to_keep=5).loss, torch.float32)
+    before = model_snapshot(ours)
     with pytest.raises(ValueError, match="logits_to_keep=3"):
         ours(**inputs, logits_to_keep=3)
+    assert_model_unchanged(ours, before)
 
 
 @pytest.mark.parametrize("kind", ["dft", "talr"])
@@ -209,9 +214,11 @@ def test_other_adapters_on_lm_head_are_refused_before_anything_changes():
 
     model = tiny("llama")
     model.lm_head = Wrapped(model.lm_head)
+    before = model_snapshot(model)
     with pytest.raises(ValueError, match="never train"):
         fastft.patch(model, fastft.LossConfig())
     assert not fastft.is_patched(model) and "forward" not in model.__dict__
+    assert_model_unchanged(model, before)
 
 
 def test_lora_over_a_4bit_lm_head_is_refused_before_anything_changes():
@@ -220,24 +227,25 @@ def test_lora_over_a_4bit_lm_head_is_refused_before_anything_changes():
     head = bnb.nn.Linear4bit(64, VOCAB, bias=False, compute_dtype=torch.float32)
     head.load_state_dict(model.lm_head.state_dict())
     model.lm_head = head = head.to("cpu")  # bitsandbytes quantizes on the move
+    before = model_snapshot(model)
     with pytest.raises(ValueError, match="quantized"):
         fastft.patch(model, fastft.LossConfig())
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    assert_model_unchanged(model, before)
     with pytest.raises(ValueError, match="quantized"):  # the LoRA plan would wrap it: refused by the cross-plan check
         fastft.patch(model, [fastft.LoRAConfig(r=4, targets=["q_proj", "lm_head"]), fastft.LossConfig()])
     assert not fastft.is_patched(model) and "forward" not in model.__dict__
     assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear and model.lm_head is head
-    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
-    for key, value in model.state_dict().items():
-        assert torch.equal(value, before[key])
+    assert_model_unchanged(model, before)
 
 
 def test_unsupported_model_and_bad_config_are_clear_errors():
     config = transformers.MixtralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=40, num_hidden_layers=1,
                                         num_attention_heads=4, num_key_value_heads=2, num_local_experts=2)
+    mixtral = transformers.MixtralForCausalLM(config)
+    before = model_snapshot(mixtral)
     with pytest.raises(ValueError, match="supports"):
-        fastft.patch(transformers.MixtralForCausalLM(config), fastft.LossConfig())
+        fastft.patch(mixtral, fastft.LossConfig())
+    assert_model_unchanged(mixtral, before)
     for bad in (dict(kind="focal"), dict(label_smoothing=1.5), dict(z_loss=-1.0), dict(logit_softcap=0.0),
                 dict(chunk_size=0), dict(talr_min_weight=2.0)):
         with pytest.raises(ValueError, match="LossConfig"):
@@ -245,10 +253,12 @@ def test_unsupported_model_and_bad_config_are_clear_errors():
     model = tiny("llama")
     fastft.patch(model, fastft.LossConfig())
     inputs = batch(7)
+    before = model_snapshot(model)
     with pytest.raises(ValueError, match="labels give targets of shape"):
         model(input_ids=inputs["input_ids"], labels=inputs["labels"][:, :-2])
     with pytest.raises(ValueError, match="outside the vocabulary"):
         model(input_ids=inputs["input_ids"], labels=inputs["labels"].clamp_min(0) + VOCAB)
+    assert_model_unchanged(model, before)
     all_ignored = torch.full_like(inputs["labels"], -100)
     out = model(input_ids=inputs["input_ids"], labels=all_ignored)
     assert out.loss.item() == 0.0  # documented: nothing to learn from is a zero loss, never NaN
@@ -278,4 +288,3 @@ def test_save_load_and_deepcopy(tmp_path):
 def test_supported_list_is_what_is_tested():
     names = {type(tiny(f)).__name__ for f in FAMILIES}
     assert names == set(SUPPORTED_MODELS)
-    assert TOLERANCES

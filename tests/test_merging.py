@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from helpers import assert_close, randomize_lora, tiny_model
+from helpers import assert_close, randomize_lora, tiny_model, written_out_merges
 
 import fastft
 from fastft.merging import infer_layer_stack, lines_scale, model_stock_ratio
@@ -179,10 +179,14 @@ def test_merged_state_dict_of_a_patched_model_is_what_unpatch_merge_gives(dora):
     ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         before = model(input_ids=ids).logits
+    written = written_out_merges(model, alpha=8, r=4)  # W + 2·B·A, DoRA's m ⊙ (W + 2·B·A)/‖·‖
     merged = fastft.merged_state_dict(model)
     assert fastft.is_patched(model)
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, before)  # the model is not changed
+    assert len(written) == 14
+    for key, weight in written.items():
+        assert_close(merged[key], weight, torch.float32, msg=key)
     expected = fastft.unpatch(copy.deepcopy(model), merge=True).state_dict()
     assert list(merged) == list(expected) == list(base.state_dict())
     for key in expected:
@@ -223,13 +227,15 @@ def test_merged_state_dict_merges_a_tied_lm_head_into_the_embeddings_too():
 
 
 def test_merged_state_dict_from_adapter_directories_leaves_the_base_as_it_was(tmp_path):
-    peft = pytest.importorskip("peft", reason="PEFT adapters are read by fastft.from_peft; install fastft[test]")
+    pytest.importorskip("peft", reason="PEFT adapters are read by fastft.from_peft; install fastft[test]")
     base = tiny_model("qwen2", torch.float32)
     original = {k: v.clone() for k, v in base.state_dict().items()}
     model = copy.deepcopy(base)
     fastft.patch(model, fastft.LoRAConfig(r=4, alpha=8, targets=["q_proj", "down_proj"]))
     randomize_lora(model)
     expected = fastft.merged_state_dict(model)
+    for key, weight in written_out_merges(model, alpha=8, r=4).items():  # W + 2·B·A
+        assert_close(expected[key], weight, torch.float32, msg=key)
     fastft.save(model, tmp_path / "fastft")
     fastft.export_peft(model, tmp_path / "peft")
     for directory in (tmp_path / "fastft", tmp_path / "peft"):
@@ -242,7 +248,6 @@ def test_merged_state_dict_from_adapter_directories_leaves_the_base_as_it_was(tm
             assert torch.equal(value, original[key]), key
     with pytest.raises(FileNotFoundError, match="neither"):
         fastft.merged_state_dict(base, tmp_path)
-    assert peft is not None
 
 
 # -------------------------------------------------------------------------------------------- end to end

@@ -3,7 +3,7 @@ import copy
 
 import pytest
 import torch
-from helpers import assert_close, randomize_lora, tiny_model
+from helpers import assert_close, assert_model_unchanged, model_snapshot, randomize_lora, tiny_model, written_out_merges
 from torch import nn
 
 import fastft
@@ -14,21 +14,9 @@ def ids(seed=0, shape=(2, 9)):
     return torch.randint(0, 96, shape, generator=torch.Generator().manual_seed(seed))
 
 
-def snapshot(model):
-    """Everything a failed patch must leave unchanged: module types, tensors and requires_grad flags."""
-    return (
-        [(n, type(m)) for n, m in model.named_modules()],
-        {n: (t.clone(), getattr(t, "requires_grad", False)) for n, t in model.state_dict(keep_vars=True).items()},
-    )
-
-
-def assert_unchanged(model, before):
-    types, tensors = snapshot(model)
-    assert types == before[0]
-    assert tensors.keys() == before[1].keys()
-    for name, (tensor, flag) in tensors.items():
-        assert torch.equal(tensor, before[1][name][0]), name
-        assert flag == before[1][name][1], name
+# the shared whole-model snapshot (tests/helpers.py); test_s2ft_model imports these names from here
+snapshot = model_snapshot
+assert_unchanged = assert_model_unchanged
 
 
 def test_all_linear_patches_every_decoder_linear_and_freezes_the_rest():
@@ -57,12 +45,17 @@ def test_suffixes_regex_layers_and_lm_head():
 def test_unpatch_merge_folds_the_update_and_restores_flags():
     model = tiny_model("qwen2", torch.float64)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    fastft.patch(model, fastft.LoRAConfig(r=4, alpha=4))
+    fastft.patch(model, fastft.LoRAConfig(r=4, alpha=6))  # s = alpha/r = 1.5: a dropped scale shows
     randomize_lora(model)
+    expected = written_out_merges(model, alpha=6, r=4)  # W + (6/4)·B·A
     with torch.no_grad():
         patched_logits = model(ids()).logits
     fastft.unpatch(model, merge=True)
     assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    state = model.state_dict()
+    assert len(expected) == 14
+    for key, weight in expected.items():
+        assert_close(state[key], weight, msg=key)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     with torch.no_grad():
         assert_close(model(ids()).logits, patched_logits)
@@ -74,10 +67,11 @@ def test_unpatch_without_merge_restores_the_original_model():
     fastft.patch(model, fastft.LoRAConfig(r=4, init="pissa"))
     randomize_lora(model)
     fastft.unpatch(model, merge=False)
-    types, tensors = snapshot(model)
-    assert types == before[0]
-    for name, (tensor, flag) in tensors.items():
-        torch.testing.assert_close(tensor, before[1][name][0], atol=1e-12, rtol=0)
+    after = snapshot(model)
+    assert after["modules"] == before["modules"] and after["hooks"] == before["hooks"]
+    for name, (_, tensor, _, _, flag, _) in after["tensors"].items():
+        torch.testing.assert_close(tensor, before["tensors"][name][1], atol=1e-12, rtol=0)
+        assert flag == before["tensors"][name][4], name
 
 
 def test_save_load_onto_a_fresh_model(tmp_path):
@@ -164,8 +158,10 @@ def test_unknown_target_names_the_modules_that_exist():
 
 def test_plain_name_as_regex_suggests_a_list():
     model = tiny_model("llama")
+    before = snapshot(model)
     with pytest.raises(ValueError, match=r"targets=\['q_proj'\]"):
         fastft.patch(model, fastft.LoRAConfig(targets="q_proj"))
+    assert_unchanged(model, before)
 
 
 def test_target_that_is_not_linear():
@@ -178,8 +174,10 @@ def test_target_that_is_not_linear():
 
 def test_layers_outside_the_stack():
     model = tiny_model("llama")
+    before = snapshot(model)
     with pytest.raises(ValueError, match=r"has 2 layers.*\[5\] do not exist"):
         fastft.patch(model, fastft.LoRAConfig(layers=[0, 5]))
+    assert_unchanged(model, before)
 
 
 def test_patching_twice_is_refused_and_leaves_the_first_patch():
@@ -204,15 +202,19 @@ def test_wrong_input_width_is_a_clear_error():
     model = tiny_model("llama")
     fastft.patch(model, fastft.LoRAConfig(r=2))
     layer = model.model.layers[0].self_attn.q_proj
+    before = snapshot(model)
     with pytest.raises(ValueError, match="last dimension is 63 but this layer takes 64"):
         layer(torch.randn(2, 63))
+    assert_unchanged(model, before)
 
 
 def test_not_a_config_and_not_patched():
     model = tiny_model("llama")
+    before = snapshot(model)
     with pytest.raises(TypeError, match="not a fastft config"):
         fastft.patch(model, dict(r=4))
     with pytest.raises(ValueError, match="not patched"):
         fastft.unpatch(model)
+    assert_unchanged(model, before)
     with pytest.raises(TypeError, match="nn.Linear and bitsandbytes Linear4bit"):
         LoRALinear.from_linear(nn.Conv1d(3, 3, 1), fastft.LoRAConfig())

@@ -3,7 +3,7 @@ import copy
 
 import pytest
 import torch
-from helpers import assert_close, randomize_lora, tiny_model
+from helpers import assert_close, assert_model_unchanged, model_snapshot, randomize_lora, tiny_model
 
 import fastft
 
@@ -66,6 +66,34 @@ def test_same_logits_and_gradients_as_peft(family, dtype):
         assert_close(module.lora_B.grad, target.lora_B["default"].weight.grad, dtype, msg=f"{name} dB")
 
 
+def test_dropout_with_a_seeded_mask_matches_peft():
+    """LoRA dropout: PEFT's dropout slot draws the mask exactly as fastft does, so one seed gives both the same
+    mask; logits and every gradient then agree, and the mask is not the identity."""
+    from test_dora_peft import SeededDropout
+
+    base = tiny_model("qwen2", torch.float64).train()
+    ours = copy.deepcopy(base)
+    config = fastft.LoRAConfig(r=4, alpha=8, dropout=0.25, targets=["q_proj", "v_proj", "down_proj"])
+    fastft.patch(ours, config)
+    randomize_lora(ours)
+    twin = peft_twin(base, ours, config).train()
+    for name in lora_modules(ours):
+        twin.base_model.model.get_submodule(name).lora_dropout["default"] = SeededDropout(0.25)
+    inputs = batch()
+    torch.manual_seed(7)
+    logits, loss = forward_backward(ours, inputs)
+    torch.manual_seed(7)
+    twin_logits, twin_loss = forward_backward(twin, inputs)
+    assert_close(logits, twin_logits)
+    assert_close(loss, twin_loss)
+    for name, module in lora_modules(ours).items():
+        target = twin.base_model.model.get_submodule(name)
+        assert_close(module.lora_A.grad, target.lora_A["default"].weight.grad, msg=f"{name} dA")
+        assert_close(module.lora_B.grad, target.lora_B["default"].weight.grad, msg=f"{name} dB")
+    with torch.no_grad():
+        assert (ours.eval()(**inputs).logits - logits).abs().max() > 1e-6  # the mask dropped something
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_export_peft_loads_in_peft_with_identical_logits(family, tmp_path):
     base = tiny_model(family, torch.float64)
@@ -123,15 +151,19 @@ def test_from_peft_refuses_what_it_cannot_read(tmp_path):
     )
     twin.save_pretrained(tmp_path)
     model = copy.deepcopy(base)
+    before = model_snapshot(model)
     with pytest.raises(ValueError, match="rank_pattern"):
         fastft.from_peft(model, tmp_path)
     assert not fastft.is_patched(model)
+    assert_model_unchanged(model, before)
 
 
 def test_patching_a_peft_model_points_to_from_peft():
     twin = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    before = model_snapshot(twin)
     with pytest.raises(ValueError, match="from_peft"):
         fastft.patch(twin, fastft.LoRAConfig())
+    assert_model_unchanged(twin, before)
 
 
 def test_bf16_autocast_matches_peft():
@@ -149,5 +181,6 @@ def test_bf16_autocast_matches_peft():
     assert_close(logits, twin_logits, torch.bfloat16)
     for name, module in lora_modules(ours).items():
         target = twin.base_model.model.get_submodule(name)
-        assert module.lora_B.grad.dtype == torch.float32
-        assert_close(module.lora_B.grad, target.lora_B["default"].weight.grad, torch.bfloat16, msg=name)
+        assert module.lora_A.grad.dtype == module.lora_B.grad.dtype == torch.float32
+        assert_close(module.lora_A.grad, target.lora_A["default"].weight.grad, torch.bfloat16, msg=f"{name} dA")
+        assert_close(module.lora_B.grad, target.lora_B["default"].weight.grad, torch.bfloat16, msg=f"{name} dB")

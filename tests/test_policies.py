@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as tf
-from helpers import tiny_config, tiny_model
+from helpers import assert_model_unchanged, model_snapshot, tiny_config, tiny_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
@@ -52,19 +52,11 @@ def backward_flops(model, batch):
     return measure.flops(lambda: out.loss.backward())
 
 
-def snapshot(model):
-    """Everything a refused call must leave as it was."""
-    return (
-        {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()},
-        {n: len(m._forward_pre_hooks) + len(m._forward_hooks) for n, m in model.named_modules()},
-    )
+snapshot = model_snapshot  # the shared whole-model snapshot (tests/helpers.py)
 
 
 def assert_unchanged(model, before):
-    params, hooks = snapshot(model)
-    assert hooks == before[1]
-    for name, (value, flag) in params.items():
-        assert torch.equal(value, before[0][name][0]) and flag == before[0][name][1], name
+    assert_model_unchanged(model, before)
     assert selection_state(model) is None
 
 
@@ -425,8 +417,10 @@ def test_a_model_with_nothing_trainable_is_refused():
     model = train_model()
     for param in model.parameters():
         param.requires_grad_(False)
+    before = snapshot(model)
     with pytest.raises(ValueError, match="nothing to choose"):
         fastft.select_trainable(model, "half")
+    assert_unchanged(model, before)
 
 
 def test_lora_backward_with_only_b_trainable_in_the_first_layer():

@@ -13,13 +13,13 @@ import types
 import pytest
 import torch
 import transformers as tf
-from helpers import assert_close, randomize_lora, tiny_config, tiny_model
+from helpers import assert_close, assert_model_unchanged, model_snapshot, randomize_lora, tiny_config, tiny_model
 
 import fastft
 from fastft.plans.qat import plan_qat
 from fastft.nn import LoRALinear, QuantLinear
 from fastft.nn.quant import SETTINGS_ATTR
-from fastft.ops import fake_quantize, hadamard_matrix, hadamard_transform, quantize
+from fastft.ops import fake_quantize, hadamard_matrix, hadamard_transform
 from fastft.ops.fake_quantize import qrange
 from fastft.patch import patch_state
 from fastft.plans.qat_rotations import Rotation
@@ -60,23 +60,8 @@ def logits(model, tokens=None):
         return model(ids() if tokens is None else tokens).logits
 
 
-def snapshot(model):
-    return (
-        [(n, type(m)) for n, m in model.named_modules()],
-        {n: (t.detach().clone(), getattr(t, "requires_grad", False)) for n, t in model.state_dict(keep_vars=True).items()},
-        model.config._attn_implementation,
-        getattr(model.config, "tie_word_embeddings", None),
-    )
-
-
-def assert_unchanged(model, before):
-    types_, tensors, attention, tied = snapshot(model)
-    assert types_ == before[0]
-    assert tensors.keys() == before[1].keys()
-    for name, (tensor, flag) in tensors.items():
-        assert torch.equal(tensor, before[1][name][0]), name
-        assert flag == before[1][name][1], name
-    assert (attention, tied) == before[2:]
+snapshot = model_snapshot  # the shared whole-model snapshot (tests/helpers.py)
+assert_unchanged = assert_model_unchanged
 
 
 def float64_norms(model, offset: float) -> None:
@@ -152,20 +137,31 @@ def test_quant_linear_ste_gradients(ste, rotate):
     y = layer(x)
     y.backward(g)
 
-    def kept(t, bits, granularity="token"):  # where the code was not clamped (clipped STE)
-        _, scale, zero = quantize(t, bits, granularity, clip_ratio=0.8)
-        raw = torch.round(t / scale) + zero.double()
-        qmin, qmax = qrange(bits, False)
-        return ((raw >= qmin) & (raw <= qmax)).double() if ste == "clipped" else torch.ones_like(t)
+    def written_out(t, bits):
+        """Asymmetric min-max fake quantization of each row, clip 0.8, written out here (not fastft's op):
+        (codes clamped to [0, 2^bits - 1], dequantized values, where the code was not clamped)."""
+        qmax = 2 ** bits - 1
+        hi = t.amax(-1, keepdim=True).clamp_min(0) * 0.8
+        lo = t.amin(-1, keepdim=True).clamp_max(0) * 0.8
+        scale = ((hi - lo) / qmax).clamp_min(1e-8)
+        zero = torch.round(-lo / scale)
+        raw = torch.round(t / scale) + zero
+        q = raw.clamp(0, qmax)
+        return (q - zero) * scale, ((raw >= 0) & (raw <= qmax)).double()
+
+    def kept(t, bits):  # where the code was not clamped (clipped STE)
+        return written_out(t, bits)[1] if ste == "clipped" else torch.ones_like(t)
 
     H = hadamard_matrix(96, torch.float64)
     xr = x.detach() @ H.t() if rotate else x.detach()
-    xq = fake_quantize(xr, 4, clip_ratio=0.8)
-    wq = fake_quantize(base.weight.detach(), 3, "channel", clip_ratio=0.8)
+    xq = written_out(xr, 4)[0]
+    wq = written_out(base.weight.detach(), 3)[0]
+    if ste == "clipped":
+        assert kept(xr, 4).min() == 0 and kept(base.weight.detach(), 3).min() == 0  # clip 0.8 clamps some codes
     assert_close(y.detach(), xq @ wq.t() + base.bias.detach())
     grad_xr = (g @ wq) * kept(xr, 4)
     assert_close(x.grad, grad_xr @ H if rotate else grad_xr)
-    assert_close(base.weight.grad, (g.t() @ xq) * kept(base.weight.detach(), 3, "channel"))
+    assert_close(base.weight.grad, (g.t() @ xq) * kept(base.weight.detach(), 3))
     assert_close(base.bias.grad, g.sum(0))
 
 
@@ -296,7 +292,7 @@ def test_qat_plus_lora_trains_and_merges(order):
     with pytest.warns(UserWarning, match="5 RMSNorm.* zero entries in their scale; their scales stay folded"):
         fastft.unpatch(model, merge=True)  # the test model's norms each hold a zero
     assert not any(isinstance(m, (LoRALinear, QuantLinear)) for m in model.modules())
-    assert model.config._attn_implementation == before[2]
+    assert model.config._attn_implementation == before["config"][0]
     # the merged plain model, fake-quantized again by the same QAT config, is the model that trained
     fastft.patch(model, qat)
     assert_close(logits(model), trained)
@@ -430,12 +426,16 @@ def test_bad_patch_is_refused_before_any_weight_is_touched(kwargs, intermediate,
 def test_unsupported_attention_and_family():
     model = model_of("llama")
     model.config._attn_implementation_internal = "flash_attention_2"
+    before = snapshot(model)
     with pytest.raises(ValueError, match="attn_implementation='sdpa'"):
         fastft.patch(model, fastft.QATConfig(kv_bits=4))
+    assert_unchanged(model, before)
     opt = tf.OPTForCausalLM(tf.OPTConfig(vocab_size=96, hidden_size=64, ffn_dim=128, num_hidden_layers=1,
                                          num_attention_heads=4, word_embed_proj_dim=64)).eval()
+    before = snapshot(opt)
     with pytest.raises(ValueError, match=r"model_type='opt'.*Supported families.*rotations=\(\), kv_bits=None"):
         fastft.patch(opt, fastft.QATConfig())
+    assert_unchanged(opt, before)
     report = fastft.patch(opt, fastft.QATConfig(rotations=()))
     assert len(report) == 6
 
@@ -454,7 +454,7 @@ def test_unpatch_restores_the_original_model(family):
     fastft.patch(model, fastft.QATConfig(w_bits=4, a_bits=4, kv_bits=4))
     fastft.unpatch(model, merge=True)
     assert_close(logits(model), reference)
-    assert [(n, type(m)) for n, m in model.named_modules()] == before[0]
+    assert snapshot(model)["modules"] == before["modules"]
 
 
 def test_qat_alone_trains_the_weights_and_merge_keeps_what_trained():

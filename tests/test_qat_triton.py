@@ -14,7 +14,7 @@ import itertools
 
 import pytest
 import torch
-from helpers import assert_close, backend
+from helpers import TOLERANCES, assert_close, backend
 
 from fastft.ops import fake_quantize, hadamard_transform
 from fastft.ops.fake_quantize import fake_quantize_backward_reference, fake_quantize_reference
@@ -115,8 +115,14 @@ def test_random_inputs_close_to_reference():
     out, _ = kernels_q.fake_quantize(x, 4, "token", 128, False, 1.0, True, False)
     want, _ = fake_quantize_reference(x, 4, "token", 128, False, 1.0, True, False)
     step = (want.amax(-1, keepdim=True) - want.amin(-1, keepdim=True)) / 15
-    diff = (out - want).abs()
-    assert (diff <= step * 1.001).all() and (diff > 1e-5).float().mean() < 0.01
+    # the kernel's scale may sit an ulp from the reference's: outputs equal at the float32 tolerance, except
+    # where they are neighbouring grid points and the exactly rotated input sat at the tie between them (its
+    # float32 rotation, summed in another order, may land on either side)
+    differ = ~torch.isclose(out, want, **TOLERANCES[torch.float32])
+    exact = hadamard_transform_reference(x.double())
+    one_step = ((out - want).abs().double() - step.double()).abs() <= 1e-4 * step.double()
+    at_tie = (exact - (out.double() + want.double()) / 2).abs() <= 1e-4 * step.double()
+    assert (one_step & at_tie)[differ].all(), f"{int(differ.sum())} outputs differ, not all at a rounding tie"
     out, _ = kernels_q.fake_quantize(x, 4, "group", 32, True, 0.9, False, False)
     assert torch.equal(out, fake_quantize_reference(x, 4, "group", 32, True, 0.9, False, False)[0])
 

@@ -69,9 +69,11 @@ def test_quantized_model_equals_dense_model_with_the_dequantized_weights():
             assert_close(q_mods[name].lora_B.grad, module.lora_B.grad, torch.float32, msg=name)
 
 
-def test_same_logits_as_peft_over_the_same_4bit_base():
+@pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_same_logits_and_gradients_as_peft_over_the_same_4bit_base(family, nested):
     peft = pytest.importorskip("peft")
-    quantized = quantize_linears(tiny_model("llama"), nested=False)
+    quantized = quantize_linears(tiny_model(family), nested=nested)
     twin = peft.get_peft_model(
         copy.deepcopy(quantized), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"],
                                                   init_lora_weights=False)
@@ -84,15 +86,28 @@ def test_same_logits_as_peft_over_the_same_4bit_base():
                 module.lora_A.copy_(target.lora_A["default"].weight)
                 module.lora_B.copy_(target.lora_B["default"].weight)
     ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        assert_close(quantized(ids).logits, twin(ids).logits, torch.float32)
+    ours, theirs = quantized(ids, labels=ids), twin(input_ids=ids, labels=ids)
+    assert_close(ours.logits, theirs.logits, torch.float32)
+    ours.loss.backward()
+    theirs.loss.backward()
+    count = 0
+    for name, module in quantized.named_modules():
+        if isinstance(module, LoRALinear):
+            target = twin.base_model.model.get_submodule(name)
+            assert_close(module.lora_A.grad, target.lora_A["default"].weight.grad, msg=f"{name} dA")
+            assert_close(module.lora_B.grad, target.lora_B["default"].weight.grad, msg=f"{name} dB")
+            count += 1
+    assert count == 4
 
 
 def test_merge_into_4bit_dequantizes_merges_requantizes_and_warns():
     base = linear4bit(64, 32, nested=True, quant_type="nf4")
-    layer = LoRALinear.from_linear(base, fastft.LoRAConfig(r=4, alpha=4))
+    layer = LoRALinear.from_linear(base, fastft.LoRAConfig(r=4, alpha=6))
     torch.nn.init.normal_(layer.lora_B, std=0.05)
-    expected_float = four_bit_weight(base).dequantize(torch.float32) + layer.delta_weight()
+    # W + (alpha/r)·B·A written out, on bitsandbytes' own dequantization (not the layer's delta_weight)
+    W = bnb.functional.dequantize_4bit(base.weight.data, base.weight.quant_state)
+    expected_float = W + (6 / 4) * (layer.lora_B.detach() @ layer.lora_A.detach())
+    assert_close(layer.delta_weight(), expected_float - W)
     with pytest.warns(UserWarning, match="re-quantized"):
         merged = layer.unpatched(merge=True)
     assert isinstance(merged, bnb.nn.Linear4bit)
@@ -165,3 +180,9 @@ def test_scale_is_used():
     base = linear4bit(32, 16, False, "nf4", bias=False)
     layer = LoRALinear.from_linear(base, fastft.LoRAConfig(r=4, alpha=6, rslora=True))
     assert math.isclose(layer.scale, 3.0)
+    torch.nn.init.normal_(layer.lora_B, std=0.1)
+    x = torch.randn(5, 32, generator=torch.Generator().manual_seed(2))
+    W = bnb.functional.dequantize_4bit(base.weight.data, base.weight.quant_state).double()
+    A, B = layer.lora_A.detach().double(), layer.lora_B.detach().double()
+    with torch.no_grad():  # the forward uses s = alpha/sqrt(r) = 3, written out
+        assert_close(layer(x), x.double() @ W.t() + (6 / 4 ** 0.5) * (x.double() @ A.t()) @ B.t(), torch.float32)

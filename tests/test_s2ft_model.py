@@ -289,8 +289,10 @@ def test_load_refuses_a_different_selection(tmp_path):
     fastft.save(model, tmp_path)
     other = tiny_model("llama", torch.float64)
     fastft.patch(other, fastft.S2FTConfig(ffn_ratio=0.1, seed=1))
+    before = snapshot(other)
     with pytest.raises(ValueError, match="is patched with"):
         fastft.load(other, tmp_path)
+    assert_unchanged(other, before)
 
 
 def test_s2ft_with_lora_on_other_modules_and_refused_on_permuted_ones():
@@ -377,8 +379,10 @@ def test_four_bit_base_is_refused_with_a_clear_error():
     from helpers import quantize_linears
 
     model = quantize_linears(tiny_model("llama"))
+    before = snapshot(model)
     with pytest.raises(ValueError, match="patch the unquantized model"):
         fastft.patch(model, fastft.S2FTConfig())
+    assert_unchanged(model, before)
 
 
 def test_benchmark_runs_and_counts_slice_flops_exactly(tmp_path):

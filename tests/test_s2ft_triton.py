@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close, backend
+from helpers import assert_close, backend, interpreter_splits, spy_on
 
 from fastft.ops.s2ft_linear import s2ft_backward_reference, s2ft_forward_reference, s2ft_linear
 
@@ -69,16 +69,27 @@ def test_no_tokens_and_mismatched_operands():
         s2ft_kernels.slice_weight_grad(g, x[:10], 4, rows=True)
 
 
+@pytest.mark.parametrize("splits", [1, 3], ids=["one-split", "token-split"])
 @pytest.mark.parametrize("rows", [False, True], ids=["cols", "rows"])
-def test_op_through_the_triton_backend_matches_the_torch_backend(rows):
+def test_op_through_the_triton_backend_against_the_float64_formula(rows, splits, monkeypatch):
+    """The op on the Triton backend against y = x Wᵀ + b, dx = g W, dW_s in float64, with each kernel launch
+    recorded. By design (fastft/ops/s2ft_linear.py) the Triton kernels compute y in columns mode (the GEMM
+    that copies x[:, :S] out) and dW_s (split over the tokens in the second variant, as on a GPU); dx, and y
+    in rows mode, are plain GEMMs on torch.mm on every backend, so no kernel may run for them."""
     x, W, b, g = make(torch.float32)
-    results = {}
-    for name in ("torch", "triton"):
-        xr = x.clone().requires_grad_(True)
-        ws = (W[:6] if rows else W[:, :6]).clone().requires_grad_(True)
-        with backend(name):
-            y = s2ft_linear(xr, W, b, ws, rows=rows)
-            y.backward(g)
-        results[name] = (y.detach(), xr.grad, ws.grad)
-    for got, want, what in zip(results["triton"], results["torch"], ("y", "dx", "dW slice")):
-        assert_close(got, want, msg=what)
+    forward = spy_on(monkeypatch, s2ft_kernels, "_linear_saving_slice_kernel")
+    reduction = spy_on(monkeypatch, s2ft_kernels, "_slice_grad_kernel")
+    xr = x.clone().requires_grad_(True)
+    ws = (W[:6] if rows else W[:, :6]).clone().requires_grad_(True)
+    with backend("triton"), interpreter_splits(splits):
+        y = s2ft_linear(xr, W, b, ws, rows=rows)
+        y.backward(g)
+    assert len(forward.grids) == (0 if rows else 1), "the forward kernel runs in columns mode only"
+    assert len(reduction.grids) == 1, "dW_s goes through the Triton kernel"
+    assert (reduction.grids[0][1] > 1) == (splits > 1), "37 tokens: two token splits when forced"
+    x64, W64, b64, g64 = (t.double() for t in (x, W, b, g))
+    y64 = x64 @ W64.t() + b64
+    dx64 = g64 @ W64
+    dw64 = g64[:, :6].t() @ x64 if rows else g64.t() @ x64[:, :6]
+    for got, want, what in zip((y.detach(), xr.grad, ws.grad), (y64, dx64, dw64), ("y", "dx", "dW slice")):
+        assert_close(got, want.float(), msg=what)
