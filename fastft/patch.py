@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 from torch import nn
 
-from .config import MethodConfig
+from .config import MethodConfig, check_bool
 from .dispatch import backend_for
 from .distributed import refuse_distributed, refuse_sharded_unpatch, unwrap
 from .nn import FASTFT_MODULES
@@ -211,6 +211,9 @@ def unpatch(model: nn.Module, merge: bool = True) -> nn.Module:
 
     The original ``requires_grad`` flags come back. Returns the model (inside a DDP wrapper: the wrapped one).
     """
+    check_bool("fastft.unpatch: merge", merge)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fastft.unpatch expects a torch.nn.Module, got {type(model).__name__}")
     model = unwrap(model)
     state = patch_state(model)
     if state is None:
