@@ -7,7 +7,9 @@ its method name and back (``config_from_dict``), which is what ``fastft.save`` w
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
+import numbers
 import re
 from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence, Union
@@ -15,6 +17,88 @@ from typing import Any, ClassVar, Sequence, Union
 Targets = Union[str, Sequence[str]]
 
 ALL_LINEAR = "all-linear"
+
+
+# ------------------------------------------------------------------------------------ value checks
+class WrongType(TypeError, ValueError):
+    """A value of the wrong type (a str for a number, 1 for a bool). Both a ``TypeError`` and, as every bad
+    config value is, a ``ValueError``."""
+
+
+def check_bool(what: str, value: Any) -> bool:
+    """``value`` if it is a bool; a ``TypeError`` naming ``what`` otherwise (no truthy stand-ins: 'no', 1)."""
+    if not isinstance(value, bool):
+        raise WrongType(f"{what}={value!r}: must be True or False (a bool, not {type(value).__name__}).")
+    return value
+
+
+def check_number(
+    what: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    integer: bool = False,
+    hint: str = "",
+) -> float | int:
+    """``value`` if it is a finite real number (an int when ``integer``) inside the given bounds.
+
+    A bool, a string or a tensor is a ``TypeError``; NaN, ±inf or a value out of range a ``ValueError``.
+    Every message names ``what``, the value and the accepted range, plus ``hint``.
+    """
+    kinds = "an integer" if integer else "a number"
+    bounds = ""
+    if low is not None or high is not None:
+        left = "(" if low_open else "["
+        right = ")" if high_open or high is None else "]"
+        bounds = f" in {left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
+    tail = f" {hint}" if hint else ""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral if integer else numbers.Real):
+        raise WrongType(f"{what}={value!r}: must be {kinds}{bounds}, not a {type(value).__name__}.{tail}")
+    if not integer and not math.isfinite(float(value)):
+        raise ValueError(f"{what}={value!r}: must be a finite number{bounds}.{tail}")
+    bad = (
+        (low is not None and (value <= low if low_open else value < low))
+        or (high is not None and (value >= high if high_open else value > high))
+    )
+    if bad:
+        raise ValueError(f"{what}={value!r}: must be {kinds}{bounds}.{tail}")
+    return int(value) if integer else value
+
+
+# PEFT's names for fastft's config fields: a PEFT habit gets told the fastft name instead of a bare TypeError
+PEFT_NAMES = {
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "target_modules": "targets",
+    "use_rslora": "rslora",
+    "use_dora": "dora",
+    "init_lora_weights": "init",
+    "layers_to_transform": "layers",
+}
+
+
+def _with_known_names(cls: type) -> type:
+    """Wrap a dataclass ``__init__`` so an unknown keyword names the fields (and PEFT's spelling of them)."""
+    init = cls.__init__
+    fields = [f.name for f in dataclasses.fields(cls)]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        unknown = [k for k in kwargs if k not in fields]
+        if unknown:
+            renames = [f"{k}= is {PEFT_NAMES[k]}=" for k in unknown if PEFT_NAMES.get(k) in fields]
+            hint = f" (PEFT's names: {'; '.join(renames)} in fastft)" if renames else ""
+            raise TypeError(f"{cls.__name__} has no argument(s) {unknown}{hint}; its arguments are {fields}.")
+        if len(args) > len(fields):
+            raise TypeError(f"{cls.__name__} takes at most {len(fields)} arguments ({fields}), got {len(args)}.")
+        init(self, *args, **kwargs)
+
+    __init__.__doc__ = init.__doc__
+    __init__.__signature__ = inspect.signature(init)  # type: ignore[attr-defined]
+    cls.__init__ = __init__
+    return cls
 
 
 def _check_targets(targets: Any) -> Targets:
@@ -79,6 +163,7 @@ class MethodConfig:
         return {"method": self.method, **data}
 
 
+@_with_known_names
 @dataclass
 class LoRAConfig(MethodConfig):
     """Low-rank adaptation: ``y = x Wᵀ + b + s · dropout(x) Aᵀ Bᵀ`` with A (r×in), B (out×r).
@@ -130,20 +215,16 @@ class LoRAConfig(MethodConfig):
     modules_to_save: Any = "auto"
 
     def __post_init__(self) -> None:
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"LoRAConfig.r={self.r!r}: the rank must be a positive integer (e.g. 8, 16, 64).")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
-            raise ValueError(f"LoRAConfig.alpha={self.alpha!r}: alpha must be a positive number (commonly 2*r).")
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoRAConfig.dropout={self.dropout!r}: dropout must be in [0, 1).")
-        if self.init not in self.INITS:
+        self.r = check_number("LoRAConfig.r", self.r, low=1, integer=True,
+                              hint="the rank must be a positive integer (e.g. 8, 16, 64).")
+        check_number("LoRAConfig.alpha", self.alpha, low=0, low_open=True,
+                     hint="alpha must be a positive number (commonly 2*r).")
+        self.dropout = check_number("LoRAConfig.dropout", self.dropout, low=0.0, high=1.0, high_open=True,
+                                    hint="dropout must be in [0, 1).")
+        if not isinstance(self.init, str) or self.init not in self.INITS:
             raise ValueError(f"LoRAConfig.init={self.init!r}: choose one of {list(self.INITS)}.")
-        for name in ("rslora", "train_a"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"LoRAConfig.{name}={getattr(self, name)!r}: must be True or False.")
-        for name in ("dora", "dora_detach_norm"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"LoRAConfig.{name}={getattr(self, name)!r}: must be True or False.")
+        for name in ("rslora", "train_a", "dora", "dora_detach_norm"):
+            check_bool(f"LoRAConfig.{name}", getattr(self, name))
         if not self.dora_detach_norm and not self.dora:
             raise ValueError(
                 "LoRAConfig.dora_detach_norm=False only applies to DoRA: set dora=True as well, or leave "
@@ -224,6 +305,7 @@ def _check_calib(calib: Any) -> Any:
     )
 
 
+@_with_known_names
 @dataclass
 class QATConfig(MethodConfig):
     """Quantization-aware training: straight-through fake quantization plus Hadamard rotations (RoSTE).
@@ -290,8 +372,7 @@ class QATConfig(MethodConfig):
             raise ValueError(f"QATConfig.a_granularity={self.a_granularity!r}: choose one of {list(self.A_GRANULARITIES)}.")
         if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size <= 0:
             raise ValueError(f"QATConfig.group_size={self.group_size!r}: a positive integer (e.g. 32, 64, 128).")
-        if not isinstance(self.symmetric, bool):
-            raise ValueError(f"QATConfig.symmetric={self.symmetric!r}: must be True or False.")
+        check_bool("QATConfig.symmetric", self.symmetric)
         if isinstance(self.clip_ratio, bool) or not isinstance(self.clip_ratio, (int, float)) or not 0.0 < self.clip_ratio <= 1.0:
             raise ValueError(f"QATConfig.clip_ratio={self.clip_ratio!r}: a number in (0, 1] (1.0: no clipping).")
         self.clip_ratio = float(self.clip_ratio)
@@ -339,6 +420,7 @@ def config_from_dict(data: dict[str, Any]) -> MethodConfig:
     return cls(**data)
 
 
+@_with_known_names
 @dataclass
 class LossConfig(MethodConfig):
     """Fused linear cross-entropy on a ``*ForCausalLM``: the loss without the tokens × vocabulary logits.
@@ -389,8 +471,7 @@ class LossConfig(MethodConfig):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
                 raise ValueError(f"LossConfig.{name}={value!r}: must be a number in [{low}, {high}].")
             setattr(self, name, float(value))
-        if isinstance(self.z_loss, bool) or not isinstance(self.z_loss, (int, float)) or not self.z_loss >= 0:
-            raise ValueError(f"LossConfig.z_loss={self.z_loss!r}: must be a number >= 0 (e.g. 1e-4), 0 for none.")
+        check_number("LossConfig.z_loss", self.z_loss, low=0.0, hint="e.g. 1e-4; 0 for none.")
         self.z_loss = float(self.z_loss)
         if self.logit_softcap is not None:
             if (isinstance(self.logit_softcap, bool) or not isinstance(self.logit_softcap, (int, float))
@@ -405,6 +486,7 @@ class LossConfig(MethodConfig):
 CONFIG_CLASSES[LossConfig.method] = LossConfig
 
 
+@_with_known_names
 @dataclass
 class S2FTConfig(MethodConfig):
     """Structured-sparse fine-tuning (S²FT): a few attention heads and FFN channels per layer train.
@@ -488,8 +570,7 @@ class S2FTConfig(MethodConfig):
                 )
         if not self.parts:
             raise ValueError("S2FTConfig: nothing would train; set ffn_ratio and/or attn_ratio above 0.")
-        if not isinstance(self.rows, bool):
-            raise ValueError(f"S2FTConfig.rows={self.rows!r}: must be True or False.")
+        check_bool("S2FTConfig.rows", self.rows)
         if self.selection not in self.SELECTIONS:
             raise ValueError(f"S2FTConfig.selection={self.selection!r}: choose one of {list(self.SELECTIONS)}.")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):

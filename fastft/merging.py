@@ -45,7 +45,7 @@ from typing import Any, Callable, Mapping, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from .config import LoRAConfig
+from .config import LoRAConfig, check_number
 from .io import CONFIG_NAME, load
 from .nn.lora import LoRALinear
 from .patch import is_patched, patch_state, unpatch
@@ -311,7 +311,13 @@ def merge(
         ws = [v.to(dtype) for v in values]
         w0 = None if base_state is None else ref.to(dtype)
         with torch.no_grad():
-            out[key] = combine(key, w0, ws).to(ref.dtype)
+            merged = combine(key, w0, ws)
+            if not bool(torch.isfinite(merged).all()) and all(bool(torch.isfinite(v).all()) for v in values):
+                raise ValueError(
+                    f"fastft.merge(method={method!r}): merging {key!r} gave NaN or inf from finite inputs; check the "
+                    f"method's parameters {params} (they must be finite and moderate)."
+                )
+            out[key] = merged.to(ref.dtype)
     return out
 
 
@@ -322,8 +328,11 @@ def _combiner(method: str, options: dict, n: int, reference: Mapping[str, Tensor
     if method == "task_arithmetic":
         scale = options["scale"]
         scales = list(scale) if isinstance(scale, (list, tuple)) else [scale] * n
-        if len(scales) != n or not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in scales):
+        if len(scales) != n:
             raise ValueError(f"fastft.merge: scale={scale!r}; give a number or one number per model ({n}).")
+        for i, s in enumerate(scales):
+            check_number(f"fastft.merge(method='task_arithmetic'): scale[{i}]" if isinstance(scale, (list, tuple))
+                         else "fastft.merge(method='task_arithmetic'): scale", s, hint="Give finite numbers (default 1).")
         return lambda key, w0, ws: w0 + sum(s * (w - w0) for s, w in zip(scales, ws))
 
     if method == "model_stock":
@@ -335,12 +344,12 @@ def _combiner(method: str, options: dict, n: int, reference: Mapping[str, Tensor
 
     alpha, beta, outside = options["alpha"], options["beta"], options["outside"]
     for name, value in (("alpha", alpha), ("beta", beta), ("outside", outside)):
-        if (value is None and name != "outside") or (value is not None and (
-                isinstance(value, bool) or not isinstance(value, (int, float)))):
-            raise ValueError(
-                f"fastft.merge(method='lines') needs numbers alpha and beta (and optionally outside); got {name}={value!r}. "
-                "The paper: one model, alpha=λ and beta=1-λ; N models summed, alpha=1/N and beta tuned."
-            )
+        hint = ("fastft.merge(method='lines') needs numbers alpha and beta, finite (and optionally outside). "
+                "The paper: one model, alpha=λ and beta=1-λ; N models summed, alpha=1/N and beta tuned.")
+        if value is None and name != "outside":
+            raise ValueError(f"{hint} Got {name}=None.")
+        if value is not None:
+            check_number(f"fastft.merge(method='lines'): {name}", value, hint=hint)
     prefix, num_layers = options["layer_prefix"], options["num_layers"]
     if prefix is None:
         stack = find_layer_stack(base_model) if base_model is not None else None

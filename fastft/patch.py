@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 from torch import nn
 
-from .config import MethodConfig
+from .config import LoRAConfig, MethodConfig, check_bool
 from .dispatch import backend_for
 from .distributed import refuse_distributed, refuse_sharded_unpatch, unwrap
 from .nn import FASTFT_MODULES
@@ -83,6 +83,30 @@ def _refuse_foreign(model: nn.Module) -> None:
     inner = [n for n, m in model.named_modules() if isinstance(m, FASTFT_MODULES)]
     if inner:
         raise ValueError(f"this model already contains fastft modules ({inner[:3]}...); unpatch it first.")
+
+
+def _refuse_meta(model: nn.Module, configs: Sequence[MethodConfig]) -> None:
+    """On the meta device (``init_empty_weights``, ``torch.device("meta")``) only methods whose initialisation
+    does not read the weights can be patched: LoRA with init 'default' / 'gaussian' (initialised when the model
+    is materialized) and the fused loss. Anything else is refused here, before anything changes."""
+    meta = next((name for name, p in model.named_parameters() if p.is_meta), None)
+    if meta is None:
+        return
+    for cfg in configs:
+        if cfg.method == "loss":
+            continue
+        if isinstance(cfg, LoRAConfig) and not cfg.dora and cfg.init != "pissa":
+            continue
+        what = {"s2ft": "S²FT selects and permutes channels by the weights",
+                "qat": "QAT folds rotations into the weights and quantizes them"}.get(
+            cfg.method, f"LoRAConfig(dora={getattr(cfg, 'dora', False)}, init={getattr(cfg, 'init', None)!r}) "
+                        "initialises from the base weights")
+        raise ValueError(
+            f"fastft.patch: the model is on the meta device (e.g. {meta!r} is not materialized), and {what}, which "
+            "meta tensors do not hold. Load the weights first, then patch; or patch with a LoRAConfig whose init is "
+            "'default' or 'gaussian' (without dora), which is initialised when the model is materialized "
+            "(model.to_empty(device=...))."
+        )
 
 
 def _device_of(model: nn.Module) -> str:
@@ -151,6 +175,7 @@ def patch(model: nn.Module, config: MethodConfig | Sequence[MethodConfig]) -> Pa
     if len(set(methods)) != len(methods):
         raise ValueError(f"fastft.patch: one config per method, got methods {methods}.")
     _refuse_foreign(model)
+    _refuse_meta(model, configs)
 
     plans = [PLANNERS[type(cfg)](model, cfg) for cfg in configs]
     for composer in [plan.compose for plan in plans if plan.compose is not None]:
@@ -175,6 +200,8 @@ def patch(model: nn.Module, config: MethodConfig | Sequence[MethodConfig]) -> Pa
     planned = {name: module for plan in plans for name, module in plan.swaps}  # the outermost module per name
     for check in [check for plan in plans for check in plan.checks]:
         check(model, planned)
+    for plan in plans:
+        plan.prepare()
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     applied: list[tuple[str, nn.Module]] = []
     edits_done: list[Any] = []
@@ -211,6 +238,9 @@ def unpatch(model: nn.Module, merge: bool = True) -> nn.Module:
 
     The original ``requires_grad`` flags come back. Returns the model (inside a DDP wrapper: the wrapped one).
     """
+    check_bool("fastft.unpatch: merge", merge)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fastft.unpatch expects a torch.nn.Module, got {type(model).__name__}")
     model = unwrap(model)
     state = patch_state(model)
     if state is None:

@@ -17,11 +17,12 @@ import math
 import os
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from .config import LoRAConfig
 from .distributed import full_tensor, is_writer, unwrap
+from .io import check_adapter_tensors, read_json, read_safetensors
 from .patch import patch, patch_state, unpatch
 from .plans.modules_to_save import TrainInFull
 
@@ -71,7 +72,10 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> None:
     others = [plan.config.method for plan in state.plans if not isinstance(plan.config, LoRAConfig) and plan.swaps]
     if not lora_plans or others:
         raise ValueError(
-            f"fastft.export_peft writes LoRA adapters only; this model is patched with {[c.method for c in state.configs]}."
+            f"fastft.export_peft writes LoRA / DoRA adapters only; this model is patched with "
+            f"{[c.method for c in state.configs]}, which PEFT cannot represent. Instead: fastft.save(model, directory) "
+            "keeps every method (fastft.load reads it back), or fastft.unpatch(model, merge=True) folds the update "
+            "into the weights and model.save_pretrained(directory) writes a plain model."
         )
     config: LoRAConfig = lora_plans[0].config
     tensors, names, multiplier = {}, [], 1
@@ -128,14 +132,21 @@ _UNSUPPORTED = {
 }
 
 
-def _read_peft_weights(directory: str) -> dict[str, torch.Tensor]:
+def _read_peft_weights(directory: str) -> tuple[dict[str, torch.Tensor], str]:
+    """The adapter's tensors and the file they came from. Only safetensors is read: a pickle (``.bin``) can
+    run code when it is loaded, so fastft never opens one."""
     path = os.path.join(directory, PEFT_WEIGHTS)
     if os.path.exists(path):
-        return load_file(path)
-    path = os.path.join(directory, PEFT_WEIGHTS_BIN)
-    if os.path.exists(path):
-        return torch.load(path, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"fastft.from_peft: no {PEFT_WEIGHTS} or {PEFT_WEIGHTS_BIN} in {directory!r}.")
+        return read_safetensors(path, "fastft.from_peft"), path
+    pickle = os.path.join(directory, PEFT_WEIGHTS_BIN)
+    if os.path.exists(pickle):
+        raise ValueError(
+            f"fastft.from_peft: {directory!r} holds only {PEFT_WEIGHTS_BIN}, a pickle file, which fastft does not open "
+            "(unpickling can run arbitrary code). Convert it to safetensors in a trusted environment, with PEFT: "
+            "PeftModel.from_pretrained(base_model, directory).save_pretrained(new_directory, "
+            f"safe_serialization=True), which writes {PEFT_WEIGHTS}; then load new_directory."
+        )
+    raise FileNotFoundError(f"fastft.from_peft: no {PEFT_WEIGHTS} in {directory!r}; is it a PEFT adapter directory?")
 
 
 def _modules_to_save(model: nn.Module, names: list[str]) -> list[str]:
@@ -146,6 +157,14 @@ def _modules_to_save(model: nn.Module, names: list[str]) -> list[str]:
     return [n for n in hits if not any(o != n and n.startswith(o + ".") for o in hits)]
 
 
+def _has_module(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
 def from_peft(model: nn.Module, directory: str | os.PathLike):
     """Patch a plain ``model`` with fastft LoRA (DoRA for ``use_dora``) from a PEFT adapter directory; returns
     the report."""
@@ -153,8 +172,7 @@ def from_peft(model: nn.Module, directory: str | os.PathLike):
     config_path = os.path.join(directory, PEFT_CONFIG)
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"fastft.from_peft: {config_path} is missing; is {directory!r} a PEFT adapter?")
-    with open(config_path) as f:
-        peft_config = json.load(f)
+    peft_config = read_json(config_path, "fastft.from_peft")
     if peft_config.get("peft_type") != "LORA":
         raise ValueError(f"fastft.from_peft reads LoRA adapters; this one is {peft_config.get('peft_type')!r}.")
     bad = [key for key, test in _UNSUPPORTED.items() if key in peft_config and test(peft_config[key])]
@@ -163,7 +181,7 @@ def from_peft(model: nn.Module, directory: str | os.PathLike):
             f"fastft.from_peft: this adapter uses PEFT options fastft does not read yet: "
             f"{ {k: peft_config[k] for k in bad} }."
         )
-    weights = _read_peft_weights(directory)
+    weights, weights_path = _read_peft_weights(directory)
     dora = bool(peft_config.get("use_dora", False))
     # PEFT saves the DoRA magnitude as ".lora_magnitude_vector" (older versions: "...vector.weight")
     suffixes = {f".{part}.weight": part for part in ("lora_A", "lora_B")}
@@ -192,17 +210,35 @@ def from_peft(model: nn.Module, directory: str | os.PathLike):
     incomplete = [name for name, f in factors.items() if set(f) != parts]
     if incomplete:
         raise ValueError(f"fastft.from_peft: modules without all of {sorted(parts)}: {incomplete[:5]}")
-    config = LoRAConfig(
-        r=int(peft_config["r"]),
-        alpha=float(peft_config["lora_alpha"]),
-        dropout=float(peft_config.get("lora_dropout") or 0.0),
-        targets=tuple(factors),
-        rslora=bool(peft_config.get("use_rslora", False)),
-        dora=dora,
-        modules_to_save=tuple(m for m in saved_modules if any(k.startswith(m + ".") for k in in_full)),
-    )
+    if not factors:
+        raise ValueError(f"fastft.from_peft: {weights_path} holds no LoRA A/B matrices; it is not a LoRA adapter.")
+    absent = [name for name in factors if not _has_module(model, name)]
+    if absent:
+        raise ValueError(
+            f"fastft.from_peft: {weights_path} holds adapters for {len(absent)} module(s) this model does not have: "
+            f"{absent[:5]}. The adapter was trained on another base model; load it onto that one."
+        )
+    try:
+        config = LoRAConfig(
+            r=peft_config.get("r"),
+            alpha=peft_config.get("lora_alpha"),
+            dropout=peft_config.get("lora_dropout") or 0.0,
+            targets=tuple(factors),
+            rslora=bool(peft_config.get("use_rslora", False)),
+            dora=dora,
+            modules_to_save=tuple(m for m in saved_modules if any(k.startswith(m + ".") for k in in_full)),
+        )
+    except ValueError as err:
+        raise ValueError(f"fastft.from_peft: {config_path} holds a value fastft cannot use: {err}") from err
     report = patch(model, config)
     try:
+        expected = {}
+        for name, module in patch_state(model).modules():
+            for key, value in module.adapter_state_dict().items():
+                expected[f"{name}.{key}"] = value
+        found = {f"{name}.{part}": value for name, parts in factors.items() for part, value in parts.items()}
+        check_adapter_tensors(expected, found, weights_path, "fastft.from_peft",
+                              hint="The adapter was trained on another base model, or with other settings.")
         for name, module in patch_state(model).modules():
             device = module.lora_A.device
             module.load_adapter_state_dict({k: v.to(device) for k, v in factors[name].items()})

@@ -81,6 +81,17 @@ class DoRALinear(LoRALinear):
         detail = super().report_detail()
         return detail + (" norm detached" if self.detach_norm else " exact norm grad")
 
+    def prepare(self) -> None:
+        if self.lora_A.is_meta:
+            raise ValueError(
+                "DoRA's magnitude is initialised to the row norms of the base weight, which is on the meta device "
+                "(not materialized); patch the model after loading its weights, or use dora=False."
+            )
+        super().prepare()
+
+    def reset_parameters(self) -> None:
+        raise ValueError("reset_parameters: a DoRA adapter's magnitude depends on the base weight; unpatch and patch again.")
+
     def attach(self) -> None:
         """Initialise A and B (LoRA's rules), cache ‖W_i‖², and set the magnitude to the row norms."""
         if self.attached:

@@ -130,33 +130,98 @@ class LoRALinear(FastFTLayer):
             parts.append(f"init={self.init}")
         return " ".join(parts)
 
+    def prepare(self) -> None:
+        """Everything of the initialisation that can fail, done before any base weight is touched: for PiSSA
+        the SVD (checked finite) straight into this module's own A, B and initial-factor buffers.
+
+        ``fastft.patch`` prepares every module of every config before it attaches any, so an SVD that fails on
+        the fifth layer leaves the first four as they were. Raises ``ValueError`` for a base weight holding
+        NaN/inf and lets ``torch.linalg.LinAlgError`` (an SVD that does not converge) through.
+        """
+        if self.attached or self.init != "pissa" or getattr(self, "_prepared", False):
+            return
+        if self.base_layer.weight.is_meta:
+            raise ValueError(
+                "init='pissa' takes the SVD of the base weight, which is on the meta device (not materialized); "
+                "patch the model after loading its weights, or use init='default' / 'gaussian'."
+            )
+        weight = self.base_layer.weight.detach().to(self.lora_A.dtype)
+        if not bool(torch.isfinite(weight).all()):
+            raise ValueError(
+                f"init='pissa': the base weight ({self.out_features}x{self.in_features}) holds NaN or inf, so it has "
+                "no singular value decomposition; the checkpoint is corrupted. Load a finite one or use init='default'."
+            )
+        u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+        root = (s[: self.r] / self.scale).sqrt()
+        A, B = root[:, None] * vh[: self.r], u[:, : self.r] * root[None, :]
+        if not (bool(torch.isfinite(A).all()) and bool(torch.isfinite(B).all())):
+            raise ValueError("init='pissa': the SVD of the base weight gave NaN or inf factors; use init='default'.")
+        with torch.no_grad():
+            self.lora_A.copy_(A)
+            self.lora_B.copy_(B)
+        # the initial factors are kept (not trained, not in the state dict) to undo or export the residual
+        self.register_buffer("pissa_A0", self.lora_A.detach().clone(), persistent=False)
+        self.register_buffer("pissa_B0", self.lora_B.detach().clone(), persistent=False)
+        self._prepared = True
+
     def attach(self) -> None:
         """Initialise A and B; for PiSSA also turn the base weight into the residual.
 
-        ``fastft.patch`` builds every module with ``defer_attach=True`` and attaches them only once all
-        targets are validated, so an invalid config never modifies a weight.
+        ``fastft.patch`` builds every module with ``defer_attach=True``, prepares them all (:meth:`prepare`),
+        and attaches them only once all targets are validated, so an invalid config never modifies a weight.
+        On the meta device (a model built under ``init_empty_weights`` / ``torch.device("meta")``) nothing can
+        be initialised: the module waits for :meth:`reset_parameters`, which materializing the model calls.
         """
         if self.attached:
             return
-        self.attached = True
+        if self.lora_A.is_meta:
+            if self.init == "pissa":
+                self.prepare()  # raises: PiSSA needs the real weight
+            self.needs_init = True
+            self.attached = True
+            return
+        self.prepare()
         with torch.no_grad():
             if self.init == "default":
                 nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             elif self.init == "gaussian":
                 nn.init.normal_(self.lora_A, std=1.0 / self.r)
             else:
-                self._init_pissa()
+                weight = self.base_layer.weight
+                weight.copy_((weight.to(self.lora_A.dtype) - self.scale * self.lora_B @ self.lora_A).to(weight.dtype))
+        self.attached = True
 
-    def _init_pissa(self) -> None:
-        weight = self.base_layer.weight
-        u, s, vh = torch.linalg.svd(weight.detach().to(self.lora_A.dtype), full_matrices=False)
-        root = (s[: self.r] / self.scale).sqrt()
-        self.lora_A.copy_(root[:, None] * vh[: self.r])
-        self.lora_B.copy_(u[:, : self.r] * root[None, :])
-        # the initial factors are kept (not trained, not in the state dict) to undo or export the residual
-        self.register_buffer("pissa_A0", self.lora_A.detach().clone(), persistent=False)
-        self.register_buffer("pissa_B0", self.lora_B.detach().clone(), persistent=False)
-        weight.copy_((weight.to(self.lora_A.dtype) - self.scale * self.lora_B @ self.lora_A).to(weight.dtype))
+    def _apply(self, fn, recurse=True):
+        # materializing a meta model (``model.to_empty(device=...)``, FSDP2's flow) runs _apply on every module:
+        # an adapter created on meta gets its real initialisation right there
+        module = super()._apply(fn, recurse)
+        if self.needs_init and not self.lora_A.is_meta:
+            self.reset_parameters()
+        return module
+
+    def reset_parameters(self) -> None:
+        """(Re-)initialise the adapter as at patch time (A by ``init``'s rule, B zero), leaving the base layer
+        alone. This is the hook of the materialize-from-meta flows: ``model.to_empty(device=...)`` then each
+        module's ``reset_parameters()`` (as FSDP2's ``init_weights`` flow and ``model.apply`` loops call it).
+        PiSSA cannot be re-initialised this way (its base holds the residual) and raises."""
+        if self.init == "pissa":
+            raise ValueError(
+                "reset_parameters: a PiSSA adapter's base weight holds the residual W - s·BA; it cannot be "
+                "re-initialised in place. Unpatch (merge=False) and patch again."
+            )
+        if self.lora_A.is_meta:
+            raise ValueError(
+                "reset_parameters: the adapter is still on the meta device; materialize the model first "
+                "(model.to_empty(device=...)), then call reset_parameters()."
+            )
+        with torch.no_grad():
+            self.lora_B.zero_()
+            if self.init == "default":
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            else:
+                nn.init.normal_(self.lora_A, std=1.0 / self.r)
+        self.needs_init = False
+        self.attached = True
 
     # ---------------------------------------------------------------- forward
     def _compute_dtype(self, x: Tensor) -> torch.dtype:
@@ -166,7 +231,18 @@ class LoRALinear(FastFTLayer):
             return torch.get_autocast_dtype(x.device.type)
         return x.dtype
 
+    needs_init = False  # True while an adapter created on the meta device waits for reset_parameters()
+
+    def _refuse_uninitialized(self) -> None:
+        if self.needs_init:
+            raise RuntimeError(
+                f"{type(self).__name__}: this adapter was created on the meta device and is not initialised yet. "
+                "Materialize the model first: model.to_empty(device=...) initialises the adapters (LoRA's rule, under "
+                "the current torch seed); then load the base weights."
+            )
+
     def forward(self, x: Tensor) -> Tensor:
+        self._refuse_uninitialized()
         if hasattr(self.base_layer, "forward_with_update"):  # a hosting base (QAT): see rebase()
             return self.base_layer.forward_with_update(x, self.lora_A, self.lora_B, self.scale)
         if x.shape[-1] != self.in_features:
@@ -262,6 +338,7 @@ class LoRALinear(FastFTLayer):
         if not self.attached:
             return base
         if merge:
+            self._refuse_uninitialized()
             delta = self.delta_weight()
         elif self.init == "pissa":
             delta = self.scale * (self.pissa_B0 @ self.pissa_A0)
@@ -299,6 +376,7 @@ class LoRALinear(FastFTLayer):
             self._fold_update_into_base()
             self.lora_B.zero_()
             self.attached = False
+            self._prepared = False  # PiSSA: a fresh SVD, of the merged weight
             self.attach()
 
     def _fold_update_into_base(self) -> None:

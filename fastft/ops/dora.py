@@ -72,7 +72,7 @@ from torch import Tensor
 
 from ..dispatch import implementation, lazy, register_op
 from .dequantize_4bit import FourBitWeight
-from .lora import _dense_weight, _dropped
+from .lora import _dense_weight, _dropped, check_low_rank_args
 
 NORM_EPS = 1e-6
 """Lower bound of a DoRA row norm: a zero row of ``W + s·BA`` divides by this instead of by 0."""
@@ -426,6 +426,7 @@ def dora_linear(
     and ``bias`` must be in ``x``'s dtype; ``g`` (out) is float32 (float64 for float64 ``x``) and may require
     grad. ``dropout_mask`` is a boolean tensor of ``x``'s shape (True = keep) or None.
     """
+    check_low_rank_args("dora_linear", weight, bias, lora_A, lora_B, scale, dropout_p)
     in_features = lora_A.shape[1]
     if x.shape[-1] != in_features:
         raise ValueError(f"dora_linear: input's last dimension is {x.shape[-1]}, the layer expects {in_features}")

@@ -61,7 +61,9 @@ the ``torch.library`` ops ``fastft::linear_cross_entropy`` and ``fastft::linear_
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Union
+import numbers
+
+from typing import Any, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
@@ -481,6 +483,38 @@ def _check_label_range(labels: Tensor, vocab: int, ignore_index: int) -> None:
         )
 
 
+def _check_num_items(num_items_in_batch: Any, labels: Tensor, ignore_index: int, device: torch.device) -> Optional[Tensor]:
+    """``num_items_in_batch`` as a 0-d tensor on ``device``, checked: a finite count >= 0, and > 0 when these
+    labels hold a target (it counts the targets of the whole batch, these included). A tensor on an
+    accelerator is checked without a host sync (an asynchronous device assertion)."""
+    if num_items_in_batch is None:
+        return None
+    what = "linear_cross_entropy: num_items_in_batch"
+    if isinstance(num_items_in_batch, Tensor):
+        if num_items_in_batch.numel() != 1 or num_items_in_batch.is_complex():
+            raise ValueError(f"{what} must be a number or a 1-element real tensor, got shape {tuple(num_items_in_batch.shape)}.")
+        if num_items_in_batch.dtype == torch.bool:
+            raise TypeError(f"{what} is a bool tensor; give the count of target tokens (an int or a 1-element tensor).")
+        num_items = num_items_in_batch.reshape(()).to(device)
+    else:
+        if isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, numbers.Real):
+            raise TypeError(f"{what}={num_items_in_batch!r}: give the count of target tokens (an int or a 1-element tensor).")
+        num_items = torch.tensor(float(num_items_in_batch), device=device)
+    has_target = (labels != ignore_index).any()
+    ok = torch.isfinite(num_items) & (num_items >= 0) & ((num_items > 0) | ~has_target.to(device))
+    if num_items.device.type == "cpu" and not torch.compiler.is_compiling() and detect_fake_mode() is None:
+        if not bool(ok):
+            raise ValueError(
+                f"{what}={num_items.item()!r}: the number of target tokens in the whole batch must be finite, >= 0, "
+                "and > 0 when these labels hold a target (a NaN, a negative count or 0 would give a NaN loss or "
+                "silently divide by 1). Pass the count transformers' Trainer passes, or None to divide by this "
+                "batch's own count."
+            )
+    else:
+        torch._assert_async(ok, f"{what} must be finite, >= 0, and > 0 when the labels hold a target.")
+    return num_items
+
+
 def linear_cross_entropy(
     hidden: Tensor,
     weight: Tensor,
@@ -526,16 +560,7 @@ def linear_cross_entropy(
     _check_lowrank(hidden, weight, lowrank_hidden, lowrank_weight)
     vocab, n_hidden = weight.shape
     _check_label_range(labels, vocab, ignore_index)
-    num_items = None
-    if num_items_in_batch is not None:
-        if isinstance(num_items_in_batch, Tensor):
-            if num_items_in_batch.numel() != 1:
-                raise ValueError("linear_cross_entropy: num_items_in_batch must be a number or a 1-element tensor.")
-            num_items = num_items_in_batch.reshape(()).to(hidden.device)
-        else:
-            if isinstance(num_items_in_batch, bool) or not num_items_in_batch >= 0:
-                raise ValueError(f"linear_cross_entropy: num_items_in_batch={num_items_in_batch!r} must be >= 0.")
-            num_items = torch.tensor(float(num_items_in_batch), device=hidden.device)
+    num_items = _check_num_items(num_items_in_batch, labels, ignore_index, hidden.device)
     sequence_length = labels.shape[-1] if labels.dim() >= 1 else 1
     h1 = hidden.reshape(-1, n_hidden)
     if not h1.is_contiguous():

@@ -30,6 +30,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from ..config import check_number
 from ..dispatch import implementation, lazy, register_op
 from .dequantize_4bit import FourBitWeight, dequantize_4bit
 
@@ -148,6 +149,22 @@ def _backward(ctx, grad_y, _grad_xa):
 _lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def check_low_rank_args(what: str, weight, bias, lora_A: Tensor, lora_B: Tensor, scale, dropout_p) -> None:
+    """The shapes of W (out×in), b (out), A (r×in), B (out×r), a finite scale and a dropout in [0, 1)."""
+    check_number(f"{what}: scale", scale, hint="s = alpha / r; give a finite number.")
+    check_number(f"{what}: dropout_p", dropout_p, low=0.0, high=1.0, high_open=True)
+    if lora_A.dim() != 2 or lora_B.dim() != 2:
+        raise ValueError(f"{what}: lora_A (r×in) and lora_B (out×r) must be 2-D, got {tuple(lora_A.shape)}, {tuple(lora_B.shape)}")
+    out_features, in_features = weight.shape[0], weight.shape[1]
+    if lora_A.shape[1] != in_features or lora_B.shape != (out_features, lora_A.shape[0]):
+        raise ValueError(
+            f"{what}: weight is {out_features}×{in_features}, so lora_A must be r×{in_features} and lora_B "
+            f"{out_features}×r; got lora_A {tuple(lora_A.shape)}, lora_B {tuple(lora_B.shape)}."
+        )
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise ValueError(f"{what}: bias must have shape ({out_features},), got {tuple(bias.shape)}")
+
+
 def lora_linear(
     x: Tensor,
     weight: Union[Tensor, FourBitWeight],
@@ -164,6 +181,7 @@ def lora_linear(
     ``lora_A``, ``lora_B`` and ``bias`` must already be in ``x``'s dtype. ``dropout_mask`` is a boolean
     tensor of ``x``'s shape (True = keep) or None for no dropout.
     """
+    check_low_rank_args("lora_linear", weight, bias, lora_A, lora_B, scale, dropout_p)
     in_features = lora_A.shape[1]
     if x.shape[-1] != in_features:
         raise ValueError(f"lora_linear: input's last dimension is {x.shape[-1]}, the layer expects {in_features}")

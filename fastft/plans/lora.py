@@ -10,7 +10,14 @@ def plan_lora(model, config: LoRAConfig) -> Plan:
     plan = plan_module_swaps(model, config, lambda layer, cfg: LoRALinear.from_linear(layer, cfg, defer_attach=True))
     names, notes = resolve_modules_to_save(model, config.modules_to_save, [name for name, _ in plan.swaps])
     if names:
-        plan.edits.append(TrainInFull(model, names))
+        edit = TrainInFull(model, names)
+        if any(p.is_meta for p in edit.params.values()):
+            raise ValueError(
+                f"LoRAConfig.modules_to_save: {names} would train in full, but the model is on the meta device, so "
+                "their original values (restored by unpatch(merge=False)) do not exist yet. Patch after loading the "
+                "weights, or pass modules_to_save=() and unfreeze the head yourself after materializing."
+            )
+        plan.edits.append(edit)
     plan.notes.extend(notes)
     return plan
 

@@ -65,6 +65,16 @@ class Plan:
     # qualified names of modules whose weights the edits rewrite in place (no other plan may swap them)
     rewrites: list[str] = field(default_factory=list)
 
+    def prepare(self) -> None:
+        """What may fail in initialisation (PiSSA's SVD), done into the new modules only, before anything is
+        applied; a failure names the module."""
+        for name, module in self.swaps:
+            try:
+                getattr(module, "prepare", lambda: None)()
+            except Exception as err:
+                err.add_note(f"fastft.patch: while preparing {self.config.method} for module {name!r}; nothing was changed.")
+                raise
+
     def attach(self) -> None:
         """Second phase of building: initialisation that touches the base layers (e.g. PiSSA's residual)."""
         for _, module in self.swaps:

@@ -124,6 +124,12 @@ def _probe_loss(model: nn.Module, calib: Any) -> Tensor:
             f"weights; got {type(loss).__name__}"
             + (f" of shape {tuple(loss.shape)}, requires_grad={loss.requires_grad}" if isinstance(loss, Tensor) else "")
         )
+    if not bool(torch.isfinite(loss.detach()).all()):
+        raise ValueError(
+            f"S²FT selection='gradient': the calib probe's loss is {loss.item()!r}, so its gradients rank nothing "
+            "(e.g. every label is -100, or the model overflows); give calib real targets, or use "
+            "selection='weight_norm'."
+        )
     return loss
 
 

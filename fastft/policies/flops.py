@@ -85,6 +85,11 @@ def probe_importance(ctx: Context, run: Callable[[nn.Module], Any]) -> list[floa
             loss = run(ctx.model)
             if not isinstance(loss, Tensor) or loss.numel() != 1:
                 raise TypeError(f"the probe needs a scalar loss, got {type(loss).__name__}")
+            if not bool(torch.isfinite(loss.detach()).all()):
+                raise ValueError(
+                    f"select_trainable(policy='flops'): the probe loss is {loss.item()!r}, so its gradients rank "
+                    "nothing (e.g. every label of batch is -100); pass a batch with real targets or closure=."
+                )
             loss.backward()
         finally:
             if cut is not None:
