@@ -53,6 +53,42 @@ def _trained_in_full(plan) -> list:
     return [edit for edit in plan.edits if isinstance(edit, TrainInFull)]
 
 
+# PEFT's load-time rewrite of target_modules for MoE models whose layout changed in transformers v5 (its
+# peft.utils.transformers_weight_conversion, mirrored here for when PEFT is not installed): for a model_type that
+# transformers' conversion mapping sends to one of these families, every target name ending in one of the leaf
+# names becomes an expert-parameter target, so an adapter on a real nn.Linear of that name is dropped on load.
+_PEFT_MOE_RENAMED_LEAVES = {
+    "mixtral": ("gate", "w1", "w2", "w3"),
+    "qwen2_moe": ("gate", "gate_proj", "up_proj", "down_proj"),
+}
+
+
+def _peft_would_rewrite(model: nn.Module, names: list[str], r: int, alpha: float) -> list[str]:
+    """The target names PEFT would not load as the modules they name (its MoE target conversion), in order."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type is None or not names:
+        return []
+    try:
+        from peft import LoraConfig
+        from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
+    except ImportError:
+        LoraConfig = None
+    if LoraConfig is not None:
+        probe = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(names))
+        try:
+            convert_peft_config_for_transformers(probe, model=model, conversions=None)
+        except ValueError:  # PEFT refuses the combination outright: nothing of it loads as written
+            return list(names)
+        kept = set(probe.target_modules or ())
+        return [n for n in names if n not in kept]
+    try:
+        from transformers.conversion_mapping import _MODEL_TO_CONVERSION_PATTERN as patterns
+    except ImportError:
+        return []
+    leaves = _PEFT_MOE_RENAMED_LEAVES.get(patterns.get(model_type, model_type), ())
+    return [n for n in names if n.rsplit(".", 1)[-1] in leaves]
+
+
 def export_peft(model: nn.Module, directory: str | os.PathLike) -> None:
     """Write the LoRA (or DoRA) adapters of a patched model as a PEFT adapter directory.
 
@@ -90,6 +126,17 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> None:
             tensors[f"{PEFT_PREFIX}{key}"] = value.contiguous().cpu()
     r = config.r * multiplier
     alpha = config.alpha * (math.sqrt(multiplier) if config.rslora else multiplier)
+    rewritten = _peft_would_rewrite(model, names, r, alpha)
+    if rewritten:
+        model_type = getattr(model.config, "model_type", "?")
+        raise ValueError(
+            f"fastft.export_peft: PEFT would load this adapter differently from how fastft trained it. For a "
+            f"{model_type!r} model PEFT rewrites, when it loads, target names ending in gate_proj / up_proj / "
+            f"down_proj / gate (or w1 / w2 / w3) into fused-expert parameter targets (its transformers v4 -> v5 MoE "
+            f"conversion), so the adapters of these nn.Linear modules would be silently dropped: {rewritten[:6]}"
+            f"{' ...' if len(rewritten) > 6 else ''} ({len(rewritten)} modules). Leave them out of targets to "
+            "export to PEFT, or keep the adapter in fastft's own format (fastft.save / fastft.load)."
+        )
     peft_config = {
         "peft_type": "LORA",
         "task_type": _task_type(model, bool(saved_in_full)),
@@ -101,7 +148,8 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> None:
         "use_rslora": config.rslora,
         "use_dora": config.dora,
         "bias": "none",
-        "fan_in_fan_out": False,
+        # GPT-2's Conv1D stores weights in×out; PEFT's flag for that (it also sets it per layer type on load)
+        "fan_in_fan_out": any(getattr(module, "fan_in_fan_out", False) for _, module in lora_plans[0].swaps),
         "init_lora_weights": True,
         "inference_mode": True,
         "layers_to_transform": None,
@@ -121,7 +169,6 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> None:
 _UNSUPPORTED = {
     "rank_pattern": lambda v: bool(v),
     "alpha_pattern": lambda v: bool(v),
-    "fan_in_fan_out": lambda v: bool(v),
     "layer_replication": lambda v: bool(v),
     "lora_bias": lambda v: bool(v),
     "bias": lambda v: v not in (None, "none"),

@@ -23,19 +23,21 @@ from ..bnb import four_bit_weight, is_linear4bit, requantize_like
 from ..config import LoRAConfig
 from ..distributed import copy_full_, full_tensor, is_sharded
 from ..ops.lora import lora_linear
+from ..targets import is_conv1d, linear_features, out_in_weight
 
 
 def check_linear(layer: nn.Module, what: str = "LoRA") -> None:
     """Raise a clear error unless ``layer`` is an ``nn.Linear`` with a float weight or a ``Linear4bit``."""
     if is_linear4bit(layer):
         return
-    if isinstance(layer, nn.Linear) and layer.weight.is_floating_point():
+    if (isinstance(layer, nn.Linear) or is_conv1d(layer)) and layer.weight.is_floating_point():
         return
     detail = ""
-    if isinstance(layer, nn.Linear):
+    if isinstance(layer, nn.Linear) or is_conv1d(layer):
         detail = f" (its weight is {layer.weight.dtype}: only float weights and bitsandbytes 4-bit are supported)"
     raise TypeError(
-        f"fastft {what} patches nn.Linear and bitsandbytes Linear4bit layers; got {type(layer).__name__}{detail}."
+        f"fastft {what} patches nn.Linear and bitsandbytes Linear4bit layers (and transformers' Conv1D); "
+        f"got {type(layer).__name__}{detail}."
     )
 
 
@@ -81,8 +83,9 @@ class LoRALinear(nn.Module):
                 f"init='pissa' needs r <= min(out, in) = {min(base_layer.weight.shape)}, got r={config.r}"
             )
         self.base_layer = base_layer
-        self.in_features = base_layer.in_features
-        self.out_features = base_layer.out_features
+        # a Conv1D (GPT-2 family) stores its weight in×out: PEFT's fan_in_fan_out; the op sees the out×in view
+        self.fan_in_fan_out = is_conv1d(base_layer)
+        self.in_features, self.out_features = linear_features(base_layer)
         self.r = config.r
         self.alpha = config.alpha
         self.rslora = config.rslora
@@ -119,6 +122,16 @@ class LoRALinear(nn.Module):
     def kind(self) -> str:
         return "qlora" if self.is_4bit else "lora"
 
+    # What model code reads of the layer it replaced (``self.wo.weight.dtype``, ``self.proj.bias``): the wrapped
+    # layer's own parameters, read-only (no setter: assigning raises), as PEFT's wrappers expose them.
+    @property
+    def weight(self) -> Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base_layer.bias
+
     def report_detail(self) -> str:
         parts = [f"r={self.r}", f"s={self.scale:g}"]
         if self.dropout_p:
@@ -146,8 +159,12 @@ class LoRALinear(nn.Module):
             else:
                 self._init_pissa()
 
+    def _weight(self) -> Tensor:
+        """The base weight as out×in (a transposed view for a Conv1D base)."""
+        return out_in_weight(self.base_layer)
+
     def _init_pissa(self) -> None:
-        weight = self.base_layer.weight
+        weight = self._weight()
         u, s, vh = torch.linalg.svd(weight.detach().to(self.lora_A.dtype), full_matrices=False)
         root = (s[: self.r] / self.scale).sqrt()
         self.lora_A.copy_(root[:, None] * vh[: self.r])
@@ -179,7 +196,7 @@ class LoRALinear(nn.Module):
         if self.is_4bit:
             weight = four_bit_weight(self.base_layer)
         else:
-            weight = self.base_layer.weight.to(dtype)
+            weight = self._weight().to(dtype)
         bias = self.base_layer.bias
         bias = None if bias is None else bias.to(dtype)
         mask = None
@@ -229,7 +246,7 @@ class LoRALinear(nn.Module):
                 copy_full_(param, state[name])
             if self.init == "pissa":
                 # re-derive the residual from the saved initial factors, whatever this SVD produced
-                weight = self.base_layer.weight
+                weight = self._weight()
                 original = weight.to(self.lora_A.dtype) + self.scale * self.pissa_B0 @ self.pissa_A0
                 A0, B0 = state["pissa_A0"].to(original), state["pissa_B0"].to(original)
                 weight.copy_((original - self.scale * B0 @ A0).to(weight.dtype))
@@ -275,7 +292,8 @@ class LoRALinear(nn.Module):
             merged = four_bit_weight(base).dequantize(torch.float32) + delta.to(base.weight.device, torch.float32)
             return requantize_like(base, merged)
         with torch.no_grad():
-            base.weight.copy_((base.weight.to(delta.dtype) + delta.to(base.weight.device)).to(base.weight.dtype))
+            weight = self._weight()
+            weight.copy_((weight.to(delta.dtype) + delta.to(weight.device)).to(weight.dtype))
         return base
 
     # ------------------------------------------------------------ Chain of LoRA
@@ -302,7 +320,7 @@ class LoRALinear(nn.Module):
 
     def _fold_update_into_base(self) -> None:
         """``W ← W + s·BA`` in place (the base's own dtype); for a QAT host, into the weight it quantizes."""
-        weight = self.base_layer.weight
+        weight = self._weight()
         delta = self.delta_weight()
         weight.copy_((weight.to(delta.dtype) + delta.to(weight.device)).to(weight.dtype))
 
