@@ -89,6 +89,19 @@ def _peft_would_rewrite(model: nn.Module, names: list[str], r: int, alpha: float
     return [n for n in names if n.rsplit(".", 1)[-1] in leaves]
 
 
+def _expert_peft_tensors(name: str, module) -> dict[str, torch.Tensor]:
+    """PEFT's keys for LoRA on several parameters of one module: one ParamWrapper per parameter, nested in the
+    order of ``target_parameters`` (the first one innermost: ``<module>.base_layer.lora_A.weight``)."""
+    out = {}
+    n = len(module.params)
+    for i, param in enumerate(module.params):
+        A, B = module.peft_tensors(param)
+        stem = f"{PEFT_PREFIX}{name}." + "base_layer." * (n - 1 - i)
+        out[f"{stem}lora_A.weight"] = A.contiguous().cpu()
+        out[f"{stem}lora_B.weight"] = B.contiguous().cpu()
+    return out
+
+
 def export_peft(model: nn.Module, directory: str | os.PathLike) -> None:
     """Write the LoRA (or DoRA) adapters of a patched model as a PEFT adapter directory.
 
@@ -111,7 +124,13 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> None:
         )
     config: LoRAConfig = lora_plans[0].config
     tensors, names, multiplier = {}, [], 1
+    target_parameters = []
     for name, module in lora_plans[0].swaps:
+        if hasattr(module, "peft_tensors"):  # fused MoE experts: PEFT's target_parameters (ParamWrapper) layout
+            for key, value in _expert_peft_tensors(name, module).items():
+                tensors[key] = value
+            target_parameters.extend(f"{name}.{p}" for p in module.params)
+            continue
         A, B, multiplier = module.peft_factors()
         dtype = module.lora_A.dtype
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = A.to(dtype).contiguous().cpu()
@@ -145,6 +164,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> None:
         "lora_alpha": alpha,
         "lora_dropout": config.dropout,
         "target_modules": names,
+        "target_parameters": target_parameters or None,
         "use_rslora": config.rslora,
         "use_dora": config.dora,
         "bias": "none",
@@ -193,6 +213,54 @@ def _modules_to_save(model: nn.Module, names: list[str]) -> list[str]:
     return [n for n in hits if not any(o != n and n.startswith(o + ".") for o in hits)]
 
 
+def _expert_targets(model: nn.Module, target_parameters: list[str], weights: dict[str, torch.Tensor]):
+    """Resolve PEFT ``target_parameters`` (fused MoE expert weights) against ``model``; pop their tensors from
+    ``weights``. Returns (full parameter names for LoRAConfig.targets, {module: {param: (A, B)}})."""
+    targets, found = [], {}
+    if not target_parameters:
+        return targets, found
+    per_module: dict[str, list[str]] = {}
+    for entry in target_parameters:
+        for name, module in model.named_modules():
+            for param, tensor in module.named_parameters(recurse=False):
+                full = f"{name}.{param}" if name else param
+                if full == entry or full.endswith("." + entry):
+                    if tensor.dim() != 3:
+                        raise ValueError(
+                            f"fastft.from_peft: target_parameters entry {entry!r} names {full} of "
+                            f"{type(module).__name__}, a {tensor.dim()}-D parameter; fastft reads PEFT's "
+                            "target_parameters on fused 3-D MoE expert weights only."
+                        )
+                    if param not in per_module.setdefault(name, []):
+                        per_module[name].append(param)
+    if not per_module:
+        raise ValueError(f"fastft.from_peft: target_parameters {target_parameters} match no parameter of "
+                         f"{type(model).__name__}.")
+    for name, params in per_module.items():
+        # PEFT nests one ParamWrapper per parameter (``<module>.base_layer.…``); which parameter sits at which depth
+        # follows the order PEFT processed them, so each depth's factors are matched to a parameter by shape
+        # (A: experts·r × in), falling back to the listed order (the first innermost) where shapes cannot tell
+        module = model.get_submodule(name)
+        n = len(params)
+        stems = [f"{PEFT_PREFIX}{name}." + "base_layer." * (n - 1 - i) for i in range(n)]
+        if any(f"{stem}lora_A.weight" not in weights for stem in stems):
+            raise ValueError(f"fastft.from_peft: missing LoRA weights for the expert parameters {params} of {name} "
+                             f"(expected {[stem + 'lora_A.weight' for stem in stems]}).")
+
+        def fan_in(param):
+            w = getattr(module, param)
+            return w.shape[1] if getattr(module, "is_transposed", False) else w.shape[2]
+
+        order = list(params)
+        by_shape = [[p for p in params if weights[f"{stem}lora_A.weight"].shape[1] == fan_in(p)] for stem in stems]
+        if all(len(c) == 1 for c in by_shape) and len({c[0] for c in by_shape}) == n:
+            order = [c[0] for c in by_shape]
+        for stem, param in zip(stems, order):
+            found.setdefault(name, {})[param] = (weights.pop(f"{stem}lora_A.weight"), weights.pop(f"{stem}lora_B.weight"))
+        targets.extend(f"{name}.{param}" for param in params)
+    return targets, found
+
+
 def from_peft(model: nn.Module, directory: str | os.PathLike):
     """Patch a plain ``model`` with fastft LoRA (DoRA for ``use_dora``) from a PEFT adapter directory; returns
     the report."""
@@ -216,6 +284,7 @@ def from_peft(model: nn.Module, directory: str | os.PathLike):
     suffixes = {f".{part}.weight": part for part in ("lora_A", "lora_B")}
     if dora:
         suffixes.update({f".{MAGNITUDE}": MAGNITUDE, f".{MAGNITUDE}.weight": MAGNITUDE})
+    expert_targets, expert_factors = _expert_targets(model, peft_config.get("target_parameters") or [], weights)
     factors: dict[str, dict[str, torch.Tensor]] = {}
     in_full: dict[str, torch.Tensor] = {}  # weights of modules_to_save: "<module>.<parameter>" -> value
     saved_modules = _modules_to_save(model, peft_config.get("modules_to_save") or [])
@@ -243,7 +312,7 @@ def from_peft(model: nn.Module, directory: str | os.PathLike):
         r=int(peft_config["r"]),
         alpha=float(peft_config["lora_alpha"]),
         dropout=float(peft_config.get("lora_dropout") or 0.0),
-        targets=tuple(factors),
+        targets=tuple(factors) + tuple(expert_targets),
         rslora=bool(peft_config.get("use_rslora", False)),
         dora=dora,
         modules_to_save=tuple(m for m in saved_modules if any(k.startswith(m + ".") for k in in_full)),
@@ -251,6 +320,10 @@ def from_peft(model: nn.Module, directory: str | os.PathLike):
     report = patch(model, config)
     try:
         for name, module in patch_state(model).modules():
+            if name in expert_factors:
+                for param, (A, B) in expert_factors[name].items():
+                    module.load_peft_tensors(param, A, B)
+                continue
             device = module.lora_A.device
             module.load_adapter_state_dict({k: v.to(device) for k, v in factors[name].items()})
         for plan in patch_state(model).plans:

@@ -46,6 +46,12 @@ def linear_features(layer: nn.Module) -> tuple[int, int]:
     return layer.in_features, layer.out_features
 
 
+def is_fused_experts(module: nn.Module) -> bool:
+    """A MoE experts module holding its experts as 3-D parameters (transformers 5: ``gate_up_proj``, ``down_proj``
+    of shape experts×out×in), which are not ``nn.Linear`` modules."""
+    return any(p.dim() == 3 for p in module.parameters(recurse=False))
+
+
 def is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_linear4bit(module) or is_conv1d(module)
 
@@ -137,8 +143,13 @@ def resolve_targets(
     layers: Sequence[int] | None = None,
     accept: Callable[[nn.Module], bool] = is_linear,
     what: str = "linear layer",
+    expert_params: dict[str, list[str]] | None = None,
 ) -> list[tuple[str, nn.Module]]:
     """The (qualified name, module) pairs a config targets, in model order.
+
+    A fused MoE experts module is chosen by ``"all-linear"`` (all its 3-D projections, as PEFT does on load) or
+    when a target names one of its 3-D parameters (``"mlp.experts.down_proj"``); ``expert_params`` then collects,
+    per experts module, the parameter names a target named. ``accept`` decides whether such a module is refused.
 
     Raises ``ValueError`` naming the problem: a suffix or regex that matches nothing (listing the names
     that exist), a match that ``accept`` refuses, layer indices outside the stack, or an empty result.
@@ -164,10 +175,18 @@ def resolve_targets(
                 f"e.g. targets={_leaf_names(model, accept)[:4]}."
             )
         heads = output_embedding_names(model)
-        chosen = [(n, m) for n, m in named if stack_of(stacks, n) is not None and is_linear(m) and n not in heads]
+        chosen = [(n, m) for n, m in named
+                  if stack_of(stacks, n) is not None and (is_linear(m) or is_fused_experts(m)) and n not in heads]
     elif isinstance(targets, str):
         pattern = re.compile(targets)
         chosen = [(n, m) for n, m in named if pattern.fullmatch(n)]
+        for n, m in named:
+            if is_fused_experts(m):
+                hit = [p for p, _ in m.named_parameters(recurse=False) if pattern.fullmatch(f"{n}.{p}")]
+                if hit and not pattern.fullmatch(n):
+                    chosen.append((n, m))
+                    if expert_params is not None:
+                        expert_params.setdefault(n, []).extend(hit)
         if not chosen:
             hint = ""
             if re.fullmatch(r"[\w.]+", targets):
@@ -180,6 +199,14 @@ def resolve_targets(
         chosen, seen = [], set()
         for suffix in targets:
             hits = [(n, m) for n, m in named if n == suffix or n.endswith("." + suffix)]
+            for n, m in named:  # a fused experts parameter named by suffix (PEFT's target_parameters)
+                if is_fused_experts(m):
+                    hit = [p for p, t in m.named_parameters(recurse=False)
+                           if t.dim() == 3 and (f"{n}.{p}" == suffix or f"{n}.{p}".endswith("." + suffix))]
+                    if hit:
+                        hits.append((n, m))
+                        if expert_params is not None:
+                            expert_params.setdefault(n, []).extend(hit)
             if not hits:
                 raise ValueError(
                     f"target {suffix!r} matches no module in {type(model).__name__}. "
