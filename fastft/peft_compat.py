@@ -54,6 +54,55 @@ def _trained_in_full(plan) -> list:
     return [edit for edit in plan.edits if isinstance(edit, TrainInFull)]
 
 
+# PEFT's load-time rewrite of target_modules for MoE models whose layout changed in transformers v5 (its
+# peft.utils.transformers_weight_conversion, mirrored here for when PEFT is not installed): for a model_type that
+# transformers' conversion mapping sends to one of these families, every target name ending in one of the leaf
+# names becomes an expert-parameter target, so an adapter on a real nn.Linear of that name is dropped on load.
+_PEFT_MOE_RENAMED_LEAVES = {
+    "mixtral": ("gate", "w1", "w2", "w3"),
+    "qwen2_moe": ("gate", "gate_proj", "up_proj", "down_proj"),
+}
+
+
+def _peft_would_rewrite(model: nn.Module, names: list[str], r: int, alpha: float) -> list[str]:
+    """The target names PEFT would not load as the modules they name (its MoE target conversion), in order."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type is None or not names:
+        return []
+    try:
+        from peft import LoraConfig
+        from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
+    except ImportError:
+        LoraConfig = None
+    if LoraConfig is not None:
+        probe = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(names))
+        try:
+            convert_peft_config_for_transformers(probe, model=model, conversions=None)
+        except ValueError:  # PEFT refuses the combination outright: nothing of it loads as written
+            return list(names)
+        kept = set(probe.target_modules or ())
+        return [n for n in names if n not in kept]
+    try:
+        from transformers.conversion_mapping import _MODEL_TO_CONVERSION_PATTERN as patterns
+    except ImportError:
+        return []
+    leaves = _PEFT_MOE_RENAMED_LEAVES.get(patterns.get(model_type, model_type), ())
+    return [n for n in names if n.rsplit(".", 1)[-1] in leaves]
+
+
+def _expert_peft_tensors(name: str, module) -> dict[str, torch.Tensor]:
+    """PEFT's keys for LoRA on several parameters of one module: one ParamWrapper per parameter, nested in the
+    order of ``target_parameters`` (the first one innermost: ``<module>.base_layer.lora_A.weight``)."""
+    out = {}
+    n = len(module.params)
+    for i, param in enumerate(module.params):
+        A, B = module.peft_tensors(param)
+        stem = f"{PEFT_PREFIX}{name}." + "base_layer." * (n - 1 - i)
+        out[f"{stem}lora_A.weight"] = A.contiguous().cpu()
+        out[f"{stem}lora_B.weight"] = B.contiguous().cpu()
+    return out
+
+
 def export_peft(model: nn.Module, directory: str | os.PathLike) -> None:
     """Write the LoRA (or DoRA) adapters of a patched model as a PEFT adapter directory.
 
@@ -79,7 +128,13 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> None:
         )
     config: LoRAConfig = lora_plans[0].config
     tensors, names, multiplier = {}, [], 1
+    target_parameters = []
     for name, module in lora_plans[0].swaps:
+        if hasattr(module, "peft_tensors"):  # fused MoE experts: PEFT's target_parameters (ParamWrapper) layout
+            for key, value in _expert_peft_tensors(name, module).items():
+                tensors[key] = value
+            target_parameters.extend(f"{name}.{p}" for p in module.params)
+            continue
         A, B, multiplier = module.peft_factors()
         dtype = module.lora_A.dtype
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = A.to(dtype).contiguous().cpu()
@@ -94,6 +149,17 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> None:
             tensors[f"{PEFT_PREFIX}{key}"] = value.contiguous().cpu()
     r = config.r * multiplier
     alpha = config.alpha * (math.sqrt(multiplier) if config.rslora else multiplier)
+    rewritten = _peft_would_rewrite(model, names, r, alpha)
+    if rewritten:
+        model_type = getattr(model.config, "model_type", "?")
+        raise ValueError(
+            f"fastft.export_peft: PEFT would load this adapter differently from how fastft trained it. For a "
+            f"{model_type!r} model PEFT rewrites, when it loads, target names ending in gate_proj / up_proj / "
+            f"down_proj / gate (or w1 / w2 / w3) into fused-expert parameter targets (its transformers v4 -> v5 MoE "
+            f"conversion), so the adapters of these nn.Linear modules would be silently dropped: {rewritten[:6]}"
+            f"{' ...' if len(rewritten) > 6 else ''} ({len(rewritten)} modules). Leave them out of targets to "
+            "export to PEFT, or keep the adapter in fastft's own format (fastft.save / fastft.load)."
+        )
     peft_config = {
         "peft_type": "LORA",
         "task_type": _task_type(model, bool(saved_in_full)),
@@ -102,10 +168,12 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> None:
         "lora_alpha": alpha,
         "lora_dropout": config.dropout,
         "target_modules": names,
+        "target_parameters": target_parameters or None,
         "use_rslora": config.rslora,
         "use_dora": config.dora,
         "bias": "none",
-        "fan_in_fan_out": False,
+        # GPT-2's Conv1D stores weights in×out; PEFT's flag for that (it also sets it per layer type on load)
+        "fan_in_fan_out": any(getattr(module, "fan_in_fan_out", False) for _, module in lora_plans[0].swaps),
         "init_lora_weights": True,
         "inference_mode": True,
         "layers_to_transform": None,
@@ -125,7 +193,6 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> None:
 _UNSUPPORTED = {
     "rank_pattern": lambda v: bool(v),
     "alpha_pattern": lambda v: bool(v),
-    "fan_in_fan_out": lambda v: bool(v),
     "layer_replication": lambda v: bool(v),
     "lora_bias": lambda v: bool(v),
     "bias": lambda v: v not in (None, "none"),
@@ -165,6 +232,54 @@ def _has_module(model: nn.Module, name: str) -> bool:
     return True
 
 
+def _expert_targets(model: nn.Module, target_parameters: list[str], weights: dict[str, torch.Tensor]):
+    """Resolve PEFT ``target_parameters`` (fused MoE expert weights) against ``model``; pop their tensors from
+    ``weights``. Returns (full parameter names for LoRAConfig.targets, {module: {param: (A, B)}})."""
+    targets, found = [], {}
+    if not target_parameters:
+        return targets, found
+    per_module: dict[str, list[str]] = {}
+    for entry in target_parameters:
+        for name, module in model.named_modules():
+            for param, tensor in module.named_parameters(recurse=False):
+                full = f"{name}.{param}" if name else param
+                if full == entry or full.endswith("." + entry):
+                    if tensor.dim() != 3:
+                        raise ValueError(
+                            f"fastft.from_peft: target_parameters entry {entry!r} names {full} of "
+                            f"{type(module).__name__}, a {tensor.dim()}-D parameter; fastft reads PEFT's "
+                            "target_parameters on fused 3-D MoE expert weights only."
+                        )
+                    if param not in per_module.setdefault(name, []):
+                        per_module[name].append(param)
+    if not per_module:
+        raise ValueError(f"fastft.from_peft: target_parameters {target_parameters} match no parameter of "
+                         f"{type(model).__name__}.")
+    for name, params in per_module.items():
+        # PEFT nests one ParamWrapper per parameter (``<module>.base_layer.…``); which parameter sits at which depth
+        # follows the order PEFT processed them, so each depth's factors are matched to a parameter by shape
+        # (A: experts·r × in), falling back to the listed order (the first innermost) where shapes cannot tell
+        module = model.get_submodule(name)
+        n = len(params)
+        stems = [f"{PEFT_PREFIX}{name}." + "base_layer." * (n - 1 - i) for i in range(n)]
+        if any(f"{stem}lora_A.weight" not in weights for stem in stems):
+            raise ValueError(f"fastft.from_peft: missing LoRA weights for the expert parameters {params} of {name} "
+                             f"(expected {[stem + 'lora_A.weight' for stem in stems]}).")
+
+        def fan_in(param):
+            w = getattr(module, param)
+            return w.shape[1] if getattr(module, "is_transposed", False) else w.shape[2]
+
+        order = list(params)
+        by_shape = [[p for p in params if weights[f"{stem}lora_A.weight"].shape[1] == fan_in(p)] for stem in stems]
+        if all(len(c) == 1 for c in by_shape) and len({c[0] for c in by_shape}) == n:
+            order = [c[0] for c in by_shape]
+        for stem, param in zip(stems, order):
+            found.setdefault(name, {})[param] = (weights.pop(f"{stem}lora_A.weight"), weights.pop(f"{stem}lora_B.weight"))
+        targets.extend(f"{name}.{param}" for param in params)
+    return targets, found
+
+
 def from_peft(model: nn.Module, directory: str | os.PathLike):
     """Patch a plain ``model`` with fastft LoRA (DoRA for ``use_dora``) from a PEFT adapter directory; returns
     the report."""
@@ -187,6 +302,7 @@ def from_peft(model: nn.Module, directory: str | os.PathLike):
     suffixes = {f".{part}.weight": part for part in ("lora_A", "lora_B")}
     if dora:
         suffixes.update({f".{MAGNITUDE}": MAGNITUDE, f".{MAGNITUDE}.weight": MAGNITUDE})
+    expert_targets, expert_factors = _expert_targets(model, peft_config.get("target_parameters") or [], weights)
     factors: dict[str, dict[str, torch.Tensor]] = {}
     in_full: dict[str, torch.Tensor] = {}  # weights of modules_to_save: "<module>.<parameter>" -> value
     saved_modules = _modules_to_save(model, peft_config.get("modules_to_save") or [])
@@ -210,7 +326,7 @@ def from_peft(model: nn.Module, directory: str | os.PathLike):
     incomplete = [name for name, f in factors.items() if set(f) != parts]
     if incomplete:
         raise ValueError(f"fastft.from_peft: modules without all of {sorted(parts)}: {incomplete[:5]}")
-    if not factors:
+    if not factors and not expert_targets:
         raise ValueError(f"fastft.from_peft: {weights_path} holds no LoRA A/B matrices; it is not a LoRA adapter.")
     absent = [name for name in factors if not _has_module(model, name)]
     if absent:
@@ -223,7 +339,7 @@ def from_peft(model: nn.Module, directory: str | os.PathLike):
             r=peft_config.get("r"),
             alpha=peft_config.get("lora_alpha"),
             dropout=peft_config.get("lora_dropout") or 0.0,
-            targets=tuple(factors),
+            targets=tuple(factors) + tuple(expert_targets),
             rslora=bool(peft_config.get("use_rslora", False)),
             dora=dora,
             modules_to_save=tuple(m for m in saved_modules if any(k.startswith(m + ".") for k in in_full)),
@@ -240,6 +356,10 @@ def from_peft(model: nn.Module, directory: str | os.PathLike):
         check_adapter_tensors(expected, found, weights_path, "fastft.from_peft",
                               hint="The adapter was trained on another base model, or with other settings.")
         for name, module in patch_state(model).modules():
+            if name in expert_factors:
+                for param, (A, B) in expert_factors[name].items():
+                    module.load_peft_tensors(param, A, B)
+                continue
             device = module.lora_A.device
             module.load_adapter_state_dict({k: v.to(device) for k, v in factors[name].items()})
         for plan in patch_state(model).plans:

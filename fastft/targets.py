@@ -1,9 +1,15 @@
-"""Finding the modules a config targets: the decoder-layer stack, name suffixes, regexes, layer indices.
+"""Finding the modules a config targets: the layer stacks, name suffixes, regexes, layer indices.
+
+A *layer stack* is an outermost ``nn.ModuleList`` holding linear layers: the decoder layers, the encoder
+layers (BERT's ``encoder.layer``), both stacks of an encoder–decoder (T5's ``encoder.block`` and
+``decoder.block``, with self- and cross-attention), a vision tower's layers. A ``ModuleList`` inside a stack's
+block (T5's ``block.N.layer``, a list of per-expert MLPs) is part of that block, not a stack of its own.
 
 Matching rules (PEFT's, so a target list carries over):
-  - ``"all-linear"``: every linear layer (``nn.Linear`` or bitsandbytes ``Linear4bit``) inside the decoder
-    layers (encoder layers for BERT-style models: ``encoder.layer``); never ``lm_head``, embeddings, a pooler
-    or a classification head (PEFT's ``"all-linear"`` also takes a BERT pooler: name it to match).
+  - ``"all-linear"``: every linear layer (``nn.Linear``, GPT-2's ``Conv1D``, bitsandbytes ``Linear4bit``)
+    inside every layer stack; never the output embedding (``lm_head``), embeddings, a pooler, a projector
+    between towers or a task head, which live outside the stacks (PEFT's ``"all-linear"`` takes every linear
+    but the output embedding, so it also takes a BERT pooler or a multimodal projector: name them to match).
   - a list of suffixes: a module matches a suffix when its qualified name equals it or ends with
     ``"." + suffix``.
   - any other string: a regular expression that must match the whole qualified name.
@@ -22,8 +28,32 @@ from .bnb import is_linear4bit
 from .config import ALL_LINEAR
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2 family): a linear layer whose weight is stored in×out (``nx``×``nf``)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+def out_in_weight(layer: nn.Module):
+    """A linear layer's weight as out×in: ``nn.Linear``'s own, a ``Conv1D``'s transposed view (no copy; writing
+    into the view writes the layer's weight)."""
+    return layer.weight.t() if is_conv1d(layer) else layer.weight
+
+
+def linear_features(layer: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an ``nn.Linear``, ``Linear4bit`` or ``Conv1D``."""
+    if is_conv1d(layer):
+        return layer.weight.shape[0], layer.weight.shape[1]
+    return layer.in_features, layer.out_features
+
+
+def is_fused_experts(module: nn.Module) -> bool:
+    """A MoE experts module holding its experts as 3-D parameters (transformers 5: ``gate_up_proj``, ``down_proj``
+    of shape experts×out×in), which are not ``nn.Linear`` modules."""
+    return any(p.dim() == 3 for p in module.parameters(recurse=False))
+
+
 def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or is_linear4bit(module)
+    return isinstance(module, nn.Linear) or is_linear4bit(module) or is_conv1d(module)
 
 
 @dataclass
@@ -42,15 +72,65 @@ class LayerStack:
         return int(first) if first.isdigit() else None
 
 
-def find_layer_stack(model: nn.Module) -> LayerStack | None:
-    """The ``nn.ModuleList`` holding the most linear layers: the decoder (or encoder) layers."""
-    best, best_count = None, 0
+def find_layer_stacks(model: nn.Module) -> list[LayerStack]:
+    """Every outermost ``nn.ModuleList`` holding linear layers, in model order (see the module docstring)."""
+    stacks: list[LayerStack] = []
     for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0:
-            count = sum(1 for m in module.modules() if is_linear(m))
-            if count > best_count:
-                best, best_count = LayerStack(name, module), count
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if any(name.startswith(s.prefix + ".") for s in stacks):
+            continue  # inside a block of an outer stack
+        if any(is_linear(m) for m in module.modules()):
+            stacks.append(LayerStack(name, module))
+    return stacks
+
+
+def find_layer_stack(model: nn.Module) -> LayerStack | None:
+    """The layer stack holding the most linear layers: the decoder (or encoder) layers."""
+    best, best_count = None, 0
+    for stack in find_layer_stacks(model):
+        count = sum(1 for m in stack.blocks.modules() if is_linear(m))
+        if count > best_count:
+            best, best_count = stack, count
     return best
+
+
+def stack_of(stacks: Sequence[LayerStack], name: str) -> tuple[LayerStack, int] | None:
+    """The stack a qualified module name lies in and its block index there, or None."""
+    for stack in stacks:
+        index = stack.index_of(name)
+        if index is not None:
+            return stack, index
+    return None
+
+
+def output_embedding_names(model: nn.Module) -> set[str]:
+    """Qualified names of the model's output embedding (``lm_head``), which ``"all-linear"`` never takes."""
+    getter = getattr(model, "get_output_embeddings", None)
+    try:
+        out = getter() if callable(getter) else None
+    except (AttributeError, NotImplementedError, TypeError):
+        out = None
+    if out is None:
+        return set()
+    return {name for name, m in model.named_modules() if m is out}
+
+
+def describe_stacks(model: nn.Module, names: Sequence[str]) -> list[str]:
+    """One line per layer stack: how many of ``names`` it holds, and their leaf names (for the patch report)."""
+    stacks = find_layer_stacks(model)
+    lines = []
+    for stack in stacks:
+        inside = [n for n in names if stack.index_of(n) is not None]
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in inside})
+        lines.append(
+            f"stack '{stack.prefix}' ({len(stack.blocks)} blocks): {len(inside)} modules"
+            + (f" ({', '.join(leaves)})" if leaves else "")
+        )
+    outside = [n for n in names if stack_of(stacks, n) is None]
+    if outside:
+        lines.append(f"outside the stacks: {', '.join(outside)}")
+    return lines
 
 
 def _leaf_names(model: nn.Module, accept: Callable[[nn.Module], bool]) -> list[str]:
@@ -63,34 +143,50 @@ def resolve_targets(
     layers: Sequence[int] | None = None,
     accept: Callable[[nn.Module], bool] = is_linear,
     what: str = "linear layer",
+    expert_params: dict[str, list[str]] | None = None,
 ) -> list[tuple[str, nn.Module]]:
     """The (qualified name, module) pairs a config targets, in model order.
+
+    A fused MoE experts module is chosen by ``"all-linear"`` (all its 3-D projections, as PEFT does on load) or
+    when a target names one of its 3-D parameters (``"mlp.experts.down_proj"``); ``expert_params`` then collects,
+    per experts module, the parameter names a target named. ``accept`` decides whether such a module is refused.
 
     Raises ``ValueError`` naming the problem: a suffix or regex that matches nothing (listing the names
     that exist), a match that ``accept`` refuses, layer indices outside the stack, or an empty result.
     """
     named = [(name, module) for name, module in model.named_modules() if name]
-    stack = find_layer_stack(model)
+    stacks = find_layer_stacks(model)
     if layers is not None:
-        if stack is None:
-            raise ValueError("layers=... was given but this model has no stack of decoder layers (nn.ModuleList).")
-        missing = [i for i in layers if i >= len(stack.blocks)]
+        if not stacks:
+            raise ValueError("layers=... was given but this model has no stack of layers (nn.ModuleList).")
+        deepest = max(len(s.blocks) for s in stacks)
+        missing = [i for i in layers if i >= deepest]
         if missing:
+            sizes = ", ".join(f"{len(s.blocks)} layers under '{s.prefix}'" for s in stacks)
             raise ValueError(
-                f"layers={list(layers)}: the model has {len(stack.blocks)} layers under '{stack.prefix}' "
-                f"(indices 0..{len(stack.blocks) - 1}); {missing} do not exist."
+                f"layers={list(layers)}: the model has {sizes} (indices 0..{deepest - 1}); {missing} do not exist."
             )
 
     if targets == ALL_LINEAR:
-        if stack is None:
+        if not stacks:
             raise ValueError(
-                "targets='all-linear' found no stack of decoder layers in this model; name the modules instead, "
+                f"targets='all-linear' found no stack of layers in {type(model).__name__} (an nn.ModuleList of "
+                "blocks holding nn.Linear / Conv1D / Linear4bit layers); name the modules instead, "
                 f"e.g. targets={_leaf_names(model, accept)[:4]}."
             )
-        chosen = [(n, m) for n, m in named if stack.index_of(n) is not None and accept(m)]
+        heads = output_embedding_names(model)
+        chosen = [(n, m) for n, m in named
+                  if stack_of(stacks, n) is not None and (is_linear(m) or is_fused_experts(m)) and n not in heads]
     elif isinstance(targets, str):
         pattern = re.compile(targets)
         chosen = [(n, m) for n, m in named if pattern.fullmatch(n)]
+        for n, m in named:
+            if is_fused_experts(m):
+                hit = [p for p, _ in m.named_parameters(recurse=False) if pattern.fullmatch(f"{n}.{p}")]
+                if hit and not pattern.fullmatch(n):
+                    chosen.append((n, m))
+                    if expert_params is not None:
+                        expert_params.setdefault(n, []).extend(hit)
         if not chosen:
             hint = ""
             if re.fullmatch(r"[\w.]+", targets):
@@ -103,6 +199,14 @@ def resolve_targets(
         chosen, seen = [], set()
         for suffix in targets:
             hits = [(n, m) for n, m in named if n == suffix or n.endswith("." + suffix)]
+            for n, m in named:  # a fused experts parameter named by suffix (PEFT's target_parameters)
+                if is_fused_experts(m):
+                    hit = [p for p, t in m.named_parameters(recurse=False)
+                           if t.dim() == 3 and (f"{n}.{p}" == suffix or f"{n}.{p}".endswith("." + suffix))]
+                    if hit:
+                        hits.append((n, m))
+                        if expert_params is not None:
+                            expert_params.setdefault(n, []).extend(hit)
             if not hits:
                 raise ValueError(
                     f"target {suffix!r} matches no module in {type(model).__name__}. "
@@ -124,7 +228,7 @@ def resolve_targets(
         )
     if layers is not None:
         keep = set(layers)
-        chosen = [(n, m) for n, m in chosen if stack.index_of(n) is None or stack.index_of(n) in keep]
+        chosen = [(n, m) for n, m in chosen if stack_of(stacks, n) is None or stack_of(stacks, n)[1] in keep]
     if not chosen:
         raise ValueError(f"targets={targets!r} with layers={layers} selects no {what}.")
     return chosen

@@ -105,7 +105,7 @@ class DoRALinear(LoRALinear):
         if self.is_4bit:
             weight = four_bit_weight(self.base_layer).dequantize(torch.float32)
         else:
-            weight = self.base_layer.weight.detach()
+            weight = self._weight().detach()
         self.weight_sq_norm.copy_(row_sq_norms(weight, self.weight_sq_norm.dtype))
 
     def _norm_compute_dtype(self) -> torch.dtype:
@@ -117,7 +117,7 @@ class DoRALinear(LoRALinear):
     def row_norms(self) -> Tensor:
         """``max(‖W_i + s·B_i A‖, eps)`` per output row, as the forward computes them without autocast."""
         dtype = self._norm_compute_dtype()
-        weight = four_bit_weight(self.base_layer) if self.is_4bit else self.base_layer.weight.detach().to(dtype)
+        weight = four_bit_weight(self.base_layer) if self.is_4bit else self._weight().detach().to(dtype)
         return dora_row_norm(weight, self.lora_A.detach().to(dtype), self.lora_B.detach().to(dtype),
                              self.weight_sq_norm.to(norm_dtype(dtype)), self.scale)
 
@@ -160,7 +160,7 @@ class DoRALinear(LoRALinear):
             if self.is_4bit:
                 weight = four_bit_weight(base).dequantize(torch.float32).to(dtype)
             else:
-                weight = base.weight.detach().to(dtype)
+                weight = self._weight().detach().to(dtype)
             full = weight + self.scale * (self.lora_B.detach().to(dtype) @ self.lora_A.detach().to(dtype))
             norm = torch.linalg.vector_norm(full, dim=1).clamp_min(NORM_EPS)
             return full.mul_((self.lora_magnitude_vector.detach().to(dtype) / norm)[:, None])
@@ -170,7 +170,7 @@ class DoRALinear(LoRALinear):
         if self.is_4bit:
             weight = four_bit_weight(self.base_layer).dequantize(torch.float32)
         else:
-            weight = self.base_layer.weight.detach()
+            weight = self._weight().detach()
         merged = self.merged_weight()
         return merged - weight.to(merged.dtype)
 
@@ -192,12 +192,13 @@ class DoRALinear(LoRALinear):
             )
             return requantize_like(base, merged.to(torch.float32))
         with torch.no_grad():
-            base.weight.copy_(merged.to(base.weight.dtype))
+            weight = self._weight()
+            weight.copy_(merged.to(weight.dtype))
         return base
 
     def _fold_update_into_base(self) -> None:
         """``W ← m ⊙ (W + s·BA) / ‖W + s·BA‖`` in place; :meth:`attach` then sets m to the new row norms (g = 1)."""
-        weight = self.base_layer.weight
+        weight = self._weight()
         weight.copy_(self.merged_weight().to(weight.device, weight.dtype))
 
     def extra_repr(self) -> str:

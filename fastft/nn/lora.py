@@ -24,19 +24,21 @@ from ..config import LoRAConfig
 from ..distributed import copy_full_, full_tensor, is_sharded
 from ..ops.lora import lora_linear
 from .layer import FastFTLayer
+from ..targets import is_conv1d, linear_features, out_in_weight
 
 
 def check_linear(layer: nn.Module, what: str = "LoRA") -> None:
     """Raise a clear error unless ``layer`` is an ``nn.Linear`` with a float weight or a ``Linear4bit``."""
     if is_linear4bit(layer):
         return
-    if isinstance(layer, nn.Linear) and layer.weight.is_floating_point():
+    if (isinstance(layer, nn.Linear) or is_conv1d(layer)) and layer.weight.is_floating_point():
         return
     detail = ""
-    if isinstance(layer, nn.Linear):
+    if isinstance(layer, nn.Linear) or is_conv1d(layer):
         detail = f" (its weight is {layer.weight.dtype}: only float weights and bitsandbytes 4-bit are supported)"
     raise TypeError(
-        f"fastft {what} patches nn.Linear and bitsandbytes Linear4bit layers; got {type(layer).__name__}{detail}."
+        f"fastft {what} patches nn.Linear and bitsandbytes Linear4bit layers (and transformers' Conv1D); "
+        f"got {type(layer).__name__}{detail}."
     )
 
 
@@ -82,8 +84,9 @@ class LoRALinear(FastFTLayer):
                 f"init='pissa' needs r <= min(out, in) = {min(base_layer.weight.shape)}, got r={config.r}"
             )
         self.base_layer = base_layer
-        self.in_features = base_layer.in_features
-        self.out_features = base_layer.out_features
+        # a Conv1D (GPT-2 family) stores its weight in×out: PEFT's fan_in_fan_out; the op sees the out×in view
+        self.fan_in_fan_out = is_conv1d(base_layer)
+        self.in_features, self.out_features = linear_features(base_layer)
         self.r = config.r
         self.alpha = config.alpha
         self.rslora = config.rslora
@@ -120,6 +123,16 @@ class LoRALinear(FastFTLayer):
     def kind(self) -> str:
         return "qlora" if self.is_4bit else "lora"
 
+    # What model code reads of the layer it replaced (``self.wo.weight.dtype``, ``self.proj.bias``): the wrapped
+    # layer's own parameters, read-only (no setter: assigning raises), as PEFT's wrappers expose them.
+    @property
+    def weight(self) -> Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base_layer.bias
+
     def report_detail(self) -> str:
         parts = [f"r={self.r}", f"s={self.scale:g}"]
         if self.dropout_p:
@@ -140,12 +153,12 @@ class LoRALinear(FastFTLayer):
         """
         if self.attached or self.init != "pissa" or getattr(self, "_prepared", False):
             return
-        if self.base_layer.weight.is_meta:
+        if self._weight().is_meta:
             raise ValueError(
                 "init='pissa' takes the SVD of the base weight, which is on the meta device (not materialized); "
                 "patch the model after loading its weights, or use init='default' / 'gaussian'."
             )
-        weight = self.base_layer.weight.detach().to(self.lora_A.dtype)
+        weight = self._weight().detach().to(self.lora_A.dtype)
         if not bool(torch.isfinite(weight).all()):
             raise ValueError(
                 f"init='pissa': the base weight ({self.out_features}x{self.in_features}) holds NaN or inf, so it has "
@@ -187,7 +200,7 @@ class LoRALinear(FastFTLayer):
             elif self.init == "gaussian":
                 nn.init.normal_(self.lora_A, std=1.0 / self.r)
             else:
-                weight = self.base_layer.weight
+                weight = self._weight()
                 weight.copy_((weight.to(self.lora_A.dtype) - self.scale * self.lora_B @ self.lora_A).to(weight.dtype))
         self.attached = True
 
@@ -223,6 +236,10 @@ class LoRALinear(FastFTLayer):
         self.needs_init = False
         self.attached = True
 
+    def _weight(self) -> Tensor:
+        """The base weight as out×in (a transposed view for a Conv1D base)."""
+        return out_in_weight(self.base_layer)
+
     # ---------------------------------------------------------------- forward
     def _compute_dtype(self, x: Tensor) -> torch.dtype:
         if self.is_4bit and self.base_layer.compute_dtype is not None:
@@ -256,7 +273,7 @@ class LoRALinear(FastFTLayer):
         if self.is_4bit:
             weight = four_bit_weight(self.base_layer)
         else:
-            weight = self.base_layer.weight.to(dtype)
+            weight = self._weight().to(dtype)
         bias = self.base_layer.bias
         bias = None if bias is None else bias.to(dtype)
         mask = None
@@ -306,7 +323,7 @@ class LoRALinear(FastFTLayer):
                 copy_full_(param, state[name])
             if self.init == "pissa":
                 # re-derive the residual from the saved initial factors, whatever this SVD produced
-                weight = self.base_layer.weight
+                weight = self._weight()
                 original = weight.to(self.lora_A.dtype) + self.scale * self.pissa_B0 @ self.pissa_A0
                 A0, B0 = state["pissa_A0"].to(original), state["pissa_B0"].to(original)
                 weight.copy_((original - self.scale * B0 @ A0).to(weight.dtype))
@@ -353,7 +370,8 @@ class LoRALinear(FastFTLayer):
             merged = four_bit_weight(base).dequantize(torch.float32) + delta.to(base.weight.device, torch.float32)
             return requantize_like(base, merged)
         with torch.no_grad():
-            base.weight.copy_((base.weight.to(delta.dtype) + delta.to(base.weight.device)).to(base.weight.dtype))
+            weight = self._weight()
+            weight.copy_((weight.to(delta.dtype) + delta.to(weight.device)).to(weight.dtype))
         return base
 
     # ------------------------------------------------------------ Chain of LoRA
@@ -381,7 +399,7 @@ class LoRALinear(FastFTLayer):
 
     def _fold_update_into_base(self) -> None:
         """``W ← W + s·BA`` in place (the base's own dtype); for a QAT host, into the weight it quantizes."""
-        weight = self.base_layer.weight
+        weight = self._weight()
         delta = self.delta_weight()
         weight.copy_((weight.to(delta.dtype) + delta.to(weight.device)).to(weight.dtype))
 

@@ -109,6 +109,15 @@ class S2FTLinear(FastFTLayer):
         """Wrap ``layer``, training its first ``width`` input columns (or output rows with ``rows=True``)."""
         return cls(layer, width, rows=rows, index=index)
 
+    # What model code reads of the layer it replaced: the wrapped layer's parameters, read-only (no setter).
+    @property
+    def weight(self) -> Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Optional[Tensor]:
+        return self.base_layer.bias
+
     # ----------------------------------------------------------------- the view
     def _slice_view(self) -> Tensor:
         weight = self.base_layer.weight.detach()

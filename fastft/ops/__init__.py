@@ -12,3 +12,6 @@ __all__ += ["dora_linear", "dora_row_norm"]
 __all__ += ["hadamard_matrix", "hadamard_transform", "is_hadamard_size", "dequantize", "fake_quantize", "quantize"]
 __all__ += ["linear_cross_entropy"]
 __all__ += ["s2ft_linear"]
+from .expert_lora import expert_lora
+
+__all__ += ["expert_lora"]

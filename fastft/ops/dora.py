@@ -48,13 +48,9 @@ both. Without dropout there is one GEMM, as in LoRA. Backward, for ``gy = ∂L/�
 What is saved for backward: ``xa``; ``x`` when A trains (and the mask with dropout); g; and, when g
 needs a gradient, one output-sized tensor for ``dg``:
 
-* the layer's own output y — without dropout, when x is saved anyway, and when there is no bias or the
-  output is float32/float64. The pre-scale output is recovered as ``z = (y - b) / g``; the rows where
-  g = 0 (a zero magnitude, e.g. from a PEFT adapter of an all-zero weight row) carry no trace of z in y
-  and are recomputed from x, W, xa and B for those rows alone. y is usually saved by the next op as
-  well (an activation, a product, attention), so the storage is shared rather than doubled.
-* otherwise the pre-scale output z itself (with dropout it is not recoverable from y without the
-  second GEMM's result; a half-precision y with a large bias would recover z inexactly).
+the pre-scale output z, a buffer of its own. The layer's output y is never saved: the model may modify it
+in place (``out += residual``), which would corrupt a saved y. (The op can still recover z from a saved y,
+``saved_is_output``, when called directly with ``keep_pre_scale=False``; ``dora_linear`` never asks for that.)
 
 Never saved: W + s·BA or BA, the base output x Wᵀ beside y, x̃, a dequantized weight. W is re-read
 (re-dequantized for a 4-bit base) in backward. W and b get no gradient.
@@ -440,14 +436,10 @@ def dora_linear(
     mask2 = None
     if dropout_mask is not None and dropout_p > 0.0:
         mask2 = dropout_mask.reshape(-1, in_features)
-    # The output y can stand in for the pre-scale output in backward only when x is saved anyway (A trains)
-    # and y holds z to its own precision; otherwise z is kept (see the module docstring).
-    grad_on = torch.is_grad_enabled()
-    x_saved = grad_on and lora_A.requires_grad
-    keep_pre_scale = (
-        grad_on and g.requires_grad and mask2 is None
-        and not (x_saved and output_recoverable(x.dtype, bias is not None))
-    )
+    # In-place safety: the output y is never saved for backward (the model may add into it in place, e.g.
+    # Falcon's ``mlp_output += attention_output``); when g needs a gradient the pre-scale output z is kept as a
+    # separate buffer instead (see the module docstring).
+    keep_pre_scale = torch.is_grad_enabled() and g.requires_grad and mask2 is None
     y, _, _ = _dora_linear_op(
         x2, packed, absmax, code, blocksize, out_features, bias, lora_A, lora_B, g, float(scale), mask2,
         float(dropout_p), keep_pre_scale,

@@ -45,7 +45,14 @@ class _QuantWeightLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_A, lora_B, scale, quantizer, clipped):
         with torch.no_grad():
             wq = quantizer(effective_weight(weight, lora_A, lora_B, scale)).to(x.dtype)
-            y = F.linear(x, wq, None if bias is None else bias.to(x.dtype))
+            # written into a tensor of its own: F.linear of a 3-D input returns a view, and a view made inside a
+            # custom Function cannot be modified in place, which model code does to layer outputs
+            y = x.new_empty(*x.shape[:-1], wq.shape[0])
+            flat = y.view(-1, wq.shape[0])
+            if bias is None:
+                torch.mm(x.reshape(-1, x.shape[-1]), wq.t(), out=flat)
+            else:
+                torch.addmm(bias.to(x.dtype), x.reshape(-1, x.shape[-1]), wq.t(), out=flat)
         ctx.save_for_backward(x, weight, lora_A, lora_B)
         ctx.scale, ctx.quantizer, ctx.clipped = scale, quantizer, clipped
         ctx.bias_dtype = None if bias is None else bias.dtype

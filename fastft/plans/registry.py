@@ -13,8 +13,8 @@ from typing import Any, Callable
 
 from torch import nn
 
-from ..config import MethodConfig
-from ..targets import resolve_targets
+from ..config import ALL_LINEAR, MethodConfig
+from ..targets import describe_stacks, resolve_targets
 
 __all__ = ["Edit", "PLANNERS", "Plan", "Planner", "plan_module_swaps", "register_planner"]
 
@@ -109,4 +109,7 @@ def plan_module_swaps(model: nn.Module, config: MethodConfig, build: Callable[[n
     module's ``attach()``, which ``patch`` calls once every plan is built.
     """
     targets = resolve_targets(model, config.targets, config.layers)
-    return Plan(config, swaps=[(name, build(layer, config)) for name, layer in targets])
+    plan = Plan(config, swaps=[(name, build(layer, config)) for name, layer in targets])
+    if config.targets == ALL_LINEAR:  # say, per stack, what all-linear took
+        plan.notes.extend(f"{config.method} {line}" for line in describe_stacks(model, [n for n, _ in targets]))
+    return plan
