@@ -458,17 +458,24 @@ def _demangle(names: list[str], nvcc: str) -> dict:
     if not tool or not names:
         return {n: n for n in names}
     out = subprocess.run([tool], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
-    clean = [re.sub(r"^.*::", "", re.sub(r"\(.*$", "", o)).replace("fastft::(anonymous namespace)::", "") for o in out]
+    clean = []
+    for line in out:  # "void fastft::(anonymous namespace)::rows_kernel<float, 8>(fastft::...::RowsParams)"
+        line = re.sub(r"^void ", "", line.replace("(anonymous namespace)::", ""))
+        clean.append(re.sub(r"^(\w+::)+", "", line.split("(")[0]))
     return dict(zip(names, clean)) if len(clean) == len(names) else {n: n for n in names}
 
 
-def _ptxas_kernels(log: str, nvcc: str) -> dict:
-    """{(arch, demangled kernel): {regs, spill_stores, spill_loads, stack}} from an ``-Xptxas -v`` log."""
+def _ptxas_kernels(log: str) -> dict:
+    """{(arch, mangled kernel): {regs, spill_stores, spill_loads, stack}} from an ``-Xptxas -v`` log."""
     parts = _PTXAS_ENTRY.split(log)
     found = {}
     for i in range(1, len(parts) - 2, 3):
         name, arch, body = parts[i], parts[i + 1], parts[i + 2]
         found[(arch, name)] = gpu_static.parse_ptxas_log(body)
+    return found
+
+
+def _demangled(found: dict, nvcc: str) -> dict:
     names = _demangle(sorted({n for _, n in found}), nvcc)
     return {(arch, names[n]): v for (arch, n), v in found.items()}
 
@@ -497,13 +504,13 @@ def cuda_ptxas(request, tmp_path_factory):
         if not flag.startswith("-gencode"):
             flags.append(flag)
     sources = _kernel_sources()
-    key = hashlib.sha256(json.dumps([toolchain.version, flags, CUDA_ARCHS,
+    key = hashlib.sha256(json.dumps(["mangled", toolchain.version, flags, CUDA_ARCHS,
                                      [(p.name, p.read_text()) for p in sorted((REPO / "csrc").iterdir()) if p.is_file()]
                                      ]).encode()).hexdigest()[:24]
     stored = _cache_dir(request) / f"ptxas-{key}.json"
     if stored.exists():
         data = json.loads(stored.read_text())
-        return {(a, k): v for a, k, v in data["kernels"]}, data["flags"]
+        return _demangled({(a, k): v for a, k, v in data["kernels"]}, nvcc), data["flags"]
     out_dir = tmp_path_factory.mktemp("cubin")
     # one nvcc per (source, arch), two at a time: the float32 row kernel alone takes ptxas ~20 s
     jobs = [(s, a) for s in sources for a in CUDA_ARCHS]
@@ -519,9 +526,9 @@ def cuda_ptxas(request, tmp_path_factory):
         assert rc == 0, f"{' '.join(cmd)} failed:\n{log[-4000:]}"
     kernels = {}
     for _, log, _ in logs:
-        kernels.update(_ptxas_kernels(log, nvcc))
+        kernels.update(_ptxas_kernels(log))
     stored.write_text(json.dumps(dict(flags=flags, kernels=[[a, k, v] for (a, k), v in sorted(kernels.items())])))
-    return kernels, flags
+    return _demangled(kernels, nvcc), flags
 
 
 def test_every_cuda_kernel_is_compiled_for_both_archs(cuda_ptxas):
