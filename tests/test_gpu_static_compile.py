@@ -55,15 +55,22 @@ LAUNCHERS = {
 }
 KERNEL_PACKAGE = "fastft.kernels"  # every module in it is scanned for JIT functions named *_kernel
 CUDA_TOOLCHAIN = "fastft.build:cuda_toolchain"  # -> Toolchain(nvcc, version, cflags, ...)
-# Known spills of 16-bit Triton variants, (target, kernel) -> reason: the test xfails with it (a fix makes it pass).
+# Known spills of 16-bit Triton variants: (target, kernel) -> (the scenarios allowed to spill, reason). The
+# test xfails with the reason when only those spill (a fix makes it pass); any other spill fails it.
 KNOWN_TRITON_SPILLS = {
     ("sm_80", "_linear_cross_entropy_kernel"): (
+        ("ce", "ce+bias+smoothing+z_loss+softcap", "dft", "talr (given weights)", "ce+lora lm_head"),
         "fused linear cross-entropy with gradients on an A100: 108 SMs >= 8192/64 token blocks, so the launcher runs "
         "statistics and gradient in ONE launch (STATS and GRAD, vocab_splits = 1); that kernel needs more than 255 "
-        "registers at BLOCK_M 64 x BLOCK_V 128 x BLOCK_K 64, 8 warps, and spills (more with a LoRA lm_head). On an "
-        "H100 (132 SMs) the launcher splits it in two launches, which do not spill. Fix in "
-        "kernels/linear_cross_entropy.py (split the passes always, or smaller tiles for the fused one) or move to "
-        "the issue's design (logits and dh/dW by cuBLAS, one Triton pass for the softmax gradient)"),
+        "registers at BLOCK_M 64 x BLOCK_V 128 x BLOCK_K 64, 8 warps, and spills 12/12 B (88/116 B with a LoRA "
+        "lm_head). On an H100 (132 SMs) the launcher splits it in two launches, which do not spill. Fix in "
+        "kernels/linear_cross_entropy.py (always split the passes, or leaner tiles for the fused one) or move to the "
+        "issue's design (logits and dh/dW by cuBLAS, one Triton pass for the softmax gradient)"),
+    ("sm_80", "_linear_lowrank_kernel"): (
+        ("qdora", "qdora+dropout"),
+        "QDoRA row norm with a 4-bit W (P^T = A W^T, and the norm's dA): BLOCK_M 16 (the rank) x BLOCK_N 128 x "
+        "BLOCK_K 32, 4 warps, 2 stages: ptxas stops at 80 registers and spills 4/4 B on sm_80 (not on sm_90); "
+        "caught by FASTFT_GPU_STATIC=full"),
 }
 # ------------------------------------------------------------------------------------------------------
 
@@ -73,7 +80,8 @@ NF4_BLOCKSIZE = 64
 DTYPES = ("bfloat16", "float16", "float32")
 TARGET_NAMES = ("sm_80", "sm_90")
 SIXTEEN_BIT = ("bfloat16", "float16")
-TIMEOUT_S = 900
+TIMEOUT_S = 900  # the default cover, cold, on a loaded 2-core machine takes about 5 minutes
+FULL_TIMEOUT_S = 3600
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -334,7 +342,8 @@ def static_compile(request):
     full = os.environ.get("FASTFT_GPU_STATIC", "") == "full"
     jobs = str(min(4, os.cpu_count() or 1))
     done = subprocess.run([sys.executable, __file__, "--worker", str(out), "1" if full else "0", jobs], env=env,
-                          capture_output=True, text=True, timeout=TIMEOUT_S, cwd=str(REPO))
+                          capture_output=True, text=True, timeout=FULL_TIMEOUT_S if full else TIMEOUT_S,
+                          cwd=str(REPO))
     assert done.returncode == 0, f"static compile worker failed:\n{done.stdout[-2000:]}\n{done.stderr[-6000:]}"
     data = json.loads(out.read_text())
     report = _report(data)
@@ -400,10 +409,10 @@ def test_16bit_variants_do_not_spill(static_compile, target, dtype):
     spills = [(r["kernel"], r["origins"], r["result"]["regs"], r["result"]["spill_stores"], r["result"]["spill_loads"])
               for r in _rows(static_compile, target, dtype)
               if r["result"].get("ok") and (r["result"]["spill_stores"] or r["result"]["spill_loads"])]
-    unknown = [s for s in spills if (target, s[0]) not in KNOWN_TRITON_SPILLS]
+    unknown = [s for s in spills if not set(s[1]) <= set(KNOWN_TRITON_SPILLS.get((target, s[0]), ((), ""))[0])]
     assert not unknown, unknown
     if spills:
-        reasons = "; ".join(sorted({KNOWN_TRITON_SPILLS[(target, s[0])] for s in spills}))
+        reasons = "; ".join(sorted({KNOWN_TRITON_SPILLS[(target, s[0])][1] for s in spills}))
         pytest.xfail(f"known spills {spills}: {reasons}")
 
 
