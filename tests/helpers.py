@@ -1,6 +1,7 @@
 """Shared test helpers: the one tolerance table, comparison, and tiny models built from config classes."""
 from __future__ import annotations
 
+import contextlib
 import torch
 
 from fastft.dispatch import use_backend as backend  # noqa: F401  (force FASTFT_BACKEND inside a block)
