@@ -82,7 +82,11 @@ def lora_backward_reference(
 
 register_op("lora_linear", {
     "torch": {"forward": lora_forward_reference, "backward": lora_backward_reference},
-    "triton": lazy("fastft.kernels.lora", forward="lora_forward", backward="lora_backward"),
+    # two paths (fastft.dispatch.choose_path): base GEMMs by cuBLAS, or the fused Triton GEMM kernels
+    "triton": lazy("fastft.kernels.lora", **{
+        "forward@cublas": "lora_forward_cublas", "forward@triton": "lora_forward",
+        "backward@cublas": "lora_backward_cublas", "backward@triton": "lora_backward",
+    }),
 })
 
 
