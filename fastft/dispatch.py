@@ -94,8 +94,13 @@ def register_op(op: str, implementations: Mapping[str, Union[Mapping[str, Callab
     _OP_BACKENDS[op] = backends
     _OP_LIMITS[op] = dict(limits or {})
     _OP_IMPLEMENTATIONS[op] = dict(implementations)
-    for key in [k for k in _ENTRY_CACHE if k[0] == op]:
-        del _ENTRY_CACHE[key]
+    for cache in (_ENTRY_CACHE, _RESOLVED):
+        for key in [k for k in cache if k[0] == op]:
+            del cache[key]
+    if not _OP_LIMITS[op] and not any(b in _LIBRARY_DEVICE for b in backends):
+        _PURE_OPS.add(op)
+    else:
+        _PURE_OPS.discard(op)
 
 
 def implementation(op: str, entry: str, device: torch.device | str, **call) -> Callable:
@@ -104,8 +109,35 @@ def implementation(op: str, entry: str, device: torch.device | str, **call) -> C
     Where the backend registers the entry in two paths (``entry@cublas``, ``entry@triton``) the callable
     chooses between them per call (:func:`choose_path`).
     """
+    if not call and op in _PURE_OPS:  # the hot path of a layer: one dict look-up per call
+        key = (op, entry, device, _raw_env(_BACKEND_KEY), _raw_env(_INTERPRET_KEY))
+        found = _RESOLVED.get(key)
+        if found is None:
+            found = _RESOLVED[key] = _entry(op, backend_for(op, device), entry)
+        return found
     backend = backend_for(op, device, **call)
     return _entry(op, backend, entry)
+
+
+def _environment_reader():
+    """``raw(key)``: an environment variable's raw value, or None; ``os.environ.get`` encodes and decodes on
+    every call (microseconds a layer on the hot path), so CPython's own mapping is read where it exists."""
+    data = getattr(os.environ, "_data", None)
+    encode = getattr(os.environ, "encodekey", None)
+    if isinstance(data, dict) and encode is not None:
+        return data.get, encode
+    return os.environ.get, (lambda name: name)
+
+
+_raw_env, _encode_key = _environment_reader()
+_BACKEND_KEY = _encode_key("FASTFT_BACKEND")
+_INTERPRET_KEY = _encode_key("TRITON_INTERPRET")
+_GEMM_KEY = _encode_key("FASTFT_GEMM")
+
+# Resolved (op, entry, device, environment) -> callable, for ops whose choice depends on nothing else (no C
+# library whose build state could change the answer, no per-call limits): the choice is made once.
+_RESOLVED: dict[tuple, Callable] = {}
+_PURE_OPS: set[str] = set()
 
 
 _ENTRY_CACHE: dict[tuple[str, str, str], Callable] = {}
@@ -146,6 +178,8 @@ def register_paths(op: str, keys: Mapping[str, Callable[..., tuple]]) -> None:
 
 def gemm_mode() -> str:
     """``FASTFT_GEMM``: ``cublas``, ``triton`` or ``auto`` (default)."""
+    if _raw_env(_GEMM_KEY) is None:
+        return "auto"
     value = os.environ.get("FASTFT_GEMM", "auto").strip().lower() or "auto"
     if value not in ("auto", *GEMM_PATHS):
         raise ValueError(f"FASTFT_GEMM={value!r}; choose cublas, triton or auto (the default), or unset it.")
@@ -277,7 +311,12 @@ class _PathChooser:
         self.op, self.entry, self.paths, self.key = op, entry, {"cublas": cublas, "triton": triton}, key
 
     def __call__(self, *args, **kwargs):
+        mode = gemm_mode()
+        if mode != "auto":  # forced: no key to compute
+            return self.paths[mode](*args, **kwargs)
         device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
+        if device.type != "cuda":
+            return self.paths["triton"](*args, **kwargs)
         key = self.key(*args) if self.key is not None else default_path_key(*args)
         candidates = {name: functools.partial(fn, *args, **kwargs) for name, fn in self.paths.items()}
         return self.paths[choose_path(self.op, self.entry, device, key, candidates)](*args, **kwargs)

@@ -167,6 +167,7 @@ def test_the_op_runs_the_path_the_choice_names(monkeypatch):
         original = getattr(lora_kernels, name)
         monkeypatch.setattr(lora_kernels, name, lambda *a, _f=original, _n=name: (calls.append(_n), _f(*a))[1])
     monkeypatch.setattr(dispatch, "_ENTRY_CACHE", {})
+    monkeypatch.setattr(dispatch, "_RESOLVED", {})
     args, g = make_case(torch.float32)
     x, weight, _, _, _, _, b, A, B, scale, mask, p = args
     expected = None
@@ -186,6 +187,7 @@ def test_the_op_runs_the_path_the_choice_names(monkeypatch):
             for a, e in zip(got, expected):
                 assert_close(a, e)
     monkeypatch.setattr(dispatch, "_ENTRY_CACHE", {})
+    monkeypatch.setattr(dispatch, "_RESOLVED", {})
 
 
 def test_report_names_the_path(monkeypatch):
