@@ -331,6 +331,14 @@ def path_for(op: str, device: torch.device | str) -> str:
         return backend
     mode = gemm_mode()
     if mode == "auto" and device.type == "cuda":
+        signature = device_signature(device)
+        measured: dict[str, int] = {}
+        for (cached_op, _entry_name, cached_signature, _key), path in _PATH_CACHE.items():
+            if cached_op == op and cached_signature == signature:
+                measured[path] = measured.get(path, 0) + 1
+        if measured:  # calls already ran: say what the measurements chose
+            chosen = ", ".join(f"{GEMM_PATHS[p]} x{n}" for p, n in sorted(measured.items()))
+            return f"{backend} (measured: {chosen})"
         return f"{backend} ({GEMM_PATHS['cublas']}; fused Triton GEMM where measured faster)"
     if mode == "auto":
         return f"{backend} ({GEMM_PATHS['triton']}, off a GPU)"

@@ -202,3 +202,13 @@ def test_report_names_the_path(monkeypatch):
         monkeypatch.setenv("FASTFT_GEMM", "cublas")
         assert "triton (cuBLAS GEMM" in dispatch.path_for("lora_linear", "cpu")
     assert report.backends == {"triton": 1}
+
+
+def test_report_path_on_a_faked_gpu_says_what_was_measured(fake_gpu):
+    assert dispatch.path_for("lora_linear", FAKE_GPU).startswith("triton (cuBLAS GEMM + Triton epilogue;")
+    dispatch.choose_path("lora_linear", "forward", FAKE_GPU, ("a",), candidates())
+    fake_gpu["times"] = {"cublas": 2.0, "triton": 1.0}
+    dispatch.choose_path("lora_linear", "backward", FAKE_GPU, ("a",), candidates())
+    assert dispatch.path_for("lora_linear", FAKE_GPU) == \
+        "triton (measured: cuBLAS GEMM + Triton epilogue x1, fused Triton GEMM x1)"
+    assert dispatch.path_for("s2ft_linear", FAKE_GPU).startswith("triton (cuBLAS GEMM")
