@@ -23,7 +23,7 @@ from typing import Any, Sequence
 from torch import nn
 
 from .config import LoRAConfig, MethodConfig, check_bool
-from .dispatch import backend_for
+from .dispatch import backend_for, path_for
 from .distributed import refuse_distributed, refuse_sharded_unpatch, unwrap
 from .nn import FASTFT_MODULES
 from . import plans as _plans  # noqa: F401  (importing fastft.plans registers every method's planner)
@@ -138,6 +138,7 @@ def build_report(model: nn.Module) -> PatchReport:
                 shape=f"{module.in_features}->{module.out_features}",
                 trainable=trainable,
                 detail=detail,
+                path=path_for(module.op, device),
             )
         )
     for plan in state.plans:

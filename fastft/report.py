@@ -39,6 +39,7 @@ class PatchedModule:
     shape: str
     trainable: int
     detail: str = ""
+    path: str = ""  # the backend with the GEMM path it takes (fastft.dispatch.path_for); shown in the table
 
 
 @dataclass
@@ -66,7 +67,7 @@ class PatchReport:
 
     def __str__(self) -> str:
         header = ("module", "kind", "backend", "shape", "trainable", "detail")
-        rows = [(m.name, m.kind, m.backend, m.shape, f"{m.trainable:,}", m.detail) for m in self.modules]
+        rows = [(m.name, m.kind, m.path or m.backend, m.shape, f"{m.trainable:,}", m.detail) for m in self.modules]
         widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
         line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
         share = 100.0 * self.trainable_params / max(self.total_params, 1)

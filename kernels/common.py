@@ -348,6 +348,27 @@ def sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+_WORKSPACES: dict = {}
+
+
+def workspace(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A reused buffer of ``shape`` (contents undefined), one per (name, dtype, device), grown when needed.
+
+    For a value consumed within one launcher call (a 4-bit weight dequantized for one cuBLAS GEMM): the
+    next call of any launcher asking for the same name overwrites it, on the same stream, so the buffer is
+    never read after it was reused.
+    """
+    numel = 1
+    for size in shape:
+        numel *= int(size)
+    key = (name, dtype, device)
+    buffer = _WORKSPACES.get(key)
+    if buffer is None or buffer.numel() < numel:
+        buffer = torch.empty(max(numel, 1), dtype=dtype, device=device)
+        _WORKSPACES[key] = buffer
+    return buffer[:numel].view(shape)
+
+
 def keep_mask(mask: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
     if mask is None:
         return None

@@ -44,12 +44,17 @@ def _dequantize_4bit_kernel(
 
 
 def dequantize_4bit(
-    packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int, shape: tuple[int, int], dtype: torch.dtype
+    packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int, shape: tuple[int, int], dtype: torch.dtype,
+    out: Tensor | None = None,
 ) -> Tensor:
-    """Dense ``shape`` matrix of ``dtype`` from a packed 4-bit weight (float32 math, one rounding to dtype)."""
+    """Dense ``shape`` matrix of ``dtype`` from a packed 4-bit weight (float32 math, one rounding to dtype).
+
+    ``out``: a contiguous buffer of ``shape`` and ``dtype`` to write into (the cuBLAS paths pass a reused
+    workspace, so a 4-bit weight is dequantized once per call without a fresh allocation)."""
     numel = int(shape[0]) * int(shape[1])
     packed, absmax, code = check_4bit_weight(packed, absmax, code, blocksize, numel)
-    out = torch.empty(tuple(shape), dtype=dtype, device=packed.device)
+    if out is None:
+        out = torch.empty(tuple(shape), dtype=dtype, device=packed.device)
     if numel == 0:
         return out
     interpreting = packed.device.type == "cpu"

@@ -44,7 +44,7 @@ from .common import (
     accumulate_linear, block_size, check_operands, dot_flags, four_bit_parts, index_dtype, keep_mask, lowrank_tile, mma,
     sm_count,
 )
-from .lora import fused_linear_lowrank, scaled_matmul
+from .lora import dense_weight, fused_linear_lowrank, scaled_matmul, scaled_mm
 
 
 INTERPRETER_SPLITS = 1
@@ -340,4 +340,85 @@ def dora_backward(
         w_t = w if four_bit else weight.t()
         dg = pre_scale_dot(gy, saved.contiguous(), saved_is_output, bias, g, x.contiguous() if saved_is_output else x,
                            xa, w, four_bit, w_t, lora_B, scale)
+    return dx, dA, dB, dg
+
+
+# ------------------------------------------------------------------------------------- the cuBLAS path
+# (``fastft.dispatch`` chooses per call: the default on a GPU unless a measurement finds the fused kernels
+# above faster.) The base GEMMs by torch's matmuls over the dense weight (a 4-bit weight dequantized once per
+# call into a reused workspace), ``addmm_`` folding in the low-rank term, ``addcmul`` the column scale g and
+# the bias; Triton for the masked skinny products and for dg (``pre_scale_dot``, no float atomics).
+
+
+def dora_forward_cublas(
+    x: Tensor, weight: Tensor, absmax: Optional[Tensor], code: Optional[Tensor], blocksize: int, out_features: int,
+    bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, g: Tensor, scale: float, mask: Optional[Tensor], p: float,
+    keep_pre_scale: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(y, xa, z)`` of the DoRA linear op by cuBLAS: z = x Wᵀ + s·xa Bᵀ (``mm`` + ``addmm_``), y = g ⊙ z + b."""
+    x = x.contiguous()
+    M, K = x.shape
+    check_operands(x.dtype, weight if absmax is None else None, (out_features, K), lora_A=lora_A, lora_B=lora_B,
+                   bias=bias)
+    w = dense_weight(weight, absmax, code, blocksize, (out_features, K), x.dtype)
+    if mask is None:
+        xa = torch.mm(x, lora_A.t())
+        z = torch.mm(x, w.t())
+        z.addmm_(xa, lora_B.t(), alpha=scale)
+        if keep_pre_scale:
+            y = torch.empty_like(z)
+            y = torch.mul(z, g, out=y) if bias is None else torch.addcmul(bias, z, g, out=y)
+            return y, xa, z
+        y = z.mul_(g) if bias is None else torch.addcmul(bias, z, g, out=z)
+        return y, xa, x.new_empty(0)
+    keep_scale = 1.0 / (1.0 - p)
+    xa = x.new_empty(M, lora_A.shape[0])
+    scaled_matmul(lora_A, x.t(), xa.t(), keep=keep_mask(mask, x).t(), keep_scale=keep_scale)
+    z = torch.mm(x * mask * keep_scale, w.t())
+    z.addmm_(xa, lora_B.t(), alpha=scale)
+    y = torch.mm(x, w.t()) if bias is None else torch.addmm(bias, x, w.t())
+    y.addmm_(xa, lora_B.t(), alpha=scale)
+    y.addcmul_(z, g - 1.0)
+    return y, xa, z
+
+
+def dora_backward_cublas(
+    grad_y: Tensor, x: Tensor, xa: Tensor, saved: Tensor, saved_is_output: bool, weight: Tensor,
+    absmax: Optional[Tensor], code: Optional[Tensor], blocksize: int, in_features: int, bias: Optional[Tensor],
+    lora_A: Tensor, lora_B: Tensor, g: Tensor, scale: float, mask: Optional[Tensor], p: float,
+    need_dx: bool, need_dA: bool, need_dB: bool, need_dg: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(dx, dA, dB, dg)`` of the DoRA linear op by cuBLAS (dg and the masked products by Triton)."""
+    gy = grad_y.contiguous()
+    M, N = gy.shape
+    dx, dA, dB, dg = (gy.new_empty(0) for _ in range(4))
+    keep_scale = 1.0 / (1.0 - p) if mask is not None else 1.0
+    check_operands(gy.dtype, weight if absmax is None else None, (N, in_features), lora_A=lora_A, lora_B=lora_B,
+                   xa=xa, x=x if (need_dA or (need_dg and saved_is_output)) else None)
+    w = dense_weight(weight, absmax, code, blocksize, (N, in_features), gy.dtype) if (need_dx or need_dg) else None
+    gz = torch.mul(gy, g, out=torch.empty_like(gy)) if (need_dx or need_dA or need_dB) else None
+    gb = torch.mm(gz, lora_B) if (need_dx or need_dA) else None
+    if need_dx:
+        if mask is None:
+            dx = torch.mm(gz, w)
+            dx.addmm_(gb, lora_A, alpha=scale)
+        else:
+            dx = torch.mm(gy, w)
+            masked = torch.mm(torch.mul(gy, g - 1.0, out=torch.empty_like(gy)), w)
+            masked.addmm_(gb, lora_A, alpha=scale)
+            dx.add_(masked.mul_(mask), alpha=keep_scale)
+            del masked
+    if need_dA:
+        x = x.contiguous()
+        if mask is None:
+            dA = scaled_mm(gb.t(), x, scale)
+        else:
+            dA = gy.new_empty(lora_A.shape[0], in_features)
+            scaled_matmul(gb.t(), x, dA, scale=scale, keep=keep_mask(mask, x), keep_scale=keep_scale)
+    if need_dB:
+        dB = scaled_mm(gz.t(), xa, scale)
+    del gz, gb
+    if need_dg:
+        dg = pre_scale_dot(gy, saved.contiguous(), saved_is_output, bias, g.contiguous(),
+                           x.contiguous() if saved_is_output else x, xa, w, None, w.t(), lora_B, scale)
     return dx, dA, dB, dg

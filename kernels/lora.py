@@ -23,6 +23,13 @@ Two kernels do all of it:
 
 Launches: forward = xa, y (2); backward = gb, dx, dA, dB (up to 4, only those needed).
 
+The cuBLAS path (``lora_forward_cublas`` / ``lora_backward_cublas``, the default on a GPU unless a one-time
+measurement in ``fastft.dispatch`` finds the fused kernels faster for the shape): the base GEMMs ``x Wᵀ`` and
+``g W`` through torch's matmuls, ``addmm`` folding in the bias and ``addmm_(alpha=s)`` the low-rank term in
+place; a 4-bit W dequantized once per call into a reused workspace; Triton only for what cuBLAS cannot fuse:
+the products with the dropout mask (``scaled_matmul`` with ``keep``; ``add_lowrank``, the masked
+``dx += s·(gb A) ⊙ m/(1-p)`` in one read-modify-write).
+
 The building blocks it shares with other kernel families live in ``fastft.kernels.common``:
 ``lowrank_tile`` (the low-rank term of a tile), ``accumulate_linear`` (a GEMM's K-loop over a dense or
 4-bit W, optionally scaling act's columns), tiles and launch. DoRA (``fastft.kernels.dora``) reuses
@@ -49,8 +56,9 @@ from torch import Tensor
 
 from .common import (
     GROUP_M, Tiles, accumulate_linear, block_size, cast_to, check_operands, choose_tiles, dot_flags, four_bit_parts,
-    index_dtype, keep_mask, launch_with_fallback, lowrank_tile, mma, sm_count, tile_coordinates,
+    index_dtype, keep_mask, launch_with_fallback, lowrank_tile, mma, sm_count, tile_coordinates, workspace,
 )
+from .dequantize_4bit import dequantize_4bit
 
 
 INTERPRETER_SPLITS = 1
@@ -114,7 +122,7 @@ def _linear_lowrank_kernel(
     FOUR_BIT: tl.constexpr, W_ROWS_ALONG_N: tl.constexpr, BLOCKSIZE: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
     HAS_ACT_SCALE: tl.constexpr, HAS_OUT_SCALE: tl.constexpr, STORE_PRE_SCALE: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, INDEX_DTYPE: tl.constexpr,
+    ACCUMULATE: tl.constexpr, ACC_DTYPE: tl.constexpr, UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, INDEX_DTYPE: tl.constexpr,
     ROUND_BF16_BY_HAND: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
@@ -127,7 +135,8 @@ def _linear_lowrank_kernel(
     ends it. DoRA's hooks (all off for LoRA): HAS_ACT_SCALE multiplies act's column k by
     ``act_scale[k]``; HAS_OUT_SCALE makes the epilogue ``out_scale[n] · acc + bias`` (the bias then joins
     after the scaling); STORE_PRE_SCALE also stores the accumulator before that epilogue to ``pre_scale``
-    (out's strides).
+    (out's strides). ACCUMULATE adds out's current tile to the accumulator first (``out +=``; with K = 0
+    this is the masked low-rank epilogue of the cuBLAS path).
     """
     pid_m, pid_n = tile_coordinates(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     scale = tl.full((), scale, ACC_DTYPE)
@@ -152,6 +161,9 @@ def _linear_lowrank_kernel(
     if HAS_BIAS:
         if not HAS_OUT_SCALE:
             acc += tl.load(bias_ptr + offs_n, mask=in_n, other=0.0).to(ACC_DTYPE)[None, :]
+    if ACCUMULATE:
+        acc += tl.load(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on, mask=out_mask,
+                       other=0.0).to(ACC_DTYPE)
 
     acc = accumulate_linear(acc, act_ptr, w_ptr, absmax_ptr, code_ptr, act_scale_ptr, offs_m, offs_n, in_m, in_n, K, N,
                             stride_am, stride_ak, stride_wk, stride_wn, FOUR_BIT, W_ROWS_ALONG_N, BLOCKSIZE,
@@ -219,9 +231,10 @@ def fused_linear_lowrank(
     act: Tensor, w: Tensor, four_bit: Optional[tuple[Tensor, Tensor, int]], w_rows_along_n: bool,
     u: Optional[Tensor], v: Optional[Tensor], scale: float, bias: Optional[Tensor], keep: Optional[Tensor],
     keep_scale: float, out: Tensor, act_scale: Optional[Tensor] = None, out_scale: Optional[Tensor] = None,
-    pre_scale_out: Optional[Tensor] = None,
+    pre_scale_out: Optional[Tensor] = None, accumulate: bool = False,
 ) -> Tensor:
-    """``out = act @ W' + scale · (u @ v) [⊙ keep · keep_scale] + bias`` in one kernel.
+    """``out = act @ W' + scale · (u @ v) [⊙ keep · keep_scale] + bias`` in one kernel (``out +=`` with
+    ``accumulate``).
 
     W' (K×N) is the strided view ``w`` when ``four_bit`` is None; otherwise ``w`` holds the packed codes
     of W, stored N×K (W' = Wᵀ) if ``w_rows_along_n`` else K×N, and ``four_bit`` = (absmax, code, blocksize).
@@ -261,18 +274,106 @@ def fused_linear_lowrank(
             FOUR_BIT=four_bit is not None, W_ROWS_ALONG_N=w_rows_along_n, BLOCKSIZE=blocksize,
             HAS_BIAS=bias is not None, HAS_MASK=keep is not None, INDEX_DTYPE=index_type,
             HAS_ACT_SCALE=act_scale is not None, HAS_OUT_SCALE=out_scale is not None,
-            STORE_PRE_SCALE=pre_scale_out is not None,
+            STORE_PRE_SCALE=pre_scale_out is not None, ACCUMULATE=accumulate,
             BLOCK_M=t.m, BLOCK_N=t.n, BLOCK_K=t.k, BLOCK_R=block_r, GROUP_M=GROUP_M,
             num_warps=t.warps, num_stages=t.stages, **flags,
         )
 
     key = ("linear_lowrank", act.device, act.dtype, four_bit is not None, w_rows_along_n,
-           act_scale is not None, out_scale is not None, pre_scale_out is not None)
+           act_scale is not None, out_scale is not None, pre_scale_out is not None, accumulate)
     launch_with_fallback(key, tiles, launch)
     return out
 
 
+def add_lowrank(out: Tensor, u: Tensor, v: Tensor, scale: float, keep: Optional[Tensor] = None,
+                keep_scale: float = 1.0) -> Tensor:
+    """``out += scale · (u @ v) [⊙ keep · keep_scale]`` in one read-modify-write of out (u M×R, v R×N).
+
+    The masked low-rank term of the cuBLAS path's dx: cuBLAS computes ``g W`` into out, this adds the rank-R
+    product with the dropout mask applied on the fly (``addmm_`` cannot mask).
+    """
+    if out.numel() == 0:
+        return out
+    act = u[:, :0]  # K = 0: no base GEMM, only the low-rank term and the accumulation
+    return fused_linear_lowrank(act, v.t(), None, True, u, v, scale, None, keep, keep_scale, out, accumulate=True)
+
+
+def dense_weight(weight: Tensor, absmax: Optional[Tensor], code: Optional[Tensor], blocksize: int,
+                 shape: tuple[int, int], dtype: torch.dtype) -> Tensor:
+    """The dense base weight of ``shape``: ``weight`` itself, or a 4-bit weight dequantized once into a reused
+    workspace (the cuBLAS paths; the fused kernels dequantize tile by tile instead)."""
+    if absmax is None:
+        return weight
+    return dequantize_4bit(weight, absmax, code, blocksize, shape, dtype,
+                           out=workspace("dequantized_weight", tuple(shape), dtype, weight.device))
+
+
+def scaled_mm(a: Tensor, b: Tensor, scale: float) -> Tensor:
+    """``scale · a @ b`` by one cuBLAS call (alpha = scale, beta = 0: the empty output is never read)."""
+    out = a.new_empty(a.shape[0], b.shape[1])
+    return out.addmm_(a, b, beta=0.0, alpha=scale) if scale != 1.0 else torch.mm(a, b, out=out)
+
+
 # ------------------------------------------------------------------------------------------ entry points
+# Two paths per entry (``fastft.dispatch`` picks one per call): ``lora_forward`` / ``lora_backward`` run the fused
+# Triton GEMM kernels; ``lora_forward_cublas`` / ``lora_backward_cublas`` run the base GEMMs (and the skinny
+# products without dropout) through torch's matmuls (cuBLAS), with Triton only for the masked products.
+
+
+def lora_forward_cublas(
+    x: Tensor, weight: Tensor, absmax: Optional[Tensor], code: Optional[Tensor], blocksize: int, out_features: int,
+    bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, scale: float, mask: Optional[Tensor], p: float,
+) -> tuple[Tensor, Tensor]:
+    """``(y, xa)``: xa by cuBLAS (Triton with the dropout mask applied on the fly), ``y = addmm(b, x, Wᵀ)``,
+    then ``y.addmm_(xa, Bᵀ, alpha=s)`` folds the low-rank term into y in place."""
+    x = x.contiguous()
+    M, K = x.shape
+    R = lora_A.shape[0]
+    check_operands(x.dtype, weight if absmax is None else None, (out_features, K), lora_A=lora_A, lora_B=lora_B,
+                   bias=bias)
+    if mask is None:
+        xa = torch.mm(x, lora_A.t())
+    else:
+        xa = x.new_empty(M, R)
+        scaled_matmul(lora_A, x.t(), xa.t(), keep=keep_mask(mask, x).t(), keep_scale=1.0 / (1.0 - p))
+    w = dense_weight(weight, absmax, code, blocksize, (out_features, K), x.dtype)
+    y = torch.mm(x, w.t()) if bias is None else torch.addmm(bias, x, w.t())
+    y.addmm_(xa, lora_B.t(), alpha=scale)
+    return y, xa
+
+
+def lora_backward_cublas(
+    grad_y: Tensor, x: Tensor, xa: Tensor, weight: Tensor, absmax: Optional[Tensor], code: Optional[Tensor],
+    blocksize: int, in_features: int, lora_A: Tensor, lora_B: Tensor, scale: float, mask: Optional[Tensor], p: float,
+    need_dx: bool, need_dA: bool, need_dB: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dx, dA, dB)``: ``dx = g W`` by cuBLAS with the low-rank term folded in by ``addmm_`` (or, with
+    dropout, by one masked Triton epilogue); dA, dB by cuBLAS (Triton where the mask applies)."""
+    g = grad_y.contiguous()
+    M, N = g.shape
+    dx, dA, dB = g.new_empty(0), g.new_empty(0), g.new_empty(0)
+    keep_scale = 1.0 / (1.0 - p) if mask is not None else 1.0
+    check_operands(g.dtype, weight if (need_dx and absmax is None) else None, (N, in_features), lora_A=lora_A,
+                   lora_B=lora_B, xa=xa, x=x if need_dA else None)
+    gb = torch.mm(g, lora_B) if (need_dx or need_dA) else None
+    if need_dx:
+        w = dense_weight(weight, absmax, code, blocksize, (N, in_features), g.dtype)
+        dx = torch.mm(g, w)
+        if mask is None:
+            dx.addmm_(gb, lora_A, alpha=scale)
+        else:
+            add_lowrank(dx, gb, lora_A, scale, keep_mask(mask, dx), keep_scale)
+    if need_dA:
+        x = x.contiguous()
+        if mask is None:
+            dA = scaled_mm(gb.t(), x, scale)
+        else:
+            dA = g.new_empty(lora_A.shape[0], in_features)
+            scaled_matmul(gb.t(), x, dA, scale=scale, keep=keep_mask(mask, x), keep_scale=keep_scale)
+    if need_dB:
+        dB = scaled_mm(g.t(), xa, scale)
+    return dx, dA, dB
+
 
 
 def lora_forward(

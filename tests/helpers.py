@@ -202,7 +202,7 @@ def written_out_merges(model, alpha: float, r: int) -> dict:
 
 
 # ------------------------------------------------------------------ Triton launches under the interpreter
-SPLIT_KERNEL_MODULES = ("lora", "s2ft", "linear_cross_entropy", "dora")
+SPLIT_KERNEL_MODULES = ("lora", "s2ft", "dora")  # the fused loss has no split reduction (chunks, no atomics)
 
 
 @contextlib.contextmanager

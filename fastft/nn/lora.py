@@ -260,8 +260,9 @@ class LoRALinear(FastFTLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         self._refuse_uninitialized()
-        if hasattr(self.base_layer, "forward_with_update"):  # a hosting base (QAT): see rebase()
-            return self.base_layer.forward_with_update(x, self.lora_A, self.lora_B, self.scale)
+        base = self.base_layer  # read once: each nn.Module attribute read is a Python __getattr__ (host time)
+        if getattr(type(base), "forward_with_update", None) is not None:  # a hosting base (QAT): see rebase()
+            return base.forward_with_update(x, self.lora_A, self.lora_B, self.scale)
         if x.shape[-1] != self.in_features:
             raise ValueError(
                 f"{type(self).__name__}: the input's last dimension is {x.shape[-1]} but this layer takes "
@@ -269,17 +270,27 @@ class LoRALinear(FastFTLayer):
             )
         input_dtype = x.dtype
         dtype = self._compute_dtype(x)
-        x = x.to(dtype)
+        # casts only where the dtype differs: a no-op .to() still costs a dispatcher round trip per call
+        if input_dtype != dtype:
+            x = x.to(dtype)
         if self.is_4bit:
-            weight = four_bit_weight(self.base_layer)
+            weight = four_bit_weight(base)
         else:
-            weight = self._weight().to(dtype)
-        bias = self.base_layer.bias
-        bias = None if bias is None else bias.to(dtype)
+            weight = self._weight()  # out×in (a transposed view of a Conv1D weight)
+            if weight.dtype != dtype:
+                weight = weight.to(dtype)
+        bias = base.bias
+        if bias is not None and bias.dtype != dtype:
+            bias = bias.to(dtype)
+        lora_A, lora_B = self.lora_A, self.lora_B
+        if lora_A.dtype != dtype:
+            lora_A, lora_B = lora_A.to(dtype), lora_B.to(dtype)
+        elif lora_B.dtype != dtype:
+            lora_B = lora_B.to(dtype)
         mask = None
         if self.training and self.dropout_p > 0.0:
             mask = torch.empty(x.shape, device=x.device).bernoulli_(1.0 - self.dropout_p).bool()
-        y = self._run_op(x, weight, bias, self.lora_A.to(dtype), self.lora_B.to(dtype), mask)
+        y = self._run_op(x, weight, bias, lora_A, lora_B, mask)
         return y.to(input_dtype) if self.is_4bit else y
 
     def _run_op(self, x: Tensor, weight, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, mask: Tensor | None) -> Tensor:

@@ -324,7 +324,11 @@ def dora_backward_reference(
 
 register_op("dora_linear", {
     "torch": {"forward": dora_forward_reference, "backward": dora_backward_reference},
-    "triton": lazy("fastft.kernels.dora", forward="dora_forward", backward="dora_backward"),
+    # two paths (fastft.dispatch.choose_path): base GEMMs by cuBLAS, or the fused Triton GEMM kernels
+    "triton": lazy("fastft.kernels.dora", **{
+        "forward@cublas": "dora_forward_cublas", "forward@triton": "dora_forward",
+        "backward@cublas": "dora_backward_cublas", "backward@triton": "dora_backward",
+    }),
 })
 
 

@@ -40,21 +40,25 @@ Gradient. With g_tv = ∂loss/∂z_tv before the softcap::
 
 where r_t = u_t / n ("mean"), u_t ("sum"), or u_t times the upstream gradient of loss_t ("none").
 
-How it runs. The PyTorch reference (the spec; what runs on CPU) walks the tokens in chunks of
-``chunk_size`` rows: a chunk's C×V logits are the only vocabulary-sized buffer (two with a softcap), and
-the chunk's gradient is folded into dh, dW and db before the next chunk. The Triton kernel
-(``fastft.kernels.linear_cross_entropy``, on CUDA) never stores logits at all: an online logsumexp over
-vocabulary tiles, then the gradient tiles, in one launch. For "mean" and "sum" both compute the
-gradients during the forward and keep them (dh: N×H in the hidden states' dtype; dW: V×H in the
-weight's dtype; db: V; dh₂, dW₂) until backward, which only multiplies them, in place, by the upstream scalar;
-only the gradients that are needed (inputs that require grad, grad mode on) are computed. So backward
-runs once per forward (``retain_graph`` is refused with a clear error). For "none" the forward keeps
-(h, W, b, h₂, W₂, labels, w_t) and backward recomputes the logits chunk by chunk. TALR needs τ before any
-gradient: one extra pass over the logits computes the statistics first.
+How it runs. Both backends walk the tokens in chunks of at most ``chunk_size`` rows: a chunk's C×V logits
+are the only vocabulary-sized buffer, and the chunk's gradient is folded into dh, dW and db before the next
+chunk. The PyTorch reference (the spec; what runs on CPU) does the softmax and gradient with torch ops
+(two C×V buffers with a softcap). The Triton backend (``fastft.kernels.linear_cross_entropy``, on CUDA)
+computes the logits, dh and dW by cuBLAS and the loss, lse and logit gradient in one Triton pass that
+overwrites the logits in place; the chunk is also capped by the free device memory; no float atomics
+(bitwise-deterministic gradients), dW accumulated in place in the weight's dtype. For "mean" and "sum"
+both compute the gradients during the forward and keep them (dh: N×H in the hidden states' dtype; dW:
+V×H in the weight's dtype; db: V; dh₂, dW₂) until backward, which only multiplies them, in place, by the
+upstream scalar and hands them to autograd (which makes dW the lm_head's ``.grad``, or adds it in place to
+an existing one); only the gradients that are needed (inputs that require grad, grad mode on) are computed.
+So backward runs once per forward (``retain_graph`` is refused with a clear error). For "none" the forward
+keeps (h, W, b, h₂, W₂, labels, w_t) and backward recomputes the logits chunk by chunk. TALR needs τ before
+any gradient: one extra pass over the logits computes the statistics first.
 
 Matmuls run in the inputs' dtype (logits rounded to it, as ``lm_head`` then ``.float()`` does in
 transformers; g rounded to it before its two products, as autograd through that path does); softmax,
-losses and the accumulation of dW and db are in float32 (float64 for float64 inputs). Labels outside
+losses and the accumulation of db are in float32 (float64 for float64 inputs), dW too in the reference
+(the Triton backend accumulates 16-bit dW in its dtype, each chunk's product in float32). Labels outside
 the vocabulary are an error (checked once per call: one device synchronisation on a GPU). Registered as
 the ``torch.library`` ops ``fastft::linear_cross_entropy`` and ``fastft::linear_cross_entropy_backward``
 (with fake kernels; under ``torch.compile`` the label check is an on-device assert, not a graph break).
@@ -544,8 +548,8 @@ def linear_cross_entropy(
         reduction: "mean" (÷ valid tokens, or ÷ ``num_items_in_batch``), "sum" or "none".
         token_weights: optional per-token factors u_t (labels' shape, no gradient flows into them).
         label_smoothing, z_loss, logit_softcap, talr_min_weight: ε, λ, c and w_min of the formulas.
-        chunk_size: tokens per chunk of the PyTorch reference (default :func:`default_chunk_size`); the Triton
-            kernel tiles the vocabulary instead and does not use it.
+        chunk_size: the most tokens per chunk (default :func:`default_chunk_size`); on a GPU the Triton backend
+            also keeps a chunk's logits within a quarter of the free device memory.
         num_items_in_batch: the "mean" divisor for gradient accumulation (int or 0-d tensor, >= 0).
         lowrank_hidden, lowrank_weight: optional (..., R) and (V, R) tensors adding ``lowrank_hidden ·
             lowrank_weightᵀ`` to the logits: a LoRA lm_head is ``lowrank_hidden = s·dropout(hidden)·Aᵀ``,

@@ -64,8 +64,6 @@ def lora_backward_reference(
     need_dx: bool, need_dA: bool, need_dB: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Backward of the formula above in PyTorch; returns (dx, dA, dB), empty where not needed."""
-    # three distinct empties: a custom op's outputs may not alias one another
-    dx, dA, dB = grad_y.new_empty(0), grad_y.new_empty(0), grad_y.new_empty(0)
     gb = grad_y @ lora_B if (need_dx or need_dA) else None
     if need_dx:
         w = _dense_weight(weight, absmax, code, blocksize, (grad_y.shape[1], in_features), grad_y.dtype)
@@ -74,16 +72,27 @@ def lora_backward_reference(
             dx.addmm_(gb, lora_A, alpha=scale)
         else:
             dx.add_((gb @ lora_A) * mask, alpha=scale / (1.0 - p))
-    if need_dA:
-        dA = torch.mm(gb.t(), _dropped(x, mask, p)).mul_(scale)
-    if need_dB:
-        dB = torch.mm(grad_y.t(), xa).mul_(scale)
+    else:
+        dx = grad_y.new_empty(0)  # distinct empties: a custom op's outputs may not alias one another
+    dA = _scaled_mm(gb.t(), _dropped(x, mask, p), scale) if need_dA else grad_y.new_empty(0)
+    dB = _scaled_mm(grad_y.t(), xa, scale) if need_dB else grad_y.new_empty(0)
     return dx, dA, dB
+
+
+def _scaled_mm(a: Tensor, b: Tensor, scale: float) -> Tensor:
+    """``scale · a @ b`` in one call (alpha = scale; beta = 0 ignores the uninitialised output)."""
+    if scale == 1.0:
+        return torch.mm(a, b)
+    return a.new_empty(a.shape[0], b.shape[1]).addmm_(a, b, beta=0.0, alpha=scale)
 
 
 register_op("lora_linear", {
     "torch": {"forward": lora_forward_reference, "backward": lora_backward_reference},
-    "triton": lazy("fastft.kernels.lora", forward="lora_forward", backward="lora_backward"),
+    # two paths (fastft.dispatch.choose_path): base GEMMs by cuBLAS, or the fused Triton GEMM kernels
+    "triton": lazy("fastft.kernels.lora", **{
+        "forward@cublas": "lora_forward_cublas", "forward@triton": "lora_forward",
+        "backward@cublas": "lora_backward_cublas", "backward@triton": "lora_backward",
+    }),
 })
 
 
@@ -165,6 +174,47 @@ def check_low_rank_args(what: str, weight, bias, lora_A: Tensor, lora_B: Tensor,
         raise ValueError(f"{what}: bias must have shape ({out_features},), got {tuple(bias.shape)}")
 
 
+class _LoRALinearEager(torch.autograd.Function):
+    """The same forward, context and backward as the custom op, without the custom-op machinery.
+
+    Eager calls on plain tensors take this route (host overhead: the custom op's Python dispatch, default
+    filling and alias checks cost more than the layer's math at a few tokens); under ``torch.compile``, fake
+    tensors or tensor subclasses the ``torch.library`` op runs, so tracing sees one opaque op as before.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, absmax, code, blocksize, out_features, bias, lora_A, lora_B, scale, mask, p):
+        y, xa = implementation("lora_linear", "forward", x.device)(
+            x, weight, absmax, code, blocksize, out_features, bias, lora_A, lora_B, scale, mask, p)
+        _setup_context(ctx, (x, weight, absmax, code, blocksize, out_features, bias, lora_A, lora_B, scale, mask, p),
+                       (y, xa))
+        return y  # xa is only saved: one output, no non-differentiable second output to track
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, xa, weight, absmax, code, lora_A, lora_B, mask = ctx.saved_tensors
+        blocksize, in_features, scale, p, need_dx, need_dA, need_dB = ctx.meta
+        if x is None:
+            x = xa.new_empty(0)
+        dx, dA, dB = implementation("lora_linear", "backward", grad_y.device)(
+            grad_y.contiguous(), x, xa, weight, absmax, code, blocksize, in_features, lora_A, lora_B, scale, mask, p,
+            need_dx, need_dA, need_dB)
+        return (
+            dx if need_dx else None, None, None, None, None, None, None,
+            dA if need_dA else None, dB if need_dB else None, None, None, None,
+        )
+
+
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
+def _eager(*tensors: Optional[Tensor]) -> bool:
+    """True when the call may skip the custom op: eager mode, plain tensors only (no fake or subclass)."""
+    if torch.compiler.is_compiling():
+        return False
+    return all(t is None or type(t) in _PLAIN for t in tensors)
+
+
 def lora_linear(
     x: Tensor,
     weight: Union[Tensor, FourBitWeight],
@@ -185,22 +235,20 @@ def lora_linear(
     in_features = lora_A.shape[1]
     if x.shape[-1] != in_features:
         raise ValueError(f"lora_linear: input's last dimension is {x.shape[-1]}, the layer expects {in_features}")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, in_features)
+    flat = x.dim() == 2  # (tokens, features) already: no reshape either way
+    x2 = x if flat else x.reshape(-1, in_features)
     if not x2.is_contiguous():
         x2 = x2.contiguous()
     mask2 = None
     if dropout_mask is not None and dropout_p > 0.0:
-        mask2 = dropout_mask.reshape(-1, in_features)
+        mask2 = dropout_mask if flat else dropout_mask.reshape(-1, in_features)
     if isinstance(weight, FourBitWeight):
-        out_features = weight.shape[0]
-        y, _ = _lora_linear_op(
-            x2, weight.packed, weight.absmax, weight.code, weight.blocksize, out_features, bias,
-            lora_A, lora_B, float(scale), mask2, float(dropout_p),
-        )
+        args = (x2, weight.packed, weight.absmax, weight.code, weight.blocksize, weight.shape[0], bias,
+                lora_A, lora_B, float(scale), mask2, float(dropout_p))
     else:
-        out_features = weight.shape[0]
-        y, _ = _lora_linear_op(
-            x2, weight, None, None, 0, out_features, bias, lora_A, lora_B, float(scale), mask2, float(dropout_p)
-        )
-    return y.reshape(*lead, out_features)
+        args = (x2, weight, None, None, 0, weight.shape[0], bias, lora_A, lora_B, float(scale), mask2, float(dropout_p))
+    if _eager(x2, args[1], bias, lora_A, lora_B):
+        y = _LoRALinearEager.apply(*args)
+    else:
+        y, _ = _lora_linear_op(*args)
+    return y if flat else y.reshape(*x.shape[:-1], args[5])

@@ -67,7 +67,11 @@ def s2ft_backward_reference(
 
 register_op("s2ft_linear", {
     "torch": {"forward": s2ft_forward_reference, "backward": s2ft_backward_reference},
-    "triton": lazy("fastft.kernels.s2ft", forward="s2ft_forward", backward="s2ft_backward"),
+    # two paths (fastft.dispatch.choose_path): every product by cuBLAS, or the fused Triton kernels
+    "triton": lazy("fastft.kernels.s2ft", **{
+        "forward@cublas": "s2ft_forward_cublas", "forward@triton": "s2ft_forward",
+        "backward@cublas": "s2ft_backward_cublas", "backward@triton": "s2ft_backward",
+    }),
 })
 
 

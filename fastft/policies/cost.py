@@ -323,6 +323,7 @@ for _name, _formula in {
     "ScaledDotProductEfficientAttentionBackward0": _sdpa_items,
     "ScaledDotProductCudnnAttentionBackward0": _sdpa_items,
     "GeneratedBackwardFor_fastft_lora_linear_defaultBackward": _lora_items,
+    "_LoRALinearEagerBackward": _lora_items,  # the same op without the custom-op machinery (eager, plain tensors)
     "GeneratedBackwardFor_fastft_dora_linear_defaultBackward": _dora_linear_items,
     "GeneratedBackwardFor_fastft_dora_row_norm_defaultBackward": _dora_row_norm_items,
     "GeneratedBackwardFor_fastft_hadamard_transform_defaultBackward": _hadamard_items,
