@@ -99,11 +99,11 @@ export PYTHONHASHSEED=0
 # several workers: each Triton variant is JIT-compiled once (shared on-disk cache), in parallel
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
 stage "kernels against the reference (bf16, fp16, fp32)" "$T_KERNELS" \
-  $PY -m pytest -q -rfEs -p no:cacheprovider $XDIST tests/test_gpu_kernels.py --deselect tests/test_gpu_kernels.py::test_fused_loss_is_deterministic
+  $PY -m pytest -q -rfEs -p no:cacheprovider $XDIST tests/kernels/test_gpu_kernels.py --deselect tests/kernels/test_gpu_kernels.py::test_fused_loss_is_deterministic
 stage "fused loss determinism (two runs, same bits)" "$T_DETERMINISM" \
-  $PY -m pytest -q -rfEs -p no:cacheprovider tests/test_gpu_kernels.py::test_fused_loss_is_deterministic
+  $PY -m pytest -q -rfEs -p no:cacheprovider tests/kernels/test_gpu_kernels.py::test_fused_loss_is_deterministic
 stage "CUDA library (csrc) on the GPU" "$T_CSRC" \
-  $PY -m pytest -q -rfEs -p no:cacheprovider tests/test_csrc.py -k cuda
+  $PY -m pytest -q -rfEs -p no:cacheprovider tests/csrc/test_csrc.py -k cuda
 stage "quick benchmark suite on CUDA (PEFT, Liger, CCE, Unsloth)" "$T_BENCH" \
   $PY -m benchmarks --quick --device cuda --out "$LOGDIR/bench" --no-progress
 for f in "$LOGDIR"/bench/*summary*.md; do

@@ -1,5 +1,5 @@
 """Compile what a Triton launch compiles, for a GPU this machine does not have (used by
-``tests/test_gpu_static_compile.py``; knows nothing of fastft's kernels).
+``tests/kernels/test_gpu_static_compile.py``; knows nothing of fastft's kernels).
 
 How (Triton 3.9; see ``docs/gpu.md``):
 

@@ -46,7 +46,7 @@ from .registry import Edit, Plan, register_planner
 from ..report import PatchedModule
 
 # Classes whose forward is decoder -> slice_logits_to_keep -> lm_head [-> final softcap] -> ForCausalLMLoss,
-# read in transformers 5.x and checked against transformers' own loss in tests/test_loss_patch.py.
+# read in transformers 5.x and checked against transformers' own loss in tests/plans/test_loss_patch.py.
 SUPPORTED_MODELS = (
     "LlamaForCausalLM",
     "MistralForCausalLM",

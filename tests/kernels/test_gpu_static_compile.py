@@ -83,8 +83,8 @@ SIXTEEN_BIT = ("bfloat16", "float16")
 TIMEOUT_S = 900  # the default cover, cold, on a loaded 2-core machine takes about 5 minutes
 FULL_TIMEOUT_S = 3600
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: gpu_static.py
 import gpu_static  # noqa: E402  (tests/gpu_static.py)
 
 

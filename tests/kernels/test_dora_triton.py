@@ -1,6 +1,6 @@
 """The Triton DoRA kernels (fastft.kernels.dora) against the PyTorch reference ops, under the interpreter.
 
-Same conventions as tests/test_lora_triton.py: same-dtype comparisons with the shared tolerance table,
+Same conventions as tests/kernels/test_lora_triton.py: same-dtype comparisons with the shared tolerance table,
 shapes off every block size (tokens 37, in 70, out 45; rank 20 spans two rank blocks), powers-of-two
 scales and a low-rank term smaller than the base term in 16-bit cases (so the reference's extra
 roundings stay at the output's own precision). g lies in [0.5, 1.5]; in 16-bit cases it is a power of two

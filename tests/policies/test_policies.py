@@ -14,7 +14,7 @@ import torch
 import transformers as tf
 from helpers import assert_model_unchanged, model_snapshot, tiny_config, tiny_model
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:
     sys.path.append(str(REPO_ROOT))  # benchmarks/ is a top-level folder of the repository, not installed
 

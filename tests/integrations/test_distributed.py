@@ -3,7 +3,7 @@
 
 Every run trains through ``fastft.examples.train_distributed`` (the script the README tells users to copy;
 launched as ``-m fastft.examples.train_distributed``, except the torchrun FSDP2 runs, which
-tests/distributed_worker.py drives through the script's ``train`` after its own checks, to save a launch):
+tests/integrations/distributed_worker.py drives through the script's ``train`` after its own checks, to save a launch):
 a small random Llama, patched, then wrapped / sharded, trains a few steps on a global batch of 4 sequences
 split 2 + 2 between the ranks. Checked for each method:
 
@@ -142,7 +142,7 @@ def test_torchrun_ddp(tmp_path, reference):
 
 @pytest.fixture(scope="module")
 def torchrun_fsdp2(tmp_path_factory):
-    """One torchrun launch of tests/distributed_worker.py: the API checks on shards, then FSDP2 training
+    """One torchrun launch of tests/integrations/distributed_worker.py: the API checks on shards, then FSDP2 training
     through the example's ``train`` in float32 and over a bfloat16 base."""
     out = tmp_path_factory.mktemp("fsdp2")
     worker = os.path.join(os.path.dirname(__file__), "distributed_worker.py")

@@ -390,7 +390,7 @@ def test_benchmark_runs_and_counts_slice_flops_exactly(tmp_path):
     import sys
     from pathlib import Path
 
-    sys.path.append(str(Path(__file__).resolve().parents[1]))  # benchmarks/ is not installed
+    sys.path.append(str(Path(__file__).resolve().parents[2]))  # benchmarks/ is not installed
     from benchmarks import s2ft_step, suite
 
     tiny = {("cpu", "quick"): (dict(hidden=64, intermediate=88, layers=1, heads=4, seq=16, batch=1, vocab=96,

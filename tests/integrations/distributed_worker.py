@@ -1,11 +1,11 @@
-"""Run by tests/test_distributed.py under ``torchrun --nproc_per_node 2`` (gloo, CPU), in one launch:
+"""Run by tests/integrations/test_distributed.py under ``torchrun --nproc_per_node 2`` (gloo, CPU), in one launch:
 
 1. fastft's functions on FSDP2-sharded and DDP-wrapped models; prints ``CHECK <name> ok`` per check on
    rank 0 (any failure raises);
 2. FSDP2 training through the copyable example's ``train`` (``fastft.examples.train_distributed``, engine
    ``fsdp2``), once per dtype given: after a line ``=== <dtype>``, the example's own output.
 
-    torchrun --nproc_per_node 2 tests/distributed_worker.py OUT float32=lora,dora bfloat16=lora -- <example args>
+    torchrun --nproc_per_node 2 tests/integrations/distributed_worker.py OUT float32=lora,dora bfloat16=lora -- <example args>
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 from torch.distributed.fsdp import fully_shard
 
-sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, for helpers
 from helpers import randomize_lora, tiny_model  # noqa: E402
 
 import fastft  # noqa: E402
