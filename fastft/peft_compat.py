@@ -350,6 +350,8 @@ def from_peft(model: nn.Module, directory: str | os.PathLike):
     try:
         expected = {}
         for name, module in patch_state(model).modules():
+            if name in expert_factors:  # PEFT's target_parameters tensors: checked by load_peft_tensors below
+                continue
             for key, value in module.adapter_state_dict().items():
                 expected[f"{name}.{key}"] = value
         found = {f"{name}.{part}": value for name, parts in factors.items() for part, value in parts.items()}

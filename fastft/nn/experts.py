@@ -199,6 +199,15 @@ class LoRAExperts(FastFTLayer):
     def load_peft_tensors(self, param: str, lora_A: Tensor, lora_B: Tensor) -> None:
         A, B = getattr(self, f"lora_A_{param}"), getattr(self, f"lora_B_{param}")
         E, r, fan_in = A.shape
+        fan_out = B.shape[1]
+        if tuple(lora_A.shape) != (E * r, fan_in) or tuple(lora_B.shape) != (fan_out, r * E):
+            raise ValueError(
+                f"{param} of {E} experts with r={r}: PEFT's lora_A must be {(E * r, fan_in)} and lora_B "
+                f"{(fan_out, r * E)}, got {tuple(lora_A.shape)} and {tuple(lora_B.shape)} (an adapter from another "
+                "base model, or another rank)"
+            )
+        if not (bool(torch.isfinite(lora_A).all()) and bool(torch.isfinite(lora_B).all())):
+            raise ValueError(f"{param}: the adapter file's expert factors hold NaN or inf")
         with torch.no_grad():
             A.copy_(lora_A.reshape(E, r, fan_in))
             B.copy_(lora_B.reshape(B.shape[1], r, E).permute(2, 0, 1))
