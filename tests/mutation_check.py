@@ -87,7 +87,7 @@ MUTATIONS = [
              ("tests/kernels/test_lora_triton.py::test_lora_linear_autograd_triton_equals_torch[fp16-nf4-split-k]",)),
     # --- classic bugs ---------------------------------------------------------------------------------
     Mutation("dropped scale in the LoRA reference backward (dB)", "fastft/ops/lora.py",
-             "dB = torch.mm(grad_y.t(), xa).mul_(scale)", "dB = torch.mm(grad_y.t(), xa)",
+             "dB = _scaled_mm(grad_y.t(), xa, scale) if need_dB", "dB = _scaled_mm(grad_y.t(), xa, 1.0) if need_dB",
              ("tests/ops/test_lora_reference.py",)),
     Mutation("transposed operand: the K-factor (Paley, not symmetric) used transposed (reference)",
              "fastft/ops/hadamard.py",
@@ -115,7 +115,9 @@ MUTATIONS = [
 def copy_repo(dest: Path) -> None:
     """fastft/ (+ kernels/ as fastft/kernels, csrc/ as fastft/csrc) under dest/src, tests/ and pyproject."""
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache")
-    shutil.copytree(ROOT / "fastft", dest / "src" / "fastft", ignore=ignore)
+    # fastft/kernels is a link to kernels/ in a checkout: copy kernels/ itself (the copy's files are mutated)
+    shutil.copytree(ROOT / "fastft", dest / "src" / "fastft",
+                    ignore=lambda folder, names: set(ignore(folder, names)) | ({"kernels"} if Path(folder) == ROOT / "fastft" else set()))
     shutil.copytree(ROOT / "kernels", dest / "src" / "fastft" / "kernels", ignore=ignore)
     shutil.copytree(ROOT / "csrc", dest / "src" / "fastft" / "csrc", ignore=ignore)
     shutil.copytree(ROOT / "tests", dest / "tests", ignore=ignore)
