@@ -15,6 +15,7 @@ from .dispatch import backends
 from .io import load, save
 from . import plans  # noqa: F401  (registers the planners)
 from .patch import is_patched, patch, unpatch
+from .plans.regularization import regularization_loss
 from .peft_compat import export_peft, from_peft
 from .policies import SelectionReport, select_trainable, unselect
 from .report import PatchReport
@@ -45,4 +46,4 @@ from .merging import merge, merged_state_dict
 __all__ += ["merge", "merged_state_dict"]
 from .io import adapter_state_dict
 from . import distributed  # noqa: F401  (DDP / FSDP2 helpers; see the README's "Multi-process training")
-__all__ += ["adapter_state_dict"]
+__all__ += ["adapter_state_dict", "regularization_loss"]

@@ -17,6 +17,9 @@ through these methods — no name matching, no ``getattr`` probing.
 ``load_adapter_state_dict`` the inverse, validating names and shapes before copying anything
 ``unpatched(merge)``        the layer to put back: ``base_layer`` with the update folded in
                             (``merge=True``) or untouched (``merge=False``)
+``regularization()``        a term this layer adds to the training loss (already weighted: an L0
+                            penalty, a soft orthogonality term), or None (the default); see
+                            ``fastft.plans.regularization``
 ==========================  ===================================================================
 """
 from __future__ import annotations
@@ -47,6 +50,10 @@ class FastFTLayer(nn.Module):
 
     def load_adapter_state_dict(self, state: dict[str, Tensor]) -> None:
         raise NotImplementedError(f"{type(self).__name__}.load_adapter_state_dict")
+
+    def regularization(self) -> Tensor | None:
+        """The term this layer adds to the training loss, already weighted; None adds nothing."""
+        return None
 
     def unpatched(self, merge: bool) -> nn.Module:
         raise NotImplementedError(f"{type(self).__name__}.unpatched")
