@@ -48,6 +48,7 @@ import torch
 
 from . import _ext
 from .build import cache_root
+from .node_costs import NodeCost, register_node_cost
 
 KNOWN_BACKENDS = ("torch", "triton", "cpp", "cuda")
 
@@ -79,13 +80,16 @@ class lazy:
 
 
 def register_op(op: str, implementations: Mapping[str, Union[Mapping[str, Callable], lazy]],
-                limits: Optional[dict[str, Callable[..., Optional[str]]]] = None) -> None:
+                limits: Optional[dict[str, Callable[..., Optional[str]]]] = None,
+                node_costs: Optional[Mapping[str, NodeCost]] = None) -> None:
     """Register ``op``'s implementations: ``{backend: {entry: callable}}`` (or a :class:`lazy` per backend).
 
     The reference ``torch`` backend is mandatory and names every entry. ``limits``: for a backend that
     implements only some calls of the op, ``check(**call)`` returning None when it can run the call
     described by the keyword arguments the op passes to :func:`backend_for` (e.g. ``d=``, ``dtype=``),
-    else the reason it cannot.
+    else the reason it cannot. ``node_costs``: the FLOP formula of the op's backward per autograd node
+    name (``{node_costs.custom_op_node(op): formula}``), written beside the op and read by
+    :mod:`fastft.policies.cost` (see :mod:`fastft.node_costs`).
     """
     backends = tuple(implementations)
     unknown = [b for b in backends if b not in KNOWN_BACKENDS]
@@ -94,6 +98,8 @@ def register_op(op: str, implementations: Mapping[str, Union[Mapping[str, Callab
     _OP_BACKENDS[op] = backends
     _OP_LIMITS[op] = dict(limits or {})
     _OP_IMPLEMENTATIONS[op] = dict(implementations)
+    for node_name, formula in (node_costs or {}).items():
+        register_node_cost(node_name, formula)
     for cache in (_ENTRY_CACHE, _RESOLVED):
         for key in [k for k in cache if k[0] == op]:
             del cache[key]

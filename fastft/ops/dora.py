@@ -67,6 +67,7 @@ import torch
 from torch import Tensor
 
 from ..dispatch import implementation, lazy, register_op
+from ..node_costs import custom_op_node
 from .dequantize_4bit import FourBitWeight
 from .lora import _dense_weight, _dropped, check_low_rank_args
 
@@ -134,10 +135,30 @@ def dora_row_norm_backward_reference(
     return dA, dB
 
 
+def dora_row_norm_backward_flops(node, grad_shape):
+    """FLOP formula of the backward (:mod:`fastft.node_costs`; only in graphs with
+    ``LoRAConfig(dora_detach_norm=False)``): out O, in K, rank R::
+
+        dB = 2s·diag(dq)(P + s·B(A Aᵀ))                 2·R·K·R + 2·O·R·R   when B trains
+        dA = 2s·(diag(dq)B)ᵀ W + 2s²·(Bᵀ diag(dq) B) A   2·R·O·K + 2·R·O·R + 2·R·R·K   when A trains
+
+    Tensor inputs: weight, [absmax, code], lora_A, lora_B, weight_sq_norm.
+    """
+    norm, _, _, absmax, _, lora_A, _ = node.saved_tensors
+    out_features = norm.shape[0]
+    rank, in_features = lora_A.shape
+    a_edge = 1 + (2 if absmax is not None else 0)
+    return [
+        (2 * rank * in_features * rank + 2 * out_features * rank * rank, (a_edge + 1,)),
+        (2 * rank * out_features * in_features + 2 * rank * out_features * rank + 2 * rank * rank * in_features,
+         (a_edge,)),
+    ]
+
+
 register_op("dora_row_norm", {
     "torch": {"forward": dora_row_norm_reference, "backward": dora_row_norm_backward_reference},
     "triton": lazy("fastft.kernels.dora", forward="dora_row_norm", backward="dora_row_norm_backward"),
-})
+}, node_costs={custom_op_node("dora_row_norm"): dora_row_norm_backward_flops})
 
 
 @torch.library.custom_op("fastft::dora_row_norm", mutates_args=())
@@ -322,6 +343,35 @@ def dora_backward_reference(
     return dx, dA, dB, dg
 
 
+def dora_linear_backward_flops(node, grad_shape):
+    """FLOP formula of the backward (:mod:`fastft.node_costs`): for N tokens, in K, out O, rank R, with
+    gz = g ⊙ gy::
+
+        gb = gz B        2·N·O·R           when x or A needs grad
+        dx = gz W + s·gb A    2·N·O·K + 2·N·R·K   when x needs grad (with dropout one more 2·N·O·K: the
+                                            dropped path's GEMM; counted when the layer has dropout, as
+                                            a training step draws a mask — the graph is read in eval mode)
+        dA = s·gbᵀ x̃     2·N·R·K           when A trains
+        dB = s·gzᵀ xa    2·N·O·R           when B trains
+        dg = Σ gy ⊙ z    0 (elementwise; rows with g = 0, a zero magnitude, are recomputed: not counted)
+
+    Tensor inputs: x, weight, [absmax, code], [bias], lora_A, lora_B, g, [mask].
+    """
+    _, xa, _, _, absmax, _, bias, lora_A, lora_B, g, mask = node.saved_tensors
+    in_features, p = node.meta[2], node.meta[4]
+    tokens, rank = xa.shape
+    out_features = lora_B.shape[0]
+    a_edge = 2 + (2 if absmax is not None else 0) + (1 if bias is not None else 0)
+    b_edge = a_edge + 1
+    dx = 2 * tokens * out_features * in_features * (2 if (mask is not None or p > 0.0) else 1)
+    return [
+        (2 * tokens * out_features * rank, (0, a_edge)),
+        (dx + 2 * tokens * rank * in_features, (0,)),
+        (2 * tokens * rank * in_features, (a_edge,)),
+        (2 * tokens * out_features * rank, (b_edge,)),
+    ]
+
+
 register_op("dora_linear", {
     "torch": {"forward": dora_forward_reference, "backward": dora_backward_reference},
     # two paths (fastft.dispatch.choose_path): base GEMMs by cuBLAS, or the fused Triton GEMM kernels
@@ -329,7 +379,7 @@ register_op("dora_linear", {
         "forward@cublas": "dora_forward_cublas", "forward@triton": "dora_forward",
         "backward@cublas": "dora_backward_cublas", "backward@triton": "dora_backward",
     }),
-})
+}, node_costs={custom_op_node("dora_linear"): dora_linear_backward_flops})
 
 
 @torch.library.custom_op("fastft::dora_linear", mutates_args=())

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..node_costs import register_node_cost, rows
+
 Quantizer = Callable[[Tensor], Tensor]
 
 
@@ -105,6 +107,55 @@ class _QuantWeightLinear(torch.autograd.Function):
         if need_b and ctx.bias_dtype is not None:
             db = g2.sum(0).to(ctx.bias_dtype)
         return dx, dw, db, dA, dB, None, None, None
+
+
+def quant_linear_backward_flops(node, grad_shape):
+    """FLOP formula of the backward (:mod:`fastft.node_costs`): for N tokens, in K, out O, and under LoRA
+    rank R::
+
+        W_eff = W + s·BA       2·O·R·K     recomputed whenever the backward runs (LoRA only)
+        dx = g Q_w(W_eff)      2·N·O·K     when x needs grad
+      identity STE:
+        dW = gᵀ x              2·N·O·K     when W trains (QAT alone)
+        dA = s·(g B)ᵀ x        2·N·O·R + 2·N·R·K   when A trains
+        dB = s·gᵀ(x Aᵀ)        2·N·K·R + 2·N·O·R   when B trains
+      clipped STE:
+        dW_eff = M ⊙ (gᵀ x)    2·N·O·K     when W, A or B trains
+        dA = s·Bᵀ dW_eff       2·R·O·K     when A trains
+        dB = s·dW_eff Aᵀ       2·O·K·R     when B trains
+
+    Q_w and the clipped mask are elementwise (0). Tensor inputs: x, weight, [bias], [lora_A, lora_B].
+    """
+    x, weight, lora_A, lora_B = node.saved_tensors
+    out_features, in_features = weight.shape
+    tokens = rows(x)
+    w_edge = 1
+    a_edge = 2 + (1 if node.bias_dtype is not None else 0)
+    b_edge = a_edge + 1
+    every = tuple(range(len(node.next_functions)))
+    nok = 2 * tokens * out_features * in_features
+    items = [(nok, (0,))]
+    if lora_A is None:
+        items.append((nok, (w_edge,)))
+        return items
+    rank = lora_A.shape[0]
+    items.append((2 * out_features * rank * in_features, every))
+    if node.clipped:
+        items += [
+            (nok, (w_edge, a_edge, b_edge)),
+            (2 * rank * out_features * in_features, (a_edge,)),
+            (2 * out_features * in_features * rank, (b_edge,)),
+        ]
+    else:
+        items += [
+            (nok, (w_edge,)),
+            (2 * tokens * out_features * rank + 2 * tokens * rank * in_features, (a_edge,)),
+            (2 * tokens * in_features * rank + 2 * tokens * out_features * rank, (b_edge,)),
+        ]
+    return items
+
+
+register_node_cost("_QuantWeightLinearBackward", quant_linear_backward_flops)
 
 
 def quant_weight_linear(
