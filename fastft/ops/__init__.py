@@ -1,7 +1,8 @@
 """fastft ops: one op per file, each a ``torch.library`` custom op whose PyTorch implementation is the spec."""
 from .dequantize_4bit import FourBitWeight, dequantize_4bit
 from .lora import lora_linear
-from .dora import dora_linear, dora_row_norm
+from .dora_row_norm import dora_row_norm
+from .dora import dora_linear
 from .hadamard import hadamard_matrix, hadamard_transform, is_hadamard_size
 from .fake_quantize import dequantize, fake_quantize, quantize
 from .linear_cross_entropy import linear_cross_entropy

@@ -5,9 +5,10 @@ from fastft import dispatch, node_costs
 from fastft.policies import cost
 
 # the op modules (fastft.ops re-exports functions of the same names)
-dora, fake_quantize, hadamard, linear_cross_entropy, lora, quant_linear, s2ft_linear = (
+dora, dora_row_norm, fake_quantize, hadamard, linear_cross_entropy, lora, quant_linear, s2ft_linear = (
     importlib.import_module(f"fastft.ops.{name}")
-    for name in ("dora", "fake_quantize", "hadamard", "linear_cross_entropy", "lora", "quant_linear", "s2ft_linear")
+    for name in ("dora", "dora_row_norm", "fake_quantize", "hadamard", "linear_cross_entropy", "lora", "quant_linear",
+                 "s2ft_linear")
 )
 
 
@@ -15,7 +16,7 @@ def test_each_op_registers_its_formula_from_its_own_file():
     expected = {
         "lora_linear": lora.lora_linear_backward_flops,
         "dora_linear": dora.dora_linear_backward_flops,
-        "dora_row_norm": dora.dora_row_norm_backward_flops,
+        "dora_row_norm": dora_row_norm.dora_row_norm_backward_flops,
         "hadamard_transform": hadamard.hadamard_transform_backward_flops,
         "fake_quantize": fake_quantize.fake_quantize_backward_flops,
         "linear_cross_entropy": linear_cross_entropy.linear_cross_entropy_backward_flops,
