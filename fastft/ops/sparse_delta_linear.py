@@ -207,6 +207,9 @@ def sparse_delta_backward_reference(
 register_op("sparse_delta_linear", {
     "torch": {"forward": sparse_delta_forward_reference, "backward": sparse_delta_backward_reference,
               "sddmm": sampled_gradient_reference},
+    # the GEMMs stay in torch (cuBLAS); the kernels compute the sparse terms and the SDDMM
+    "triton": lazy("fastft.kernels.sparse_delta", forward="sparse_delta_forward",
+                   backward="sparse_delta_backward", sddmm="sampled_gradient"),
 })
 
 
