@@ -33,7 +33,7 @@ Registered as the ``torch.library`` ops ``fastft::sparse_delta_linear`` and
 here is the reference and runs on every device; the Triton backend (CUDA, or the interpreter) replaces
 the two sparse terms and the SDDMM with kernels and keeps the GEMMs in torch.
 
-FLOP formula: :func:`sparse_delta_linear_backward_items` (beside the op; ``fastft.policies.cost``
+FLOP formula: :func:`sparse_delta_linear_backward_flops` (beside the op; ``fastft.policies.cost``
 registers it for the op's autograd node).
 """
 from __future__ import annotations
@@ -270,12 +270,12 @@ def _setup_context(ctx, inputs, output):
     need_dx, need_dv = ctx.needs_input_grad[0], ctx.needs_input_grad[7]
     ctx.save_for_backward(x if need_dv else None, weight if need_dx else None, absmax, code, values,
                           indices, rows, cols, row_ptr, col_order, col_ptr)
-    ctx.meta = (blocksize, x.shape[1], values.shape[0], dense, need_dx, need_dv)
+    ctx.meta = (blocksize, x.shape[1], values.shape[0], dense, need_dx, need_dv, out_features, x.shape[0])
 
 
 def _backward(ctx, grad_y):
     x, weight, absmax, code, values, indices, rows, cols, row_ptr, col_order, col_ptr = ctx.saved_tensors
-    blocksize, in_features, _k, dense, need_dx, need_dv = ctx.meta
+    blocksize, in_features, _k, dense, need_dx, need_dv, _out, _tokens = ctx.meta
     if x is None:
         x = grad_y.new_empty(0, in_features)
     if weight is None:
@@ -290,22 +290,17 @@ def _backward(ctx, grad_y):
 _sparse_delta_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def sparse_delta_linear_backward_items(node, grad_shape) -> list[tuple[int, tuple[int, ...]]]:
-    """The FLOP formula of the op's backward (``fastft.policies.cost`` node-cost signature): for N tokens,
-    in K, out O, k values, 2 FLOPs per multiply-add::
+def sparse_delta_linear_backward_flops(node, grad_shape=None) -> list[tuple[int, tuple[int, ...]]]:
+    """FLOP formula of the op's backward (the ``fastft.policies.cost`` node-cost signature; reads only the
+    node's ``meta``, not ``grad_shape``): for N tokens, in K, out O, k values, 2 FLOPs per multiply-add::
 
         dx = g W + T(g)     2·N·O·K + 2·N·k   when x needs grad   (dense path: 2·N·O·K)
         dv = SDDMM          2·N·k             when v trains
 
-    Tensor inputs (edges): x, weight, [absmax, code], [bias], values — x is edge 0, values the last.
-    The forward: 2·N·O·K + 2·N·k (sparse path) or 2·N·O·K (dense path).
+    Never the 2·N·O·K of a dense weight gradient. Tensor inputs (edges): x, weight, [absmax, code], [bias],
+    values — x is edge 0, values the last. The forward costs 2·N·O·K + 2·N·k (sparse path) or 2·N·O·K.
     """
-    _blocksize, in_features, k, dense, _need_dx, _need_dv = node.meta
-    shape = tuple(grad_shape(node))
-    out_features = shape[-1]
-    tokens = 1
-    for s in shape[:-1]:
-        tokens *= int(s)
+    _blocksize, in_features, k, dense, _need_dx, _need_dv, out_features, tokens = node.meta
     dx = 2 * tokens * out_features * in_features + (0 if dense else 2 * tokens * k)
     return [(dx, (0,)), (2 * tokens * k, (len(node.next_functions) - 1,))]
 
