@@ -24,7 +24,7 @@ S and T run either *sparse* (gather / index_add in PyTorch; the CSR and CSC Trit
 dequantized 4-bit weight, which is a fresh buffer anyway), and one GEMM computes x (W + ΔW)ᵀ. The dense
 path is chosen by :func:`use_dense_delta`: only when the compute dtype is float32 or float64 (in half
 precision W + ΔW would round small deltas away against W's magnitude) and the sparse term's work N·k
-is at least :data:`DENSE_RATIO` times the copy's O·K (a ratio measured once on the CPU, see its comment).
+is at least :data:`DENSE_RATIO` times the copy's O·K (measured on the CPU, predicted for CUDA; see its comment).
 dv is always the SDDMM.
 
 Registered as the ``torch.library`` ops ``fastft::sparse_delta_linear`` and
@@ -47,12 +47,15 @@ from torch import Tensor
 from ..dispatch import implementation, lazy, register_op
 from .dequantize_4bit import FourBitWeight, dequantize_4bit
 
-# The dense path's threshold: dense when N·k >= DENSE_RATIO · O·K (and the dtype is float32/float64).
-# Measured on this workplace's CPU (2 cores, torch 2.13, fp32, O = K = 1024 and 4096, N = 64..2048,
-# density 0.1%..5%: benchmarks/sparse_step.py --paths): the gather/index_add term costs about as much as
-# copying W once when N·k is about 4·O·K... (see docs/methods/sparse.md for the figures).
-DENSE_RATIO = 4.0
-_CHUNK = 1 << 21  # elements of one gathered (tokens × slots) block in the PyTorch sparse terms
+# The dense path's threshold: dense when N·k >= DENSE_RATIO[device type] · O·K (and the dtype is float32/float64).
+# CPU, measured on this workplace's shared 2-core machine (torch 2.13, float32, O = K = 1024, interleaved runs,
+# time relative to the frozen GEMM x Wᵀ): N·k/(O·K) = 0.64: gather term 2.2x, dense add 1.7x; 5.1: gather 2.0x,
+# dense 0.9x; 51: gather 16.6x, dense 1.7x (torch.sparse.mm with a CSR ΔW: 3.4x, 1.6x, 2.5x). The copy of W
+# wins from about N·k = 0.5·O·K. CUDA: predicted, not measured (no GPU here): the copy of W moves 2·O·K·4 bytes,
+# the gather kernel about N·k·8, so the crossover is near N·k = O·K; 4 leaves room for the gather's irregular
+# reads being slower than the copy's streaming ones.
+DENSE_RATIO = {"cpu": 0.5, "cuda": 4.0}
+_CHUNK = 1 << 18  # elements of one gathered (tokens × slots) block in the PyTorch sparse terms
 
 
 # ------------------------------------------------------------------------------------------ support
@@ -121,9 +124,11 @@ def sparse_support(indices: Tensor, shape: tuple[int, int], check: bool = True) 
     return SparseSupport(indices, rows, cols, row_ptr, col_order, col_ptr, (out_features, in_features))
 
 
-def use_dense_delta(tokens: int, k: int, out_features: int, in_features: int, dtype: torch.dtype) -> bool:
+def use_dense_delta(tokens: int, k: int, out_features: int, in_features: int, dtype: torch.dtype,
+                    device_type: str = "cpu") -> bool:
     """The path rule of the module docstring: scatter ΔW into a copy of W instead of the sparse terms."""
-    return dtype in (torch.float32, torch.float64) and k > 0 and tokens * k >= DENSE_RATIO * out_features * in_features
+    ratio = DENSE_RATIO.get(device_type, DENSE_RATIO["cuda"])
+    return dtype in (torch.float32, torch.float64) and k > 0 and tokens * k >= ratio * out_features * in_features
 
 
 # ------------------------------------------------------------------------------------- reference
@@ -344,7 +349,7 @@ def sparse_delta_linear(
         raise ValueError(f"sparse_delta_linear: values must have shape ({support.k},) like indices, got {tuple(values.shape)}")
     x2 = _flat(x, in_features)
     if dense is None:
-        dense = use_dense_delta(x2.shape[0], support.k, out_features, in_features, x2.dtype)
+        dense = use_dense_delta(x2.shape[0], support.k, out_features, in_features, x2.dtype, x2.device.type)
     if isinstance(weight, FourBitWeight):
         head = (x2, weight.packed, weight.absmax, weight.code, weight.blocksize, out_features)
     else:

@@ -76,6 +76,8 @@ def test_half_precision_never_takes_the_dense_path():
     assert not use_dense_delta(10**6, 10**6, 4, 4, torch.bfloat16)
     assert use_dense_delta(10**6, 10**6, 4, 4, torch.float32)
     assert not use_dense_delta(1, 1, 4096, 4096, torch.float32)
+    assert use_dense_delta(4096, 4096, 4096, 4096, torch.float32, "cpu")  # N·k = O·K
+    assert not use_dense_delta(4096, 4096, 4096, 4096, torch.float32, "cuda")
     x = torch.tensor([[1.0, -1.0, 1.0, -1.0]], dtype=torch.bfloat16)
     W = torch.full((3, 4), 64.0, dtype=torch.bfloat16)  # ulp(64) = 0.5 in bfloat16: 64 + 0.125 rounds to 64
     idx, v = torch.tensor([0]), torch.tensor([0.125], dtype=torch.bfloat16)
@@ -178,3 +180,27 @@ def test_flop_formula_counts_the_sddmm_not_a_dense_gradient():
     k = idx.numel()
     assert items == [(2 * N * O * K + 2 * N * k, (0,)), (2 * N * k, (len(node.next_functions) - 1,))]
     assert isinstance(sparse_support(idx, (O, K)), SparseSupport)
+
+
+@pytest.mark.parametrize("dense", [False, True], ids=["sparse", "dense"])
+def test_flop_formula_against_the_flop_counter(dense):
+    """FlopCounterMode counts the matrix products only (dx's g W); the formula adds the sparse terms' 2·N·k
+    multiply-adds (the gather of T(g) and the SDDMM), which the counter sees as elementwise work (0)."""
+    from fastft import measure
+
+    x, W, b, idx, v, grad = make(torch.float32)
+    x.requires_grad_(True)
+    v.requires_grad_(True)
+    k = idx.numel()
+
+    def step():
+        sparse_delta_linear(x, W, b, idx, v, dense=dense).backward(grad)
+
+    with backend("torch"):
+        with torch.no_grad():
+            forward = measure.flops(lambda: sparse_delta_linear(x, W, b, idx, v, dense=dense))
+        counted = measure.flops(step) - forward
+        y = sparse_delta_linear(x, W, b, idx, v, dense=dense)
+    items = sparse_delta_linear_backward_flops(y.grad_fn)
+    sparse_terms = (0 if dense else 2 * N * k) + 2 * N * k
+    assert sum(f for f, _ in items) - sparse_terms == counted == 2 * N * O * K
