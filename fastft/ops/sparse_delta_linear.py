@@ -302,12 +302,13 @@ def sparse_delta_linear_backward_flops(node, grad_shape=None) -> list[tuple[int,
         dx = g W + T(g)     2·N·O·K + 2·N·k   when x needs grad   (dense path: 2·N·O·K)
         dv = SDDMM          2·N·k             when v trains
 
-    Never the 2·N·O·K of a dense weight gradient. Tensor inputs (edges): x, weight, [absmax, code], [bias],
-    values — x is edge 0, values the last. The forward costs 2·N·O·K + 2·N·k (sparse path) or 2·N·O·K.
+    Never the 2·N·O·K of a dense weight gradient. The node's edges are its tensor inputs: x, weight,
+    [absmax, code], [bias], values, then the six index tensors — x is edge 0, values the seventh from the end.
+    The forward costs 2·N·O·K + 2·N·k (sparse path) or 2·N·O·K.
     """
     _blocksize, in_features, k, dense, _need_dx, _need_dv, out_features, tokens = node.meta
     dx = 2 * tokens * out_features * in_features + (0 if dense else 2 * tokens * k)
-    return [(dx, (0,)), (2 * tokens * k, (len(node.next_functions) - 1,))]
+    return [(dx, (0,)), (2 * tokens * k, (len(node.next_functions) - 7,))]
 
 
 # ------------------------------------------------------------------------------------ public API

@@ -178,7 +178,7 @@ def test_flop_formula_counts_the_sddmm_not_a_dense_gradient():
     node = y.grad_fn
     items = sparse_delta_linear_backward_flops(node)
     k = idx.numel()
-    assert items == [(2 * N * O * K + 2 * N * k, (0,)), (2 * N * k, (len(node.next_functions) - 1,))]
+    assert items == [(2 * N * O * K + 2 * N * k, (0,)), (2 * N * k, (len(node.next_functions) - 7,))]
     assert isinstance(sparse_support(idx, (O, K)), SparseSupport)
 
 
@@ -204,3 +204,30 @@ def test_flop_formula_against_the_flop_counter(dense):
     items = sparse_delta_linear_backward_flops(y.grad_fn)
     sparse_terms = (0 if dense else 2 * N * k) + 2 * N * k
     assert sum(f for f, _ in items) - sparse_terms == counted == 2 * N * O * K
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_cost_model_reads_the_formula_on_the_right_edges(bias):
+    """fastft.policies.cost on a SparseDeltaLinear: training x alone costs dx, the values alone the SDDMM."""
+    from torch import nn
+
+    from fastft.nn import SparseDeltaLinear
+    from fastft.policies.cost import build_cost_model
+
+    class Holder(nn.Module):
+        def __init__(self, layer, x):
+            super().__init__()
+            self.proj, self.x = layer, nn.Parameter(x)
+
+    k = 30
+    idx = torch.randperm(O * K, generator=torch.Generator().manual_seed(0))[:k].sort().values
+    layer = SparseDeltaLinear(nn.Linear(K, O, bias=bias).requires_grad_(False), idx, torch.randn(k))
+    layer.dense_path = False
+    holder = Holder(layer, torch.randn(2, 7, K))
+    holder.requires_grad_(False)
+    candidates = [("x", holder.x.requires_grad_(True)), ("proj.delta_values", layer.delta_values.requires_grad_(True))]
+    cost = build_cost_model(holder, candidates, lambda m: m.proj(m.x), [], "", ())
+    tokens = 14
+    assert cost.flops(0b01) == 2 * tokens * O * K + 2 * tokens * k
+    assert cost.flops(0b10) == 2 * tokens * k
+    assert cost.flops(0b11) == 2 * tokens * O * K + 4 * tokens * k
