@@ -19,8 +19,8 @@ What is saved for backward: ``x`` (only when v needs a gradient) and the index s
 parameter, kept by the model anyway, re-dequantized for a 4-bit base) and v (k entries) are referenced.
 
 Paths. The frozen GEMMs (x Wᵀ, g W) always go through torch's matmuls (cuBLAS on a GPU). The sparse terms
-S and T run either *sparse* (gather / index_add in PyTorch; the CSR and CSC Triton kernels in
-``fastft.kernels.sparse_delta``) or *dense*: ΔW is scattered into a transient copy of W (or into the
+S and T run either *sparse* (``torch.sparse.mm`` of the CSR matrix of the slots in PyTorch; the CSR and CSC
+gather kernels in ``fastft.kernels.sparse_delta``) or *dense*: ΔW is scattered into a transient copy of W (or into the
 dequantized 4-bit weight, which is a fresh buffer anyway), and one GEMM computes x (W + ΔW)ᵀ. The dense
 path is chosen by :func:`use_dense_delta`: only when the compute dtype is float32 or float64 (in half
 precision W + ΔW would round small deltas away against W's magnitude) and the sparse term's work N·k
@@ -38,6 +38,7 @@ registers it for the op's autograd node).
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -49,9 +50,9 @@ from .dequantize_4bit import FourBitWeight, dequantize_4bit
 
 # The dense path's threshold: dense when N·k >= DENSE_RATIO[device type] · O·K (and the dtype is float32/float64).
 # CPU, measured on this workplace's shared 2-core machine (torch 2.13, float32, O = K = 1024, 7 interleaved runs,
-# load average 12-13; forward time relative to the frozen GEMM x Wᵀ alone, median): N·k/(O·K) = 0.51: sparse
-# term path 3.1x, dense add 0.9x; 0.64: 2.6x, 1.0x; 2.6: 4.3x, 1.2x; 5.1: 3.4x, 1.2x; 51: 19x, 1.1x. The copy
-# of W wins from the smallest ratio measured, 0.5. CUDA: predicted, not measured (no GPU here): the copy moves
+# load average 12; forward time relative to the frozen GEMM x Wᵀ alone, median): N·k/(O·K) = 0.51: sparse-term
+# path (torch.sparse.mm) 2.6x, dense add 1.1x; 2.6: 2.5x, 1.4x; 5.1: 1.9x, 1.1x; 51: 2.3x, 1.3x. The copy of W
+# wins from the smallest ratio measured, 0.5. CUDA: predicted, not measured (no GPU here): the copy moves
 # 2·O·K·4 bytes, the gather kernel about N·k·8, so the crossover is near N·k = O·K; 4 leaves room for the
 # gather's irregular reads being slower than the copy's streaming ones.
 DENSE_RATIO = {"cpu": 0.5, "cuda": 4.0}
@@ -154,27 +155,28 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def scatter_columns_reference(out: Tensor, src: Tensor, src_idx: Tensor, dst_idx: Tensor, values: Tensor) -> Tensor:
-    """``out[:, dst_idx[j]] += values[j] · src[:, src_idx[j]]`` for all j (in place).
+def sparse_term_reference(out: Tensor, src: Tensor, ptr: Tensor, order: Optional[Tensor], idx: Tensor,
+                          values: Tensor) -> Tensor:
+    """``out[:, t] += Σ_{p in ptr[t]:ptr[t+1]} values[s_p] · src[:, idx[s_p]]`` in place, ``s_p = order[p]`` (or p):
+    the forward's S(x) with the CSR row pointer, dx's T(g) with the CSC permutation (the kernels' contract).
 
-    Works on the transposes: gathering rows of ``srcᵀ`` (contiguous, N long) is about 10x faster on the CPU
-    than gathering columns of ``src`` (measured: 114 ms against 1,448 ms for N = 512, O = K = 2048, k = 0.5%).
-    Transients: ``srcᵀ`` and ``outᵀ``-sized accumulators (activation-sized, never O×K) and one block of slots.
+    One ``torch.sparse.mm`` of the T×S CSR matrix these slots form with ``srcᵀ``, in float32 (float64 for
+    float64; the CPU's sparse product has no half kernels). Measured on the CPU against gathers: 53 ms against
+    114 ms (rows of srcᵀ gathered, ``index_add_``) and 1,448 ms (columns of src gathered), N = 512,
+    O = K = 2048, k = 0.5%. Transients: the T×N product (activation-sized, never O×K).
     """
-    k = values.numel()
-    if k == 0 or out.shape[0] == 0:
+    if values.numel() == 0 or out.shape[0] == 0:
         return out
     acc = _acc(out.dtype)
-    src_t = src.t().to(acc).contiguous()
-    out_t = torch.zeros(out.shape[1], out.shape[0], dtype=acc, device=out.device)
-    step = _chunk(src.shape[0])
-    for start in range(0, k, step):
-        stop = min(k, start + step)
-        block = src_t.index_select(0, src_idx[start:stop]) * values[start:stop, None].to(acc)
-        out_t.index_add_(0, dst_idx[start:stop], block)
+    if order is not None:
+        idx, values = idx.index_select(0, order), values.index_select(0, order)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+        matrix = torch.sparse_csr_tensor(ptr, idx, values.to(acc), (out.shape[1], src.shape[1]), check_invariants=False)
+    term = torch.sparse.mm(matrix, src.t().to(acc))
     if out.dtype == acc:
-        return out.add_(out_t.t())
-    return out.copy_(out.to(acc).add_(out_t.t()))
+        return out.add_(term.t())
+    return out.copy_(out.to(acc).add_(term.t()))
 
 
 def sampled_gradient_reference(grad_y: Tensor, x: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
@@ -204,7 +206,7 @@ def sparse_delta_forward_reference(
     if dense:
         return torch.nn.functional.linear(x, _with_delta(w, absmax is not None, indices, values), bias)
     y = torch.nn.functional.linear(x, w, bias)
-    return scatter_columns_reference(y, x, cols, rows, values)
+    return sparse_term_reference(y, x, row_ptr, None, cols, values)
 
 
 def sparse_delta_backward_reference(
@@ -219,7 +221,7 @@ def sparse_delta_backward_reference(
         if dense:
             dx = grad_y @ _with_delta(w, absmax is not None, indices, values)
         else:
-            dx = scatter_columns_reference(grad_y @ w, grad_y, rows, cols, values)
+            dx = sparse_term_reference(grad_y @ w, grad_y, col_ptr, col_order, rows, values)
     if need_dv:
         dv = sampled_gradient_reference(grad_y, x, rows, cols)
     return (dx if dx is not None else grad_y.new_empty(0)), (dv if dv is not None else grad_y.new_empty(0))
