@@ -13,3 +13,6 @@ __all__ += ["DoRALinear"]
 __all__ += ["QuantLinear"]
 __all__ += ["S2FTLinear"]
 __all__ += ["LoRAExperts"]
+from .sparse_delta import SparseDeltaLinear
+
+__all__ += ["SparseDeltaLinear"]

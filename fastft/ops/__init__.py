@@ -15,3 +15,6 @@ __all__ += ["s2ft_linear"]
 from .expert_lora import expert_lora
 
 __all__ += ["expert_lora"]
+from .sparse_delta_linear import SparseSupport, sampled_gradient, sparse_delta_linear, sparse_support
+
+__all__ += ["SparseSupport", "sampled_gradient", "sparse_delta_linear", "sparse_support"]
