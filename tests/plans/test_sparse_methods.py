@@ -13,7 +13,7 @@ from fastft.nn.sparse_gates import GradientMask, HardConcreteGate, StraightThrou
 from fastft.plans.sparse import sparse_schedules
 from fastft.plans.sparse_schedule import SparseSchedule
 from fastft.plans.sparse_selection import slot_count, smallest_magnitude
-from tests.helpers import tiny_model
+from helpers import tiny_model
 
 TARGETS = ["q_proj", "down_proj"]
 
