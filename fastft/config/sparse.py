@@ -40,6 +40,7 @@ OPTIONS: dict[str, tuple[str, ...]] = {
     "fix_at_step": ("diff-pruning",),
     "keep_fraction": ("gmt",),
     "score_init": ("mft",),
+    "nuclear_weight": ("sara",),
     "calib": ("sct",),
     "support": ("diff-pruning", "gmt", "mft"),
 }
@@ -79,6 +80,8 @@ class SparseConfig(MethodConfig):
         fix_at_step: Diff Pruning: the optimizer step at which the schedule fixes the gates to that
             sparsity (None: only when ``fix_gates`` is called).
         keep_fraction: GMT: fraction of the support's gradient entries kept each step (largest |g|), in (0, 1].
+        nuclear_weight: SaRA: weight of the nuclear-norm penalty ``‖ΔW‖_*`` on each layer's delta (0: off, the
+            default; it costs a dense out×in matrix and its SVD per layer and step).
         score_init: MFT: initial mask score (> 0: every mask open, the model unchanged at init).
         calib: SCT: calibration data: a dict of model inputs, a list of them, or a callable ``calib(model)``
             that runs the forwards itself. Not saved (the selected indices are).
@@ -105,6 +108,7 @@ class SparseConfig(MethodConfig):
     fix_at_step: int | None = None
     keep_fraction: float = 0.5
     score_init: float = 1.0
+    nuclear_weight: float = 0.0
     calib: Any = dataclasses.field(default=None, repr=False, compare=False)
     support: str | None = None
     saved_support: bool = False
@@ -133,6 +137,8 @@ class SparseConfig(MethodConfig):
         self.gate_init = float(check_number("SparseConfig.gate_init", self.gate_init))
         self.score_init = float(check_number("SparseConfig.score_init", self.score_init, low=0.0, low_open=True,
                                              hint="a positive score keeps every mask open at init."))
+        self.nuclear_weight = float(check_number("SparseConfig.nuclear_weight", self.nuclear_weight, low=0.0,
+                                                 hint="0 switches SaRA's nuclear-norm penalty off."))
         if self.fix_at_step is not None:
             self.fix_at_step = check_number("SparseConfig.fix_at_step", self.fix_at_step, low=1, integer=True,
                                             hint="or None to fix the gates by hand.")
@@ -176,6 +182,11 @@ class SparseConfig(MethodConfig):
     def needs_schedule(self) -> bool:
         """Whether the method acts during training (SpIEL cycles, the Diff Pruning fixing step)."""
         return self.method == "spiel" or (self.method == "diff-pruning" and self.fix_at_step is not None)
+
+    @property
+    def has_regularization(self) -> bool:
+        """Whether the layers add a loss term (Diff Pruning's L0 penalty, SaRA's nuclear norm)."""
+        return self.method == "diff-pruning" or (self.method == "sara" and self.nuclear_weight > 0)
 
     def to_dict(self) -> dict[str, Any]:
         data = {"method": self.method}

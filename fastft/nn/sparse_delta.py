@@ -321,9 +321,10 @@ class SparseDeltaLinear(FastFTLayer):
         self._build_support()
 
     def regularization(self) -> Optional[Tensor]:
-        """The value transform's loss term (Diff Pruning's expected-L0 penalty), or None."""
+        """The value transform's loss term, ``value_transform.regularization(self)`` (Diff Pruning's
+        expected-L0 penalty, SaRA's nuclear norm), or None."""
         term = getattr(self.value_transform, "regularization", None)
-        return term() if callable(term) else None
+        return term(self) if callable(term) else None
 
     def delta_weight(self) -> Tensor:
         """Dense ΔW (out×in, ``delta_values``' dtype) of the effective values: what merging adds."""

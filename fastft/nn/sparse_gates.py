@@ -12,6 +12,9 @@ feeds the op ``value_transform(delta_values)`` when a transform is set. The meth
 * :class:`StraightThroughMask` (Mask Fine-Tuning): the slots hold mask scores; ``Δ = −W[idx] ⊙ (1 − m)`` with
   ``m = 1[score > 0]`` in the forward and ``∂m/∂score = 1`` in the backward (straight-through), so the
   effective weight at a slot is ``W[idx] ⊙ m``: the base weight kept or masked out.
+* :class:`NuclearNormPenalty` (SaRA): the identity; its ``regularization(layer)`` is
+  ``nuclear_weight · ‖ΔW‖_*`` of the layer's dense ΔW (built from the k effective values, differentiable).
+  It costs one out×in matrix and its SVD per step: SaRA's low-rank constraint, off unless asked for.
 * :class:`GradientMask` (Gradient-Mask Tuning): the identity in the forward; the backward keeps the
   ``keep_fraction`` of the slots' gradient entries of largest magnitude (exactly ``max(1, round(f · k))``) and
   zeroes the rest — a gradient hook on ``delta_values`` that lives in the module tree (moves, copies and
@@ -81,8 +84,8 @@ class HardConcreteGate(nn.Module):
     def forward(self, values: Tensor) -> Tensor:
         return values * self.gate().to(values.dtype)
 
-    def regularization(self) -> Tensor | None:
-        """``l0_weight · E[L0]`` while the gates learn; None once fixed."""
+    def regularization(self, layer: nn.Module | None = None) -> Tensor | None:
+        """``l0_weight · E[L0]`` while the gates learn; None once fixed. (``layer``: the calling layer, unused.)"""
         if self.fixed:
             return None
         return self.l0_weight * expected_l0(self.log_alpha, self.temperature)
@@ -181,3 +184,27 @@ class GradientMask(nn.Module):
 
     def extra_repr(self) -> str:
         return f"keep_fraction={self.keep_fraction:g}"
+
+
+class NuclearNormPenalty(nn.Module):
+    """SaRA's low-rank constraint: identity forward; ``regularization(layer) = weight · ‖ΔW‖_*``, with ΔW the
+    layer's dense out×in delta scattered from its effective values (the gradient reaches the values through
+    the scatter and the SVD)."""
+
+    def __init__(self, weight: float):
+        super().__init__()
+        if not weight > 0:
+            raise ValueError(f"NuclearNormPenalty.weight={weight!r}: must be > 0")
+        self.weight = float(weight)
+
+    def forward(self, values: Tensor) -> Tensor:
+        return values
+
+    def regularization(self, layer: nn.Module) -> Tensor:
+        values = layer.delta_values  # the identity transform: the effective values are the trained ones
+        dense = values.new_zeros(layer.out_features * layer.in_features)
+        dense = dense.index_put((layer.delta_indices,), values)
+        return self.weight * torch.linalg.matrix_norm(dense.view(layer.out_features, layer.in_features).float(), ord="nuc")
+
+    def extra_repr(self) -> str:
+        return f"weight={self.weight:g}"

@@ -8,8 +8,9 @@ Planning (nothing in the model changes; SCT's calibration forwards restore the m
      the most changed weights of the phase-1 model (LT-SFT), whole salient input columns (SCT);
      with ``saved_support=True`` placeholder positions that ``fastft.load`` overwrites;
   3. the layers are built with their value transform (Diff Pruning's gates, MFT's masks, GMT's gradient
-     mask; ``fastft.nn.sparse_gates``); Diff Pruning adds a :class:`RegularizationEdit` (the L0 penalty joins
-     ``output.loss``), SpIEL and a Diff Pruning with ``fix_at_step`` a :class:`ScheduleEdit` (their
+     mask, SaRA's nuclear norm; ``fastft.nn.sparse_gates``); Diff Pruning and SaRA with ``nuclear_weight``
+     add a :class:`RegularizationEdit` (the L0 penalty / the nuclear norm joins ``output.loss``), SpIEL and a
+     Diff Pruning with ``fix_at_step`` a :class:`ScheduleEdit` (their
      :class:`~fastft.plans.sparse_schedule.SparseSchedule`, found with :func:`sparse_schedules`).
 The plan's config is the given one with ``saved_support=True`` (``phase1`` and ``calib`` dropped): what
 ``fastft.save`` writes, so ``fastft.load`` rebuilds the layers without re-selecting and loads the indices.
@@ -25,7 +26,7 @@ from torch import Tensor, nn
 from ..bnb import four_bit_weight, is_linear4bit
 from ..config import ALL_LINEAR, SparseConfig
 from ..nn.sparse_delta import SparseDeltaLinear
-from ..nn.sparse_gates import GradientMask, HardConcreteGate, StraightThroughMask
+from ..nn.sparse_gates import GradientMask, HardConcreteGate, NuclearNormPenalty, StraightThroughMask
 from ..targets import describe_stacks, is_conv1d, is_linear, linear_features, out_in_weight, resolve_targets
 from .registry import Edit, Plan, register_planner
 from .regularization import RegularizationEdit
@@ -110,6 +111,8 @@ def build_layer(layer: nn.Module, indices: Tensor, config: SparseConfig) -> Spar
         module.value_transform = StraightThroughMask(base.to(module.delta_values.dtype))
     elif config.method == "gmt":
         module.value_transform = GradientMask(config.keep_fraction)
+    elif config.method == "sara" and config.nuclear_weight > 0:
+        module.value_transform = NuclearNormPenalty(config.nuclear_weight)
     return module
 
 
@@ -151,7 +154,7 @@ def plan_sparse(model: nn.Module, config: SparseConfig) -> Plan:
     conv = [name for name, layer in targets if is_conv1d(layer)]
     if conv:
         plan.notes.append(f"sparse ({config.method}): Conv1D layers ({conv[:2]}...) index their out×in (transposed) view")
-    if config.method == "diff-pruning":
+    if config.has_regularization:
         plan.edits.append(RegularizationEdit())
     if config.needs_schedule:
         plan.edits.append(ScheduleEdit(SparseSchedule(config, swaps)))

@@ -35,7 +35,7 @@ def test_bad_common_values_name_the_field(field, value):
     ("spiel", "regrow_every", 0), ("spiel", "prune_fraction", 0.0), ("spiel", "prune_fraction", 1.1),
     ("spiel", "candidate_factor", 0.5), ("diff-pruning", "l0_weight", 0.0), ("diff-pruning", "temperature", 0.0),
     ("diff-pruning", "temperature", 2.0), ("diff-pruning", "final_density", 0.0), ("diff-pruning", "fix_at_step", 0),
-    ("diff-pruning", "gate_init", float("inf")), ("gmt", "keep_fraction", 0.0), ("mft", "score_init", 0.0),
+    ("diff-pruning", "gate_init", float("inf")), ("gmt", "keep_fraction", 0.0), ("mft", "score_init", 0.0), ("sara", "nuclear_weight", -1.0),
     ("gmt", "support", "largest"), ("sct", "calib", 3), ("lt-sft", "phase1", [1, 2]),
 ])
 def test_bad_method_options_name_the_field(method, field, value):
@@ -47,7 +47,7 @@ def test_bad_method_options_name_the_field(method, field, value):
 def test_an_option_of_another_method_is_refused(field):
     user = OPTIONS[field][0]
     other = next(m for m in ("sara", "spiel") if m not in OPTIONS[field])
-    value = {"support": "smallest", "phase1": {}, "calib": {}, "fix_at_step": 5}.get(field)
+    value = {"support": "smallest", "phase1": {}, "calib": {}, "fix_at_step": 5, "nuclear_weight": 0.1}.get(field)
     if value is None:
         value = _valid(user).__getattribute__(field)
         value = value * 0.5 if isinstance(value, float) else value + 1

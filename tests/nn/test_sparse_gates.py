@@ -120,3 +120,25 @@ def test_gradient_mask_is_identity_forward_and_masks_backward():
     assert int((values.grad != 0).sum()) == 5
     with pytest.raises(ValueError):
         GradientMask(0.0)
+
+
+def test_nuclear_norm_penalty_is_the_nuclear_norm_of_the_dense_delta():
+    from fastft.nn.sparse_delta import SparseDeltaLinear
+    from fastft.nn.sparse_gates import NuclearNormPenalty
+
+    layer = torch.nn.Linear(6, 5).double()
+    idx = torch.tensor([0, 4, 7, 13, 20, 29])
+    module = SparseDeltaLinear(layer, idx, torch.randn(6, dtype=torch.float64))
+    module.value_transform = NuclearNormPenalty(0.3)
+    x = torch.randn(2, 6, dtype=torch.float64)
+    torch.testing.assert_close(module(x), torch.nn.functional.linear(x, layer.weight + module.delta_weight(), layer.bias))
+    values = module.delta_values.detach().clone().requires_grad_(True)
+    dense = torch.zeros(30, dtype=torch.float64).index_put((idx,), values).view(5, 6)
+    expected = 0.3 * torch.linalg.svdvals(dense).sum()
+    term = module.regularization()
+    torch.testing.assert_close(term.double(), expected, atol=1e-5, rtol=1e-5)  # computed in float32
+    term.backward()
+    expected.backward()
+    torch.testing.assert_close(module.delta_values.grad, values.grad, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError):
+        NuclearNormPenalty(0.0)

@@ -253,6 +253,24 @@ def test_mft_forward_equals_the_masked_weights():
     torch.testing.assert_close(m(x), expected)
 
 
+def test_sara_nuclear_norm_joins_the_loss_and_trains():
+    model = tiny_model()
+    fastft.patch(model, _config("sara", nuclear_weight=0.01))
+    modules = _sparse_modules(model)
+    with torch.no_grad():
+        for _, m in modules:
+            m.delta_values.normal_(0, 0.1)
+    model.train()
+    batch = _batch()
+    loss = model(**batch).loss
+    plain = model(input_ids=batch["input_ids"]).logits
+    ce = F.cross_entropy(plain[:, :-1].reshape(-1, 96), batch["labels"][:, 1:].reshape(-1))
+    penalty = sum(0.01 * torch.linalg.matrix_norm(m.delta_weight().float(), ord="nuc") for _, m in modules)
+    torch.testing.assert_close(loss, ce + penalty)
+    losses, _ = _train(model, 6)
+    assert losses[-1] < losses[0]
+
+
 def test_diff_pruning_adds_the_l0_penalty_to_the_loss_and_fixes_the_gates():
     model = tiny_model()
     fastft.patch(model, _config("diff-pruning", l0_weight=0.01, final_density=0.25))
