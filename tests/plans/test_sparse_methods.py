@@ -345,3 +345,14 @@ def test_the_trainer_callback_runs_the_schedule():
     assert schedule.cycle == 1
     fastft.unpatch(model)
     assert sparse_schedules(model) == []
+
+
+def test_a_meta_model_is_refused_naming_the_sparse_method():
+    import transformers as tf
+    from helpers import tiny_config
+
+    with torch.device("meta"):
+        model = tf.LlamaForCausalLM(tiny_config("llama"))
+    with pytest.raises(ValueError, match="sparse fine-tuning \\(method='sara'\\)"):
+        fastft.patch(model, fastft.SparseConfig(method="sara", targets=["q_proj"]))
+    assert not fastft.is_patched(model)
