@@ -72,6 +72,9 @@ class SparseDeltaLinear(FastFTLayer):
 
     op = "sparse_delta_linear"
     kind = "sparse"
+    dense_path: Optional[bool] = None
+    """The op's path: None follows ``fastft.ops.sparse_delta_linear.use_dense_delta`` (W + ΔW in a transient
+    O×K buffer for float32 when N·k is large); False always keeps the sparse terms (no O×K buffer at all)."""
 
     def __init__(self, base_layer: nn.Module, indices: Tensor, values: Optional[Tensor] = None,
                  dtype: Optional[torch.dtype] = None):
@@ -264,7 +267,7 @@ class SparseDeltaLinear(FastFTLayer):
             weight = weight.detach()  # W and b are frozen here whatever their requires_grad says
         if bias is not None:
             bias = bias.detach()
-        y = sparse_delta_linear(x, weight, bias, None, values, support=support)
+        y = sparse_delta_linear(x, weight, bias, None, values, support=support, dense=self.dense_path)
         return y.to(input_dtype) if y.dtype != input_dtype else y
 
     def _apply(self, fn, recurse=True):

@@ -24,7 +24,7 @@ S and T run either *sparse* (gather / index_add in PyTorch; the CSR and CSC Trit
 dequantized 4-bit weight, which is a fresh buffer anyway), and one GEMM computes x (W + ΔW)ᵀ. The dense
 path is chosen by :func:`use_dense_delta`: only when the compute dtype is float32 or float64 (in half
 precision W + ΔW would round small deltas away against W's magnitude) and the sparse term's work N·k
-is at least :data:`DENSE_RATIO` times the copy's O·K (a ratio measured once on the CPU, see its comment).
+is at least :data:`DENSE_RATIO` times the copy's O·K (measured on the CPU, predicted for CUDA; see its comment).
 dv is always the SDDMM.
 
 Registered as the ``torch.library`` ops ``fastft::sparse_delta_linear`` and
@@ -33,7 +33,7 @@ Registered as the ``torch.library`` ops ``fastft::sparse_delta_linear`` and
 here is the reference and runs on every device; the Triton backend (CUDA, or the interpreter) replaces
 the two sparse terms and the SDDMM with kernels and keeps the GEMMs in torch.
 
-FLOP formula: :func:`sparse_delta_linear_backward_items` (beside the op; ``fastft.policies.cost``
+FLOP formula: :func:`sparse_delta_linear_backward_flops` (beside the op; ``fastft.policies.cost``
 registers it for the op's autograd node).
 """
 from __future__ import annotations
@@ -47,12 +47,15 @@ from torch import Tensor
 from ..dispatch import implementation, lazy, register_op
 from .dequantize_4bit import FourBitWeight, dequantize_4bit
 
-# The dense path's threshold: dense when N·k >= DENSE_RATIO · O·K (and the dtype is float32/float64).
-# Measured on this workplace's CPU (2 cores, torch 2.13, fp32, O = K = 1024 and 4096, N = 64..2048,
-# density 0.1%..5%: benchmarks/sparse_step.py --paths): the gather/index_add term costs about as much as
-# copying W once when N·k is about 4·O·K... (see docs/methods/sparse.md for the figures).
-DENSE_RATIO = 4.0
-_CHUNK = 1 << 21  # elements of one gathered (tokens × slots) block in the PyTorch sparse terms
+# The dense path's threshold: dense when N·k >= DENSE_RATIO[device type] · O·K (and the dtype is float32/float64).
+# CPU, measured on this workplace's shared 2-core machine (torch 2.13, float32, O = K = 1024, interleaved runs,
+# time relative to the frozen GEMM x Wᵀ): N·k/(O·K) = 0.64: gather term 2.2x, dense add 1.7x; 5.1: gather 2.0x,
+# dense 0.9x; 51: gather 16.6x, dense 1.7x (torch.sparse.mm with a CSR ΔW: 3.4x, 1.6x, 2.5x). The copy of W
+# wins from about N·k = 0.5·O·K. CUDA: predicted, not measured (no GPU here): the copy of W moves 2·O·K·4 bytes,
+# the gather kernel about N·k·8, so the crossover is near N·k = O·K; 4 leaves room for the gather's irregular
+# reads being slower than the copy's streaming ones.
+DENSE_RATIO = {"cpu": 0.5, "cuda": 4.0}
+_CHUNK = 1 << 18  # elements of one gathered (tokens × slots) block in the PyTorch sparse terms
 
 
 # ------------------------------------------------------------------------------------------ support
@@ -121,9 +124,11 @@ def sparse_support(indices: Tensor, shape: tuple[int, int], check: bool = True) 
     return SparseSupport(indices, rows, cols, row_ptr, col_order, col_ptr, (out_features, in_features))
 
 
-def use_dense_delta(tokens: int, k: int, out_features: int, in_features: int, dtype: torch.dtype) -> bool:
+def use_dense_delta(tokens: int, k: int, out_features: int, in_features: int, dtype: torch.dtype,
+                    device_type: str = "cpu") -> bool:
     """The path rule of the module docstring: scatter ΔW into a copy of W instead of the sparse terms."""
-    return dtype in (torch.float32, torch.float64) and k > 0 and tokens * k >= DENSE_RATIO * out_features * in_features
+    ratio = DENSE_RATIO.get(device_type, DENSE_RATIO["cuda"])
+    return dtype in (torch.float32, torch.float64) and k > 0 and tokens * k >= ratio * out_features * in_features
 
 
 # ------------------------------------------------------------------------------------- reference
@@ -270,12 +275,12 @@ def _setup_context(ctx, inputs, output):
     need_dx, need_dv = ctx.needs_input_grad[0], ctx.needs_input_grad[7]
     ctx.save_for_backward(x if need_dv else None, weight if need_dx else None, absmax, code, values,
                           indices, rows, cols, row_ptr, col_order, col_ptr)
-    ctx.meta = (blocksize, x.shape[1], values.shape[0], dense, need_dx, need_dv)
+    ctx.meta = (blocksize, x.shape[1], values.shape[0], dense, need_dx, need_dv, out_features, x.shape[0])
 
 
 def _backward(ctx, grad_y):
     x, weight, absmax, code, values, indices, rows, cols, row_ptr, col_order, col_ptr = ctx.saved_tensors
-    blocksize, in_features, _k, dense, need_dx, need_dv = ctx.meta
+    blocksize, in_features, _k, dense, need_dx, need_dv, _out, _tokens = ctx.meta
     if x is None:
         x = grad_y.new_empty(0, in_features)
     if weight is None:
@@ -290,24 +295,20 @@ def _backward(ctx, grad_y):
 _sparse_delta_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def sparse_delta_linear_backward_items(node, grad_shape) -> list[tuple[int, tuple[int, ...]]]:
-    """The FLOP formula of the op's backward (``fastft.policies.cost`` node-cost signature): for N tokens,
-    in K, out O, k values, 2 FLOPs per multiply-add::
+def sparse_delta_linear_backward_flops(node, grad_shape=None) -> list[tuple[int, tuple[int, ...]]]:
+    """FLOP formula of the op's backward (the ``fastft.policies.cost`` node-cost signature; reads only the
+    node's ``meta``, not ``grad_shape``): for N tokens, in K, out O, k values, 2 FLOPs per multiply-add::
 
         dx = g W + T(g)     2·N·O·K + 2·N·k   when x needs grad   (dense path: 2·N·O·K)
         dv = SDDMM          2·N·k             when v trains
 
-    Tensor inputs (edges): x, weight, [absmax, code], [bias], values — x is edge 0, values the last.
-    The forward: 2·N·O·K + 2·N·k (sparse path) or 2·N·O·K (dense path).
+    Never the 2·N·O·K of a dense weight gradient. The node's edges are its tensor inputs: x, weight,
+    [absmax, code], [bias], values, then the six index tensors — x is edge 0, values the seventh from the end.
+    The forward costs 2·N·O·K + 2·N·k (sparse path) or 2·N·O·K.
     """
-    _blocksize, in_features, k, dense, _need_dx, _need_dv = node.meta
-    shape = tuple(grad_shape(node))
-    out_features = shape[-1]
-    tokens = 1
-    for s in shape[:-1]:
-        tokens *= int(s)
+    _blocksize, in_features, k, dense, _need_dx, _need_dv, out_features, tokens = node.meta
     dx = 2 * tokens * out_features * in_features + (0 if dense else 2 * tokens * k)
-    return [(dx, (0,)), (2 * tokens * k, (len(node.next_functions) - 1,))]
+    return [(dx, (0,)), (2 * tokens * k, (len(node.next_functions) - 7,))]
 
 
 # ------------------------------------------------------------------------------------ public API
@@ -349,7 +350,7 @@ def sparse_delta_linear(
         raise ValueError(f"sparse_delta_linear: values must have shape ({support.k},) like indices, got {tuple(values.shape)}")
     x2 = _flat(x, in_features)
     if dense is None:
-        dense = use_dense_delta(x2.shape[0], support.k, out_features, in_features, x2.dtype)
+        dense = use_dense_delta(x2.shape[0], support.k, out_features, in_features, x2.dtype, x2.device.type)
     if isinstance(weight, FourBitWeight):
         head = (x2, weight.packed, weight.absmax, weight.code, weight.blocksize, out_features)
     else:

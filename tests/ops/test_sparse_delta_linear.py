@@ -9,7 +9,7 @@ import torch
 from helpers import assert_close, backend
 
 from fastft.ops import sampled_gradient, sparse_delta_linear, sparse_support
-from fastft.ops.sparse_delta_linear import SparseSupport, sparse_delta_linear_backward_items, use_dense_delta
+from fastft.ops.sparse_delta_linear import SparseSupport, sparse_delta_linear_backward_flops, use_dense_delta
 
 N, K, O = 13, 24, 19
 
@@ -76,6 +76,8 @@ def test_half_precision_never_takes_the_dense_path():
     assert not use_dense_delta(10**6, 10**6, 4, 4, torch.bfloat16)
     assert use_dense_delta(10**6, 10**6, 4, 4, torch.float32)
     assert not use_dense_delta(1, 1, 4096, 4096, torch.float32)
+    assert use_dense_delta(4096, 4096, 4096, 4096, torch.float32, "cpu")  # N·k = O·K
+    assert not use_dense_delta(4096, 4096, 4096, 4096, torch.float32, "cuda")
     x = torch.tensor([[1.0, -1.0, 1.0, -1.0]], dtype=torch.bfloat16)
     W = torch.full((3, 4), 64.0, dtype=torch.bfloat16)  # ulp(64) = 0.5 in bfloat16: 64 + 0.125 rounds to 64
     idx, v = torch.tensor([0]), torch.tensor([0.125], dtype=torch.bfloat16)
@@ -174,7 +176,58 @@ def test_flop_formula_counts_the_sddmm_not_a_dense_gradient():
     v.requires_grad_(True)
     y = sparse_delta_linear(x, W, b, idx, v, dense=False)
     node = y.grad_fn
-    items = sparse_delta_linear_backward_items(node, lambda n: y.shape)
+    items = sparse_delta_linear_backward_flops(node)
     k = idx.numel()
-    assert items == [(2 * N * O * K + 2 * N * k, (0,)), (2 * N * k, (len(node.next_functions) - 1,))]
+    assert items == [(2 * N * O * K + 2 * N * k, (0,)), (2 * N * k, (len(node.next_functions) - 7,))]
     assert isinstance(sparse_support(idx, (O, K)), SparseSupport)
+
+
+@pytest.mark.parametrize("dense", [False, True], ids=["sparse", "dense"])
+def test_flop_formula_against_the_flop_counter(dense):
+    """FlopCounterMode counts the matrix products only (dx's g W); the formula adds the sparse terms' 2·N·k
+    multiply-adds (the gather of T(g) and the SDDMM), which the counter sees as elementwise work (0)."""
+    from fastft import measure
+
+    x, W, b, idx, v, grad = make(torch.float32)
+    x.requires_grad_(True)
+    v.requires_grad_(True)
+    k = idx.numel()
+
+    def step():
+        sparse_delta_linear(x, W, b, idx, v, dense=dense).backward(grad)
+
+    with backend("torch"):
+        with torch.no_grad():
+            forward = measure.flops(lambda: sparse_delta_linear(x, W, b, idx, v, dense=dense))
+        counted = measure.flops(step) - forward
+        y = sparse_delta_linear(x, W, b, idx, v, dense=dense)
+    items = sparse_delta_linear_backward_flops(y.grad_fn)
+    sparse_terms = (0 if dense else 2 * N * k) + 2 * N * k
+    assert sum(f for f, _ in items) - sparse_terms == counted == 2 * N * O * K
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_cost_model_reads_the_formula_on_the_right_edges(bias):
+    """fastft.policies.cost on a SparseDeltaLinear: training x alone costs dx, the values alone the SDDMM."""
+    from torch import nn
+
+    from fastft.nn import SparseDeltaLinear
+    from fastft.policies.cost import build_cost_model
+
+    class Holder(nn.Module):
+        def __init__(self, layer, x):
+            super().__init__()
+            self.proj, self.x = layer, nn.Parameter(x)
+
+    k = 30
+    idx = torch.randperm(O * K, generator=torch.Generator().manual_seed(0))[:k].sort().values
+    layer = SparseDeltaLinear(nn.Linear(K, O, bias=bias).requires_grad_(False), idx, torch.randn(k))
+    layer.dense_path = False
+    holder = Holder(layer, torch.randn(2, 7, K))
+    holder.requires_grad_(False)
+    candidates = [("x", holder.x.requires_grad_(True)), ("proj.delta_values", layer.delta_values.requires_grad_(True))]
+    cost = build_cost_model(holder, candidates, lambda m: m.proj(m.x), [], "", ())
+    tokens = 14
+    assert cost.flops(0b01) == 2 * tokens * O * K + 2 * tokens * k
+    assert cost.flops(0b10) == 2 * tokens * k
+    assert cost.flops(0b11) == 2 * tokens * O * K + 4 * tokens * k
