@@ -149,6 +149,12 @@ def plan_sparse(model: nn.Module, config: SparseConfig) -> Plan:
     swaps = [(name, build_layer(layer, select_support(name, layer, config, norms), config)) for name, layer in targets]
     resolved = dataclasses.replace(config, saved_support=True, phase1=None, calib=None)
     plan = Plan(resolved, swaps=swaps)
+    rule = {"spiel": "random, moved by prune/regrow", "lt-sft": "most changed in phase 1", "sara": "smallest |W|",
+            "sct": "salient input columns", "magnitude": "largest |W|", "random": "random"}.get(
+        config.method, {"random": "random", "magnitude": "largest |W|", "smallest": "smallest |W|"}.get(config.support))
+    total = sum(module.k for _, module in swaps)
+    plan.notes.append(f"sparse ({config.method}): {len(swaps)} layers, {total:,} trained entries; support: "
+                      + ("loaded from a save" if config.saved_support else rule))
     if config.targets == ALL_LINEAR:
         plan.notes.extend(f"sparse ({config.method}) {line}" for line in describe_stacks(model, [n for n, _ in targets]))
     conv = [name for name, layer in targets if is_conv1d(layer)]

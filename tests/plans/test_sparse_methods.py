@@ -387,3 +387,20 @@ def test_exported_deltas_compose_onto_the_base(method, tmp_path):
     after = base.state_dict()
     for key in original:
         torch.testing.assert_close(after[key], original[key], atol=1e-6, rtol=0)
+
+
+def test_four_bit_bases_select_on_the_dequantized_weight():
+    pytest.importorskip("bitsandbytes")
+    from helpers import quantize_linears
+
+    from fastft.bnb import four_bit_weight
+
+    model = quantize_linears(tiny_model())
+    dequantized = {n: four_bit_weight(m).dequantize(torch.float32) for n, m in model.named_modules()
+                   if n.endswith("down_proj")}
+    report = fastft.patch(model, [fastft.SparseConfig(method="sara", targets=["down_proj"], density=0.05)])
+    assert any("smallest |W|" in note for note in report.notes)
+    for name, m in _sparse_modules(model):
+        assert m.is_4bit and torch.equal(m.delta_indices, smallest_magnitude(dequantized[name], m.k))
+    losses, _ = _train(model, 4)
+    assert losses[-1] < losses[0]
