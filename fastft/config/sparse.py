@@ -69,7 +69,8 @@ class SparseConfig(MethodConfig):
         regrow_every: SpIEL: optimizer steps per prune/regrow cycle (candidate gradients accumulate over it).
         prune_fraction: SpIEL: fraction of the k slots pruned (smallest |Δ|) and regrown each cycle, in (0, 1].
         candidate_factor: SpIEL: candidate slots sampled per cycle, as a multiple of the slots regrown (>= 1).
-        phase1: LT-SFT: the phase-1 fine-tuned weights, a model with the same module names or a dict
+        phase1: LT-SFT: the phase-1 fine-tuned weights: a model with the same module names (fine-tuned
+            densely, or still patched with a larger ``SparseConfig``: its deltas are the change), or a dict
             ``{qualified module name (or name + '.weight'): weight}``; required unless the config is restored
             from a save. Not saved (the selected indices are).
         l0_weight: Diff Pruning: λ of the expected-L0 penalty ``λ · Σ P(z > 0)`` over every gate (> 0).

@@ -70,8 +70,11 @@ def _phase1_weight(config: SparseConfig, name: str, shape: tuple[int, int]) -> T
     except AttributeError:
         raise ValueError(f"SparseConfig.phase1: the phase-1 model has no module {name!r}; it must be the same "
                          "architecture as the model being patched.") from None
+    if isinstance(layer, SparseDeltaLinear):  # phase 1 was a (larger) sparse fine-tuning, still patched
+        return dense_weight(layer.base_layer).float() + layer.delta_weight().to(layer.weight.device, torch.float32)
     if not is_linear(layer):
-        raise ValueError(f"SparseConfig.phase1: module {name!r} of the phase-1 model is a {type(layer).__name__}, not a linear layer")
+        raise ValueError(f"SparseConfig.phase1: module {name!r} of the phase-1 model is a {type(layer).__name__}, not a "
+                         "linear layer (unpatch it with merge=True first)")
     return dense_weight(layer)
 
 

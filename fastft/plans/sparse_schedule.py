@@ -121,12 +121,11 @@ class SparseSchedule:
                 grads = _all_reduce(grads.detach().clone())
                 indices, values = spiel_support(module.delta_indices, module.delta_values, module.candidate_indices,
                                                 grads, self.regrow_count(module))
-                module.set_candidates(None)
-                mask = module.set_support(indices.to(module.delta_indices.device), values)
+                module.set_candidates(None)  # the regrown positions were candidates
+                module.set_support(indices.to(module.delta_indices.device), values)
                 changed += int((module.support_moves < 0).sum())
                 if optimizer is not None:
                     move_optimizer_slots(optimizer, module.delta_values, module.support_moves)
-                del mask
             self.sample_candidates(name, module)
         return changed
 

@@ -404,3 +404,15 @@ def test_four_bit_bases_select_on_the_dequantized_weight():
         assert m.is_4bit and torch.equal(m.delta_indices, smallest_magnitude(dequantized[name], m.k))
     losses, _ = _train(model, 4)
     assert losses[-1] < losses[0]
+
+
+def test_lt_sft_from_a_larger_sparse_phase_one():
+    phase1 = tiny_model()
+    fastft.patch(phase1, fastft.SparseConfig(method="random", targets=TARGETS, density=0.2))
+    _train(phase1, 3)
+    model = tiny_model()
+    fastft.patch(model, fastft.SparseConfig(method="lt-sft", targets=TARGETS, density=0.02, phase1=phase1))
+    for (name, m), (_, p) in zip(_sparse_modules(model), _sparse_modules(phase1)):
+        change = p.delta_weight().abs().flatten()
+        assert torch.equal(m.delta_indices, torch.sort(torch.topk(change, m.k).indices).values)
+        assert torch.isin(m.delta_indices, p.delta_indices).all() and (m.delta_values == 0).all()
