@@ -19,8 +19,8 @@ What is saved for backward: ``x`` (only when v needs a gradient) and the index s
 parameter, kept by the model anyway, re-dequantized for a 4-bit base) and v (k entries) are referenced.
 
 Paths. The frozen GEMMs (x Wᵀ, g W) always go through torch's matmuls (cuBLAS on a GPU). The sparse terms
-S and T run either *sparse* (gather / index_add in PyTorch; the CSR and CSC Triton kernels in
-``fastft.kernels.sparse_delta``) or *dense*: ΔW is scattered into a transient copy of W (or into the
+S and T run either *sparse* (``torch.sparse.mm`` of the CSR matrix of the slots in PyTorch; the CSR and CSC
+gather kernels in ``fastft.kernels.sparse_delta``) or *dense*: ΔW is scattered into a transient copy of W (or into the
 dequantized 4-bit weight, which is a fresh buffer anyway), and one GEMM computes x (W + ΔW)ᵀ. The dense
 path is chosen by :func:`use_dense_delta`: only when the compute dtype is float32 or float64 (in half
 precision W + ΔW would round small deltas away against W's magnitude) and the sparse term's work N·k
@@ -38,6 +38,7 @@ registers it for the op's autograd node).
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -48,12 +49,12 @@ from ..dispatch import implementation, lazy, register_op
 from .dequantize_4bit import FourBitWeight, dequantize_4bit
 
 # The dense path's threshold: dense when N·k >= DENSE_RATIO[device type] · O·K (and the dtype is float32/float64).
-# CPU, measured on this workplace's shared 2-core machine (torch 2.13, float32, O = K = 1024, interleaved runs,
-# time relative to the frozen GEMM x Wᵀ): N·k/(O·K) = 0.64: gather term 2.2x, dense add 1.7x; 5.1: gather 2.0x,
-# dense 0.9x; 51: gather 16.6x, dense 1.7x (torch.sparse.mm with a CSR ΔW: 3.4x, 1.6x, 2.5x). The copy of W
-# wins from about N·k = 0.5·O·K. CUDA: predicted, not measured (no GPU here): the copy of W moves 2·O·K·4 bytes,
-# the gather kernel about N·k·8, so the crossover is near N·k = O·K; 4 leaves room for the gather's irregular
-# reads being slower than the copy's streaming ones.
+# CPU, measured on this workplace's shared 2-core machine (torch 2.13, float32, O = K = 1024, 7 interleaved runs,
+# load average 12; forward time relative to the frozen GEMM x Wᵀ alone, median): N·k/(O·K) = 0.51: sparse-term
+# path (torch.sparse.mm) 2.6x, dense add 1.1x; 2.6: 2.5x, 1.4x; 5.1: 1.9x, 1.1x; 51: 2.3x, 1.3x. The copy of W
+# wins from the smallest ratio measured, 0.5. CUDA: predicted, not measured (no GPU here): the copy moves
+# 2·O·K·4 bytes, the gather kernel about N·k·8, so the crossover is near N·k = O·K; 4 leaves room for the
+# gather's irregular reads being slower than the copy's streaming ones.
 DENSE_RATIO = {"cpu": 0.5, "cuda": 4.0}
 _CHUNK = 1 << 18  # elements of one gathered (tokens × slots) block in the PyTorch sparse terms
 
@@ -150,31 +151,48 @@ def _chunk(tokens: int) -> int:
     return max(1, _CHUNK // max(1, tokens))
 
 
-def scatter_columns_reference(out: Tensor, src: Tensor, src_idx: Tensor, dst_idx: Tensor, values: Tensor) -> Tensor:
-    """``out[:, dst_idx[j]] += values[j] · src[:, src_idx[j]]`` for all j, in chunks of slots (in place)."""
-    k = values.numel()
-    step = _chunk(src.shape[0])
-    acc = out if out.dtype not in (torch.float16, torch.bfloat16) else out.float()
-    for start in range(0, k, step):
-        stop = min(k, start + step)
-        block = src.index_select(1, src_idx[start:stop]).to(acc.dtype) * values[start:stop].to(acc.dtype)
-        acc.index_add_(1, dst_idx[start:stop], block)
-    if acc is not out:
-        out.copy_(acc)
-    return out
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def sparse_term_reference(out: Tensor, src: Tensor, ptr: Tensor, order: Optional[Tensor], idx: Tensor,
+                          values: Tensor) -> Tensor:
+    """``out[:, t] += Σ_{p in ptr[t]:ptr[t+1]} values[s_p] · src[:, idx[s_p]]`` in place, ``s_p = order[p]`` (or p):
+    the forward's S(x) with the CSR row pointer, dx's T(g) with the CSC permutation (the kernels' contract).
+
+    One ``torch.sparse.mm`` of the T×S CSR matrix these slots form with ``srcᵀ``, in float32 (float64 for
+    float64; the CPU's sparse product has no half kernels). Measured on the CPU against gathers: 53 ms against
+    114 ms (rows of srcᵀ gathered, ``index_add_``) and 1,448 ms (columns of src gathered), N = 512,
+    O = K = 2048, k = 0.5%. Transients: the T×N product (activation-sized, never O×K).
+    """
+    if values.numel() == 0 or out.shape[0] == 0:
+        return out
+    acc = _acc(out.dtype)
+    if order is not None:
+        idx, values = idx.index_select(0, order), values.index_select(0, order)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+        matrix = torch.sparse_csr_tensor(ptr, idx, values.to(acc), (out.shape[1], src.shape[1]), check_invariants=False)
+    term = torch.sparse.mm(matrix, src.t().to(acc))
+    if out.dtype == acc:
+        return out.add_(term.t())
+    return out.copy_(out.to(acc).add_(term.t()))
 
 
 def sampled_gradient_reference(grad_y: Tensor, x: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
-    """``dv[j] = Σ_n grad_y[n, rows[j]] · x[n, cols[j]]`` (float32 accumulation for half inputs), in chunks."""
+    """``dv[j] = Σ_n grad_y[n, rows[j]] · x[n, cols[j]]`` (float32 accumulation for half inputs), gathering rows
+    of the transposes in blocks of slots (transients: gᵀ, xᵀ and one block; never O×K)."""
     k = rows.numel()
-    acc_dtype = torch.float32 if grad_y.dtype in (torch.float16, torch.bfloat16) else grad_y.dtype
-    out = torch.empty(k, dtype=acc_dtype, device=grad_y.device)
+    acc = _acc(grad_y.dtype)
+    out = torch.empty(k, dtype=acc, device=grad_y.device)
+    if k == 0:
+        return out.to(grad_y.dtype)
+    g_t = grad_y.t().to(acc).contiguous()
+    x_t = x.t().to(acc).contiguous()
     step = _chunk(grad_y.shape[0])
     for start in range(0, k, step):
         stop = min(k, start + step)
-        g = grad_y.index_select(1, rows[start:stop]).to(acc_dtype)
-        xs = x.index_select(1, cols[start:stop]).to(acc_dtype)
-        out[start:stop] = (g * xs).sum(0)
+        out[start:stop] = (g_t.index_select(0, rows[start:stop]) * x_t.index_select(0, cols[start:stop])).sum(1)
     return out.to(grad_y.dtype)
 
 
@@ -188,7 +206,7 @@ def sparse_delta_forward_reference(
     if dense:
         return torch.nn.functional.linear(x, _with_delta(w, absmax is not None, indices, values), bias)
     y = torch.nn.functional.linear(x, w, bias)
-    return scatter_columns_reference(y, x, cols, rows, values)
+    return sparse_term_reference(y, x, row_ptr, None, cols, values)
 
 
 def sparse_delta_backward_reference(
@@ -203,7 +221,7 @@ def sparse_delta_backward_reference(
         if dense:
             dx = grad_y @ _with_delta(w, absmax is not None, indices, values)
         else:
-            dx = scatter_columns_reference(grad_y @ w, grad_y, rows, cols, values)
+            dx = sparse_term_reference(grad_y @ w, grad_y, col_ptr, col_order, rows, values)
     if need_dv:
         dv = sampled_gradient_reference(grad_y, x, rows, cols)
     return (dx if dx is not None else grad_y.new_empty(0)), (dv if dv is not None else grad_y.new_empty(0))

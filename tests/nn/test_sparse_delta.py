@@ -224,3 +224,35 @@ def test_linear4bit_base_matches_the_dequantized_weight_and_merges_with_requanti
     with pytest.warns(UserWarning, match="re-quantized"):
         merged = layer.unpatched(merge=True)
     assert isinstance(merged, bnb.nn.Linear4bit)
+
+
+def test_a_tiny_llama_trains_with_sparse_layers_and_no_dense_gradient():
+    """Every decoder linear swapped by hand (no planner); AdamW on the values only: the loss falls, no base
+    weight gets a gradient, and nothing of a weight's size is kept between steps."""
+    from helpers import tiny_model
+
+    torch.manual_seed(0)
+    model = tiny_model("llama").train()
+    model.requires_grad_(False)
+    gen = torch.Generator().manual_seed(0)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and ".layers." in name:
+            k = module.weight.numel() // 100
+            idx = torch.randperm(module.weight.numel(), generator=gen)[:k].sort().values
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, SparseDeltaLinear(module, idx))
+    params = [m.delta_values for m in model.modules() if isinstance(m, SparseDeltaLinear)]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    ids = torch.randint(0, 96, (2, 16), generator=gen)
+    losses = []
+    for _ in range(8):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05, losses
+    assert all(p.grad is None for n, p in model.named_parameters() if "delta_values" not in n)
+    for m in model.modules():
+        if isinstance(m, SparseDeltaLinear):
+            assert all(s["exp_avg"].numel() == m.k for s in [opt.state[m.delta_values]])
