@@ -155,9 +155,9 @@ def test_each_method_trains_a_tiny_llama(method):
     model = tiny_model()
     options = {"density": 0.1}
     if method == "spiel":
-        options.update(regrow_every=3, prune_fraction=0.2)
+        options.update(regrow_every=2, prune_fraction=0.2)
     if method == "diff-pruning":
-        options.update(fix_at_step=6, l0_weight=1e-4, final_density=0.5)
+        options.update(fix_at_step=4, l0_weight=1e-4, final_density=0.5)
     if method == "mft":  # masking a random tiny model's weights moves its loss little: mask more of them
         options.update(score_init=0.05, density=0.5)
     if method == "sct":
@@ -167,7 +167,7 @@ def test_each_method_trains_a_tiny_llama(method):
     with torch.no_grad():
         start = model(**batch).loss.item()
     lr = 0.1 if method == "mft" else 1e-2
-    losses, _ = _train(model, 10, lr=lr, batch=batch)
+    losses, _ = _train(model, 6, lr=lr, batch=batch)
     with torch.no_grad():
         end = model(**batch).loss.item()
     assert end < start - 0.05, (method, start, end, losses)
