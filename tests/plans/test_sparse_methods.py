@@ -416,3 +416,18 @@ def test_lt_sft_from_a_larger_sparse_phase_one():
         change = p.delta_weight().abs().flatten()
         assert torch.equal(m.delta_indices, torch.sort(torch.topk(change, m.k).indices).values)
         assert torch.isin(m.delta_indices, p.delta_indices).all() and (m.delta_values == 0).all()
+
+
+@pytest.mark.parametrize("method", ["spiel", "diff-pruning", "mft"])
+def test_merged_state_dict_of_a_method_with_edits(method):
+    """Methods whose plans carry a schedule or a loss term merge like the others: fastft.merged_state_dict equals
+    the state of unpatch(merge=True)."""
+    torch.manual_seed(0)
+    model = tiny_model()
+    fastft.patch(model, _config(method, **({"fix_at_step": 2} if method == "diff-pruning" else {})))
+    _train(model, 3)
+    merged = fastft.merged_state_dict(model)
+    expected = fastft.unpatch(model, merge=True).state_dict()
+    assert set(merged) == set(expected)
+    for key in expected:
+        torch.testing.assert_close(merged[key], expected[key])
