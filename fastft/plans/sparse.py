@@ -116,7 +116,7 @@ def build_layer(layer: nn.Module, indices: Tensor, config: SparseConfig) -> Spar
         module.value_transform = GradientMask(config.keep_fraction)
     elif config.method == "sara" and config.nuclear_weight > 0:
         module.value_transform = NuclearNormPenalty(config.nuclear_weight)
-    return module
+    return module.train(layer.training)  # the mode of the layer it replaces (gates sample only in training)
 
 
 class ScheduleEdit(Edit):

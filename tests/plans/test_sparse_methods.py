@@ -431,3 +431,45 @@ def test_merged_state_dict_of_a_method_with_edits(method):
     assert set(merged) == set(expected)
     for key in expected:
         torch.testing.assert_close(merged[key], expected[key])
+
+
+def test_gradient_checkpointing_gives_the_same_candidate_gradients():
+    ids = _batch()["input_ids"]
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_model()
+        fastft.patch(model, _config("spiel"))
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+            model.enable_input_require_grads()
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append([t.clone() for _, m in _sparse_modules(model) for t in (m.candidate_gradients(), m.delta_values.grad)])
+    for plain, checkpointed in zip(*grads):
+        torch.testing.assert_close(checkpointed, plain)
+
+
+def test_save_load_of_sparse_beside_lora(tmp_path):
+    torch.manual_seed(0)
+    model = tiny_model()
+    configs = [fastft.LoRAConfig(r=4, targets=["v_proj"]),
+               fastft.SparseConfig(method="diff-pruning", targets=["down_proj"], density=0.05)]
+    fastft.patch(model, configs)
+    _train(model, 2)
+    batch = _batch(3)
+    with torch.no_grad():
+        expected = model(**batch).logits
+    fastft.save(model, tmp_path)
+    fresh = tiny_model()
+    fastft.load(fresh, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**batch).logits, expected)
+
+
+def test_new_layers_take_the_mode_of_the_layers_they_replace():
+    model = tiny_model()  # eval mode
+    fastft.patch(model, _config("diff-pruning"))
+    assert all(not m.training and not m.value_transform.training for _, m in _sparse_modules(model))
+    batch = _batch()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, model(**batch).logits, atol=0, rtol=0)  # deterministic
