@@ -165,6 +165,7 @@ class FastFTCallback(TrainerCallback):
             self._reselect(state, model, optimizer)
         if self.sparse_schedule and model is not None:
             for schedule in sparse_schedules(model):
-                for done in schedule.step(model, state.global_step, optimizer):
+                final = bool(state.max_steps) and state.global_step >= state.max_steps
+                for done in schedule.step(model, state.global_step, optimizer, final=final):
                     self.events.append((state.global_step, "sparse"))
                     self._say(state, f"fastft: {done} at step {state.global_step}")

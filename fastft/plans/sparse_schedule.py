@@ -146,11 +146,15 @@ class SparseSchedule:
                 drop_optimizer_state(optimizer, [module.delta_values, gate.log_alpha])
 
     # ------------------------------------------------------------------- step
-    def step(self, model: nn.Module | None, global_step: int, optimizer: Any = None) -> list[str]:
-        """Run what is due after optimizer step number ``global_step`` (1-based); returns what was done."""
+    def step(self, model: nn.Module | None, global_step: int, optimizer: Any = None, final: bool = False) -> list[str]:
+        """Run what is due after optimizer step number ``global_step`` (1-based); returns what was done.
+
+        ``final``: this was the last step of the run. SpIEL does not cycle then (the pruned deltas would be lost
+        and the regrown slots never train); Diff Pruning still fixes its gates if due.
+        """
         done = []
         config = self.config
-        if config.method == "spiel" and global_step > 0 and global_step % config.regrow_every == 0:
+        if config.method == "spiel" and global_step > 0 and global_step % config.regrow_every == 0 and not final:
             changed = self.regrow(optimizer)
             done.append(f"SpIEL cycle {self.cycle}: {changed} positions regrown")
         if (config.method == "diff-pruning" and config.fix_at_step is not None and not self.fixed
