@@ -56,7 +56,8 @@ from .dequantize_4bit import FourBitWeight, dequantize_4bit
 # 2·O·K·4 bytes, the gather kernel about N·k·8, so the crossover is near N·k = O·K; 4 leaves room for the
 # gather's irregular reads being slower than the copy's streaming ones.
 DENSE_RATIO = {"cpu": 0.5, "cuda": 4.0}
-_CHUNK = 1 << 18  # elements of one gathered (tokens × slots) block in the PyTorch sparse terms
+_CHUNK = 1 << 18  # elements of one gathered (tokens × slots) block in the PyTorch SDDMM
+_TOKEN_BLOCK = 1 << 18  # elements of one (tokens × features) block the PyTorch sparse terms and SDDMM transpose
 
 
 # ------------------------------------------------------------------------------------------ support
@@ -151,6 +152,12 @@ def _chunk(tokens: int) -> int:
     return max(1, _CHUNK // max(1, tokens))
 
 
+def _token_block(*features: int) -> int:
+    """Tokens per block, so a transposed block of activations stays within _TOKEN_BLOCK elements (1 MiB fp32):
+    the reference's transients are bounded by blocks, not by N×K."""
+    return max(1, _TOKEN_BLOCK // max(1, *features))
+
+
 def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
@@ -163,7 +170,7 @@ def sparse_term_reference(out: Tensor, src: Tensor, ptr: Tensor, order: Optional
     One ``torch.sparse.mm`` of the T×S CSR matrix these slots form with ``srcᵀ``, in float32 (float64 for
     float64; the CPU's sparse product has no half kernels). Measured on the CPU against gathers: 53 ms against
     114 ms (rows of srcᵀ gathered, ``index_add_``) and 1,448 ms (columns of src gathered), N = 512,
-    O = K = 2048, k = 0.5%. Transients: the T×N product (activation-sized, never O×K).
+    O = K = 2048, k = 0.5%. Transients: one block of tokens at a time (at most 1 MiB of float32 a block).
     """
     if values.numel() == 0 or out.shape[0] == 0:
         return out
@@ -173,26 +180,37 @@ def sparse_term_reference(out: Tensor, src: Tensor, ptr: Tensor, order: Optional
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
         matrix = torch.sparse_csr_tensor(ptr, idx, values.to(acc), (out.shape[1], src.shape[1]), check_invariants=False)
-    term = torch.sparse.mm(matrix, src.t().to(acc))
-    if out.dtype == acc:
-        return out.add_(term.t())
-    return out.copy_(out.to(acc).add_(term.t()))
+    block = _token_block(out.shape[1], src.shape[1])
+    for start in range(0, out.shape[0], block):
+        stop = min(out.shape[0], start + block)
+        term = torch.sparse.mm(matrix, src[start:stop].t().to(acc)).t()
+        part = out[start:stop]
+        if out.dtype == acc:
+            part.add_(term)
+        else:
+            part.copy_(part.to(acc).add_(term))
+    return out
 
 
 def sampled_gradient_reference(grad_y: Tensor, x: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
     """``dv[j] = Σ_n grad_y[n, rows[j]] · x[n, cols[j]]`` (float32 accumulation for half inputs), gathering rows
-    of the transposes in blocks of slots (transients: gᵀ, xᵀ and one block; never O×K)."""
+    of the transposes of one block of tokens at a time, in blocks of slots (transients: one transposed token
+    block of g and of x, at most 1 MiB each in float32, and one block of slots; never O×K)."""
     k = rows.numel()
     acc = _acc(grad_y.dtype)
-    out = torch.empty(k, dtype=acc, device=grad_y.device)
+    out = torch.zeros(k, dtype=acc, device=grad_y.device)
     if k == 0:
         return out.to(grad_y.dtype)
-    g_t = grad_y.t().to(acc).contiguous()
-    x_t = x.t().to(acc).contiguous()
-    step = _chunk(grad_y.shape[0])
-    for start in range(0, k, step):
-        stop = min(k, start + step)
-        out[start:stop] = (g_t.index_select(0, rows[start:stop]) * x_t.index_select(0, cols[start:stop])).sum(1)
+    tokens = grad_y.shape[0]
+    block = _token_block(grad_y.shape[1], x.shape[1])
+    for first in range(0, tokens, block):
+        last = min(tokens, first + block)
+        g_t = grad_y[first:last].t().to(acc).contiguous()
+        x_t = x[first:last].t().to(acc).contiguous()
+        step = _chunk(last - first)
+        for start in range(0, k, step):
+            stop = min(k, start + step)
+            out[start:stop] += (g_t.index_select(0, rows[start:stop]) * x_t.index_select(0, cols[start:stop])).sum(1)
     return out.to(grad_y.dtype)
 
 

@@ -231,3 +231,19 @@ def test_cost_model_reads_the_formula_on_the_right_edges(bias):
     assert cost.flops(0b01) == 2 * tokens * O * K + 2 * tokens * k
     assert cost.flops(0b10) == 2 * tokens * k
     assert cost.flops(0b11) == 2 * tokens * O * K + 4 * tokens * k
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_token_and_slot_blocks_do_not_change_the_result(monkeypatch, dtype):
+    """The reference works in blocks of tokens and of slots to bound its transients; tiny blocks, same answer."""
+    import sys
+
+    op = sys.modules["fastft.ops.sparse_delta_linear"]  # the package exports a function of the same name
+    x, W, b, idx, v, grad = make(dtype, lead=(3, 5))
+    with backend("torch"):
+        whole = run(x, W, b, idx, v, grad, dense=False)
+        monkeypatch.setattr(op, "_TOKEN_BLOCK", 2 * O)  # 1 or 2 tokens a block
+        monkeypatch.setattr(op, "_CHUNK", 7)  # a few slots a block
+        blocked = run(x, W, b, idx, v, grad, dense=False)
+    for got, want in zip(blocked, whole):
+        assert_close(got, want, dtype)
