@@ -1,11 +1,20 @@
-"""The sparse fine-tuning methods on a model: selection through the planner, their training-time rules
-against references, bad inputs, save / load, end-to-end training, LoRA beside them."""
+"""The sparse fine-tuning methods on a model: selection through the planner, each method's training-time rule
+against a reference, bad inputs, end-to-end training of a tiny Llama (save / load, export and composition are
+in test_sparse_methods_io.py)."""
 import math
-import types
 
 import pytest
 import torch
 import torch.nn.functional as F
+from sparse_helpers import (
+    METHODS,
+    TARGETS,
+    config_for,
+    make_batch,
+    snapshot,
+    sparse_modules,
+    train_steps,
+)
 
 import fastft
 from fastft.nn.sparse_delta import SparseDeltaLinear
@@ -15,49 +24,15 @@ from fastft.plans.sparse_schedule import SparseSchedule
 from fastft.plans.sparse_selection import slot_count, smallest_magnitude
 from helpers import tiny_model
 
-TARGETS = ["q_proj", "down_proj"]
-
-
-def _batch(seed=0, batch=2, seq=12):
-    ids = torch.randint(0, 96, (batch, seq), generator=torch.Generator().manual_seed(seed))
-    return {"input_ids": ids, "labels": ids}
-
-
-def _sparse_modules(model):
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, SparseDeltaLinear)]
-
-
-def _snapshot(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def _config(method, **options):
-    defaults = {"targets": TARGETS, "density": 0.05}
-    if method == "lt-sft":
-        defaults["phase1"] = _phase1(tiny_model())
-    if method == "sct":
-        defaults["calib"] = [_batch(5)]
-    defaults.update(options)
-    return fastft.SparseConfig(method=method, **defaults)
-
-
-def _phase1(model, seed=9):
-    gen = torch.Generator().manual_seed(seed)
-    return {n: m.weight.detach() + 0.01 * torch.randn(m.weight.shape, generator=gen)
-            for n, m in model.named_modules() if n.endswith(tuple(TARGETS))}
-
-
-METHODS = ["spiel", "lt-sft", "diff-pruning", "sara", "gmt", "mft", "sct", "magnitude", "random"]
-
 
 @pytest.mark.parametrize("method", METHODS)
 def test_each_method_patches_and_leaves_the_function_unchanged(method):
     model = tiny_model()
-    batch = _batch()
+    batch = make_batch()
     with torch.no_grad():
         before = model(**batch).logits
-    report = fastft.patch(model, _config(method))
-    modules = _sparse_modules(model)
+    report = fastft.patch(model, config_for(method))
+    modules = sparse_modules(model)
     assert len(modules) == 4 and all(r.kind == "sparse" for r in report.modules)
     for _, m in modules:
         expected_k = (m.out_features * max(1, round(0.05 * m.in_features)) if method == "sct"
@@ -72,8 +47,8 @@ def test_each_method_patches_and_leaves_the_function_unchanged(method):
 def test_sara_support_is_the_smallest_magnitudes():
     model = tiny_model()
     weights = {n: m.weight.detach().clone() for n, m in model.named_modules() if n.endswith(tuple(TARGETS))}
-    fastft.patch(model, _config("sara"))
-    for name, m in _sparse_modules(model):
+    fastft.patch(model, config_for("sara"))
+    for name, m in sparse_modules(model):
         assert torch.equal(m.delta_indices, smallest_magnitude(weights[name], m.k))
 
 
@@ -90,13 +65,13 @@ def test_lt_sft_support_is_the_most_changed_and_accepts_a_model():
                 m.weight.view(-1)[idx] += 1.0 + torch.rand(k, generator=gen)
                 chosen[name] = torch.sort(idx).values
     fastft.patch(model, fastft.SparseConfig(method="lt-sft", targets=TARGETS, density=0.05, phase1=phase1))
-    for name, m in _sparse_modules(model):
+    for name, m in sparse_modules(model):
         assert torch.equal(m.delta_indices, chosen[name])
 
 
 def test_sct_support_is_whole_salient_columns():
     model = tiny_model()
-    batches = [_batch(5), _batch(6)]
+    batches = [make_batch(5), make_batch(6)]
     norms = {}
     hooks = [m.register_forward_hook(lambda mod, a, o, n=n: norms.__setitem__(n, norms.get(n, 0) + a[0].double().square().reshape(-1, a[0].shape[-1]).sum(0)))
              for n, m in model.named_modules() if n.endswith(tuple(TARGETS))]
@@ -106,7 +81,7 @@ def test_sct_support_is_whole_salient_columns():
     for h in hooks:
         h.remove()
     fastft.patch(model, fastft.SparseConfig(method="sct", targets=TARGETS, density=0.125, calib=batches))
-    for name, m in _sparse_modules(model):
+    for name, m in sparse_modules(model):
         channels = torch.topk(norms[name], max(1, round(0.125 * m.in_features))).indices
         cols = m.delta_indices % m.in_features
         assert torch.equal(cols.unique(), channels.sort().values)
@@ -121,32 +96,13 @@ def test_sct_support_is_whole_salient_columns():
 ])
 def test_bad_inputs_change_nothing(bad):
     model = tiny_model()
-    before = _snapshot(model)
+    before = snapshot(model)
     config = fastft.SparseConfig(**{"targets": TARGETS, "density": 0.05, **bad})
     with pytest.raises(ValueError):
         fastft.patch(model, config)
-    assert not fastft.is_patched(model) and not _sparse_modules(model)
+    assert not fastft.is_patched(model) and not sparse_modules(model)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
-
-
-def _train(model, steps, lr=1e-2, schedule=True, batch=None):
-    batch = batch or _batch()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    model.train()
-    losses = []
-    for step in range(1, steps + 1):
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-        if schedule:
-            for s in sparse_schedules(model):
-                s.step(model, step, optimizer)
-    model.eval()
-    return losses, optimizer
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -162,12 +118,12 @@ def test_each_method_trains_a_tiny_llama(method):
         options.update(score_init=0.05, density=0.5)
     if method == "sct":
         options.update(density=0.2)
-    fastft.patch(model, _config(method, **options))
-    batch = _batch()
+    fastft.patch(model, config_for(method, **options))
+    batch = make_batch()
     with torch.no_grad():
         start = model(**batch).loss.item()
     lr = 0.1 if method == "mft" else 1e-2
-    losses, _ = _train(model, 6, lr=lr, batch=batch)
+    losses, _ = train_steps(model, 6, lr=lr, batch=batch)
     with torch.no_grad():
         end = model(**batch).loss.item()
     assert end < start - 0.05, (method, start, end, losses)
@@ -176,14 +132,14 @@ def test_each_method_trains_a_tiny_llama(method):
 def test_spiel_cycle_moves_the_support_by_accumulated_candidate_gradients_and_moves_optimizer_state():
     torch.manual_seed(0)
     model = tiny_model()
-    fastft.patch(model, _config("spiel", regrow_every=2, prune_fraction=0.25, candidate_factor=2.0))
+    fastft.patch(model, config_for("spiel", regrow_every=2, prune_fraction=0.25, candidate_factor=2.0))
     (schedule,) = sparse_schedules(model)
-    modules = _sparse_modules(model)
+    modules = sparse_modules(model)
     assert all(m.candidate_indices is not None for _, m in modules)
     # one step of training, then accumulate a second step's candidate gradients by hand and check the choice
-    losses, optimizer = _train(model, 1, schedule=False)
+    losses, optimizer = train_steps(model, 1, schedule=False)
     model.train()
-    model(**_batch(1)).loss.backward()
+    model(**make_batch(1)).loss.backward()
     optimizer.step()
     name, m = modules[0]
     grads = m.candidate_gradients().clone()
@@ -233,17 +189,17 @@ def test_spiel_candidate_gradients_equal_the_dense_gradient():
 
 def test_gmt_keeps_exactly_the_top_fraction_of_each_layer_gradient():
     model = tiny_model()
-    fastft.patch(model, _config("gmt", keep_fraction=0.3))
+    fastft.patch(model, config_for("gmt", keep_fraction=0.3))
     model.train()
-    model(**_batch()).loss.backward()
-    for _, m in _sparse_modules(model):
+    model(**make_batch()).loss.backward()
+    for _, m in sparse_modules(model):
         assert int((m.delta_values.grad != 0).sum()) == max(1, math.floor(0.3 * m.k + 0.5))
 
 
 def test_mft_forward_equals_the_masked_weights():
     model = tiny_model()
-    fastft.patch(model, _config("mft"))
-    name, m = _sparse_modules(model)[0]
+    fastft.patch(model, config_for("mft"))
+    name, m = sparse_modules(model)[0]
     with torch.no_grad():
         m.delta_values.copy_(torch.randn(m.k, generator=torch.Generator().manual_seed(0)))
     mask = torch.ones(m.weight.numel())
@@ -255,138 +211,39 @@ def test_mft_forward_equals_the_masked_weights():
 
 def test_sara_nuclear_norm_joins_the_loss_and_trains():
     model = tiny_model()
-    fastft.patch(model, _config("sara", nuclear_weight=0.01))
-    modules = _sparse_modules(model)
+    fastft.patch(model, config_for("sara", nuclear_weight=0.01))
+    modules = sparse_modules(model)
     with torch.no_grad():
         for _, m in modules:
             m.delta_values.normal_(0, 0.1)
     model.train()
-    batch = _batch()
+    batch = make_batch()
     loss = model(**batch).loss
     plain = model(input_ids=batch["input_ids"]).logits
     ce = F.cross_entropy(plain[:, :-1].reshape(-1, 96), batch["labels"][:, 1:].reshape(-1))
     penalty = sum(0.01 * torch.linalg.matrix_norm(m.delta_weight().float(), ord="nuc") for _, m in modules)
     torch.testing.assert_close(loss, ce + penalty)
-    losses, _ = _train(model, 6)
+    losses, _ = train_steps(model, 6)
     assert losses[-1] < losses[0]
 
 
 def test_diff_pruning_adds_the_l0_penalty_to_the_loss_and_fixes_the_gates():
     model = tiny_model()
-    fastft.patch(model, _config("diff-pruning", l0_weight=0.01, final_density=0.25))
+    fastft.patch(model, config_for("diff-pruning", l0_weight=0.01, final_density=0.25))
     model.train()
-    batch = _batch()
+    batch = make_batch()
     torch.manual_seed(0)
     loss = model(**batch).loss
     torch.manual_seed(0)
     plain = model(input_ids=batch["input_ids"]).logits
     ce = F.cross_entropy(plain[:, :-1].reshape(-1, 96), batch["labels"][:, 1:].reshape(-1))
-    penalty = sum(0.01 * expected_l0(m.value_transform.log_alpha, 2 / 3) for _, m in _sparse_modules(model))
+    penalty = sum(0.01 * expected_l0(m.value_transform.log_alpha, 2 / 3) for _, m in sparse_modules(model))
     torch.testing.assert_close(loss, ce + penalty)
-    schedule = SparseSchedule(_config("diff-pruning", final_density=0.25), _sparse_modules(model))
+    schedule = SparseSchedule(config_for("diff-pruning", final_density=0.25), sparse_modules(model))
     schedule.fix_gates()
-    for _, m in _sparse_modules(model):
+    for _, m in sparse_modules(model):
         assert int(m.value_transform.fixed_mask.sum()) == max(1, math.floor(0.25 * m.k + 0.5))  # round half up
         assert m.regularization() is None
-
-
-@pytest.mark.parametrize("method", ["spiel", "diff-pruning", "mft", "sct", "lt-sft", "gmt"])
-def test_save_load_round_trip(method, tmp_path):
-    torch.manual_seed(0)
-    model = tiny_model()
-    options = {"regrow_every": 2} if method == "spiel" else {"fix_at_step": 3} if method == "diff-pruning" else {}
-    fastft.patch(model, _config(method, **options))
-    _train(model, 4)
-    batch = _batch(3)
-    with torch.no_grad():
-        expected = model(**batch).logits
-    fastft.save(model, tmp_path)
-    fresh = tiny_model()
-    fastft.load(fresh, tmp_path)
-    with torch.no_grad():
-        torch.testing.assert_close(fresh(**batch).logits, expected)
-    for (_, a), (_, b) in zip(_sparse_modules(model), _sparse_modules(fresh)):
-        assert torch.equal(a.delta_indices, b.delta_indices)
-    merged = fastft.unpatch(fresh, merge=True)
-    with torch.no_grad():
-        torch.testing.assert_close(merged(**batch).logits, expected, atol=1e-5, rtol=1e-5)
-
-
-def test_sparse_beside_lora_in_one_patch():
-    model = tiny_model()
-    report = fastft.patch(model, [fastft.LoRAConfig(r=4, targets=["v_proj"]),
-                                  fastft.SparseConfig(method="sara", targets=["down_proj"], density=0.05)])
-    assert {r.kind for r in report.modules} == {"lora", "sparse"}
-    losses, _ = _train(model, 6)
-    assert losses[-1] < losses[0]
-    kinds = {type(m).__name__ for m in model.modules()}
-    assert {"LoRALinear", "SparseDeltaLinear"} <= kinds
-
-
-def test_the_trainer_callback_runs_the_schedule():
-    from fastft.integrations import FastFTCallback
-
-    model = tiny_model()
-    fastft.patch(model, _config("spiel", regrow_every=2))
-    _, optimizer = _train(model, 1, schedule=False)
-    model.train()
-    model(**_batch()).loss.backward()
-    callback = FastFTCallback(log=None)
-    (schedule,) = sparse_schedules(model)
-    state = types.SimpleNamespace(global_step=1, max_steps=10, is_world_process_zero=True)
-    callback.on_step_end(None, state, None, model=model, optimizer=optimizer)
-    assert schedule.cycle == 0
-    state.global_step = 2
-    callback.on_step_end(None, state, None, model=model, optimizer=optimizer)
-    assert schedule.cycle == 1 and callback.events == [(2, "sparse")]
-    off = FastFTCallback(log=None, sparse_schedule=False)
-    state.global_step = 4
-    off.on_step_end(None, state, None, model=model, optimizer=optimizer)
-    assert schedule.cycle == 1
-    fastft.unpatch(model)
-    assert sparse_schedules(model) == []
-
-
-def test_a_meta_model_is_refused_naming_the_sparse_method():
-    import transformers as tf
-    from helpers import tiny_config
-
-    with torch.device("meta"):
-        model = tf.LlamaForCausalLM(tiny_config("llama"))
-    with pytest.raises(ValueError, match="sparse fine-tuning \\(method='sara'\\)"):
-        fastft.patch(model, fastft.SparseConfig(method="sara", targets=["q_proj"]))
-    assert not fastft.is_patched(model)
-
-
-@pytest.mark.parametrize("method", ["diff-pruning", "mft", "gmt"])
-def test_exported_deltas_compose_onto_the_base(method, tmp_path):
-    """A method's sparse delta exported as a file (its effective values: after gates / masks) applied to the
-    plain base gives the patched model's eval logits; two fine-tunings compose by addition and revert exactly."""
-    torch.manual_seed(0)
-    model = tiny_model()
-    fastft.patch(model, _config(method, **({"score_init": 0.05, "density": 0.3} if method == "mft" else {})))
-    _train(model, 4, lr=0.1 if method == "mft" else 1e-2)
-    other = tiny_model()
-    fastft.patch(other, fastft.SparseConfig(method="random", targets=["v_proj"], density=0.05, seed=3))
-    _train(other, 3)
-    batch = _batch(3)
-    with torch.no_grad():
-        expected = model(**batch).logits
-    fastft.save_sparse_delta(model, tmp_path / "task.safetensors")
-    fastft.save_sparse_delta(other, tmp_path / "lang.safetensors")
-    base = tiny_model()
-    original = _snapshot(base)
-    fastft.apply_sparse_delta(base, tmp_path / "task.safetensors")
-    with torch.no_grad():
-        torch.testing.assert_close(base(**batch).logits, expected, atol=1e-5, rtol=1e-5)
-    fastft.apply_sparse_delta(base, tmp_path / "lang.safetensors")  # composition: both deltas added
-    for (name, m) in _sparse_modules(other):
-        torch.testing.assert_close(base.get_submodule(name).weight, original[f"{name}.weight"] + m.delta_weight())
-    fastft.revert_sparse_delta(base, tmp_path / "lang.safetensors")
-    fastft.revert_sparse_delta(base, tmp_path / "task.safetensors")
-    after = base.state_dict()
-    for key in original:
-        torch.testing.assert_close(after[key], original[key], atol=1e-6, rtol=0)
 
 
 def test_four_bit_bases_select_on_the_dequantized_weight():
@@ -400,76 +257,28 @@ def test_four_bit_bases_select_on_the_dequantized_weight():
                    if n.endswith("down_proj")}
     report = fastft.patch(model, [fastft.SparseConfig(method="sara", targets=["down_proj"], density=0.05)])
     assert any("smallest |W|" in note for note in report.notes)
-    for name, m in _sparse_modules(model):
+    for name, m in sparse_modules(model):
         assert m.is_4bit and torch.equal(m.delta_indices, smallest_magnitude(dequantized[name], m.k))
-    losses, _ = _train(model, 4)
+    losses, _ = train_steps(model, 4)
     assert losses[-1] < losses[0]
 
 
 def test_lt_sft_from_a_larger_sparse_phase_one():
     phase1 = tiny_model()
     fastft.patch(phase1, fastft.SparseConfig(method="random", targets=TARGETS, density=0.2))
-    _train(phase1, 3)
+    train_steps(phase1, 3)
     model = tiny_model()
     fastft.patch(model, fastft.SparseConfig(method="lt-sft", targets=TARGETS, density=0.02, phase1=phase1))
-    for (name, m), (_, p) in zip(_sparse_modules(model), _sparse_modules(phase1)):
+    for (name, m), (_, p) in zip(sparse_modules(model), sparse_modules(phase1)):
         change = p.delta_weight().abs().flatten()
         assert torch.equal(m.delta_indices, torch.sort(torch.topk(change, m.k).indices).values)
         assert torch.isin(m.delta_indices, p.delta_indices).all() and (m.delta_values == 0).all()
 
 
-@pytest.mark.parametrize("method", ["spiel", "diff-pruning", "mft"])
-def test_merged_state_dict_of_a_method_with_edits(method):
-    """Methods whose plans carry a schedule or a loss term merge like the others: fastft.merged_state_dict equals
-    the state of unpatch(merge=True)."""
-    torch.manual_seed(0)
-    model = tiny_model()
-    fastft.patch(model, _config(method, **({"fix_at_step": 2} if method == "diff-pruning" else {})))
-    _train(model, 3)
-    merged = fastft.merged_state_dict(model)
-    expected = fastft.unpatch(model, merge=True).state_dict()
-    assert set(merged) == set(expected)
-    for key in expected:
-        torch.testing.assert_close(merged[key], expected[key])
-
-
-def test_gradient_checkpointing_gives_the_same_candidate_gradients():
-    ids = _batch()["input_ids"]
-    grads = []
-    for checkpointing in (False, True):
-        model = tiny_model()
-        fastft.patch(model, _config("spiel"))
-        if checkpointing:
-            model.gradient_checkpointing_enable()
-            model.enable_input_require_grads()
-        model.train()
-        model(input_ids=ids, labels=ids).loss.backward()
-        grads.append([t.clone() for _, m in _sparse_modules(model) for t in (m.candidate_gradients(), m.delta_values.grad)])
-    for plain, checkpointed in zip(*grads):
-        torch.testing.assert_close(checkpointed, plain)
-
-
-def test_save_load_of_sparse_beside_lora(tmp_path):
-    torch.manual_seed(0)
-    model = tiny_model()
-    configs = [fastft.LoRAConfig(r=4, targets=["v_proj"]),
-               fastft.SparseConfig(method="diff-pruning", targets=["down_proj"], density=0.05)]
-    fastft.patch(model, configs)
-    _train(model, 2)
-    batch = _batch(3)
-    with torch.no_grad():
-        expected = model(**batch).logits
-    fastft.save(model, tmp_path)
-    fresh = tiny_model()
-    fastft.load(fresh, tmp_path)
-    with torch.no_grad():
-        torch.testing.assert_close(fresh(**batch).logits, expected)
-
-
 def test_new_layers_take_the_mode_of_the_layers_they_replace():
     model = tiny_model()  # eval mode
-    fastft.patch(model, _config("diff-pruning"))
-    assert all(not m.training and not m.value_transform.training for _, m in _sparse_modules(model))
-    batch = _batch()
+    fastft.patch(model, config_for("diff-pruning"))
+    assert all(not m.training and not m.value_transform.training for _, m in sparse_modules(model))
+    batch = make_batch()
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).logits, model(**batch).logits, atol=0, rtol=0)  # deterministic
