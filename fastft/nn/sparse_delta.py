@@ -270,6 +270,17 @@ class SparseDeltaLinear(FastFTLayer):
         y = sparse_delta_linear(x, weight, bias, None, values, support=support, dense=self.dense_path)
         return y.to(input_dtype) if y.dtype != input_dtype else y
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # model.load_state_dict (e.g. a Trainer resuming a checkpoint) writes delta_indices in place: the index
+        # structures derived from it must follow, or the forward would use the old support
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if prefix + "delta_indices" in state_dict and not self.delta_indices.is_meta:
+            check_indices(self.delta_indices, self.shape, what=f"{type(self).__name__} ({prefix}delta_indices)")
+            self.set_candidates(None)
+            self._build_support()
+
     def _apply(self, fn, recurse=True):
         module = super()._apply(fn, recurse)
         if self._candidate_values is not None:  # not a registered tensor: move it along by hand

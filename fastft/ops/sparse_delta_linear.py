@@ -33,8 +33,8 @@ Registered as the ``torch.library`` ops ``fastft::sparse_delta_linear`` and
 here is the reference and runs on every device; the Triton backend (CUDA, or the interpreter) replaces
 the two sparse terms and the SDDMM with kernels and keeps the GEMMs in torch.
 
-FLOP formula: :func:`sparse_delta_linear_backward_flops` (beside the op; ``fastft.policies.cost``
-registers it for the op's autograd node).
+FLOP formula: :func:`sparse_delta_linear_backward_flops`, registered with the op (``node_costs=``) for
+``fastft.policies.cost``.
 """
 from __future__ import annotations
 
@@ -46,6 +46,7 @@ import torch
 from torch import Tensor
 
 from ..dispatch import implementation, lazy, register_op
+from ..node_costs import custom_op_node
 from .dequantize_4bit import FourBitWeight, dequantize_4bit
 
 # The dense path's threshold: dense when N·k >= DENSE_RATIO[device type] · O·K (and the dtype is float32/float64).
@@ -245,13 +246,29 @@ def sparse_delta_backward_reference(
     return (dx if dx is not None else grad_y.new_empty(0)), (dv if dv is not None else grad_y.new_empty(0))
 
 
+def sparse_delta_linear_backward_flops(node, grad_shape=None) -> list[tuple[int, tuple[int, ...]]]:
+    """FLOP formula of the op's backward (:mod:`fastft.node_costs`; reads only the node's ``meta``, not
+    ``grad_shape``): for N tokens, in K, out O, k values, 2 FLOPs per multiply-add::
+
+        dx = g W + T(g)     2·N·O·K + 2·N·k   when x needs grad   (dense path: 2·N·O·K)
+        dv = SDDMM          2·N·k             when v trains
+
+    Never the 2·N·O·K of a dense weight gradient. The node's edges are its tensor inputs: x, weight,
+    [absmax, code], [bias], values, then the six index tensors — x is edge 0, values the seventh from the end.
+    The forward costs 2·N·O·K + 2·N·k (sparse path) or 2·N·O·K.
+    """
+    _blocksize, in_features, k, dense, _need_dx, _need_dv, out_features, tokens = node.meta
+    dx = 2 * tokens * out_features * in_features + (0 if dense else 2 * tokens * k)
+    return [(dx, (0,)), (2 * tokens * k, (len(node.next_functions) - 7,))]
+
+
 register_op("sparse_delta_linear", {
     "torch": {"forward": sparse_delta_forward_reference, "backward": sparse_delta_backward_reference,
               "sddmm": sampled_gradient_reference},
     # the GEMMs stay in torch (cuBLAS); the kernels compute the sparse terms and the SDDMM
     "triton": lazy("fastft.kernels.sparse_delta", forward="sparse_delta_forward",
                    backward="sparse_delta_backward", sddmm="sampled_gradient"),
-})
+}, node_costs={custom_op_node("sparse_delta_linear"): sparse_delta_linear_backward_flops})
 
 
 # ------------------------------------------------------------------------------------------ the op
@@ -329,22 +346,6 @@ def _backward(ctx, grad_y):
 
 
 _sparse_delta_linear_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def sparse_delta_linear_backward_flops(node, grad_shape=None) -> list[tuple[int, tuple[int, ...]]]:
-    """FLOP formula of the op's backward (the ``fastft.policies.cost`` node-cost signature; reads only the
-    node's ``meta``, not ``grad_shape``): for N tokens, in K, out O, k values, 2 FLOPs per multiply-add::
-
-        dx = g W + T(g)     2·N·O·K + 2·N·k   when x needs grad   (dense path: 2·N·O·K)
-        dv = SDDMM          2·N·k             when v trains
-
-    Never the 2·N·O·K of a dense weight gradient. The node's edges are its tensor inputs: x, weight,
-    [absmax, code], [bias], values, then the six index tensors — x is edge 0, values the seventh from the end.
-    The forward costs 2·N·O·K + 2·N·k (sparse path) or 2·N·O·K.
-    """
-    _blocksize, in_features, k, dense, _need_dx, _need_dv, out_features, tokens = node.meta
-    dx = 2 * tokens * out_features * in_features + (0 if dense else 2 * tokens * k)
-    return [(dx, (0,)), (2 * tokens * k, (len(node.next_functions) - 7,))]
 
 
 # ------------------------------------------------------------------------------------ public API

@@ -256,3 +256,20 @@ def test_a_tiny_llama_trains_with_sparse_layers_and_no_dense_gradient():
     for m in model.modules():
         if isinstance(m, SparseDeltaLinear):
             assert all(s["exp_avg"].numel() == m.k for s in [opt.state[m.delta_values]])
+
+
+def test_load_state_dict_rebuilds_the_support():
+    """A checkpoint taken after a re-selection (e.g. a Trainer resuming) restores indices and index structures."""
+    lin = base()
+    layer = SparseDeltaLinear(lin, torch.tensor([3, 10, 40, 41, 100]), torch.arange(5.0, dtype=torch.float64))
+    moved = copy.deepcopy(layer)
+    moved.set_support(torch.tensor([0, 21, 40, 77, 200]), values=torch.arange(5.0, dtype=torch.float64))
+    layer.load_state_dict(moved.state_dict())
+    assert layer.delta_indices.tolist() == [0, 21, 40, 77, 200]
+    assert layer.rows.tolist() == moved.rows.tolist() and layer.col_order.tolist() == moved.col_order.tolist()
+    x = torch.randn(3, K, dtype=torch.float64)
+    assert torch.equal(layer(x), moved(x))
+    bad = moved.state_dict()
+    bad["delta_indices"] = torch.tensor([5, 1, 2, 3, 4])
+    with pytest.raises(ValueError, match="sorted ascending"):
+        layer.load_state_dict(bad)

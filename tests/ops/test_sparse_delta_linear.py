@@ -247,3 +247,11 @@ def test_token_and_slot_blocks_do_not_change_the_result(monkeypatch, dtype):
         blocked = run(x, W, b, idx, v, grad, dense=False)
     for got, want in zip(blocked, whole):
         assert_close(got, want, dtype)
+
+
+def test_the_formula_is_registered_with_the_op():
+    from fastft import node_costs
+
+    name = node_costs.custom_op_node("sparse_delta_linear")
+    assert node_costs.NODE_COSTS[name] is sparse_delta_linear_backward_flops
+    assert name not in node_costs.GRAD_SHAPE_NODES  # it reads the node's meta only
