@@ -55,6 +55,8 @@ from .patch import is_patched, patch_state, unpatch
 from .peft_compat import PEFT_CONFIG, from_peft
 from .nn.sparse_delta import SparseDeltaLinear
 from .plans.modules_to_save import TrainInFull
+from .plans.regularization import RegularizationEdit
+from .plans.sparse import ScheduleEdit
 from .sparse_delta_io import sparse_delta_state_dict
 from .targets import find_layer_stack
 
@@ -92,7 +94,9 @@ def merged_state_dict(model: nn.Module, adapter: str | os.PathLike | None = None
         if plan.config.method == "loss":  # a fused loss changes the forward only, never a weight
             continue
         sparse = bool(plan.swaps) and all(isinstance(m, SparseDeltaLinear) for _, m in plan.swaps)
-        if not (isinstance(plan.config, LoRAConfig) or sparse) or any(not isinstance(e, TrainInFull) for e in plan.edits):
+        # edits that change no weight (a loss term, a training schedule) or whose weights are read (TrainInFull)
+        known = (TrainInFull, RegularizationEdit, ScheduleEdit)
+        if not (isinstance(plan.config, LoRAConfig) or sparse) or any(not isinstance(e, known) for e in plan.edits):
             raise ValueError(
                 f"fastft.merged_state_dict reads LoRA / DoRA / sparse-delta patches; this model is also patched with "
                 f"{plan.config.method!r}. Call fastft.unpatch(model, merge=True) and pass model.state_dict()."

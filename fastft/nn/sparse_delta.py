@@ -47,6 +47,12 @@ def _check_base(layer: nn.Module) -> None:
     )
 
 
+def _transform_key(name: str) -> str:
+    """The adapter-state key of a value-transform tensor: no dots (``fastft.save`` keys are
+    ``<module name>.<tensor name>`` and ``fastft.load`` splits them at the last dot)."""
+    return "value_transform_" + name.replace(".", "_")
+
+
 def default_value_dtype(base_layer: nn.Module) -> torch.dtype:
     """float32 for half-precision and 4-bit bases, else the base weight's dtype."""
     if is_linear4bit(base_layer) or base_layer.weight.dtype in (torch.float16, torch.bfloat16):
@@ -298,14 +304,14 @@ class SparseDeltaLinear(FastFTLayer):
             "shape": torch.tensor(self.shape, dtype=torch.int64),
         }
         if self.value_transform is not None:
-            state.update({f"value_transform.{n}": t.detach().clone() for n, t in self.value_transform.state_dict().items()})
+            state.update({_transform_key(n): t.detach().clone() for n, t in self.value_transform.state_dict().items()})
         return state
 
     def load_adapter_state_dict(self, state: dict[str, Tensor]) -> None:
         """Load :meth:`adapter_state_dict` output (any k: the support is replaced), checking before copying."""
         expected = {"delta_indices", "delta_values", "shape"}
         if self.value_transform is not None:
-            expected |= {f"value_transform.{n}" for n in self.value_transform.state_dict()}
+            expected |= {_transform_key(n) for n in self.value_transform.state_dict()}
         if set(state) != expected:
             raise ValueError(f"sparse delta state has keys {sorted(state)}, expected {sorted(expected)}")
         shape = tuple(int(s) for s in state["shape"].tolist())
@@ -316,7 +322,7 @@ class SparseDeltaLinear(FastFTLayer):
         if tuple(values.shape) != (indices.numel(),):
             raise ValueError(f"delta_values has shape {tuple(values.shape)}, delta_indices {tuple(indices.shape)}")
         if self.value_transform is not None:
-            transform_state = {n[len("value_transform."):]: t for n, t in state.items() if n.startswith("value_transform.")}
+            transform_state = {n: state[_transform_key(n)] for n in self.value_transform.state_dict()}
             self.value_transform.load_state_dict(transform_state)
         with torch.no_grad():
             if indices.numel() == self.k:
@@ -327,6 +333,12 @@ class SparseDeltaLinear(FastFTLayer):
                 self.delta_values.data = values.to(self.delta_values.device, self.delta_values.dtype).clone()
         self.set_candidates(None)
         self._build_support()
+
+    def regularization(self) -> Optional[Tensor]:
+        """The value transform's loss term, ``value_transform.regularization(self)`` (Diff Pruning's
+        expected-L0 penalty, SaRA's nuclear norm), or None."""
+        term = getattr(self.value_transform, "regularization", None)
+        return term(self) if callable(term) else None
 
     def delta_weight(self) -> Tensor:
         """Dense ΔW (out×in, ``delta_values``' dtype) of the effective values: what merging adds."""
