@@ -95,7 +95,7 @@ def _refuse_meta(model: nn.Module, configs: Sequence[MethodConfig]) -> None:
     for cfg in configs:
         if cfg.method == "loss":
             continue
-        if isinstance(cfg, LoRAConfig) and not cfg.dora and cfg.init != "pissa":
+        if isinstance(cfg, LoRAConfig) and not cfg.dora and not cfg.holds_residual:
             continue
         what = {"s2ft": "S²FT selects and permutes channels by the weights",
                 "qat": "QAT folds rotations into the weights and quantizes them"}.get(

@@ -2,6 +2,7 @@
 from .layer import FastFTLayer
 from .lora import LoRALinear
 from .dora import DoRALinear
+from .loldu import LoLDULinear
 from .quant import QuantLinear
 from .s2ft import S2FTLinear
 from .experts import LoRAExperts
@@ -10,6 +11,7 @@ FASTFT_MODULES = (FastFTLayer,)  # isinstance(module, FASTFT_MODULES): a module 
 
 __all__ = ["FastFTLayer", "LoRALinear", "FASTFT_MODULES"]
 __all__ += ["DoRALinear"]
+__all__ += ["LoLDULinear"]
 __all__ += ["QuantLinear"]
 __all__ += ["S2FTLinear"]
 __all__ += ["LoRAExperts"]

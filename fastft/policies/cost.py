@@ -118,21 +118,23 @@ def _lora_items(node, grad_shape):
         dA = s·gbᵀ x̃  2·N·R·K   when A trains
         dB = s·gᵀ xa  2·N·O·R   when B trains
 
-    The tensor inputs are x, weight, [absmax, code], [bias], lora_A, lora_B (no dropout mask: the graph
-    is read in eval mode), so x is edge 0 and A, B are the last two.
+    The tensor inputs are x, weight, [absmax, code], [bias], lora_A, lora_B, [d] (no dropout mask: the graph
+    is read in eval mode), so x is edge 0 and A, B are the last two (before the diagonal d when there is one:
+    LoLDU). With d, dd = Σ_out B ⊙ dB_d reuses the product of dB (2·N·O·R, when B or d trains).
     """
     saved = node.saved_tensors
     xa, lora_B = saved[1], saved[6]
+    has_vector = len(saved) > 8 and saved[8] is not None
     in_features = node.meta[1]
     tokens, rank = xa.shape
     out_features = lora_B.shape[0]
     last = len(node.next_functions) - 1
-    a_edge, b_edge = last - 1, last
+    a_edge, b_edge = (last - 2, last - 1) if has_vector else (last - 1, last)
     return [
         (2 * tokens * out_features * rank, (0, a_edge)),
         (2 * tokens * in_features * out_features + 2 * tokens * rank * in_features, (0,)),
         (2 * tokens * rank * in_features, (a_edge,)),
-        (2 * tokens * out_features * rank, (b_edge,)),
+        (2 * tokens * out_features * rank, (b_edge, last) if has_vector else (b_edge,)),
     ]
 
 
