@@ -16,6 +16,7 @@ from .checks import (
     register_config,
 )
 from .lora import LoRAConfig
+from .lofit import LoFiTConfig
 from .loss import LossConfig
 from .qat import ROTATIONS, QATConfig
 from .s2ft import S2FTConfig
@@ -23,5 +24,5 @@ from .s2ft import S2FTConfig
 __all__ = [
     "ALL_LINEAR", "CONFIG_CLASSES", "PEFT_NAMES", "MethodConfig", "Targets", "WrongType", "check_bool",
     "check_number", "config_from_dict", "register_config", "LoRAConfig", "LossConfig", "QATConfig", "ROTATIONS",
-    "S2FTConfig",
+    "S2FTConfig", "LoFiTConfig",
 ]

@@ -6,6 +6,7 @@ from .loldu import LoLDULinear
 from .quant import QuantLinear
 from .s2ft import S2FTLinear
 from .experts import LoRAExperts
+from .lofit import LoFiTLinear
 
 FASTFT_MODULES = (FastFTLayer,)  # isinstance(module, FASTFT_MODULES): a module fastft.patch put in
 
@@ -15,3 +16,4 @@ __all__ += ["LoLDULinear"]
 __all__ += ["QuantLinear"]
 __all__ += ["S2FTLinear"]
 __all__ += ["LoRAExperts"]
+__all__ += ["LoFiTLinear"]

@@ -15,3 +15,6 @@ __all__ += ["s2ft_linear"]
 from .expert_lora import expert_lora
 
 __all__ += ["expert_lora"]
+from .lofit_linear import lofit_linear
+
+__all__ += ["lofit_linear"]

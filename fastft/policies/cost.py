@@ -139,6 +139,21 @@ def _lora_items(node, grad_shape):
 
 
 # ----------------------------------------------------------------------------------- fastft ops
+def _lofit_linear_items(node, grad_shape):
+    """``fastft::lofit_linear`` (fastft/ops/lofit_linear.py): for N tokens, in K, out O, |c| offset values::
+
+        dx = g W                 2·N·K·O   when x needs grad
+        dv = W[:, c]ᵀ Σ_tokens g   2·O·|c|   when the offsets train (the token sum is elementwise: 0)
+
+    Tensor inputs: x, weight, [bias], columns, offset (the offset is the last edge).
+    """
+    weight, columns = node.saved_tensors
+    tokens = _tokens_and_features(grad_shape(node))[0]
+    out_features, in_features = weight.shape
+    last = len(node.next_functions) - 1
+    return [(2 * tokens * in_features * out_features, (0,)), (2 * out_features * columns.numel(), (last,))]
+
+
 # Each formula below lists the products of one op's backward as its PyTorch reference computes them (the
 # Triton and C++ kernels compute the same products). Tensor inputs that are None have no edge in the graph,
 # so the edge of each input is counted from the ones present.
@@ -333,6 +348,7 @@ for _name, _formula in {
     "_QuantWeightLinearBackward": _quant_linear_items,
     "GeneratedBackwardFor_fastft_linear_cross_entropy_defaultBackward": _linear_cross_entropy_items,
     "GeneratedBackwardFor_fastft_s2ft_linear_defaultBackward": _s2ft_linear_items,
+    "GeneratedBackwardFor_fastft_lofit_linear_defaultBackward": _lofit_linear_items,
 }.items():
     register_node_cost(_name, _formula)
 
