@@ -12,6 +12,7 @@ from .config import LoRAConfig
 from .config import LossConfig
 from .config import S2FTConfig
 from .config import LoFiTConfig
+from .config import SelectiveLoRAConfig
 from .dispatch import backends
 from .io import load, save
 from . import plans  # noqa: F401  (registers the planners)
@@ -29,6 +30,7 @@ __all__ = [
     "PatchReport",
     "S2FTConfig",
     "LoFiTConfig",
+    "SelectiveLoRAConfig",
     "backends",
     "export_peft",
     "from_peft",

@@ -17,6 +17,7 @@ from .checks import (
 )
 from .lora import LoRAConfig
 from .lofit import LoFiTConfig
+from .selective_lora import SelectiveLoRAConfig
 from .loss import LossConfig
 from .qat import ROTATIONS, QATConfig
 from .s2ft import S2FTConfig
@@ -24,5 +25,5 @@ from .s2ft import S2FTConfig
 __all__ = [
     "ALL_LINEAR", "CONFIG_CLASSES", "PEFT_NAMES", "MethodConfig", "Targets", "WrongType", "check_bool",
     "check_number", "config_from_dict", "register_config", "LoRAConfig", "LossConfig", "QATConfig", "ROTATIONS",
-    "S2FTConfig", "LoFiTConfig",
+    "S2FTConfig", "LoFiTConfig", "SelectiveLoRAConfig",
 ]

@@ -7,6 +7,7 @@ from .quant import QuantLinear
 from .s2ft import S2FTLinear
 from .experts import LoRAExperts
 from .lofit import LoFiTLinear
+from .selective_lora import SelectiveLoRALinear, selective_lora_active
 
 FASTFT_MODULES = (FastFTLayer,)  # isinstance(module, FASTFT_MODULES): a module fastft.patch put in
 
@@ -17,3 +18,4 @@ __all__ += ["QuantLinear"]
 __all__ += ["S2FTLinear"]
 __all__ += ["LoRAExperts"]
 __all__ += ["LoFiTLinear"]
+__all__ += ["SelectiveLoRALinear", "selective_lora_active"]

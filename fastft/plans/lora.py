@@ -18,12 +18,14 @@ def _build(name, layer, config: LoRAConfig, expert_params: dict):
     return LoRALinear.from_linear(layer, config, defer_attach=True)
 
 
-def plan_lora(model, config: LoRAConfig) -> Plan:
+def plan_lora(model, config: LoRAConfig, build=None) -> Plan:
+    """The LoRA plan; ``build(name, layer, config, expert_params)`` makes each module (a variant's class)."""
+    build = build or _build
     expert_params: dict[str, list[str]] = {}
     targets = resolve_targets(model, config.targets, config.layers,
                               accept=lambda m: is_linear(m) or is_fused_experts(m),
                               what="linear layer or fused MoE experts module", expert_params=expert_params)
-    plan = Plan(config, swaps=[(name, _build(name, layer, config, expert_params)) for name, layer in targets])
+    plan = Plan(config, swaps=[(name, build(name, layer, config, expert_params)) for name, layer in targets])
     if config.init == "corda" and not isinstance(config.calib, str):  # "saved": fastft.load brings the factors
         covariances = input_covariances(model, dict(targets), config.calib)
         for name, module in plan.swaps:
