@@ -51,3 +51,5 @@ __all__ += ["merge", "merged_state_dict"]
 from .io import adapter_state_dict
 from . import distributed  # noqa: F401  (DDP / FSDP2 helpers; see the README's "Multi-process training")
 __all__ += ["adapter_state_dict", "regularization_loss"]
+from .sparse_delta_io import apply_sparse_delta, revert_sparse_delta, save_sparse_delta
+__all__ += ["apply_sparse_delta", "revert_sparse_delta", "save_sparse_delta"]

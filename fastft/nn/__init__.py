@@ -19,3 +19,6 @@ __all__ += ["S2FTLinear"]
 __all__ += ["LoRAExperts"]
 __all__ += ["LoFiTLinear"]
 __all__ += ["SelectiveLoRALinear", "selective_lora_active"]
+from .sparse_delta import SparseDeltaLinear
+
+__all__ += ["SparseDeltaLinear"]

@@ -18,3 +18,6 @@ __all__ += ["expert_lora"]
 from .lofit_linear import lofit_linear
 
 __all__ += ["lofit_linear"]
+from .sparse_delta_linear import SparseSupport, sampled_gradient, sparse_delta_linear, sparse_support
+
+__all__ += ["SparseSupport", "sampled_gradient", "sparse_delta_linear", "sparse_support"]

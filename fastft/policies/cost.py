@@ -45,6 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from ..math.hadamard import hadamard_factorization
+from ..ops.sparse_delta_linear import sparse_delta_linear_backward_flops
 from .cut import first_tensor, replace_first_tensor
 
 NodeCost = Callable[[Any, Callable[[Any], tuple[int, ...]]], list[tuple[int, tuple[int, ...]]]]
@@ -349,6 +350,8 @@ for _name, _formula in {
     "GeneratedBackwardFor_fastft_linear_cross_entropy_defaultBackward": _linear_cross_entropy_items,
     "GeneratedBackwardFor_fastft_s2ft_linear_defaultBackward": _s2ft_linear_items,
     "GeneratedBackwardFor_fastft_lofit_linear_defaultBackward": _lofit_linear_items,
+    # formula beside its op (fastft/ops/sparse_delta_linear.py)
+    "GeneratedBackwardFor_fastft_sparse_delta_linear_defaultBackward": sparse_delta_linear_backward_flops,
 }.items():
     register_node_cost(_name, _formula)
 
