@@ -13,6 +13,7 @@ from .config import LossConfig
 from .config import S2FTConfig
 from .config import LoFiTConfig
 from .config import SelectiveLoRAConfig
+from .config import DSEEConfig
 from .dispatch import backends
 from .io import load, save
 from . import plans  # noqa: F401  (registers the planners)
@@ -31,6 +32,7 @@ __all__ = [
     "S2FTConfig",
     "LoFiTConfig",
     "SelectiveLoRAConfig",
+    "DSEEConfig",
     "backends",
     "export_peft",
     "from_peft",

@@ -18,6 +18,7 @@ from .checks import (
 from .lora import LoRAConfig
 from .lofit import LoFiTConfig
 from .selective_lora import SelectiveLoRAConfig
+from .dsee import DSEEConfig
 from .loss import LossConfig
 from .qat import ROTATIONS, QATConfig
 from .s2ft import S2FTConfig
@@ -25,5 +26,5 @@ from .s2ft import S2FTConfig
 __all__ = [
     "ALL_LINEAR", "CONFIG_CLASSES", "PEFT_NAMES", "MethodConfig", "Targets", "WrongType", "check_bool",
     "check_number", "config_from_dict", "register_config", "LoRAConfig", "LossConfig", "QATConfig", "ROTATIONS",
-    "S2FTConfig", "LoFiTConfig", "SelectiveLoRAConfig",
+    "S2FTConfig", "LoFiTConfig", "SelectiveLoRAConfig", "DSEEConfig",
 ]

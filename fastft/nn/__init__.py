@@ -20,5 +20,6 @@ __all__ += ["LoRAExperts"]
 __all__ += ["LoFiTLinear"]
 __all__ += ["SelectiveLoRALinear", "selective_lora_active"]
 from .sparse_delta import SparseDeltaLinear
+from .dsee import DSEELinear
 
-__all__ += ["SparseDeltaLinear"]
+__all__ += ["SparseDeltaLinear", "DSEELinear"]
