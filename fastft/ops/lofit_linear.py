@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from ..dispatch import implementation, register_op
+from ..node_costs import custom_op_node, reads_grad_shape, rows_and_features
 
 
 def lofit_forward_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor], columns: Tensor,
@@ -44,7 +45,24 @@ def lofit_backward_reference(grad_y: Tensor, weight: Tensor, columns: Tensor, of
     return dx, dv
 
 
-register_op("lofit_linear", {"torch": {"forward": lofit_forward_reference, "backward": lofit_backward_reference}})
+@reads_grad_shape
+def lofit_linear_backward_flops(node, grad_shape):
+    """FLOP formula of the backward (:mod:`fastft.node_costs`): for N tokens, in K, out O, |c| offset values::
+
+        dx = g W                   2·N·K·O   when x needs grad
+        dv = W[:, c]ᵀ Σ_tokens g   2·O·|c|   when the offsets train (the token sum is elementwise: 0)
+
+    Tensor inputs: x, weight, [bias], columns, offset (the offset is the last edge).
+    """
+    weight, columns = node.saved_tensors
+    tokens = rows_and_features(grad_shape(node))[0]
+    out_features, in_features = weight.shape
+    last = len(node.next_functions) - 1
+    return [(2 * tokens * in_features * out_features, (0,)), (2 * out_features * columns.numel(), (last,))]
+
+
+register_op("lofit_linear", {"torch": {"forward": lofit_forward_reference, "backward": lofit_backward_reference}},
+            node_costs={custom_op_node("lofit_linear"): lofit_linear_backward_flops})
 
 
 @torch.library.custom_op("fastft::lofit_linear", mutates_args=())

@@ -42,6 +42,7 @@ from torch import Tensor
 
 from ..config import check_number
 from ..dispatch import implementation, lazy, register_op
+from ..node_costs import custom_op_node
 from .dequantize_4bit import FourBitWeight, dequantize_4bit
 
 def _dense_weight(weight: Tensor, absmax: Optional[Tensor], code: Optional[Tensor], blocksize: int, shape: tuple[int, int], dtype: torch.dtype) -> Tensor:
@@ -96,6 +97,34 @@ def _scaled_mm(a: Tensor, b: Tensor, scale: float) -> Tensor:
     return a.new_empty(a.shape[0], b.shape[1]).addmm_(a, b, beta=0.0, alpha=scale)
 
 
+def lora_linear_backward_flops(node, grad_shape):
+    """FLOP formula of the backward (:mod:`fastft.node_costs`): for N tokens, in K, out O, rank R::
+
+        gb = g B      2·N·O·R   when x or A needs grad
+        dx = g W + s·gb A       2·N·K·O + 2·N·R·K   when x needs grad
+        dA = s·gbᵀ x̃  2·N·R·K   when A trains
+        dB = s·gᵀ xa  2·N·O·R   when B trains
+
+    The tensor inputs are x, weight, [absmax, code], [bias], lora_A, lora_B, [d] (no dropout mask: the graph
+    is read in eval mode), so x is edge 0 and A, B are the last two (before the diagonal d when there is one:
+    LoLDU). With d, dd = Σ_out B ⊙ dB_d reuses the product of dB (2·N·O·R, when B or d trains).
+    """
+    saved = node.saved_tensors
+    xa, lora_B = saved[1], saved[6]
+    has_vector = len(saved) > 8 and saved[8] is not None
+    in_features = node.meta[1]
+    tokens, rank = xa.shape
+    out_features = lora_B.shape[0]
+    last = len(node.next_functions) - 1
+    a_edge, b_edge = (last - 2, last - 1) if has_vector else (last - 1, last)
+    return [
+        (2 * tokens * out_features * rank, (0, a_edge)),
+        (2 * tokens * in_features * out_features + 2 * tokens * rank * in_features, (0,)),
+        (2 * tokens * rank * in_features, (a_edge,)),
+        (2 * tokens * out_features * rank, (b_edge, last) if has_vector else (b_edge,)),
+    ]
+
+
 register_op("lora_linear", {
     "torch": {"forward": lora_forward_reference, "backward": lora_backward_reference},
     # two paths (fastft.dispatch.choose_path): base GEMMs by cuBLAS, or the fused Triton GEMM kernels
@@ -103,6 +132,9 @@ register_op("lora_linear", {
         "forward@cublas": "lora_forward_cublas", "forward@triton": "lora_forward",
         "backward@cublas": "lora_backward_cublas", "backward@triton": "lora_backward",
     }),
+}, node_costs={
+    custom_op_node("lora_linear"): lora_linear_backward_flops,
+    "_LoRALinearEagerBackward": lora_linear_backward_flops,  # the same op without the custom-op machinery
 })
 
 

@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from ..dispatch import implementation, lazy, register_op
+from ..node_costs import custom_op_node, register_node_cost
 from .dequantize_4bit import FourBitWeight, dequantize_4bit
 
 # The dense path's threshold: dense when N·k >= DENSE_RATIO[device type] · O·K (and the dtype is float32/float64).
@@ -308,6 +309,10 @@ def sparse_delta_linear_backward_flops(node, grad_shape=None) -> list[tuple[int,
     _blocksize, in_features, k, dense, _need_dx, _need_dv, out_features, tokens = node.meta
     dx = 2 * tokens * out_features * in_features + (0 if dense else 2 * tokens * k)
     return [(dx, (0,)), (2 * tokens * k, (len(node.next_functions) - 1,))]
+
+
+# main's rule since the sparse-op branch forked: each op registers its formula (fastft/node_costs.py)
+register_node_cost(custom_op_node("sparse_delta_linear"), sparse_delta_linear_backward_flops)
 
 
 # ------------------------------------------------------------------------------------ public API

@@ -16,7 +16,7 @@ import torch
 PAIRS = {
     "lora_forward": ("fastft.kernels.lora:lora_forward", "fastft.ops.lora:lora_forward_reference"),
     "lora_backward": ("fastft.kernels.lora:lora_backward", "fastft.ops.lora:lora_backward_reference"),
-    "dora_row_norm": ("fastft.kernels.dora:dora_row_norm", "fastft.ops.dora:dora_row_norm_reference"),
+    "dora_row_norm": ("fastft.kernels.dora:dora_row_norm", "fastft.ops.dora_row_norm:dora_row_norm_reference"),
     "dora_forward": ("fastft.kernels.dora:dora_forward", "fastft.ops.dora:dora_forward_reference"),
     "dora_backward": ("fastft.kernels.dora:dora_backward", "fastft.ops.dora:dora_backward_reference"),
     "fused_pass": ("fastft.kernels.linear_cross_entropy:fused_pass", "fastft.ops.linear_cross_entropy:reference_pass"),
