@@ -41,7 +41,8 @@ def lofit_backward_reference(grad_y: Tensor, weight: Tensor, columns: Tensor, of
                              need_dx: bool, need_dv: bool) -> tuple[Tensor, Tensor]:
     """``(dx, dv)`` in PyTorch, empty where not needed."""
     dx = grad_y @ weight if need_dx else grad_y.new_empty(0)
-    dv = (weight[:, columns].t() @ grad_y.sum(0)).reshape(offset_shape) if need_dv else grad_y.new_empty(0)
+    # a 1×O by O×|c| product (an mm, as the FLOP formula counts it)
+    dv = (grad_y.sum(0, keepdim=True) @ weight[:, columns]).reshape(offset_shape) if need_dv else grad_y.new_empty(0)
     return dx, dv
 
 
