@@ -20,7 +20,9 @@ from .checks import (
 
 
 def _is_tensor(value: Any) -> bool:
-    return type(value).__name__ in ("Tensor", "Parameter") and hasattr(value, "dtype")
+    import torch  # configs import torch only where a value must be a tensor (as QATConfig.calib)
+
+    return isinstance(value, torch.Tensor)
 
 
 def _check_modules_to_save(value: Any) -> Union[str, tuple[str, ...]]:
