@@ -12,6 +12,9 @@ from .config import LoRAConfig
 from .config import LossConfig
 from .config import S2FTConfig
 from .config import SparseConfig
+from .config import LoFiTConfig
+from .config import SelectiveLoRAConfig
+from .config import DSEEConfig
 from .dispatch import backends
 from .io import load, save
 from . import plans  # noqa: F401  (registers the planners)
@@ -29,6 +32,9 @@ __all__ = [
     "PatchReport",
     "S2FTConfig",
     "SparseConfig",
+    "LoFiTConfig",
+    "SelectiveLoRAConfig",
+    "DSEEConfig",
     "backends",
     "export_peft",
     "from_peft",

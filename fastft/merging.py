@@ -150,9 +150,9 @@ def _adapter_state_dict(model: nn.Module, directory: str) -> StateDict:
     if os.path.exists(os.path.join(directory, CONFIG_NAME)):
         with open(os.path.join(directory, CONFIG_NAME)) as f:
             configs = json.load(f).get("configs", [])
-        if any(c.get("init") == "pissa" for c in configs):
+        if any(c.get("init") in ("pissa", "corda", "loldu") for c in configs):
             raise ValueError(
-                f"fastft.merged_state_dict: {directory!r} is a PiSSA adapter, whose loading rewrites the base "
+                f"fastft.merged_state_dict: {directory!r} is a PiSSA / CorDA / LoLDU adapter, whose loading rewrites the base "
                 "weights; load it yourself (fastft.load(model, dir)) and call fastft.merged_state_dict(model)."
             )
         load(model, directory)

@@ -95,7 +95,7 @@ def _refuse_meta(model: nn.Module, configs: Sequence[MethodConfig]) -> None:
     for cfg in configs:
         if cfg.method == "loss":
             continue
-        if isinstance(cfg, LoRAConfig) and not cfg.dora and cfg.init != "pissa":
+        if isinstance(cfg, LoRAConfig) and not cfg.dora and not cfg.holds_residual:
             continue
         if isinstance(cfg, SparseConfig):
             what = (f"sparse fine-tuning (method={cfg.method!r}) selects its support from the weights and builds its "

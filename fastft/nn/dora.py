@@ -147,7 +147,7 @@ class DoRALinear(LoRALinear):
         super().load_adapter_state_dict(state)  # checks the key set, loads A and B (and a PiSSA residual)
         with torch.no_grad():
             copy_full_(self.lora_magnitude_vector, magnitude)
-            if self.init == "pissa":
+            if self.holds_residual:
                 self._cache_weight_sq_norm()  # the residual base weight was re-derived
 
     def merged_weight(self) -> Tensor:

@@ -17,6 +17,9 @@ __all__ += ["s2ft_linear", "quant_weight_linear"]
 from .expert_lora import expert_lora
 
 __all__ += ["expert_lora"]
+from .lofit_linear import lofit_linear
+
+__all__ += ["lofit_linear"]
 from .sparse_delta_linear import SparseSupport, sampled_gradient, sparse_delta_linear, sparse_support
 
 __all__ += ["SparseSupport", "sampled_gradient", "sparse_delta_linear", "sparse_support"]
