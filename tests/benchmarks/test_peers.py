@@ -1,0 +1,122 @@
+"""The third-party and compiled peers of the benchmark suite: each listed as run or "not run here" with a reason.
+
+Nothing here asserts a timing: only which providers a case yields and the rows their skips leave. Shapes tiny.
+"""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.append(str(REPO_ROOT))  # benchmarks/ is a top-level folder of the repository, not installed
+
+from benchmarks import harness, linear_ce, qat_step, records, s2ft_step, suite  # noqa: E402
+from benchmarks.harness import Skipped, Subject  # noqa: E402
+
+
+def _ctx(quick=True, compile=False):
+    return harness.Context(device=torch.device("cpu"), quick=quick, compile=compile,
+                           env=records.Environment("cpu", 2, "t", "tr", "f", "run-1"))
+
+
+def _by_provider(subjects):
+    """provider -> its subject (a runnable one before a skipped one: fastft[triton] is skipped on a CPU)."""
+    out = {}
+    for s in subjects:
+        if s.provider not in out or isinstance(out[s.provider], Skipped):
+            out[s.provider] = s
+    return out
+
+
+S2FT_POINT = dict(tokens=8, hidden=16, intermediate=24, ffn_ratio=0.25, dtype="float32")
+
+
+def test_s2ft_layer_has_the_plain_compiled_and_shira_peers():
+    subjects = _by_provider(s2ft_step.layer_subjects(S2FT_POINT, _ctx()))
+    assert {"fastft", "lora", "pytorch", "torch.compile", "peft-shira", "frozen"} <= set(subjects)
+    # --quick does not compile: the compiled peer is a skipped row that says how to get it
+    assert isinstance(subjects["torch.compile"], Skipped) and "--compile" in subjects["torch.compile"].reason
+    assert isinstance(subjects["pytorch"], Subject) and subjects["pytorch"].role == "peer"
+    if harness.installed("peft"):
+        assert isinstance(subjects["peft-shira"], Subject)
+
+
+def test_the_plain_s2ft_peer_computes_the_layer_and_only_the_slice_gradient():
+    subjects = _by_provider(s2ft_step.layer_subjects(S2FT_POINT, _ctx()))
+    fastft, plain = subjects["fastft"], subjects["pytorch"]
+    outputs = []
+    for subject in (fastft, plain):
+        subject.drop_grads()
+        with subject.context():
+            y = subject.forward()
+            y.backward(subject.grad_output)
+        outputs.append((y.detach().clone(), [g.grad.clone() for g in subject.grads]))
+    (y0, g0), (y1, g1) = outputs
+    torch.testing.assert_close(y0, y1)
+    assert [g.shape for g in g0] == [g.shape for g in g1]  # dx and the slice's gradient, nothing more
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(a, b)
+
+
+def test_the_s2ft_compiled_peer_is_built_with_compile(monkeypatch):
+    monkeypatch.setattr(harness, "compiler_available", lambda: None)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)  # no inductor run: the wiring only
+    subjects = _by_provider(s2ft_step.layer_subjects(S2FT_POINT, _ctx(quick=False, compile=True)))
+    compiled = subjects["torch.compile"]
+    assert isinstance(compiled, Subject) and compiled.backend == "inductor" and compiled.role == "peer"
+
+
+def test_a_missing_shira_is_a_skipped_row_with_the_install_hint(monkeypatch):
+    monkeypatch.setattr(harness, "installed", lambda name: name != "peft")
+    subjects = _by_provider(s2ft_step.layer_subjects(S2FT_POINT, _ctx()))
+    assert isinstance(subjects["peft-shira"], Skipped) and "peft is not installed" in subjects["peft-shira"].reason
+
+
+QAT_POINT = dict(hidden=32, intermediate=64, layers=1, heads=4, vocab=64, batch=1, seq=8, rank=2, dtype="float32")
+
+
+def test_qat_step_has_the_torchao_peer_or_says_why_not(monkeypatch):
+    subjects = _by_provider(qat_step.suite_subjects(QAT_POINT, _ctx()))
+    assert {"lora", "qat+lora", "torchao+peft"} <= set(subjects)
+    peer = subjects["torchao+peft"]
+    if harness.installed("torchao") and harness.installed("peft"):
+        assert isinstance(peer, Subject) and peer.role == "peer"
+        loss = peer.forward()
+        loss.backward()
+        assert torch.isfinite(loss) and peer.grads and all(g.grad is not None for g in peer.grads)
+        # only the LoRA factors train; the fake-quantized linears are in place of the decoder's
+        assert all(p.ndim == 2 for p in peer.grads) and len(peer.grads) == 2 * len(qat_step.TORCHAO_TARGETS)
+    monkeypatch.setattr(harness, "installed", lambda name: name != "torchao")
+    peer = _by_provider(qat_step.suite_subjects(QAT_POINT, _ctx()))["torchao+peft"]
+    assert isinstance(peer, Skipped) and "torchao is not installed" in peer.reason
+
+
+def test_liger_is_listed_not_run_here_on_a_cpu_and_cce_is_listed():
+    h, W, _, shifted = linear_ce.make_inputs(8, 16, 32, torch.float32)
+    grads = [h]
+    liger = linear_ce._liger(_ctx(), h, W, shifted, grads)
+    assert isinstance(liger, Skipped) and "not run here" in liger.reason and "GPU" in liger.reason
+    cce = linear_ce._cce(_ctx(), h, W, shifted, grads)
+    assert isinstance(cce, Skipped)  # --quick: its torch_compile implementation compiles
+    assert "--compile" in cce.reason or "not installed" in cce.reason
+
+
+def test_cce_runs_its_torch_compile_implementation_on_a_cpu_with_compile(monkeypatch):
+    if not harness.installed("cut_cross_entropy"):
+        pytest.skip("cut-cross-entropy is not installed (pip install cut-cross-entropy)")
+    h, W, _, shifted = linear_ce.make_inputs(8, 16, 32, torch.float32)
+    cce = linear_ce._cce(_ctx(quick=False, compile=True), h, W, shifted, [h])
+    assert isinstance(cce, Subject) and (cce.provider, cce.backend) == ("cce", "torch_compile")
+
+
+def test_every_skipped_peer_becomes_a_row_with_its_reason(tmp_path):
+    benchmarks = s2ft_step.suite_benchmarks({("cpu", "quick"): (S2FT_POINT, dict(ffn_ratio=[0.25]))})[:1]
+    outcome = suite.run(["--quick", "--repeats", "1", "--no-progress", "--no-render", "--out", str(tmp_path)],
+                        benchmarks=benchmarks)
+    assert outcome.failures == []
+    skipped = [r for r in outcome.rows if r.metric == "skipped"]
+    assert any(r.provider == "torch.compile" and "--compile" in r.note for r in skipped)
+    timed = {r.provider for r in outcome.rows if r.metric == "time"}
+    assert {"fastft", "lora", "pytorch", "frozen"} <= timed
