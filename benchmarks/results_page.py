@@ -44,6 +44,16 @@ def page(rows: list[dict]) -> str:
         "figure by the lowest peer figure at the same point (below 1: fastft better). Byte and FLOP counts are "
         "exact. CPU timings carry the load average of the machine while they were taken.\n",
     ]
+    if "--full" in first.get("command", "").split():
+        left_out = [r["op"] for r in rows if r["metric"] == "skipped" and "--full subset" in r["note"]]
+        out.append("**Coverage.** This run is `--full`: full-size shapes and timing for a subset of the cases "
+                   "(`benchmarks.suite.FULL_SUBSET`, about 20 minutes on 2 CPU cores; the whole sweep takes hours "
+                   "there)" + (f"; left out: {', '.join(left_out)}" if left_out else "") + ".\n")
+    if len(first.get("processor", "")) and "2 cores" in first.get("processor", ""):
+        out.append("**A shared machine.** The 2-core machine of this run was shared with other engineers' jobs: "
+                   "the load averages above (runnable processes, for 2 cores) say how busy it was. Timings on it are "
+                   "slower and noisier than on a quiet machine; ratios between providers timed interleaved in one "
+                   "case are the figures to read.\n")
     out.append(f"## Sanity warnings ({len(warnings)})\n")
     out += [f"- {w.text()}" for w in warnings] or ["None."]
     out.append("")

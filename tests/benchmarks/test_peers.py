@@ -120,3 +120,48 @@ def test_every_skipped_peer_becomes_a_row_with_its_reason(tmp_path):
     assert any(r.provider == "torch.compile" and "--compile" in r.note for r in skipped)
     timed = {r.provider for r in outcome.rows if r.metric == "time"}
     assert {"fastft", "lora", "pytorch", "frozen"} <= timed
+
+
+def _fake_benchmarks():
+    """Three benchmarks of three cases each (never run: --list), named like the suite's."""
+    from benchmarks.harness import Benchmark, Case
+
+    def family(name, key, values):
+        return Benchmark(name, lambda ctx: [Case(name, {key: v}, (key,), lambda ctx: [], estimate_s=lambda ctx: 1.0)
+                                            for v in values], name)
+
+    return [family("lora", "hidden", [8, 16, 32]), family("host_overhead", "tokens", [1, 8, 64]),
+            family("e2e-lora", "setup", ["a", "b", "c"])]
+
+
+def test_full_keeps_the_subset_and_lists_what_it_leaves_out(tmp_path, capsys):
+    outcome = suite.run(["--full", "--list", "--out", str(tmp_path)], benchmarks=_fake_benchmarks())
+    text = capsys.readouterr().out
+    assert "full-size subset (--full)" in text
+    listed = [line.split()[1:3] for line in text.splitlines() if line.startswith("  ")]
+    assert listed == [["lora", "hidden=8"], ["host_overhead", "tokens=1"], ["host_overhead", "tokens=64"]]
+    left_out = [r for r in outcome.rows if r.metric == "skipped"]
+    assert [r.op for r in left_out] == ["e2e-lora"] and suite.NOT_IN_SUBSET in left_out[0].note
+
+
+def test_full_and_quick_exclude_each_other(tmp_path):
+    with pytest.raises(SystemExit):
+        suite.run(["--full", "--quick", "--list", "--out", str(tmp_path)], benchmarks=_fake_benchmarks())
+
+
+def test_the_results_page_of_a_full_subset_run_says_what_it_covers_and_that_the_machine_was_shared():
+    from benchmarks import results_page
+
+    env = records.Environment("cpu", 2, "t", "tr", "f", "run-1", processor="Test CPU (2 cores)", sweep="full",
+                              command="python -m benchmarks --full")
+
+    def row(op, metric="time", note="", p50=1e-3):
+        r = env.row(load_start=3.0, op=op, provider="fastft", backend="torch", role="fastft", mode="step",
+                    metric=metric, unit="s" if metric == "time" else "", x_name="tokens", x_value="8",
+                    p50=p50 if metric == "time" else None, p20=p50 if metric == "time" else None,
+                    p80=p50 if metric == "time" else None, config="tokens=8", note=note)
+        return {k: getattr(r, k) for k in records.FIELDS}
+
+    text = results_page.page([row("lora"), row("e2e-lora", "skipped", f"e2e-lora: {suite.NOT_IN_SUBSET}")])
+    assert "**Coverage.**" in text and "left out: e2e-lora" in text
+    assert "**A shared machine.**" in text
