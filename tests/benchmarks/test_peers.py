@@ -109,6 +109,10 @@ def test_cce_runs_its_torch_compile_implementation_on_a_cpu_with_compile(monkeyp
     h, W, _, shifted = linear_ce.make_inputs(8, 16, 32, torch.float32)
     cce = linear_ce._cce(_ctx(quick=False, compile=True), h, W, shifted, [h])
     assert isinstance(cce, Subject) and (cce.provider, cce.backend) == ("cce", "torch_compile")
+    # its FLOPs are counted with the compiled function run eagerly (fullgraph refuses the FLOP counter's mode)
+    assert cce.flops_context is not None
+    with cce.flops_context():
+        assert torch.compiler.is_compiling() is False
 
 
 def test_every_skipped_peer_becomes_a_row_with_its_reason(tmp_path):
@@ -165,3 +169,23 @@ def test_the_results_page_of_a_full_subset_run_says_what_it_covers_and_that_the_
     text = results_page.page([row("lora"), row("e2e-lora", "skipped", f"e2e-lora: {suite.NOT_IN_SUBSET}")])
     assert "**Coverage.**" in text and "left out: e2e-lora" in text
     assert "**A shared machine.**" in text
+
+
+def test_the_results_page_states_the_conditions_of_each_run_it_combines(tmp_path):
+    from benchmarks import results_page
+
+    rows = []
+    for run, command in (("run-1", "python -m benchmarks --full"), ("run-2", "python -m benchmarks --full --only x")):
+        env = records.Environment("cpu", 2, "t", "tr", "f", run, processor="Test CPU (2 cores)", sweep="full",
+                                  command=command)
+        r = env.row(load_start=1.0, op=f"op-{run}", provider="fastft", backend="torch", role="fastft", mode="step",
+                    metric="time", unit="s", x_name="tokens", x_value="8", p50=1e-3, p20=1e-3, p80=1e-3,
+                    config="tokens=8", note="")
+        rows.append(r)
+    csv_path = tmp_path / "results.csv"
+    records.CsvWriter(csv_path).append(rows)
+    out = tmp_path / "results.md"
+    assert results_page.main([str(csv_path), "--run", "run-1,run-2", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "reproduce: python -m benchmarks --full\n" in text and "reproduce: python -m benchmarks --full --only x" in text
+    assert "run-1, run-2" in text
