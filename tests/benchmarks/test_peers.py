@@ -189,3 +189,18 @@ def test_the_results_page_states_the_conditions_of_each_run_it_combines(tmp_path
     text = out.read_text()
     assert "reproduce: python -m benchmarks --full\n" in text and "reproduce: python -m benchmarks --full --only x" in text
     assert "run-1, run-2" in text
+
+
+def test_the_compiled_hadamard_peer_is_differentiable(monkeypatch):
+    """Its compiled peer is the dense rotation: fastft's O(d log d) reference writes with out=, which autograd
+    (and so torch.compile of a forward + backward) refuses."""
+    from benchmarks import csrc_ops
+
+    monkeypatch.setattr(harness, "compiler_available", lambda: None)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)  # the wiring, run eagerly
+    subjects = csrc_ops._suite_subjects("hadamard_transform", dict(d=16, tokens=4, dtype="float32"),
+                                        _ctx(quick=False, compile=True))
+    compiled = _by_provider(subjects)["torch.compile"]
+    assert isinstance(compiled, Subject)
+    compiled.forward().backward(compiled.grad_output)
+    assert compiled.grads[0].grad is not None
