@@ -59,6 +59,15 @@ def page(rows: list[dict]) -> str:
     out.append(f"## Sanity warnings ({len(warnings)})\n")
     out += [f"- {w.text()}" for w in warnings] or ["None."]
     out.append("")
+    failed = [r for r in rows if r["metric"] == "failed"]
+    if failed:
+        out.append("## Failed cases\n")
+        for r in failed:
+            again = [x["run_id"] for x in rows if x["op"] == r["op"] and x["run_id"] != r["run_id"]
+                     and x["metric"] not in ("failed", "skipped")]
+            out.append(f"- run `{r['run_id']}`: {r['note']}"
+                       + (f" — re-run in run `{again[0]}` (its figures below)" if again else ""))
+        out.append("")
     skipped = list(dict.fromkeys(r["note"] for r in rows if r["metric"] == "skipped"))
     if skipped:
         out.append("## Skipped and not run on this machine\n")

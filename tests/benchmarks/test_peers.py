@@ -110,7 +110,7 @@ def test_cce_runs_its_torch_compile_implementation_on_a_cpu_with_compile(monkeyp
     cce = linear_ce._cce(_ctx(quick=False, compile=True), h, W, shifted, [h])
     assert isinstance(cce, Subject) and (cce.provider, cce.backend) == ("cce", "torch_compile")
     # its FLOPs are counted with the compiled function run eagerly (fullgraph refuses the FLOP counter's mode)
-    assert cce.flops_context is not None
+    assert cce.flops_context is not None and cce.backward_alone is False  # compiled backward: no retained graph
     with cce.flops_context():
         assert torch.compiler.is_compiling() is False
 
