@@ -204,3 +204,19 @@ def test_the_compiled_hadamard_peer_is_differentiable(monkeypatch):
     assert isinstance(compiled, Subject)
     compiled.forward().backward(compiled.grad_output)
     assert compiled.grads[0].grad is not None
+
+
+def test_host_overhead_on_a_cpu_is_the_threads_cpu_time_per_call_interleaved():
+    from benchmarks import host_overhead
+
+    order = []
+    calls = {"a": lambda: order.append("a"), "b": lambda: order.append("b")}
+    samples = host_overhead.thread_time_interleaved(calls, repeats=4, warmup=1)
+    assert {k: len(v) for k, v in samples.items()} == {"a": 4, "b": 4}
+    assert len(order) == 2 * 5 * host_overhead.CALLS_PER_SAMPLE and all(t >= 0 for v in samples.values() for t in v)
+    # rounds rotate: the second round starts with b
+    assert order[host_overhead.CALLS_PER_SAMPLE * 2] == "b"
+    measured = host_overhead.run_method("lora", 16, 2, _ctx())
+    times = [m for m in measured if m.metric == "time"]
+    assert times and all("thread CPU time" in m.note for m in times)
+    assert torch.get_num_threads() >= 1
