@@ -40,6 +40,8 @@ def page(rows: list[dict]) -> str:
         f"`{', '.join(dict.fromkeys(r['run_id'] for r in rows))}`); "
         "do not edit by hand: re-run the suite and the command.\n",
         "## Conditions\n",
+        *(["Several runs (each one's conditions below): an op measured in more than one has the figures of the "
+           "last, which re-ran it.\n"] if len({r["run_id"] for r in rows}) > 1 else []),
         *["- " + render.conditions([r for r in rows if r["run_id"] == run]).replace("\n", "\n- ") + "\n"
           for run in dict.fromkeys(r["run_id"] for r in rows)],
         "Times are medians of interleaved rounds (the CSV has p20 and p80); \"fastft / best peer\" divides fastft's "
@@ -82,6 +84,16 @@ def page(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def latest_figures(rows: list[dict]) -> list[dict]:
+    """Rows of several runs (in the order given): an op's figures and skips come from the last run that measured
+    it (a re-run replaces them); every run's failed rows are kept (the page lists them and where they were re-run)."""
+    latest = {}
+    for r in rows:
+        if r["metric"] not in ("failed", "skipped"):
+            latest[r["op"]] = r["run_id"]
+    return [r for r in rows if r["metric"] == "failed" or latest.get(r["op"], r["run_id"]) == r["run_id"]]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.results_page", description=__doc__.split("\n")[0])
     parser.add_argument("path", nargs="?", default="bench-results", help="a results CSV or the directory holding it")
@@ -92,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     path = Path(args.path)
     every = read_rows(path / "results.csv" if path.is_dir() else path)
     runs = args.run.split(",") if args.run and "," in args.run else [args.run]
-    rows = [r for run in runs for r in render.select_run(every, run)]
+    rows = latest_figures([r for run in runs for r in render.select_run(every, run)])
     try:
         text = page(rows)
     except ValueError as error:

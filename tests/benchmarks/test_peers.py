@@ -220,3 +220,15 @@ def test_host_overhead_on_a_cpu_is_the_threads_cpu_time_per_call_interleaved():
     times = [m for m in measured if m.metric == "time"]
     assert times and all("thread CPU time" in m.note for m in times)
     assert torch.get_num_threads() >= 1
+
+
+def test_a_re_run_replaces_the_figures_of_an_op_and_its_failure_stays_listed():
+    from benchmarks import results_page
+
+    rows = [dict(op="a", run_id="r1", metric="failed"), dict(op="a", run_id="r2", metric="time"),
+            dict(op="b", run_id="r1", metric="time"), dict(op="b", run_id="r2", metric="time"),
+            dict(op="c", run_id="r1", metric="skipped"), dict(op="c", run_id="r2", metric="time"),
+            dict(op="d", run_id="r1", metric="time")]
+    kept = [(r["op"], r["run_id"], r["metric"]) for r in results_page.latest_figures(rows)]
+    assert kept == [("a", "r1", "failed"), ("a", "r2", "time"), ("b", "r2", "time"), ("c", "r2", "time"),
+                    ("d", "r1", "time")]
