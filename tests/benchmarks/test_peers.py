@@ -232,3 +232,11 @@ def test_a_re_run_replaces_the_figures_of_an_op_and_its_failure_stays_listed():
     kept = [(r["op"], r["run_id"], r["metric"]) for r in results_page.latest_figures(rows)]
     assert kept == [("a", "r1", "failed"), ("a", "r2", "time"), ("b", "r2", "time"), ("c", "r2", "time"),
                     ("d", "r1", "time")]
+
+
+def test_a_peer_specific_explanation_comes_before_its_ops():
+    from benchmarks import sanity
+
+    shira = sanity._explain("s2ft", "floor", [dict(provider="peft-shira", load_start=None, load_avg=None)])
+    lora = sanity._explain("s2ft", "floor", [dict(provider="lora", load_start=None, load_avg=None)])
+    assert "SHiRA" in shira and "LoRA (the peer)" in lora
