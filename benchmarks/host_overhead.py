@@ -9,7 +9,9 @@ at a few token counts: fastft's module on its default backend, the peer a user w
 QLoRA, PEFT SHiRA for the sparse S²FT, torchao's fake-quantized linear for QAT) and the plain layer (the
 floor: the frozen ``nn.Linear`` or bitsandbytes ``Linear4bit`` alone). At these sizes the figures are the
 fixed cost per call of each implementation: what a small model on a GPU, bound by its host, pays per layer.
-Only time is measured (many interleaved rounds: the calls take microseconds).
+Only time is measured (many interleaved rounds: the calls take microseconds). On a CPU it is the calling
+thread's CPU time with one intra-op thread, per call (5 calls a sample): on a shared machine wall time counts
+the time other processes held the core, which swamps a call of microseconds.
 
 Measured (host-lora, hidden 256, rank 16, float32, CPU, one thread, forward + backward per call; thread CPU
 time, 200 interleaved rounds of 5 calls, median [p20–p80] in µs; each line one process, PEFT and the plain
@@ -40,6 +42,7 @@ import torch
 from torch import nn
 
 import fastft
+from fastft import measure
 
 from .harness import (Benchmark, Case, Measurement, Skipped, Subject, installed, missing_note, not_run_here,
                       time_checked, warm_up)
@@ -162,6 +165,21 @@ def run_method(method: str, hidden: int, tokens: int, ctx) -> list[Measurement]:
         return out
     warm_up([s.step_fn() for s in subjects], ctx)
     repeats = REPEATS[ctx.sweep]
+    if not ctx.on_gpu:  # the calling thread's CPU time, one intra-op thread: what the call costs, not the load
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for mode in ("forward", "step"):
+                calls = {s.label: (s.forward_fn() if mode == "forward" else s.step_fn()) for s in subjects}
+                samples = thread_time_interleaved(calls, repeats)
+                for s in subjects:
+                    t = measure.timing_from_samples(samples[s.label], method="thread_time", threads=1)
+                    out.append(Measurement(s.provider, s.backend, s.role, mode, "time", "s", t.median_s, t.p20_s,
+                                           t.p80_s, note=f"thread CPU time, 1 thread: {repeats} interleaved rounds "
+                                                          f"of {CALLS_PER_SAMPLE} calls, per call"))
+        finally:
+            torch.set_num_threads(threads)
+        return out
     saved = ctx.repeats
     ctx.repeats = repeats
     try:
@@ -177,6 +195,29 @@ def run_method(method: str, hidden: int, tokens: int, ctx) -> list[Measurement]:
     finally:
         ctx.repeats = saved
     return out
+
+
+CALLS_PER_SAMPLE = 5
+
+
+def thread_time_interleaved(calls: dict, repeats: int, warmup: int = 3) -> dict[str, list[float]]:
+    """Per-call seconds of the calling thread's CPU time (``time.thread_time``), ``CALLS_PER_SAMPLE`` calls a sample,
+    providers round-robin (rotated each round). On a shared CPU wall time also counts the time other processes
+    held the core, which at these microsecond calls swamps the call; the thread's CPU time does not."""
+    import time
+
+    names = list(calls)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for index in range(warmup + repeats):
+        shift = index % len(names)
+        for name in names[shift:] + names[:shift]:
+            call = calls[name]
+            start = time.thread_time()
+            for _ in range(CALLS_PER_SAMPLE):
+                call()
+            if index >= warmup:
+                samples[name].append((time.thread_time() - start) / CALLS_PER_SAMPLE)
+    return samples
 
 
 def suite_benchmarks(sweeps: dict | None = None) -> list:

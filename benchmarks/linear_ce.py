@@ -177,7 +177,10 @@ def suite_subjects(config: dict, ctx) -> list:
         subjects.append(Subject("transformers", "eager", "peer", providers["transformers"], None, grads, [W]))
     if too_big["fastft"]:  # the chunked peers hold what fastft holds, about
         return subjects
-    subjects.append(compiled_peer(ctx, chunked_loss, (h, W, shifted), None, grads, [W], what="a chunked loss"))
+    # compiled losses are not timed backward-alone: a compiled backward donates its buffers and refuses the retained
+    # graph that timing the backward alone needs (as fastft's fused loss, forward and step are timed)
+    subjects.append(compiled_peer(ctx, chunked_loss, (h, W, shifted), None, grads, [W], what="a chunked loss",
+                                  backward_alone=False))
     subjects.append(_cce(ctx, h, W, shifted, grads))
     subjects.append(_liger(ctx, h, W, shifted, grads))
     return subjects
@@ -199,7 +202,11 @@ def _cce(ctx, h, W, shifted, grads):
     if ctx.on_gpu and h.dtype == torch.float32:
         return not_run_here("cce", impl, "peer", "its kernels take bfloat16 / float16 inputs only")
     h2, y = h.reshape(-1, h.shape[-1]), shifted.reshape(-1)
-    return Subject("cce", impl, "peer", lambda: cce_loss(h2, W, y, impl=impl, ignore_index=-100), None, grads, [W])
+    # its torch_compile implementation compiles with fullgraph=True, which refuses to run under the FLOP counter's
+    # dispatch mode: the FLOPs are counted on the same function run eagerly (the same math)
+    eager = (lambda: torch.compiler.set_stance("force_eager")) if impl == "torch_compile" else None
+    return Subject("cce", impl, "peer", lambda: cce_loss(h2, W, y, impl=impl, ignore_index=-100), None, grads, [W],
+                   flops_context=eager, backward_alone=impl != "torch_compile")
 
 
 def _liger(ctx, h, W, shifted, grads):

@@ -11,7 +11,9 @@ Providers, one copy of the same random Llama each, patched in one process:
   lora           fastft.LoRAConfig(r) on every decoder linear layer (the peer: what QAT adds cost to);
   qat+lora       the same LoRA plus fastft.QATConfig(w_bits=4, a_bits=8, rotations R1..R4): every linear
                  computes Q_a(x Q₄)·Q_w(W + s·BA)ᵀ, R3 rotates q and k inside attention;
-  qat+lora kv4   the same with kv_bits=4 (keys and values fake-quantized inside attention).
+  qat+lora kv4   the same with kv_bits=4 (keys and values fake-quantized inside attention);
+  torchao+peft   the recipe without fastft (in the suite's "qat_step"): torchao's FakeQuantizedLinear (W4 per
+                 channel, A8 per token) in place of every decoder linear, PEFT LoRA(r) on them, no rotations.
 One step is ``loss = model(ids, labels=ids).loss; loss.backward()`` with the adapters' gradients dropped
 first. Measured side by side (see ``fastft.measure``): time (median and p20/p80 of interleaved
 runs, and the ratio to lora), bytes saved for backward (parameters excluded), peak live bytes of the
@@ -78,6 +80,38 @@ def build_providers(args: argparse.Namespace, dtype: torch.dtype, device: torch.
     return providers
 
 
+def torchao_peft_provider(base: torch.nn.Module, rank: int) -> Provider:
+    """The recipe a user would pick without fastft: torchao's fake-quantized linears (W4 per channel, A8 per
+    token, asymmetric, as fastft's QATConfig defaults) in place of every decoder linear, then PEFT LoRA of
+    ``rank`` on them (base frozen). No rotations: torchao's QAT has none. Raises ImportError if either is absent."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from torchao.quantization.qat import IntxFakeQuantizeConfig
+        from torchao.quantization.qat.linear import FakeQuantizedLinear
+    model = copy.deepcopy(base).train()
+    activations = IntxFakeQuantizeConfig(torch.int8, "per_token", is_symmetric=False)
+    weights = IntxFakeQuantizeConfig(torch.int4, "per_channel", is_symmetric=False)
+    for name, module in list(model.named_modules()):
+        if ".layers." in f".{name}." and isinstance(module, torch.nn.Linear):
+            parent, leaf = model.get_submodule(name.rsplit(".", 1)[0]), name.rsplit(".", 1)[1]
+            setattr(parent, leaf, FakeQuantizedLinear.from_linear(module, activations, weights))
+    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                                             target_modules=TORCHAO_TARGETS))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # B starts at zero; non-zero B makes every product matter
+        for pname, param in model.named_parameters():
+            if "lora_B" in pname:
+                param.copy_(torch.randn(param.shape, generator=gen).to(param.device, param.dtype) * 0.01)
+    return Provider("torchao+peft", model, "torchao FakeQuantizedLinear (W4 channel, A8 token) + PEFT LoRA")
+
+
+TORCHAO_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
 def make_step(model: torch.nn.Module, ids: torch.Tensor) -> Callable[[], None]:
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -92,8 +126,9 @@ def make_step(model: torch.nn.Module, ids: torch.Tensor) -> Callable[[], None]:
 # ------------------------------------------------------------------------------------------- in the suite
 # ``python -m benchmarks`` runs "qat_step": one training step (forward + backward) of a small Llama with QAT+LoRA
 # (W4 per channel, A8 per token, rotations R1-R4) and with keys/values fake-quantized to 4 bits as well
-# ("qat+lora-kv4"; not in the CPU --quick sweep), against plain fastft LoRA of the same rank ("lora"). PEFT has no QAT: the peer is LoRA, and
-# "fastft / best peer" is QAT's overhead over it. The providers compute different things on purpose (a
+# ("qat+lora-kv4"; not in the CPU --quick sweep), against plain fastft LoRA of the same rank ("lora") and "torchao+peft" (torchao's fake-quantized
+# linears with PEFT LoRA on them: what a user would pick without fastft; no rotations, so it does less work).
+# "fastft / best peer" is against the faster of the two. The providers compute different things on purpose (a
 # quantized model), so no agreement is reported.
 _STEP_KEYS = ("hidden", "intermediate", "layers", "heads", "vocab", "batch", "seq", "rank")
 _FULL = dict(hidden=512, intermediate=1536, layers=4, heads=8, vocab=1024, batch=4, seq=256, rank=16)
@@ -125,7 +160,25 @@ def suite_subjects(config: dict, ctx) -> list:
     for provider in providers[1:]:
         subjects.append(model_step_subject(provider.name.replace(" ", "-"), backend_for("fake_quantize", ctx.device),
                                            "fastft", provider.model, inputs, **counted))
+    subjects.append(_torchao_subject(args, DTYPES[config["dtype"]], ctx, inputs))
     return subjects
+
+
+def _torchao_subject(args: argparse.Namespace, dtype: torch.dtype, ctx, inputs: dict):
+    """The torchao fake-quant + PEFT LoRA step (:func:`torchao_peft_provider`), or a skipped row saying why not."""
+    from .harness import Skipped, installed, missing_note, model_step_subject
+
+    for package in ("torchao", "peft"):
+        if not installed(package):
+            return Skipped("torchao+peft", "eager", "peer", missing_note(package, "the torchao QAT + PEFT LoRA peer"))
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
+        max_position_embeddings=max(args.seq, 64),
+    )
+    provider = torchao_peft_provider(tf.LlamaForCausalLM(config).to(ctx.device, dtype), args.rank)
+    return model_step_subject("torchao+peft", "eager", "peer", provider.model, inputs)
 
 
 def suite_benchmarks(sweeps: dict | None = None) -> list:
@@ -145,7 +198,7 @@ def suite_benchmarks(sweeps: dict | None = None) -> list:
         base, variables = sweeps[key]
         # fake quantization and rotations are elementwise: on a CPU they cost about as much again as the GEMMs
         return [layer_case("qat_step", point, x_names, build=suite_subjects, agreement=False,
-                           estimate_s=lambda ctx, point=point: layer_estimate(step_flops(point), 3, ctx, 4.0))
+                           estimate_s=lambda ctx, point=point: layer_estimate(step_flops(point), 4, ctx, 4.0))
                 for point, x_names in sweep_points(base, variables)]
 
     return [Benchmark("qat_step", cases, "a small Llama's training step: QAT+LoRA (W4A8, R1-R4; and KV4) vs LoRA",

@@ -28,8 +28,9 @@ optimizer.zero_grad(set_to_none=True)``. Measured side by side in one process (s
                   initial slices, kept so unpatch(merge=False) can drop the training);
   peak total      held + step peak: what a GPU's max_memory_allocated would show for the step;
   GFLOP           FlopCounterMode FLOPs of forward + backward (fastft's ops through their reference code).
-Beside the steps, one down_proj-shaped layer alone (frozen / S²FT / LoRA with about as many trainable
-parameters), forward + backward, is timed interleaved: there the S²FT-vs-LoRA difference is not
+Beside the steps, one down_proj-shaped layer alone, forward + backward, is timed interleaved ("s2ft"): fastft
+S²FT against fastft LoRA and PEFT SHiRA with about as many trainable entries, the same math in plain PyTorch
+(eager, and ``torch.compile`` of it in the full sweep) and the frozen layer: there the differences are not
 diluted by the rest of the step.
 The S²FT slice-gradient FLOPs are counted per patched module by running the op's backward for the
 weight gradient alone, and compared with the full weight gradient of the same module (gᵀx, counted
@@ -219,8 +220,9 @@ STEP_SUITE_SWEEPS = {
 
 
 def layer_subjects(config: dict, ctx) -> list:
-    """fastft S²FT (each backend), LoRA with about as many trainable entries (peer) and the frozen layer (floor)."""
-    from .harness import DTYPES, Subject, fastft_backends, forced_backend
+    """fastft S²FT (each backend); peers with about as many trainable entries: fastft LoRA, PEFT SHiRA, the same
+    math in plain PyTorch (eager, and torch.compile of it); the frozen layer (floor)."""
+    from .harness import DTYPES, Subject, compiled_peer, fastft_backends, forced_backend
 
     tokens, features, out = config["tokens"], config["intermediate"], config["hidden"]
     dtype, device = DTYPES[config["dtype"]], ctx.device
@@ -243,8 +245,41 @@ def layer_subjects(config: dict, ctx) -> list:
     ] + skipped
     subjects.append(Subject("lora", "torch", "peer", lambda: lora(x), g, [x, lora.lora_A, lora.lora_B], lora,
                             context=lambda: forced_backend("torch")))
+    # the layer's math in plain PyTorch (the trained columns a leaf of their own, the rest frozen), eager and compiled
+    w_slice = frozen.weight[:, :width].detach().clone().requires_grad_(True)
+    w_rest = frozen.weight[:, width:].detach().clone()
+    subjects.append(Subject("pytorch", "eager", "peer", lambda: plain_s2ft(x, w_slice, w_rest), g, [x, w_slice],
+                            [w_slice, w_rest]))
+    subjects.append(compiled_peer(ctx, plain_s2ft, (x, w_slice, w_rest), g, [x, w_slice], [w_slice, w_rest],
+                                  what="the S²FT layer's plain PyTorch math"))
+    subjects.append(shira_subject(frozen, rank, x, g))
     subjects.append(Subject("frozen", "eager", "floor", lambda: frozen(x), g, [x], frozen))
     return subjects
+
+
+def plain_s2ft(x: torch.Tensor, w_slice: torch.Tensor, w_rest: torch.Tensor) -> torch.Tensor:
+    """``x [W_s | W_rest]ᵀ`` with W_s (the first columns) trainable: what one writes in plain PyTorch (autograd
+    forms the full weight gradient and keeps its slice)."""
+    return torch.nn.functional.linear(x, torch.cat([w_slice, w_rest], dim=1))
+
+
+def shira_subject(frozen: nn.Linear, rank: int, x: torch.Tensor, g: torch.Tensor):
+    """PEFT's SHiRA on a copy of ``frozen``: a sparse high-rank adapter of ``rank * (in + out)`` trainable entries
+    (about the S²FT slice's count), or a skipped row saying why it cannot run."""
+    from .harness import Skipped, Subject, installed, missing_note, not_run_here
+    from .host_overhead import OneLinear
+
+    if not installed("peft"):
+        return Skipped("peft-shira", "eager", "peer", missing_note("peft", "the PEFT SHiRA peer"))
+    try:
+        from peft import ShiraConfig, get_peft_model
+    except ImportError:
+        return not_run_here("peft-shira", "eager", "peer", "this PEFT has no SHiRA (peft >= 0.17)")
+    model = get_peft_model(OneLinear(copy.deepcopy(frozen)), ShiraConfig(r=rank, target_modules=["proj"],
+                                                                         random_seed=0))
+    layer = model.base_model.model.proj
+    params = [p for p in layer.parameters() if p.requires_grad]
+    return Subject("peft-shira", "eager", "peer", lambda: layer(x), g, [x, *params], layer)
 
 
 def step_subjects(config: dict, ctx) -> list:
@@ -291,23 +326,24 @@ def _llama_step_flops(config: dict) -> float:
 
 def suite_benchmarks(layer_sweeps: dict | None = None, step_sweeps: dict | None = None) -> list:
     """The S²FT benchmarks of ``python -m benchmarks`` ("s2ft", "s2ft_step"); sweeps replaceable (tests)."""
-    from .harness import Benchmark, layer_case, layer_estimate, sweep_points
+    from .harness import COMPILE_SECONDS, Benchmark, layer_case, layer_estimate, sweep_points
 
-    def family(op: str, table: dict, build, flops, providers: int, agreement: bool):
+    def family(op: str, table: dict, build, flops, providers: int, agreement: bool, compiles: bool = False):
         def cases(ctx) -> list:
             key = (ctx.device.type, ctx.sweep)
             if key not in table:
                 raise ValueError(f"{op}: no sweep for {key}; known: {sorted(table)}")
             base, variables = table[key]
             return [layer_case(op, point, x_names, build=build, agreement=agreement,
-                               estimate_s=lambda ctx, point=point: layer_estimate(flops(point), providers, ctx))
+                               estimate_s=lambda ctx, point=point: layer_estimate(flops(point), providers, ctx)
+                               + (COMPILE_SECONDS if compiles and ctx.compile else 0.0))
                     for point, x_names in sweep_points(base, variables)]
 
         return cases
 
     layer_flops = lambda p: 4.0 * p["tokens"] * p["hidden"] * p["intermediate"]  # noqa: E731
     return [
-        Benchmark("s2ft", family("s2ft", layer_sweeps or LAYER_SUITE_SWEEPS, layer_subjects, layer_flops, 3, False),
+        Benchmark("s2ft", family("s2ft", layer_sweeps or LAYER_SUITE_SWEEPS, layer_subjects, layer_flops, 5, False, True),
                   "one S²FT linear layer (a slice of down_proj's columns trains) vs LoRA, forward + backward",
                   tags=("layer",)),
         Benchmark("s2ft_step", family("s2ft_step", step_sweeps or STEP_SUITE_SWEEPS, step_subjects,

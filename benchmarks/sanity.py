@@ -40,6 +40,12 @@ EXPLANATIONS = {
     ("host_overhead", "falls_with_work"): "at 1-64 tokens the time is host cost, flat in the token count: a "
                                           "dip within a few µs is scheduling noise",
     ("s2ft", "floor"): "LoRA (the peer) adds two skinny GEMMs and their host cost to the frozen GEMM",
+    # by (op, check, provider): a peer whose cause differs from its op's
+    ("s2ft", "floor", "peft-shira"): "PEFT SHiRA copies the whole weight and adds its sparse delta on every "
+                                     "forward (out×in elementwise work, not counted as FLOPs), then forms the "
+                                     "full weight gradient",
+    ("lora", "floor", "torch.compile"): "the compiled LoRA runs inductor's generated code for the two skinny "
+                                        "GEMMs and their elementwise glue, plus the compiled graph's host cost",
     ("fake_quant_weight", "floor"): "fake quantization is elementwise work (no FLOPs counted)",
     ("linear_ce", "step_sum"): "the fused loss computes its gradients in its forward; its backward only scales "
                                "them (not timed alone)",
@@ -102,7 +108,9 @@ def load_explanation(rows: Iterable[dict[str, Any]]) -> str | None:
 
 
 def _explain(op: str, check: str, rows: list[dict[str, Any]]) -> str | None:
-    known = EXPLANATIONS.get((op, check)) or EXPLANATIONS.get((op.split("-")[0], check))
+    provider = rows[0].get("provider") if rows else None
+    known = (EXPLANATIONS.get((op, check, provider)) or EXPLANATIONS.get((op, check))
+             or EXPLANATIONS.get((op.split("-")[0], check)))
     load = load_explanation(rows)
     return "; ".join(t for t in (known, load) if t) or None
 

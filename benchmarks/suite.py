@@ -2,6 +2,7 @@
 
     python -m benchmarks                    # the full sweep (prints its expected duration first)
     python -m benchmarks --quick            # small shapes, a few minutes on a 2-core CPU
+    python -m benchmarks --full             # full-size shapes, a subset of the cases (about 20 min on 2 cores)
     python -m benchmarks --only lora,qlora  # some benchmarks (names or tags: layer, e2e); --skip likewise
     python -m benchmarks --list             # what would run, with estimated durations; runs nothing
     python -m benchmarks --out DIR          # results.csv (appended), summary.md and plots/ (default bench-results/)
@@ -49,6 +50,19 @@ SUITE_MODULES = (
     "benchmarks.host_overhead",
     "benchmarks.e2e",
 )
+
+# ``--full``: full-size shapes and timing (as the full sweep) for a subset of the cases, chosen so that a run takes
+# about 20 minutes on a 2-core CPU shared with other work (the whole sweep takes hours there). Per benchmark: None =
+# its first case (the smallest full-size point), a dict = the cases whose config has those values. Every other
+# benchmark gets one "skipped" row saying it is not in the subset, so the results page states what it covers.
+FULL_SUBSET: dict[str, dict | None] = {
+    "lora": None, "qlora": None, "dora": None, "qdora": None,
+    "linear_ce": None, "fake_quant_weight": dict(d=4096, dtype="float32"),
+    "hadamard": None, "rotate_quantize": None, "s2ft": dict(tokens=256),
+    "host_overhead": dict(tokens=None),  # None: see FULL_HOST_TOKENS
+}
+FULL_HOST_TOKENS = (1, 64)
+NOT_IN_SUBSET = "not in the --full subset (about 20 minutes on 2 CPU cores); python -m benchmarks runs every case"
 
 DEFAULT_OUT = "bench-results"
 QUICK_TIMING = dict(repeats=5, warmup=1, rounds=2, rep_ms=50)
@@ -249,6 +263,8 @@ def parse_args(argv: list[str] | None, prog: str = "python -m benchmarks") -> ar
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--quick", action="store_true", help="small shapes and fewer timed runs")
+    parser.add_argument("--full", action="store_true",
+                        help="full-size shapes for a subset of the cases (about 20 min on 2 CPU cores; FULL_SUBSET)")
     parser.add_argument("--only", default="", help="comma-separated benchmark names or tags to run (default: all)")
     parser.add_argument("--skip", default="", help="comma-separated benchmark names or tags to leave out")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"results directory (default {DEFAULT_OUT}/)")
@@ -267,6 +283,8 @@ def parse_args(argv: list[str] | None, prog: str = "python -m benchmarks") -> ar
                         help="build the torch.compile peers (default: in the full sweep, not in --quick)")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="leave the torch.compile peers out")
     args = parser.parse_args(argv)
+    if args.full and args.quick:
+        parser.error("--full and --quick exclude each other (--full: full-size shapes, a subset of the cases)")
     args.prog = prog
     args.only = [n.strip() for n in args.only.split(",") if n.strip()]
     args.skip = [n.strip() for n in args.skip.split(",") if n.strip()]
@@ -315,6 +333,28 @@ def plan(benchmarks: list[Benchmark], ctx: Context, outcome: Outcome) -> list[tu
     return cases
 
 
+def full_subset(cases: list[tuple[Benchmark, Case]], ctx: Context,
+                subset: dict[str, dict | None] | None = None) -> tuple[list[tuple[Benchmark, Case]], list[Row]]:
+    """The cases of ``--full`` (see :data:`FULL_SUBSET`), and a skipped row per benchmark left out."""
+    subset = FULL_SUBSET if subset is None else subset
+    kept, left_out = [], []
+    for name in dict.fromkeys(b.name for b, _ in cases):
+        mine = [(b, c) for b, c in cases if b.name == name]
+        if name not in subset:
+            left_out.append(status_row(name, "skipped", f"{name}: {NOT_IN_SUBSET}", ctx.env))
+            continue
+        wanted = subset[name]
+        if wanted is None:
+            kept.append(mine[0])
+            continue
+        for benchmark, case in mine:
+            if name == "host_overhead" and case.config.get("tokens") not in FULL_HOST_TOKENS:
+                continue
+            if all(value is None or case.config.get(key) == value for key, value in wanted.items()):
+                kept.append((benchmark, case))
+    return kept, left_out
+
+
 def run(argv: list[str] | None = None, benchmarks: list[Benchmark] | None = None,
         prog: str = "python -m benchmarks") -> Outcome:
     """Run the suite (``benchmarks`` replaces the collected ones; tests use it); returns the outcome."""
@@ -336,6 +376,11 @@ def run(argv: list[str] | None = None, benchmarks: list[Benchmark] | None = None
             outcome.rows.append(status_row(module.rsplit(".", 1)[-1], "failed", text, ctx.env))
     selected = select(benchmarks, args.only, args.skip)
     cases = plan(selected, ctx, outcome)
+    if args.full:
+        cases, left_out = full_subset(cases, ctx)
+        outcome.rows += left_out
+        if left_out:
+            outcome.note(f"--full: {', '.join(r.op for r in left_out)}: {NOT_IN_SUBSET}")
 
     ctx.gemm_flops_per_s = harness.calibrate_gemm(ctx.device)
     ctx.contention = 1.0 if ctx.on_gpu else harness.contention()
@@ -351,7 +396,9 @@ def run(argv: list[str] | None = None, benchmarks: list[Benchmark] | None = None
 
     env = ctx.env
     load = load_average()
-    print(f"fastft benchmarks ({'QUICK CHECK: small shapes, not for publishing' if ctx.quick else 'full'} sweep) "
+    sweep_name = "QUICK CHECK: small shapes, not for publishing" if ctx.quick else (
+        "full-size subset (--full)" if args.full else "full")
+    print(f"fastft benchmarks ({sweep_name} sweep) "
           f"on {env.device} ({env.processor}), {env.threads} threads, 1-min load average {load if load is not None else 'n/a'}; torch {env.torch}, "
           f"triton {env.triton}, fastft {env.fastft}")
     if ctx.peaks is not None:

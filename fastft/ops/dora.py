@@ -53,7 +53,7 @@ from .dora_row_norm import (  # noqa: F401  (the row-norm op's names, re-exporte
     NORM_EPS, dora_row_norm, dora_row_norm_backward_reference, dora_row_norm_reference, norm_dtype,
     row_norm_from_projection, weight_parts,
 )
-from .lora import _dense_weight, _dropped, check_low_rank_args
+from .lora import _dense_weight, _dropped, _eager, check_low_rank_args
 
 
 def output_recoverable(x_dtype: torch.dtype, has_bias: bool) -> bool:
@@ -281,6 +281,32 @@ def _linear_backward(ctx, grad_y, _grad_xa, _grad_z):
 _dora_linear_op.register_autograd(_linear_backward, setup_context=_linear_setup_context)
 
 
+class _DoRALinearEager(torch.autograd.Function):
+    """The same forward, context and backward as the custom op, without the custom-op machinery (as
+    ``fastft.ops.lora``'s eager path): eager calls on plain tensors; ``torch.compile`` and fake tensors take the op."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        y, xa, z = implementation("dora_linear", "forward", inputs[0].device)(*inputs)
+        _linear_setup_context(ctx, inputs, (y, xa, z))
+        return y  # xa and z are only saved
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, xa, saved, weight, absmax, code, bias, lora_A, lora_B, g, mask = ctx.saved_tensors
+        saved_is_output, blocksize, in_features, scale, p, need_dx, need_dA, need_dB, need_dg = ctx.meta
+        empty = xa.new_empty(0)
+        dx, dA, dB, dg = implementation("dora_linear", "backward", grad_y.device)(
+            grad_y.contiguous(), empty if x is None else x, xa, empty if saved is None else saved, saved_is_output,
+            weight, absmax, code, blocksize, in_features, bias, lora_A, lora_B, g, scale, mask, p,
+            need_dx, need_dA, need_dB, need_dg,
+        )
+        return (
+            dx if need_dx else None, None, None, None, None, None, None,
+            dA if need_dA else None, dB if need_dB else None, dg if need_dg else None, None, None, None, None,
+        )
+
+
 def dora_linear(
     x: Tensor,
     weight: Union[Tensor, FourBitWeight],
@@ -316,8 +342,10 @@ def dora_linear(
     # Falcon's ``mlp_output += attention_output``); when g needs a gradient the pre-scale output z is kept as a
     # separate buffer instead (see the module docstring).
     keep_pre_scale = torch.is_grad_enabled() and g.requires_grad and mask2 is None
-    y, _, _ = _dora_linear_op(
-        x2, packed, absmax, code, blocksize, out_features, bias, lora_A, lora_B, g, float(scale), mask2,
-        float(dropout_p), keep_pre_scale,
-    )
+    args = (x2, packed, absmax, code, blocksize, out_features, bias, lora_A, lora_B, g, float(scale), mask2,
+            float(dropout_p), keep_pre_scale)
+    if _eager(x2, packed, bias, lora_A, lora_B, g):
+        y = _DoRALinearEager.apply(*args)
+    else:
+        y, _, _ = _dora_linear_op(*args)
     return y.reshape(*lead, out_features)

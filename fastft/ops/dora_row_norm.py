@@ -43,7 +43,7 @@ from torch import Tensor
 from ..dispatch import implementation, lazy, register_op
 from ..node_costs import custom_op_node
 from .dequantize_4bit import FourBitWeight
-from .lora import _dense_weight
+from .lora import _dense_weight, _eager
 
 NORM_EPS = 1e-6
 """Lower bound of a DoRA row norm: a zero row of ``W + s·BA`` divides by this instead of by 0."""
@@ -198,6 +198,11 @@ def dora_row_norm(
     if weight_sq_norm.shape != (out_features,):
         raise ValueError(f"dora_row_norm: weight_sq_norm must have shape ({out_features},), "
                          f"got {tuple(weight_sq_norm.shape)}")
-    norm, _ = _dora_row_norm_op(packed, absmax, code, blocksize, out_features, lora_A, lora_B, weight_sq_norm,
-                                float(scale), float(eps))
+    args = (packed, absmax, code, blocksize, out_features, lora_A, lora_B, weight_sq_norm, float(scale), float(eps))
+    if not (torch.is_grad_enabled() and (lora_A.requires_grad or lora_B.requires_grad)) and _eager(
+            packed, lora_A, lora_B, weight_sq_norm):
+        # no gradient to record (the detached norm): the implementation directly, without the custom op's
+        # Python dispatch (host time per call; the same function computes it)
+        return implementation("dora_row_norm", "forward", lora_A.device)(*args)[0]
+    norm, _ = _dora_row_norm_op(*args)
     return norm

@@ -91,3 +91,19 @@ def test_tile_loader_reads_w_and_pads_with_zeros(transposed):
                       TRANSPOSED=transposed, BLOCK_R=16, BLOCK_C=32, BLOCKSIZE=64)
     expected = padded[row0:row0 + 16, col0:col0 + 32]
     assert torch.equal(out, expected.t() if transposed else expected)
+
+
+@pytest.mark.parametrize("shape,blocksize", [((12, 16), 64), ((7, 9), 64), ((5, 3), 2)],
+                         ids=["whole-blocks", "partial-block", "odd-count"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_reference_equals_the_formula_nibble_by_nibble(shape, blocksize, dtype):
+    """The reference's byte-table gather and in-place block scaling give w_i = code[c_i]·absmax[i // blocksize]
+    exactly, whether or not the last block is whole."""
+    gen = torch.Generator().manual_seed(1)
+    n = shape[0] * shape[1]
+    packed = torch.randint(0, 256, ((n + 1) // 2,), dtype=torch.uint8, generator=gen)
+    absmax = torch.rand((n + blocksize - 1) // blocksize, generator=gen) + 0.1
+    code = torch.randn(16, generator=gen)
+    codes = [c for byte in packed.tolist() for c in (byte >> 4, byte & 0xF)][:n]
+    expected = torch.stack([code[c] * absmax[i // blocksize] for i, c in enumerate(codes)]).reshape(shape).to(dtype)
+    assert torch.equal(dequantize_4bit_reference(packed, absmax, code, blocksize, shape, dtype), expected)
