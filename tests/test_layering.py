@@ -13,7 +13,7 @@ the graph has no cycle, not even through imports inside functions. The lower the
     6 nn           fastft.nn                     drop-in modules (the FastFTLayer protocol)
     7 plans        fastft.plans, fastft.policies what a method does to a whole model; trainable selection
     8 patch        fastft.patch                  plan, check, apply with rollback, report
-    9 io           io, peft_compat, quantized, merging, integrations
+    9 io           io, peft_compat, qat_export, merging, integrations
    10 top          fastft (the package), fastft.demo, fastft.examples
 
 The only imports of fastft code inside functions: the Triton backends, registered with
@@ -38,7 +38,7 @@ LAYERS = [
     ("nn", ["fastft.nn"]),
     ("plans", ["fastft.plans", "fastft.policies"]),
     ("patch", ["fastft.patch"]),
-    ("io", ["fastft.io", "fastft.peft_compat", "fastft.quantized", "fastft.merging", "fastft.integrations"]),
+    ("io", ["fastft.io", "fastft.peft_compat", "fastft.qat_export", "fastft.merging", "fastft.integrations"]),
     ("top", ["fastft", "fastft.demo", "fastft.examples"]),
 ]
 

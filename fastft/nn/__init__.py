@@ -2,7 +2,7 @@
 from .layer import FastFTLayer
 from .lora import LoRALinear
 from .dora import DoRALinear
-from .quant import QuantLinear
+from .qat import QuantLinear
 from .s2ft import S2FTLinear
 from .experts import LoRAExperts
 

@@ -12,7 +12,7 @@ stream once every RMSNorm has lost its scale: ``rms(x Q) = rms(x)``. Writing eve
     R2 (Q₂, head_dim×head_dim, per head) on the values: ``v_proj`` rows of head h ``W_h ← Q₂ᵀ W_h``,
         ``b_h ← b_h Q₂``; ``o_proj`` input columns of head h ``W[:, h] ← W[:, h] Q₂``.
     R3 online (queries and keys after RoPE: ``q Q₃ (k Q₃)ᵀ = q kᵀ``): nothing to fold; see
-        :mod:`fastft.nn.quant`.
+        :mod:`fastft.nn.qat`.
     R4 (Q₄ over the intermediate size) online on ``down_proj``'s input, ``W_down ← W_down Q₄``.
 
 Every Hadamard rotation here is ``Q = diag(s) · Hᵀ`` with ``H`` the orthonormal Hadamard matrix of
