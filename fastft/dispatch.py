@@ -64,6 +64,8 @@ class lazy:
 
     ``lazy("fastft.kernels.lora", forward="lora_forward")``: entry ``forward`` is that module's
     ``lora_forward``. This is how the Triton kernels register: importing ``fastft`` never imports Triton.
+    An entry given as a callable instead of a name is used as it is (e.g. the op's own reference as the
+    cuBLAS path of a backend whose other entries are kernels).
     """
 
     def __init__(self, module: str, **entries: str):
@@ -74,10 +76,14 @@ class lazy:
         return entry in self.entries
 
     def __getitem__(self, entry: str) -> Callable:
-        return getattr(importlib.import_module(self.module), self.entries[entry])
+        target = self.entries[entry]
+        if callable(target):
+            return target
+        return getattr(importlib.import_module(self.module), target)
 
     def __repr__(self) -> str:
-        return f"lazy({self.module!r}, {', '.join(f'{k}={v!r}' for k, v in self.entries.items())})"
+        named = {k: (v if isinstance(v, str) else getattr(v, "__qualname__", repr(v))) for k, v in self.entries.items()}
+        return f"lazy({self.module!r}, {', '.join(f'{k}={v!r}' for k, v in named.items())})"
 
 
 def register_op(op: str, implementations: Mapping[str, Union[Mapping[str, Callable], lazy]],
