@@ -7,7 +7,7 @@ the graph has no cycle, not even through imports inside functions. The lower the
     0 math         fastft.math                   pure math: Hadamard factorizations, quantization grids
     1 base         config, report, distributed, build, measure, process_memory, node_costs, _version
     2 bindings     fastft._ext, fastft.kernels   C/CUDA libraries through ctypes; Triton kernels
-    3 dispatch     fastft.dispatch               the one place a backend is chosen
+    3 dispatch     fastft.dispatch, gemm_paths   the one place a backend (and a GEMM path) is chosen
     4 ops          fastft.ops                    one torch.library op per file
     5 model        fastft.bnb, fastft.targets    recognising a model's layers (4-bit, target names)
     6 nn           fastft.nn                     drop-in modules (the FastFTLayer protocol)
@@ -32,7 +32,7 @@ LAYERS = [
     ("base", ["fastft._version", "fastft.config", "fastft.report", "fastft.distributed", "fastft.build",
               "fastft.measure", "fastft.process_memory", "fastft.node_costs"]),
     ("bindings", ["fastft._ext", "fastft.kernels"]),
-    ("dispatch", ["fastft.dispatch"]),
+    ("dispatch", ["fastft.dispatch", "fastft.gemm_paths"]),
     ("ops", ["fastft.ops"]),
     ("model", ["fastft.bnb", "fastft.targets"]),
     ("nn", ["fastft.nn"]),
