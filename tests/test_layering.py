@@ -5,7 +5,7 @@ The rules (also in docs/architecture.md). Each module of ``fastft/`` and ``kerne
 the graph has no cycle, not even through imports inside functions. The lower the layer, the less it knows:
 
     0 math         fastft.math                   pure math: Hadamard factorizations, quantization grids
-    1 base         config, report, distributed, build, measure, process_memory, node_costs, _version
+    1 base         config, report, distributed, build, measure, timing, process_memory, node_costs, _version
     2 bindings     fastft._ext, fastft.kernels   C/CUDA libraries through ctypes; Triton kernels
     3 dispatch     fastft.dispatch, gemm_paths   the one place a backend (and a GEMM path) is chosen
     4 ops          fastft.ops                    one torch.library op per file
@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [
     ("math", ["fastft.math"]),
     ("base", ["fastft._version", "fastft.config", "fastft.report", "fastft.distributed", "fastft.build",
-              "fastft.measure", "fastft.process_memory", "fastft.node_costs"]),
+              "fastft.measure", "fastft.process_memory", "fastft.node_costs",
+              "fastft.timing"]),
     ("bindings", ["fastft._ext", "fastft.kernels"]),
     ("dispatch", ["fastft.dispatch", "fastft.gemm_paths"]),
     ("ops", ["fastft.ops"]),
