@@ -40,7 +40,8 @@ from ..nn.qat_attention import (
     register_attention,
 )
 from .registry import Edit, Plan, register_planner
-from .qat_rotations import KeepOriginals, ModelLayout, Rotation, RotationFolding, model_layout
+from .qat_layout import ModelLayout, model_layout
+from .qat_rotations import KeepOriginals, Rotation, RotationFolding
 from ..targets import find_layer_stack, resolve_targets
 
 
