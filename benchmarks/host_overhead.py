@@ -110,7 +110,7 @@ def layers(method: str, hidden: int, device: torch.device) -> list:
         out.append(("fastft", backend_for(layer.op, device), "fastft", layer, [layer.weight_slice]))
         out.append(_shira(base, width, hidden))
     else:  # qat: W4 per channel, A8 per token
-        from fastft.nn.quant import QuantLinear
+        from fastft.nn import QuantLinear
 
         dense = nn.Linear(hidden, hidden, bias=False).to(device)
         dense.load_state_dict(base.state_dict())

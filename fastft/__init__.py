@@ -24,7 +24,7 @@ from .peft_compat import export_peft, from_peft
 from .policies import SelectionReport, select_trainable, unselect
 from .report import PatchReport
 from .config import QATConfig
-from .quantized import export_quantized, load_quantized
+from .qat_export import export_quantized, load_quantized
 
 __all__ = [
     "LoRAConfig",

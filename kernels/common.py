@@ -135,6 +135,19 @@ def four_bit_parts(weight: Tensor, absmax: Optional[Tensor], code: Optional[Tens
     return packed, (absmax, code, blocksize)
 
 
+def weight_operands(w: Tensor, strides_of: Tensor, four_bit, numel: int):
+    """A GEMM kernel's weight arguments ``(absmax, code, blocksize, stride_wk, stride_wn, extent)``.
+
+    Dense (``four_bit`` None): ``w`` stands in for the unused absmax and code pointers, the strides are
+    ``strides_of``'s (the K×N view the kernel reads), extent 0. 4-bit: the tables of :func:`four_bit_parts`,
+    no strides, ``numel`` packed values (the extent for the index dtype).
+    """
+    if four_bit is None:
+        return w, w, 0, strides_of.stride(0), strides_of.stride(1), 0
+    absmax, code, blocksize = four_bit
+    return absmax, code, blocksize, 0, 0, numel
+
+
 # -------------------------------------------------------- GEMM building blocks
 
 @triton.jit

@@ -44,9 +44,9 @@ from torch import Tensor
 
 from .common import (
     accumulate_linear, block_size, check_operands, dot_flags, four_bit_parts, index_dtype, keep_mask, lowrank_tile, mma,
-    sm_count,
+    sm_count, weight_operands,
 )
-from .lora import dense_weight, fused_linear_lowrank, scaled_matmul, scaled_mm
+from .lora import dense_weight, fused_linear_lowrank, lowrank_grad_A, scaled_matmul, scaled_mm
 
 
 INTERPRETER_SPLITS = 1
@@ -272,13 +272,7 @@ def pre_scale_dot(
     tokens_per_split = triton.cdiv(triton.cdiv(max(M, 1), splits), block_m) * block_m
     splits = max(1, triton.cdiv(M, tokens_per_split))
     target = dg if splits == 1 else torch.empty(splits, N, dtype=g.dtype, device=g.device)
-    if four_bit is None:
-        absmax = code = w
-        blocksize, stride_wk, stride_wn, extra = 0, w_t.stride(0), w_t.stride(1), 0
-    else:
-        absmax, code, blocksize = four_bit
-        stride_wk = stride_wn = 0
-        extra = N * K
+    absmax, code, blocksize, stride_wk, stride_wn, extra = weight_operands(w, w_t, four_bit, N * K)
     x_ = x if saved_is_output else saved
     xa_ = xa if saved_is_output else saved
     flags = dot_flags(grad_y.dtype, grad_y.device)
@@ -299,6 +293,18 @@ def pre_scale_dot(
     return dg
 
 
+def _backward_operands(grad_y: Tensor, x: Tensor, xa: Tensor, weight: Tensor, absmax: Optional[Tensor],
+                       in_features: int, lora_A: Tensor, lora_B: Tensor, mask: Optional[Tensor], p: float,
+                       need_dA: bool, need_dg: bool, saved_is_output: bool):
+    """What both backward paths start with: (contiguous grad_y, the dropout's keep scale, four distinct empty
+    outputs — a custom op's outputs may not alias), after checking the operands."""
+    gy = grad_y.contiguous()
+    check_operands(gy.dtype, weight if absmax is None else None, (gy.shape[1], in_features), lora_A=lora_A,
+                   lora_B=lora_B, xa=xa, x=x if (need_dA or (need_dg and saved_is_output)) else None)
+    keep_scale = 1.0 / (1.0 - p) if mask is not None else 1.0
+    return gy, keep_scale, tuple(gy.new_empty(0) for _ in range(4))
+
+
 def dora_backward(
     grad_y: Tensor, x: Tensor, xa: Tensor, saved: Tensor, saved_is_output: bool, weight: Tensor,
     absmax: Optional[Tensor], code: Optional[Tensor], blocksize: int, in_features: int, bias: Optional[Tensor],
@@ -306,14 +312,10 @@ def dora_backward(
     need_dx: bool, need_dA: bool, need_dB: bool, need_dg: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(dx, dA, dB, dg)`` of the DoRA linear op, empty tensors where not needed."""
-    gy = grad_y.contiguous()
+    gy, keep_scale, (dx, dA, dB, dg) = _backward_operands(grad_y, x, xa, weight, absmax, in_features, lora_A, lora_B,
+                                                          mask, p, need_dA, need_dg, saved_is_output)
     M, N = gy.shape
     R = lora_A.shape[0]
-    dx, dA, dB, dg = (gy.new_empty(0) for _ in range(4))
-    keep_scale = 1.0 / (1.0 - p) if mask is not None else 1.0
-    dense = weight if absmax is None else None
-    check_operands(gy.dtype, dense, (N, in_features), lora_A=lora_A, lora_B=lora_B, xa=xa,
-                    x=x if (need_dA or (need_dg and saved_is_output)) else None)
     w, four_bit = four_bit_parts(weight, absmax, code, blocksize, N * in_features)
     g = g.contiguous()
     gb = None
@@ -391,12 +393,9 @@ def dora_backward_cublas(
     need_dx: bool, need_dA: bool, need_dB: bool, need_dg: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(dx, dA, dB, dg)`` of the DoRA linear op by cuBLAS (dg and the masked products by Triton)."""
-    gy = grad_y.contiguous()
+    gy, keep_scale, (dx, dA, dB, dg) = _backward_operands(grad_y, x, xa, weight, absmax, in_features, lora_A, lora_B,
+                                                          mask, p, need_dA, need_dg, saved_is_output)
     M, N = gy.shape
-    dx, dA, dB, dg = (gy.new_empty(0) for _ in range(4))
-    keep_scale = 1.0 / (1.0 - p) if mask is not None else 1.0
-    check_operands(gy.dtype, weight if absmax is None else None, (N, in_features), lora_A=lora_A, lora_B=lora_B,
-                   xa=xa, x=x if (need_dA or (need_dg and saved_is_output)) else None)
     w = dense_weight(weight, absmax, code, blocksize, (N, in_features), gy.dtype) if (need_dx or need_dg) else None
     gz = torch.mul(gy, g, out=torch.empty_like(gy)) if (need_dx or need_dA or need_dB) else None
     gb = torch.mm(gz, lora_B) if (need_dx or need_dA) else None
@@ -411,12 +410,7 @@ def dora_backward_cublas(
             dx.add_(masked.mul_(mask), alpha=keep_scale)
             del masked
     if need_dA:
-        x = x.contiguous()
-        if mask is None:
-            dA = scaled_mm(gb.t(), x, scale)
-        else:
-            dA = gy.new_empty(lora_A.shape[0], in_features)
-            scaled_matmul(gb.t(), x, dA, scale=scale, keep=keep_mask(mask, x), keep_scale=keep_scale)
+        dA = lowrank_grad_A(gb, x, scale, mask, keep_scale)
     if need_dB:
         dB = scaled_mm(gz.t(), xa, scale)
     del gz, gb

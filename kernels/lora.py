@@ -56,7 +56,8 @@ from torch import Tensor
 
 from .common import (
     GROUP_M, Tiles, accumulate_linear, block_size, cast_to, check_operands, choose_tiles, dot_flags, four_bit_parts,
-    index_dtype, keep_mask, launch_with_fallback, lowrank_tile, mma, sm_count, tile_coordinates, workspace,
+    index_dtype, keep_mask, launch_with_fallback, lowrank_tile, mma, sm_count, tile_coordinates, weight_operands,
+    workspace,
 )
 from .dequantize_4bit import dequantize_4bit
 
@@ -252,13 +253,7 @@ def fused_linear_lowrank(
         raise ValueError("pre_scale_out must have out's strides")
     tiles = choose_tiles(M, N, K, act.dtype, act.device, four_bit=four_bit is not None)
     block_r = block_size(R, 16 if act.device.type == "cpu" else 64)
-    if four_bit is None:
-        absmax = code = w
-        blocksize, stride_wk, stride_wn, w_extent = 0, w.stride(0), w.stride(1), 0
-    else:
-        absmax, code, blocksize = four_bit
-        stride_wk = stride_wn = 0
-        w_extent = N * K
+    absmax, code, blocksize, stride_wk, stride_wn, w_extent = weight_operands(w, w, four_bit, N * K)
     index_type = index_dtype(act, None if four_bit else w, u, v, keep, out, extra=w_extent)
     flags = dot_flags(act.dtype, act.device)
 
@@ -314,6 +309,17 @@ def scaled_mm(a: Tensor, b: Tensor, scale: float) -> Tensor:
     return out.addmm_(a, b, beta=0.0, alpha=scale) if scale != 1.0 else torch.mm(a, b, out=out)
 
 
+def lowrank_grad_A(gb: Tensor, x: Tensor, scale: float, mask: Optional[Tensor], keep_scale: float) -> Tensor:
+    """``dA = s·gbᵀ x̃`` (R×K; x̃ = x ⊙ mask·keep_scale) of the cuBLAS paths: ``scaled_mm`` without dropout,
+    the masked Triton product with it (LoRA's and DoRA's, where gb is ``g B`` or ``(g ⊙ gy) B``)."""
+    x = x.contiguous()
+    if mask is None:
+        return scaled_mm(gb.t(), x, scale)
+    dA = gb.new_empty(gb.shape[1], x.shape[1])
+    scaled_matmul(gb.t(), x, dA, scale=scale, keep=keep_mask(mask, x), keep_scale=keep_scale)
+    return dA
+
+
 # ------------------------------------------------------------------------------------------ entry points
 # Two paths per entry (``fastft.dispatch`` picks one per call): ``lora_forward`` / ``lora_backward`` run the fused
 # Triton GEMM kernels; ``lora_forward_cublas`` / ``lora_backward_cublas`` run the base GEMMs (and the skinny
@@ -364,12 +370,7 @@ def lora_backward_cublas(
         else:
             add_lowrank(dx, gb, lora_A, scale, keep_mask(mask, dx), keep_scale)
     if need_dA:
-        x = x.contiguous()
-        if mask is None:
-            dA = scaled_mm(gb.t(), x, scale)
-        else:
-            dA = g.new_empty(lora_A.shape[0], in_features)
-            scaled_matmul(gb.t(), x, dA, scale=scale, keep=keep_mask(mask, x), keep_scale=keep_scale)
+        dA = lowrank_grad_A(gb, x, scale, mask, keep_scale)
     if need_dB:
         dB = scaled_mm(g.t(), xa, scale)
     return dx, dA, dB

@@ -215,35 +215,6 @@ def s2ft_backward(
     grad_y: Tensor, saved: Tensor, weight: Tensor, width: int, rows: bool, need_dx: bool, need_dw: bool
 ) -> tuple[Tensor, Tensor]:
     """The op ``fastft::s2ft_linear_backward`` on Triton: dx by the vendor BLAS, dW_s by :func:`slice_weight_grad`."""
-    if not need_dw:  # what the reference returns: dx by the vendor BLAS, an empty dW_s
-        dx = dw = grad_y.new_empty(0)
-        if need_dx:
-            dx = grad_y @ weight
-        return dx, dw
     dx = grad_y @ weight if need_dx else grad_y.new_empty(0)
-    return dx, slice_weight_grad(grad_y, saved, width, rows)
-
-
-# The cuBLAS path (``fastft.dispatch`` chooses per call; the default on a GPU unless a measurement finds the
-# fused kernels faster): every product by torch's matmuls, the slice saved by a copy of N×S elements.
-
-
-def s2ft_forward_cublas(
-    x: Tensor, weight: Tensor, bias: Optional[Tensor], width: int, rows: bool, save_slice: bool
-) -> tuple[Tensor, Tensor]:
-    """``(y, x[:, :S])``: y by cuBLAS (``addmm`` with the bias), the columns-mode slice by one copy."""
-    y = torch.nn.functional.linear(x, weight, bias)
-    if save_slice and not rows:
-        return y, x[:, :width].clone(memory_format=torch.contiguous_format)
-    return y, x.new_empty(0)
-
-
-def s2ft_backward_cublas(
-    grad_y: Tensor, saved: Tensor, weight: Tensor, width: int, rows: bool, need_dx: bool, need_dw: bool
-) -> tuple[Tensor, Tensor]:
-    """``(dx, dW_s)`` by cuBLAS: ``dx = g W``, ``dW_s = g[:, :S]ᵀ x`` (rows) or ``gᵀ x[:, :S]`` (columns)."""
-    dx = torch.mm(grad_y, weight) if need_dx else grad_y.new_empty(0)
-    dw = grad_y.new_empty(0)
-    if need_dw:
-        dw = torch.mm(grad_y[:, :width].t(), saved) if rows else torch.mm(grad_y.t(), saved)
+    dw = slice_weight_grad(grad_y, saved, width, rows) if need_dw else grad_y.new_empty(0)
     return dx, dw

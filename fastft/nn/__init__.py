@@ -3,7 +3,7 @@ from .layer import FastFTLayer
 from .lora import LoRALinear
 from .dora import DoRALinear
 from .loldu import LoLDULinear
-from .quant import QuantLinear
+from .qat import QuantLinear
 from .s2ft import S2FTLinear
 from .experts import LoRAExperts
 from .lofit import LoFiTLinear

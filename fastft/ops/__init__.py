@@ -7,7 +7,7 @@ from .hadamard import hadamard_matrix, hadamard_transform, is_hadamard_size
 from .fake_quantize import dequantize, fake_quantize, quantize
 from .linear_cross_entropy import linear_cross_entropy
 from .s2ft_linear import s2ft_linear
-from .quant_linear import quant_weight_linear
+from .qat_linear import quant_weight_linear
 
 __all__ = ["FourBitWeight", "dequantize_4bit", "lora_linear"]
 __all__ += ["dora_linear", "dora_row_norm"]

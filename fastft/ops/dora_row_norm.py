@@ -1,13 +1,7 @@
 """The DoRA row-norm op: ‖W + s·BA‖ per output row, from the low-rank factors (the linear op: ``fastft.ops.dora``).
 
-DoRA (weight-decomposed low-rank adaptation) replaces a frozen W (O×K, dense or bitsandbytes 4-bit) by::
-
-    W' = diag(g) (W + s·BA),    g = m / n,    n_i = ‖W_i + s·B_i A‖    (one norm per output row i)
-
-with trainable A (R×K), B (O×R) and magnitude m (O). The module (``fastft.nn.DoRALinear``) computes
-``n = dora_row_norm(...)``, then ``g = m / n`` in plain PyTorch (an O-vector), then ``y = dora_linear(...)``;
-autograd joins them, so ``∂L/∂m = ∂L/∂g / n`` and, when the norm is not detached, ``∂L/∂n = -∂L/∂g · m/n²``
-flows into the row-norm op's backward.
+DoRA (see :mod:`fastft.ops.dora` for the decomposition ``W' = diag(m / n) (W + s·BA)``) needs the norm n of
+every output row of ``W + s·BA``; this op computes it without forming that O×K matrix.
 
 ``dora_row_norm(W, A, B, ‖W‖², s, eps) -> (n, P)``, n of O entries, P = W Aᵀ (O×R), both float32 (float64 for float64)::
 

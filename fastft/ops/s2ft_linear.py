@@ -85,10 +85,11 @@ def s2ft_linear_backward_flops(node, grad_shape):
 
 register_op("s2ft_linear", {
     "torch": {"forward": s2ft_forward_reference, "backward": s2ft_backward_reference},
-    # two paths (fastft.dispatch.choose_path): every product by cuBLAS, or the fused Triton kernels
+    # two paths (fastft.dispatch.choose_path): every product by cuBLAS — which is exactly the reference: torch's
+    # matmuls and one copy of the slice — or the fused Triton kernels
     "triton": lazy("fastft.kernels.s2ft", **{
-        "forward@cublas": "s2ft_forward_cublas", "forward@triton": "s2ft_forward",
-        "backward@cublas": "s2ft_backward_cublas", "backward@triton": "s2ft_backward",
+        "forward@cublas": s2ft_forward_reference, "forward@triton": "s2ft_forward",
+        "backward@cublas": s2ft_backward_reference, "backward@triton": "s2ft_backward",
     }),
 }, node_costs={custom_op_node("s2ft_linear"): s2ft_linear_backward_flops})
 

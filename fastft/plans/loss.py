@@ -1,20 +1,10 @@
 """A fused loss on a ``*ForCausalLM``: with labels, the model's forward never builds the logits.
 
-``fastft.patch(model, LossConfig(...))`` installs, on the model INSTANCE (never its class), a forward
-(the run-time code: :mod:`fastft.nn.fused_loss`; this file plans and installs it) that behaves exactly
-like the class's forward except when ``labels`` are given:
-
-  1. the decoder (``model.<base_model_prefix>``) runs with the same arguments;
-  2. its last hidden states are sliced by ``logits_to_keep`` as transformers does;
-  3. the labels are shifted as ``transformers.loss.loss_utils.ForCausalLMLoss`` does — padded on the right
-     with ``ignore_index`` and shifted left by one — or ``shift_labels`` is used as given;
-  4. the loss is :func:`fastft.ops.linear_cross_entropy` over the hidden states and lm_head's weight (and
-     bias), with the model's final logit softcap (Gemma 2's ``final_logit_softcapping``) and
-     ``num_items_in_batch`` (the "mean" divisor under gradient accumulation; transformers' Trainer passes
-     it because this forward takes ``**kwargs``);
-  5. logits are computed only when asked: ``return_logits=True``, or by default in eval mode
-     (``not model.training``); then lm_head runs on the kept positions (softcapped like the model does),
-     while the loss still comes from the fused op. In train mode ``outputs.logits`` is None.
+``fastft.patch(model, LossConfig(...))`` installs, on the model INSTANCE (never its class), a forward that
+behaves exactly like the class's forward except when ``labels`` are given: then the decoder runs, the loss
+is :func:`fastft.ops.linear_cross_entropy` over the last hidden states and lm_head's weight, and logits are
+computed only when asked (the steps: :mod:`fastft.nn.fused_loss`, the run-time code; this file checks the
+model, plans and installs it).
 
 Without labels the class's forward runs untouched (generation, inference). Only model classes whose
 forward is this sequence — read in transformers and tested against its own loss — are accepted; others

@@ -30,20 +30,18 @@ from torch import Tensor, nn
 from ..config import ALL_LINEAR, LoRAConfig, QATConfig
 from ..math.hadamard import hadamard_factorization
 from ..ops.hadamard import hadamard_transform
-from ..nn.quant import (
+from ..nn.qat import QuantLinear, activation_spec, kv_spec, weight_spec
+from ..nn.qat_attention import (
     ATTENTION_PREFIX,
     SETTINGS_ATTR,
     SUPPORTED_ATTENTION,
     AttentionQuant,
-    QuantLinear,
-    activation_spec,
     inner_attention,
-    kv_spec,
     register_attention,
-    weight_spec,
 )
 from .registry import Edit, Plan, register_planner
-from .qat_rotations import KeepOriginals, ModelLayout, Rotation, RotationFolding, model_layout
+from .qat_layout import ModelLayout, model_layout
+from .qat_rotations import KeepOriginals, Rotation, RotationFolding
 from ..targets import find_layer_stack, resolve_targets
 
 
@@ -51,7 +49,7 @@ from ..targets import find_layer_stack, resolve_targets
 @dataclass
 class AttentionEdit(Edit):
     """Points this model instance's config at ``fastft_qat_<impl>`` and gives each attention module its
-    :class:`~fastft.nn.quant.AttentionQuant`; ``revert`` takes both back."""
+    :class:`~fastft.nn.qat_attention.AttentionQuant`; ``revert`` takes both back."""
 
     model: nn.Module
     settings: list[tuple[nn.Module, AttentionQuant]]

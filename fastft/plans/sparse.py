@@ -18,7 +18,6 @@ The plan's config is the given one with ``saved_support=True`` (``phase1`` and `
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import torch
 from torch import Tensor, nn

@@ -14,7 +14,7 @@ import pytest
 import torch
 from helpers import assert_close, backend
 
-from fastft import dispatch
+from fastft import dispatch, gemm_paths
 from fastft.ops.lora import lora_backward_reference, lora_forward_reference, lora_linear
 
 lora_kernels = pytest.importorskip("fastft.kernels.lora")
@@ -69,9 +69,9 @@ def test_add_lowrank_accumulates_with_the_mask():
 @pytest.fixture
 def fake_gpu(monkeypatch, tmp_path):
     """A faked device signature and timing function; returns the list of timed paths and the timings to use."""
-    monkeypatch.setattr(dispatch, "device_signature", lambda device: "Fake GPU sm_90")
-    monkeypatch.setattr(dispatch, "_PATH_CACHE", {})
-    monkeypatch.setattr(dispatch, "_PATH_CACHE_LOADED", set())
+    monkeypatch.setattr(gemm_paths, "device_signature", lambda device: "Fake GPU sm_90")
+    monkeypatch.setattr(gemm_paths, "_PATH_CACHE", {})
+    monkeypatch.setattr(gemm_paths, "_PATH_CACHE_LOADED", set())
     monkeypatch.delenv("FASTFT_GEMM", raising=False)
     monkeypatch.delenv("FASTFT_GEMM_CACHE", raising=False)
     state = {"times": {"cublas": 1.0, "triton": 2.0}, "timed": []}
@@ -83,7 +83,7 @@ def fake_gpu(monkeypatch, tmp_path):
             raise RuntimeError("out of resources")
         return state["times"][path]
 
-    monkeypatch.setattr(dispatch, "time_call", fake_time)
+    monkeypatch.setattr(gemm_paths, "time_call", fake_time)
     return state
 
 
@@ -142,14 +142,14 @@ def test_the_json_cache_survives_the_process(fake_gpu, monkeypatch, tmp_path):
     stored = json.loads(cache.read_text())
     assert len(stored) == 1 and stored[0][1] == "triton"
     # a new process: empty in-process cache, the file answers; nothing is timed again
-    monkeypatch.setattr(dispatch, "_PATH_CACHE", {})
-    monkeypatch.setattr(dispatch, "_PATH_CACHE_LOADED", set())
+    monkeypatch.setattr(gemm_paths, "_PATH_CACHE", {})
+    monkeypatch.setattr(gemm_paths, "_PATH_CACHE_LOADED", set())
     fake_gpu["timed"].clear()
     assert dispatch.choose_path("lora_linear", "forward", FAKE_GPU, (((64, 70), "float32"), None), candidates()) \
         == "triton"
     assert fake_gpu["timed"] == []
     # another device signature is measured afresh
-    monkeypatch.setattr(dispatch, "device_signature", lambda device: "Other GPU sm_80")
+    monkeypatch.setattr(gemm_paths, "device_signature", lambda device: "Other GPU sm_80")
     dispatch.choose_path("lora_linear", "forward", FAKE_GPU, (((64, 70), "float32"), None), candidates())
     assert fake_gpu["timed"] == ["cublas", "triton"]
 

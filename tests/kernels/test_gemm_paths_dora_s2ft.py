@@ -9,6 +9,7 @@ import pytest
 import torch
 from helpers import assert_close, backend
 
+from fastft.dispatch import implementation
 from fastft.ops.dora import dora_backward_reference, dora_forward_reference
 from fastft.ops.s2ft_linear import s2ft_backward_reference, s2ft_forward_reference, s2ft_linear
 
@@ -39,20 +40,25 @@ def test_dora_cublas_backward_matches_reference(name):
 
 @pytest.mark.parametrize("rows,width", [(False, 5), (True, 7)], ids=["cols5", "rows7"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_s2ft_cublas_matches_reference(dtype, rows, width):
+def test_s2ft_cublas_matches_reference(monkeypatch, dtype, rows, width):
+    """S²FT's cuBLAS path is its reference (torch's matmuls), registered as the triton backend's @cublas entries."""
+    monkeypatch.setenv("FASTFT_GEMM", "cublas")
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(37, 70, generator=gen).to(dtype)
     W = (torch.randn(45, 70, generator=gen) * 70 ** -0.5).to(dtype)
     b = torch.randn(45, generator=gen).to(dtype)
     g = torch.randn(37, 45, generator=gen).to(dtype)
-    y, saved = s2ft_kernels.s2ft_forward_cublas(x, W, b, width, rows, True)
-    y_ref, saved_ref = s2ft_forward_reference(x, W, b, width, rows, True)
-    assert_close(y, y_ref)
-    assert torch.equal(saved, saved_ref)
-    saved = x if rows else saved
-    for t, ref in zip(s2ft_kernels.s2ft_backward_cublas(g, saved, W, width, rows, True, True),
-                      s2ft_backward_reference(g, saved, W, width, rows, True, True)):
-        assert_close(t, ref)
+    with backend("triton"):
+        forward = implementation("s2ft_linear", "forward", x.device)
+        backward = implementation("s2ft_linear", "backward", x.device)
+        y, saved = forward(x, W, b, width, rows, True)
+        y_ref, saved_ref = s2ft_forward_reference(x, W, b, width, rows, True)
+        assert_close(y, y_ref)
+        assert torch.equal(saved, saved_ref)
+        saved = x if rows else saved
+        for t, ref in zip(backward(g, saved, W, width, rows, True, True),
+                          s2ft_backward_reference(g, saved, W, width, rows, True, True)):
+            assert_close(t, ref)
 
 
 @pytest.mark.parametrize("forced", ["cublas", "triton"])

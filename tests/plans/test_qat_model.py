@@ -18,7 +18,7 @@ from helpers import assert_close, assert_model_unchanged, model_snapshot, random
 import fastft
 from fastft.plans.qat import plan_qat
 from fastft.nn import LoRALinear, QuantLinear
-from fastft.nn.quant import SETTINGS_ATTR
+from fastft.nn.qat_attention import SETTINGS_ATTR
 from fastft.ops import fake_quantize, hadamard_matrix, hadamard_transform
 from fastft.ops.fake_quantize import qrange
 from fastft.patch import patch_state

@@ -5,9 +5,9 @@ from fastft import dispatch, node_costs
 from fastft.policies import cost
 
 # the op modules (fastft.ops re-exports functions of the same names)
-dora, dora_row_norm, fake_quantize, hadamard, linear_cross_entropy, lora, quant_linear, s2ft_linear = (
+dora, dora_row_norm, fake_quantize, hadamard, linear_cross_entropy, lora, qat_linear, s2ft_linear = (
     importlib.import_module(f"fastft.ops.{name}")
-    for name in ("dora", "dora_row_norm", "fake_quantize", "hadamard", "linear_cross_entropy", "lora", "quant_linear",
+    for name in ("dora", "dora_row_norm", "fake_quantize", "hadamard", "linear_cross_entropy", "lora", "qat_linear",
                  "s2ft_linear")
 )
 
@@ -25,7 +25,7 @@ def test_each_op_registers_its_formula_from_its_own_file():
     for op, formula in expected.items():
         assert node_costs.NODE_COSTS[node_costs.custom_op_node(op)] is formula, op
     assert node_costs.NODE_COSTS["_LoRALinearEagerBackward"] is lora.lora_linear_backward_flops
-    assert node_costs.NODE_COSTS["_QuantWeightLinearBackward"] is quant_linear.quant_linear_backward_flops
+    assert node_costs.NODE_COSTS["_QuantWeightLinearBackward"] is qat_linear.qat_linear_backward_flops
     assert cost.NODE_COSTS is node_costs.NODE_COSTS  # the walker reads the same registry
 
 

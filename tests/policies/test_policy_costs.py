@@ -24,7 +24,7 @@ import fastft  # noqa: E402
 from fastft import measure  # noqa: E402
 from fastft.nn import DoRALinear, LoRALinear, S2FTLinear  # noqa: E402
 from fastft.ops import fake_quantize, hadamard_transform, linear_cross_entropy  # noqa: E402
-from fastft.ops.quant_linear import quant_weight_linear  # noqa: E402
+from fastft.ops.qat_linear import quant_weight_linear  # noqa: E402
 from fastft.policies.cost import build_cost_model  # noqa: E402
 
 

@@ -47,7 +47,7 @@ def effective_weight(weight: Tensor, lora_A: Optional[Tensor], lora_B: Optional[
     return weight.to(lora_A.dtype) + scale * (lora_B @ lora_A)
 
 
-def quant_linear_forward_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Optional[Tensor],
+def qat_linear_forward_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Optional[Tensor],
                                    lora_B: Optional[Tensor], scale: float, quantizer: Quantizer) -> Tensor:
     """``y = x · Q_w(W + s·BA)ᵀ + b`` (the spec of the forward; computes no graph)."""
     with torch.no_grad():
@@ -63,7 +63,7 @@ def quant_linear_forward_reference(x: Tensor, weight: Tensor, bias: Optional[Ten
     return y
 
 
-def quant_linear_backward_reference(
+def qat_linear_backward_reference(
     grad: Tensor, x: Tensor, weight: Tensor, lora_A: Optional[Tensor], lora_B: Optional[Tensor], scale: float,
     quantizer: Quantizer, clipped: bool, bias_dtype: Optional[torch.dtype],
     need_x: bool, need_w: bool, need_b: bool, need_A: bool, need_B: bool,
@@ -114,7 +114,7 @@ def quant_linear_backward_reference(
     return dx, dw, db, dA, dB
 
 
-def quant_linear_backward_flops(node, grad_shape):
+def qat_linear_backward_flops(node, grad_shape):
     """FLOP formula of the backward (:mod:`fastft.node_costs`): for N tokens, in K, out O, and under LoRA
     rank R::
 
@@ -162,15 +162,15 @@ def quant_linear_backward_flops(node, grad_shape):
 
 # A composite op: its products are torch matmuls and Q_w is fastft.ops.fake_quantize, which dispatches itself;
 # it runs these entries under any backend (a forced FASTFT_BACKEND applies to fake_quantize).
-register_op("quant_linear", {
-    "torch": {"forward": quant_linear_forward_reference, "backward": quant_linear_backward_reference},
-}, composite=True, node_costs={"_QuantWeightLinearBackward": quant_linear_backward_flops})
+register_op("qat_linear", {
+    "torch": {"forward": qat_linear_forward_reference, "backward": qat_linear_backward_reference},
+}, composite=True, node_costs={"_QuantWeightLinearBackward": qat_linear_backward_flops})
 
 
 class _QuantWeightLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scale, quantizer, clipped):
-        y = implementation("quant_linear", "forward", x.device)(x, weight, bias, lora_A, lora_B, scale, quantizer)
+        y = implementation("qat_linear", "forward", x.device)(x, weight, bias, lora_A, lora_B, scale, quantizer)
         ctx.save_for_backward(x, weight, lora_A, lora_B)
         ctx.scale, ctx.quantizer, ctx.clipped = scale, quantizer, clipped
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -179,7 +179,7 @@ class _QuantWeightLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight, lora_A, lora_B = ctx.saved_tensors
-        dx, dw, db, dA, dB = implementation("quant_linear", "backward", grad.device)(
+        dx, dw, db, dA, dB = implementation("qat_linear", "backward", grad.device)(
             grad, x, weight, lora_A, lora_B, ctx.scale, ctx.quantizer, ctx.clipped, ctx.bias_dtype,
             *ctx.needs_input_grad[:5])
         return dx, dw, db, dA, dB, None, None, None
