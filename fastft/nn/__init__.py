@@ -13,3 +13,7 @@ __all__ += ["DoRALinear"]
 __all__ += ["QuantLinear"]
 __all__ += ["S2FTLinear"]
 __all__ += ["LoRAExperts"]
+from .experts_dora import DoRAExperts
+from .router import LoRARouter
+
+__all__ += ["DoRAExperts", "LoRARouter"]

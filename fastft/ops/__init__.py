@@ -15,3 +15,7 @@ __all__ += ["s2ft_linear"]
 from .expert_lora import expert_lora
 
 __all__ += ["expert_lora"]
+from .expert_dora import expert_dora
+from .lora_weight import lora_weight
+
+__all__ += ["expert_dora", "lora_weight"]
