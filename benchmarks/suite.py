@@ -47,6 +47,7 @@ SUITE_MODULES = (
     "benchmarks.partial_backprop",
     "benchmarks.host_overhead",
     "benchmarks.e2e",
+    "benchmarks.moe_layer",
 )
 
 DEFAULT_OUT = "bench-results"
