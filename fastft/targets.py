@@ -48,8 +48,13 @@ def linear_features(layer: nn.Module) -> tuple[int, int]:
 
 def is_fused_experts(module: nn.Module) -> bool:
     """A MoE experts module holding its experts as 3-D parameters (transformers 5: ``gate_up_proj``, ``down_proj``
-    of shape experts×out×in), which are not ``nn.Linear`` modules."""
-    return any(p.dim() == 3 for p in module.parameters(recurse=False))
+    of shape experts×out×in), which are not ``nn.Linear`` modules: a module with a 3-D parameter of its own whose
+    class name says experts, or that has ``num_experts``, or whose 3-D parameter has an expert projection's name."""
+    if not any(p.dim() == 3 for p in module.parameters(recurse=False)):
+        return False  # a depthwise convolution's 3-D kernel (ConvBERT) is not an experts module
+    names = {n for n, p in module.named_parameters(recurse=False) if p.dim() == 3}
+    return "expert" in type(module).__name__.lower() or hasattr(module, "num_experts") or bool(
+        names & {"gate_up_proj", "up_proj", "down_proj", "gate_proj"})
 
 
 def is_router(module: nn.Module) -> bool:

@@ -40,6 +40,12 @@ def check_experts(module: nn.Module, name: str = "this module") -> None:
             f"use_experts_implementation); {name} is {kind}, which is not one. Leave it out of targets (e.g. list "
             "the attention projections), or use the model's per-expert nn.Linear variant."
         )
+    if not hasattr(type(module).forward, "__wrapped__"):  # use_experts_implementation wraps the standard forward
+        raise TypeError(
+            f"fastft LoRA on fused MoE experts: {name} ({kind}) defines a forward of its own (e.g. a per-expert norm "
+            "after the projections), which fastft's grouped forward does not reproduce. Leave it out of targets "
+            "(e.g. list the attention projections)."
+        )
     if getattr(module, "has_post_expert_norm", False) or getattr(module, "_is_expert_parallel", False):
         raise TypeError(f"fastft LoRA on experts: {name} ({kind}) uses a post-expert norm or expert parallelism, "
                         "which fastft's grouped forward does not reproduce.")

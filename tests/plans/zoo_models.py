@@ -136,9 +136,9 @@ def _run(model, inputs, backward: bool = True):
     captured = []
 
     def hook(_module, _args, out):
-        out = out.detach().requires_grad_(True) if backward else out
-        captured.append(out)
-        return out
+        leaf = out.detach().requires_grad_(True)
+        captured.append(leaf)
+        return leaf.clone()  # not the leaf itself: model code may scale the embeddings in place
 
     emb = model.get_input_embeddings()
     handle = emb.register_forward_hook(hook) if backward else None
@@ -293,7 +293,19 @@ def render(rows) -> str:
     return "\n".join(lines)
 
 
-def write(path: str, rows) -> None:
+def table_rows(path: str) -> list[tuple[str, str, str, str]]:
+    """The rows docs/support.md holds now (to update some of them)."""
+    import re
+
+    back = {text: status for status, text in STATUS_TEXT.items()}
+    found = re.findall(r"^\| `([^`]+)` \| ([\w-]+) \| ([^|]+) \| (.*) \|$", open(path).read(), flags=re.M)
+    return [(m, h, back[r.strip()], n) for m, h, r, n in found]
+
+
+def write(path: str, rows, update: bool = False) -> None:
+    if update:  # re-ran some entries: keep the others' rows
+        fresh = {r[0]: r for r in rows}
+        rows = [fresh.pop(r[0], r) for r in table_rows(path)] + list(fresh.values())
     text = open(path).read()
     table = render(rows)
     if BEGIN in text:
@@ -311,6 +323,6 @@ if __name__ == "__main__":
     target = args[args.index("--write") + 1] if "--write" in args else None
     result = run_all([a for a in args if not a.startswith("--") and a != target] or None)
     if target:
-        write(target, result)
+        write(target, result, update="--update" in args)
     else:
         print(render(result))
