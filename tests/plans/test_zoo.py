@@ -28,7 +28,8 @@ ENTRIES = zoo_models.zoo_entries()
 
 
 def _table() -> dict[str, str]:
-    rows = re.findall(r"^\| `([^`]+)` \| [\w-]+ \| ([^|]+) \|", SUPPORT.read_text(), flags=re.M)
+    section = SUPPORT.read_text().split(zoo_models.BEGIN, 1)[1].split(zoo_models.END, 1)[0]
+    rows = re.findall(r"^\| `([^`]+)` \| [\w-]+ \| ([^|]+) \|", section, flags=re.M)
     return {model_type: result.strip() for model_type, result in rows}
 
 

@@ -298,7 +298,8 @@ def table_rows(path: str) -> list[tuple[str, str, str, str]]:
     import re
 
     back = {text: status for status, text in STATUS_TEXT.items()}
-    found = re.findall(r"^\| `([^`]+)` \| ([\w-]+) \| ([^|]+) \| (.*) \|$", open(path).read(), flags=re.M)
+    section = open(path).read().split(BEGIN, 1)[1].split(END, 1)[0]
+    found = re.findall(r"^\| `([^`]+)` \| ([\w-]+) \| ([^|]+) \| (.*) \|$", section, flags=re.M)
     return [(m, h, back[r.strip()], n) for m, h, r, n in found]
 
 
