@@ -76,6 +76,9 @@ def parameter_targets(module: nn.Module) -> list[str]:
 
 
 def is_linear(module: nn.Module) -> bool:
+    if isinstance(module, nn.Linear) and "router" in type(module).__name__.lower() \
+            and type(module).forward is not nn.Linear.forward:
+        return False  # a router subclassing nn.Linear with its own forward (Phimoe): is_router's, not a linear
     return isinstance(module, nn.Linear) or is_linear4bit(module) or is_conv1d(module)
 
 
