@@ -6,7 +6,7 @@ Each architecture's result must be the one docs/support.md's table states (the t
 ``python tests/plans/zoo_models.py --write docs/support.md``): a change that breaks or fixes an architecture fails
 here until the table is regenerated. By default a fast subset runs (15 architectures: 70-80 s measured on the
 2-core machine under a load average of about 7-10); ``FASTFT_ZOO=full`` runs all 258 entries (167 build tiny):
-23 minutes measured on that loaded machine (load average about 10, so several times less on two idle cores), which
+23 minutes measured on that loaded machine (load average about 10; predicted, not measured: several times less on two idle cores), which
 CI should run in a job of its own. ``python tests/plans/zoo_models.py --write docs/support.md`` regenerates the
 table (``--update <model types>`` re-runs some rows)."""
 from __future__ import annotations
