@@ -49,6 +49,7 @@ SUITE_MODULES = (
     "benchmarks.partial_backprop",
     "benchmarks.host_overhead",
     "benchmarks.e2e",
+    "benchmarks.moe_layer",
 )
 
 # ``--full``: full-size shapes and timing (as the full sweep) for a subset of the cases, chosen so that a run takes

@@ -25,6 +25,7 @@ from .distributed import full_tensor, is_writer, unwrap
 from .io import check_adapter_tensors, read_json, read_safetensors
 from .patch import patch, patch_state, unpatch
 from .plans.modules_to_save import TrainInFull
+from .targets import parameter_targets
 
 PEFT_PREFIX = "base_model.model."
 PEFT_CONFIG = "adapter_config.json"
@@ -244,11 +245,11 @@ def _expert_targets(model: nn.Module, target_parameters: list[str], weights: dic
             for param, tensor in module.named_parameters(recurse=False):
                 full = f"{name}.{param}" if name else param
                 if full == entry or full.endswith("." + entry):
-                    if tensor.dim() != 3:
+                    if param not in parameter_targets(module):
                         raise ValueError(
                             f"fastft.from_peft: target_parameters entry {entry!r} names {full} of "
                             f"{type(module).__name__}, a {tensor.dim()}-D parameter; fastft reads PEFT's "
-                            "target_parameters on fused 3-D MoE expert weights only."
+                            "target_parameters on fused 3-D MoE expert weights and MoE router weights only."
                         )
                     if param not in per_module.setdefault(name, []):
                         per_module[name].append(param)
@@ -271,7 +272,7 @@ def _expert_targets(model: nn.Module, target_parameters: list[str], weights: dic
             return w.shape[1] if getattr(module, "is_transposed", False) else w.shape[2]
 
         order = list(params)
-        by_shape = [[p for p in params if weights[f"{stem}lora_A.weight"].shape[1] == fan_in(p)] for stem in stems]
+        by_shape = [[p] for p in params] if n == 1 else [[p for p in params if weights[f"{stem}lora_A.weight"].shape[1] == fan_in(p)] for stem in stems]
         if all(len(c) == 1 for c in by_shape) and len({c[0] for c in by_shape}) == n:
             order = [c[0] for c in by_shape]
         for stem, param in zip(stems, order):

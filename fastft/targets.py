@@ -48,11 +48,37 @@ def linear_features(layer: nn.Module) -> tuple[int, int]:
 
 def is_fused_experts(module: nn.Module) -> bool:
     """A MoE experts module holding its experts as 3-D parameters (transformers 5: ``gate_up_proj``, ``down_proj``
-    of shape experts×out×in), which are not ``nn.Linear`` modules."""
-    return any(p.dim() == 3 for p in module.parameters(recurse=False))
+    of shape experts×out×in), which are not ``nn.Linear`` modules: a module with a 3-D parameter of its own whose
+    class name says experts, or that has ``num_experts``, or whose 3-D parameter has an expert projection's name."""
+    if not any(p.dim() == 3 for p in module.parameters(recurse=False)):
+        return False  # a depthwise convolution's 3-D kernel (ConvBERT) is not an experts module
+    names = {n for n, p in module.named_parameters(recurse=False) if p.dim() == 3}
+    return "expert" in type(module).__name__.lower() or hasattr(module, "num_experts") or bool(
+        names & {"gate_up_proj", "up_proj", "down_proj", "gate_proj"})
+
+
+def is_router(module: nn.Module) -> bool:
+    """A MoE router that is not an ``nn.Linear`` (transformers 5's ``*TopKRouter`` / ``*Router`` classes): a module
+    named a router holding a 2-D ``weight`` (experts × hidden) of its own and no 3-D parameter."""
+    weight = module._parameters.get("weight") if hasattr(module, "_parameters") else None
+    return ("router" in type(module).__name__.lower() and weight is not None and weight.dim() == 2
+            and not is_linear(module) and not is_fused_experts(module))
+
+
+def parameter_targets(module: nn.Module) -> list[str]:
+    """The parameters of ``module`` a target may name (PEFT's ``target_parameters``): a fused experts module's 3-D
+    projections, a router's ``weight``."""
+    if is_fused_experts(module):
+        return [p for p, t in module.named_parameters(recurse=False) if t.dim() == 3]
+    if is_router(module):
+        return ["weight"]
+    return []
 
 
 def is_linear(module: nn.Module) -> bool:
+    if isinstance(module, nn.Linear) and "router" in type(module).__name__.lower() \
+            and type(module).forward is not nn.Linear.forward:
+        return False  # a router subclassing nn.Linear with its own forward (Phimoe): is_router's, not a linear
     return isinstance(module, nn.Linear) or is_linear4bit(module) or is_conv1d(module)
 
 
@@ -149,7 +175,10 @@ def resolve_targets(
 
     A fused MoE experts module is chosen by ``"all-linear"`` (all its 3-D projections, as PEFT does on load) or
     when a target names one of its 3-D parameters (``"mlp.experts.down_proj"``); ``expert_params`` then collects,
-    per experts module, the parameter names a target named. ``accept`` decides whether such a module is refused.
+    per experts module, the parameter names a target named. A MoE router that is not an ``nn.Linear``
+    (:func:`is_router`) is chosen by ``"all-linear"`` (PEFT adapts ``gate.weight`` there for the Mixtral- and
+    Qwen2-MoE-style models it converts), by its module name (``"mlp.gate"``) or its parameter
+    (``"mlp.gate.weight"``). ``accept`` decides whether such a module is refused.
 
     Raises ``ValueError`` naming the problem: a suffix or regex that matches nothing (listing the names
     that exist), a match that ``accept`` refuses, layer indices outside the stack, or an empty result.
@@ -176,17 +205,16 @@ def resolve_targets(
             )
         heads = output_embedding_names(model)
         chosen = [(n, m) for n, m in named
-                  if stack_of(stacks, n) is not None and (is_linear(m) or is_fused_experts(m)) and n not in heads]
+                  if stack_of(stacks, n) is not None and (is_linear(m) or is_fused_experts(m) or is_router(m)) and n not in heads]
     elif isinstance(targets, str):
         pattern = re.compile(targets)
         chosen = [(n, m) for n, m in named if pattern.fullmatch(n)]
         for n, m in named:
-            if is_fused_experts(m):
-                hit = [p for p, _ in m.named_parameters(recurse=False) if pattern.fullmatch(f"{n}.{p}")]
-                if hit and not pattern.fullmatch(n):
-                    chosen.append((n, m))
-                    if expert_params is not None:
-                        expert_params.setdefault(n, []).extend(hit)
+            hit = [p for p in parameter_targets(m) if pattern.fullmatch(f"{n}.{p}")]
+            if hit and not pattern.fullmatch(n):
+                chosen.append((n, m))
+                if expert_params is not None and is_fused_experts(m):
+                    expert_params.setdefault(n, []).extend(hit)
         if not chosen:
             hint = ""
             if re.fullmatch(r"[\w.]+", targets):
@@ -199,14 +227,12 @@ def resolve_targets(
         chosen, seen = [], set()
         for suffix in targets:
             hits = [(n, m) for n, m in named if n == suffix or n.endswith("." + suffix)]
-            for n, m in named:  # a fused experts parameter named by suffix (PEFT's target_parameters)
-                if is_fused_experts(m):
-                    hit = [p for p, t in m.named_parameters(recurse=False)
-                           if t.dim() == 3 and (f"{n}.{p}" == suffix or f"{n}.{p}".endswith("." + suffix))]
-                    if hit:
-                        hits.append((n, m))
-                        if expert_params is not None:
-                            expert_params.setdefault(n, []).extend(hit)
+            for n, m in named:  # a fused experts / router parameter named by suffix (PEFT's target_parameters)
+                hit = [p for p in parameter_targets(m) if f"{n}.{p}" == suffix or f"{n}.{p}".endswith("." + suffix)]
+                if hit:
+                    hits.append((n, m))
+                    if expert_params is not None and is_fused_experts(m):
+                        expert_params.setdefault(n, []).extend(hit)
             if not hits:
                 raise ValueError(
                     f"target {suffix!r} matches no module in {type(model).__name__}. "

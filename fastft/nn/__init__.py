@@ -23,3 +23,7 @@ from .sparse_delta import SparseDeltaLinear
 from .dsee import DSEELinear
 
 __all__ += ["SparseDeltaLinear", "DSEELinear"]
+from .experts_dora import DoRAExperts
+from .router import LoRARouter
+
+__all__ += ["DoRAExperts", "LoRARouter"]

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from ..config import LoRAConfig
 from ..ops.expert_lora import expert_lora
+from ..ops.grouped_gemm import describe_path
 from ..targets import is_fused_experts  # noqa: F401  (re-exported)
 from .layer import FastFTLayer
 
@@ -38,6 +39,12 @@ def check_experts(module: nn.Module, name: str = "this module") -> None:
             f"fastft LoRA on fused MoE experts supports transformers' standard experts classes (decorated with "
             f"use_experts_implementation); {name} is {kind}, which is not one. Leave it out of targets (e.g. list "
             "the attention projections), or use the model's per-expert nn.Linear variant."
+        )
+    if not hasattr(type(module).forward, "__wrapped__"):  # use_experts_implementation wraps the standard forward
+        raise TypeError(
+            f"fastft LoRA on fused MoE experts: {name} ({kind}) defines a forward of its own (e.g. a per-expert norm "
+            "after the projections), which fastft's grouped forward does not reproduce. Leave it out of targets "
+            "(e.g. list the attention projections)."
         )
     if getattr(module, "has_post_expert_norm", False) or getattr(module, "_is_expert_parallel", False):
         raise TypeError(f"fastft LoRA on experts: {name} ({kind}) uses a post-expert norm or expert parallelism, "
@@ -64,6 +71,7 @@ class LoRAExperts(FastFTLayer):
 
     op = "expert_lora"
     kind = "lora-experts"
+    supports_dora = False
 
     def __init__(self, base_layer: nn.Module, config: LoRAConfig, params=None, defer_attach: bool = False,
                  name: str = "this module"):
@@ -72,8 +80,11 @@ class LoRAExperts(FastFTLayer):
         if config.dropout:
             raise ValueError(f"fastft LoRA on MoE experts ({name}) needs dropout=0 (PEFT's rule for expert LoRA): "
                              "dropout inside a per-expert product cannot be factored out of the grouped GEMM.")
-        if config.dora or config.holds_residual or not config.train_a:
-            raise ValueError(f"fastft LoRA on MoE experts ({name}, {type(base_layer).__name__}): DoRA, PiSSA/CorDA/LoLDU and "
+        if config.dora != self.supports_dora:
+            raise ValueError(f"{type(self).__name__} needs LoRAConfig(dora={self.supports_dora}) ({name}); "
+                             "fastft.patch builds DoRAExperts for dora=True and LoRAExperts otherwise.")
+        if config.holds_residual or not config.train_a:
+            raise ValueError(f"fastft LoRA on MoE experts ({name}, {type(base_layer).__name__}): PiSSA/CorDA/LoLDU and "
                              "train_a=False are not supported on experts yet; leave the experts out of targets.")
         available = [p for p in EXPERT_PROJECTIONS if isinstance(getattr(base_layer, p, None), torch.Tensor)]
         self.params = tuple(params) if params else tuple(available)
@@ -96,7 +107,10 @@ class LoRAExperts(FastFTLayer):
             self.attach()
 
     def report_detail(self) -> str:
-        return f"r={self.r} s={self.scale:g} experts={self.num_experts} params={','.join(self.params)} grouped"
+        weight = getattr(self.base_layer, self.params[0])
+        E, fan_in, fan_out = expert_shapes(self.base_layer, self.params[0])
+        path = describe_path(weight.device, weight.dtype, (fan_in, fan_out, self.r))
+        return f"r={self.r} s={self.scale:g} experts={self.num_experts} params={','.join(self.params)} grouped: {path}"
 
     def attach(self) -> None:
         if self.attached:
@@ -122,12 +136,16 @@ class LoRAExperts(FastFTLayer):
             return getattr(modules["base_layer"], name)
 
     # ---------------------------------------------------------------- forward
+    def _adapted(self, x: Tensor, offsets: Tensor, weight: Tensor, param: str) -> Tensor:
+        """The adapted projection's output for sorted rows x (before the bias)."""
+        A, B = getattr(self, f"lora_A_{param}").to(x.dtype), getattr(self, f"lora_B_{param}").to(x.dtype)
+        return expert_lora(x, offsets, weight, A, B, self.scale, transposed=self.base_layer.is_transposed)
+
     def _project(self, x: Tensor, offsets: Tensor, expert_ids: Tensor, param: str) -> Tensor:
         base = self.base_layer
         weight = getattr(base, param).to(x.dtype)
         if param in self.params:
-            A, B = getattr(self, f"lora_A_{param}").to(x.dtype), getattr(self, f"lora_B_{param}").to(x.dtype)
-            y = expert_lora(x, offsets, weight, A, B, self.scale, transposed=base.is_transposed)
+            y = self._adapted(x, offsets, weight, param)
         else:
             E, fan_in, fan_out = expert_shapes(base, param)
             zeros_A = x.new_zeros(E, 1, fan_in)
@@ -161,6 +179,12 @@ class LoRAExperts(FastFTLayer):
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         return {n: p for n, p in self.named_parameters(recurse=False)}
 
+    def merged_weight(self, param: str) -> Tensor:
+        """``W + s·B_e A_e`` for every expert in the stored layout of ``param`` and its dtype (for merging only)."""
+        weight = getattr(self.base_layer, param)
+        delta = self.delta_weight(param)
+        return (weight.to(delta.dtype) + delta.to(weight.device)).to(weight.dtype)
+
     def adapter_state_dict(self) -> dict[str, Tensor]:
         return {n: p.detach() for n, p in self.adapter_parameters().items()}
 
@@ -185,9 +209,7 @@ class LoRAExperts(FastFTLayer):
         if merge and self.attached:
             with torch.no_grad():
                 for p in self.params:
-                    weight = getattr(base, p)
-                    delta = self.delta_weight(p)
-                    weight.copy_((weight.to(delta.dtype) + delta.to(weight.device)).to(weight.dtype))
+                    getattr(base, p).copy_(self.merged_weight(p))
         return base
 
     def peft_tensors(self, param: str) -> tuple[Tensor, Tensor]:

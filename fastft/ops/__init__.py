@@ -23,3 +23,7 @@ __all__ += ["lofit_linear"]
 from .sparse_delta_linear import SparseSupport, sampled_gradient, sparse_delta_linear, sparse_support
 
 __all__ += ["SparseSupport", "sampled_gradient", "sparse_delta_linear", "sparse_support"]
+from .expert_dora import expert_dora
+from .lora_weight import lora_weight
+
+__all__ += ["expert_dora", "lora_weight"]

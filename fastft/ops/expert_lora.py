@@ -14,8 +14,13 @@ one GEMM per expert segment (a grouped GEMM): B_e A_e is never formed, for any e
     dA_e = s · gb[rows e]ᵀ x[rows e]        dB_e = s · g[rows e]ᵀ xa[rows e]
 
 Saved for backward: x (when A trains), xa, and the parameters; never y (the caller may modify it in place).
-W gets no gradient. The PyTorch implementation here is the reference and runs on every device (one segment GEMM
-per expert that received tokens; on CUDA these are cuBLAS GEMMs); no Triton kernel yet.
+W gets no gradient. The PyTorch implementation here is the reference and runs on every device: its segment GEMMs
+go through :mod:`fastft.ops.grouped_gemm`, one ``torch._grouped_mm`` per product on CUDA sm90+ in bfloat16 (aligned
+shapes), one GEMM per expert segment elsewhere (cuBLAS on CUDA). No Triton kernel.
+
+FLOPs (2 per multiply-add), for S routed rows: forward ``2·S·K·O + 2·S·R·(K + O)``; backward ``2·S·K·O`` (dx's
+frozen product) ``+ 2·S·R·(K + O)`` (gb, dx's low-rank term) ``+ 2·S·R·K`` (dA) ``+ 2·S·R·O`` (dB):
+:func:`expert_lora_flops`.
 """
 from __future__ import annotations
 
@@ -23,28 +28,24 @@ import torch
 from torch import Tensor
 
 from ..dispatch import implementation, register_op
+from .grouped_gemm import segment_mm, segment_mm_t, segment_path
 
 
-def _expert_weight(weight: Tensor, e: int, transposed: bool) -> Tensor:
-    """Expert e's weight as K×O (a view)."""
-    return weight[e] if transposed else weight[e].t()
+def expert_path(x: Tensor, weight: Tensor, lora_A: Tensor) -> str:
+    """``"grouped"`` or ``"loop"``: how this call runs its segment GEMMs (:mod:`fastft.ops.grouped_gemm`)."""
+    return segment_path(x.device, x.dtype, (x.shape[1], weight.shape[1], weight.shape[2], lora_A.shape[1]))
 
 
 def expert_lora_forward_reference(
     x: Tensor, offsets: Tensor, weight: Tensor, transposed: bool, lora_A: Tensor, lora_B: Tensor, scale: float,
 ) -> tuple[Tensor, Tensor]:
-    """(y, xa) of the formula above, one segment GEMM per expert."""
-    out_features = weight.shape[2] if transposed else weight.shape[1]
-    y = x.new_zeros(x.shape[0], out_features)
-    xa = x.new_zeros(x.shape[0], lora_A.shape[1])
-    bounds = offsets.tolist()
-    for e in range(len(bounds) - 1):
-        lo, hi = bounds[e], bounds[e + 1]
-        if hi <= lo:
-            continue
-        torch.mm(x[lo:hi], lora_A[e].t(), out=xa[lo:hi])
-        torch.addmm(torch.mm(x[lo:hi], _expert_weight(weight, e, transposed)), xa[lo:hi], lora_B[e].t(),
-                    alpha=scale, out=y[lo:hi])
+    """(y, xa) of the formula above, through segment GEMMs (one per expert, or one grouped GEMM)."""
+    path = expert_path(x, weight, lora_A)
+    xa = segment_mm(x, lora_A.transpose(1, 2), offsets, path)
+    w = weight if transposed else weight.transpose(1, 2)  # E×K×O views
+    y = segment_mm(x, w, offsets, path)
+    if scale != 0.0:
+        y.add_(segment_mm(xa, lora_B.transpose(1, 2), offsets, path), alpha=scale)
     return y, xa
 
 
@@ -53,23 +54,23 @@ def expert_lora_backward_reference(
     lora_B: Tensor, scale: float, need_dx: bool, need_dA: bool, need_dB: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dA, dB) of the formula above, empty where not needed."""
-    dx = grad_y.new_zeros(grad_y.shape[0], lora_A.shape[2]) if need_dx else grad_y.new_empty(0)
-    dA = torch.zeros_like(lora_A) if need_dA else grad_y.new_empty(0)
-    dB = torch.zeros_like(lora_B) if need_dB else grad_y.new_empty(0)
-    bounds = offsets.tolist()
-    for e in range(len(bounds) - 1):
-        lo, hi = bounds[e], bounds[e + 1]
-        if hi <= lo:
-            continue
-        g = grad_y[lo:hi]
-        gb = g @ lora_B[e] if (need_dx or need_dA) else None
-        if need_dx:
-            torch.addmm(g @ _expert_weight(weight, e, transposed).t(), gb, lora_A[e], alpha=scale, out=dx[lo:hi])
-        if need_dA:
-            torch.mm(gb.t(), x[lo:hi], out=dA[e]).mul_(scale)
-        if need_dB:
-            torch.mm(g.t(), xa[lo:hi], out=dB[e]).mul_(scale)
+    path = expert_path(grad_y, weight, lora_A)
+    gb = segment_mm(grad_y, lora_B, offsets, path) if (need_dx or need_dA) else None
+    dx, dA, dB = grad_y.new_empty(0), grad_y.new_empty(0), grad_y.new_empty(0)  # distinct: no aliased returns
+    if need_dx:
+        w = weight.transpose(1, 2) if transposed else weight  # E×O×K views
+        dx = segment_mm(grad_y, w, offsets, path).add_(segment_mm(gb, lora_A, offsets, path), alpha=scale)
+    if need_dA:
+        dA = segment_mm_t(gb, x, offsets, path).mul_(scale)
+    if need_dB:
+        dB = segment_mm_t(grad_y, xa, offsets, path).mul_(scale)
     return dx, dA, dB
+
+
+def expert_lora_flops(S: int, K: int, O: int, R: int, backward: bool = True) -> int:
+    """FLOPs of one expert_lora call over S routed rows (module docstring; every gradient computed)."""
+    forward = 2 * S * K * O + 2 * S * R * (K + O)
+    return forward + (2 * S * K * O + 4 * S * R * (K + O) if backward else 0)
 
 
 register_op("expert_lora", {

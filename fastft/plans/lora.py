@@ -3,8 +3,10 @@ modules named by ``modules_to_save`` (a classification model's head, by default)
 from ..config import ALL_LINEAR, LoRAConfig
 from ..nn.experts import LoRAExperts
 from ..nn.loldu import LoLDULinear
+from ..nn.experts_dora import DoRAExperts
+from ..nn.router import LoRARouter
 from ..nn.lora import LoRALinear
-from ..targets import describe_stacks, is_fused_experts, is_linear, resolve_targets
+from ..targets import describe_stacks, is_fused_experts, is_linear, is_router, resolve_targets
 from .registry import Plan, register_planner
 from .lora_inits import input_covariances
 from .modules_to_save import TrainInFull, resolve_modules_to_save
@@ -12,7 +14,10 @@ from .modules_to_save import TrainInFull, resolve_modules_to_save
 
 def _build(name, layer, config: LoRAConfig, expert_params: dict):
     if is_fused_experts(layer) and not is_linear(layer):
-        return LoRAExperts(layer, config, params=expert_params.get(name), defer_attach=True, name=name)
+        cls = DoRAExperts if config.dora else LoRAExperts
+        return cls(layer, config, params=expert_params.get(name), defer_attach=True, name=name)
+    if is_router(layer):
+        return LoRARouter(layer, config, defer_attach=True, name=name)
     if config.init == "loldu":
         return LoLDULinear(layer, config, defer_attach=True)
     return LoRALinear.from_linear(layer, config, defer_attach=True)
@@ -23,8 +28,8 @@ def plan_lora(model, config: LoRAConfig, build=None) -> Plan:
     build = build or _build
     expert_params: dict[str, list[str]] = {}
     targets = resolve_targets(model, config.targets, config.layers,
-                              accept=lambda m: is_linear(m) or is_fused_experts(m),
-                              what="linear layer or fused MoE experts module", expert_params=expert_params)
+                              accept=lambda m: is_linear(m) or is_fused_experts(m) or is_router(m),
+                              what="linear layer, fused MoE experts module or MoE router", expert_params=expert_params)
     plan = Plan(config, swaps=[(name, build(name, layer, config, expert_params)) for name, layer in targets])
     if config.init == "corda" and not isinstance(config.calib, str):  # "saved": fastft.load brings the factors
         covariances = input_covariances(model, dict(targets), config.calib)
