@@ -11,6 +11,7 @@ from . import nn, ops
 from .config import LoRAConfig
 from .config import LossConfig
 from .config import S2FTConfig
+from .config import QGOFTConfig
 from .dispatch import backends
 from .io import load, save
 from . import plans  # noqa: F401  (registers the planners)
@@ -27,6 +28,7 @@ __all__ = [
     "LossConfig",
     "PatchReport",
     "S2FTConfig",
+    "QGOFTConfig",
     "backends",
     "export_peft",
     "from_peft",

@@ -79,3 +79,4 @@ def dense_matrix(blocks: Tensor, d: int) -> Tensor:
         B = B.index_put((i, i), a).index_put((i, j), b).index_put((j, i), c).index_put((j, j), e)
         M = B @ M
     return M[:d, :d]
+

@@ -5,6 +5,7 @@ from .dora import DoRALinear
 from .quant import QuantLinear
 from .s2ft import S2FTLinear
 from .experts import LoRAExperts
+from .qgoft import QGOFTLinear
 
 FASTFT_MODULES = (FastFTLayer,)  # isinstance(module, FASTFT_MODULES): a module fastft.patch put in
 
@@ -13,3 +14,4 @@ __all__ += ["DoRALinear"]
 __all__ += ["QuantLinear"]
 __all__ += ["S2FTLinear"]
 __all__ += ["LoRAExperts"]
+__all__ += ["QGOFTLinear"]

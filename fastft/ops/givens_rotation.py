@@ -80,7 +80,7 @@ def givens_rotation_reference(x: Tensor, blocks: Tensor) -> Tensor:
     c = blocks.to(ct)
     for s in range(blocks.shape[0]):
         h = _stage(h, c[s], s, transpose=False)
-    return h[:, :d].to(x.dtype)
+    return h[:, :d].to(x.dtype).contiguous()
 
 
 def givens_rotation_backward_reference(grad: Tensor, x: Tensor, blocks: Tensor, need_dx: bool, need_dblocks: bool
@@ -109,7 +109,7 @@ def givens_rotation_backward_reference(grad: Tensor, x: Tensor, blocks: Tensor, 
             dblocks[s, 3] = (gv * v).sum(0)
         if need_dx or s > 0:
             g = _stage(g, c[s], s, transpose=True)
-    dx = g[:, :d].to(x.dtype) if need_dx else grad.new_empty(0)
+    dx = g[:, :d].to(x.dtype).contiguous() if need_dx else grad.new_empty(0)
     return dx, dblocks.to(blocks.dtype) if need_dblocks else dblocks
 
 

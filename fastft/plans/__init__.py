@@ -8,3 +8,4 @@ from . import loss  # noqa: F401
 from . import lora  # noqa: F401
 from . import qat  # noqa: F401
 from . import s2ft  # noqa: F401
+from . import qgoft  # noqa: F401

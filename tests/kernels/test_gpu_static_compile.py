@@ -52,6 +52,8 @@ LAUNCHERS = {
     "fake_quantize": "fastft.kernels.fake_quantize:fake_quantize",
     "fake_quantize_backward": "fastft.kernels.fake_quantize:fake_quantize_backward",
     "dequantize_4bit": "fastft.kernels.dequantize_4bit:dequantize_4bit",
+    "givens_forward": "fastft.kernels.givens:givens_forward",
+    "givens_backward": "fastft.kernels.givens:givens_backward",
 }
 KERNEL_PACKAGE = "fastft.kernels"  # every module in it is scanned for JIT functions named *_kernel
 CUDA_TOOLCHAIN = "fastft.build:cuda_toolchain"  # -> Toolchain(nvcc, version, cflags, ...)
@@ -178,6 +180,17 @@ def _dequantize(L, m):
     L.dequantize_4bit(packed, absmax, code, bs, (INTERMEDIATE, HIDDEN), m.dtype)
 
 
+def _givens(L, m):
+    import torch
+
+    for d in (HIDDEN, INTERMEDIATE):  # 4096: 12 stages; 14336 pads to 16384, 14 stages
+        stages = (d - 1).bit_length()
+        blocks = m(stages, 4, 1 << (stages - 1), dtype=torch.float32)
+        L.givens_forward(m(TOKENS, d), blocks)
+        L.givens_backward(m(TOKENS, d), m(TOKENS, d), blocks, True, True)
+        L.givens_backward(m(TOKENS, d), m(TOKENS, d), blocks, True, False)
+
+
 SCENARIOS = {
     "lora": lambda L, m: _lora(L, m, False, False, False),
     "lora+dropout+bias": lambda L, m: _lora(L, m, False, True, True),
@@ -200,6 +213,7 @@ SCENARIOS = {
     "hadamard": _hadamard,
     "fake_quantize": _fake_quantize,
     "dequantize_4bit": _dequantize,
+    "givens (qGOFT)": _givens,
 }
 
 
