@@ -19,7 +19,7 @@ products and attention only; elementwise work, norms, softmax and embedding grad
   fastft LoRA                  see :func:`_lora_items` (the backward of ``fastft.ops.lora``)
   fastft DoRA, QAT, S²FT, loss  :func:`_dora_linear_items`, :func:`_dora_row_norm_items`,
                                :func:`_quant_linear_items`, :func:`_fake_quantize_items`,
-                               :func:`_hadamard_items`, :func:`_s2ft_linear_items`,
+                               :func:`_hadamard_items`, :func:`_s2ft_linear_items`, :func:`_givens_rotation_items`,
                                :func:`_linear_cross_entropy_items`: each op's backward as its reference
                                computes it. The fused loss computes its gradient products in its forward
                                ("mean"/"sum"); they are counted here all the same, as the cost of training
@@ -219,6 +219,13 @@ def _hadamard_items(node, grad_shape):
     return [(_hadamard_flops(grad_shape(node)), (0,))]
 
 
+def _givens_rotation_items(node, grad_shape):
+    """``fastft::givens_rotation`` (qGOFT's butterfly, fastft/ops/givens_rotation.py): its backward is
+    elementwise multiply-adds per pair and stage (``givens_rotation_flops``), no matrix product, so 0 in
+    FlopCounterMode's convention (as the Hadamard butterflies)."""
+    return [(0, (0, 1))]
+
+
 def _fake_quantize_items(node, grad_shape):
     """``fastft::fake_quantize``: the straight-through gradient is elementwise (0); with ``rotate`` the inverse
     Hadamard transform of the gradient follows (see :func:`_hadamard_flops`)."""
@@ -328,6 +335,7 @@ for _name, _formula in {
     "GeneratedBackwardFor_fastft_dora_row_norm_defaultBackward": _dora_row_norm_items,
     "GeneratedBackwardFor_fastft_hadamard_transform_defaultBackward": _hadamard_items,
     "GeneratedBackwardFor_fastft_fake_quantize_defaultBackward": _fake_quantize_items,
+    "GeneratedBackwardFor_fastft_givens_rotation_defaultBackward": _givens_rotation_items,
     "_QuantWeightLinearBackward": _quant_linear_items,
     "GeneratedBackwardFor_fastft_linear_cross_entropy_defaultBackward": _linear_cross_entropy_items,
     "GeneratedBackwardFor_fastft_s2ft_linear_defaultBackward": _s2ft_linear_items,
