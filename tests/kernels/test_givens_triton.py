@@ -73,3 +73,19 @@ def test_no_rows():
     assert givens.givens_forward(x, blocks).shape == (0, 8)
     dx, db = givens.givens_backward(g, x, blocks, True, True)
     assert dx.shape == (0, 8) and torch.equal(db, torch.zeros_like(blocks))
+
+
+def test_exact_rotations_step_back_exactly_enough():
+    """The backward reconstructs stage inputs through inverse blocks; for rotations the inverse is the transpose."""
+    gen = torch.Generator().manual_seed(7)
+    d, stages = 16, 4
+    theta = torch.randn(stages, d // 2, generator=gen)
+    blocks = torch.stack((theta.cos(), -theta.sin(), theta.sin(), theta.cos()), 1)
+    x = torch.randn(21, d, generator=gen)
+    g = torch.randn(21, d, generator=gen)
+    dx, db = givens.givens_backward(g, x, blocks, True, True)
+    dx_ref, db_ref = givens_rotation_backward_reference(g, x, blocks, True, True)
+    assert_close(dx, dx_ref)
+    assert_close(db, db_ref)
+    inv = givens.inverse_blocks(blocks)
+    assert_close(inv, torch.stack((blocks[:, 0], blocks[:, 2], blocks[:, 1], blocks[:, 3]), 1))

@@ -112,3 +112,23 @@ def test_no_regularizer_hook_for_exact_rotations():
     model = tiny_model("llama")
     fastft.patch(model, fastft.QGOFTConfig(learn_scale=False, relative_angle=False))
     assert HOOK_ATTR not in model.__dict__ and regularization_loss(model) is None
+
+
+def test_transformers_trainer_run_lowers_the_loss(tmp_path):
+    """The transformers Trainer on one repeated batch (4 sequences): the logged loss, regularizer included, falls."""
+    import transformers
+    from helpers import TokenData
+
+    torch.manual_seed(0)
+    model = tiny_model("llama")
+    fastft.patch(model, fastft.QGOFTConfig(orthogonality_weight=0.01))
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=8, learning_rate=2e-2, logging_steps=1,
+        report_to=[], use_cpu=True, seed=0, data_seed=0, save_strategy="no", dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=TokenData(n=4))
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 8 and losses[-1] < losses[0] - 0.05, losses
+    assert regularization_loss(model).item() > 0
