@@ -43,6 +43,7 @@ SUITE_MODULES = (
     "benchmarks.hadamard",
     "benchmarks.csrc_ops",
     "benchmarks.s2ft_step",
+    "benchmarks.sparse_step",
     "benchmarks.qat_step",
     "benchmarks.partial_backprop",
     "benchmarks.host_overhead",

@@ -11,6 +11,10 @@ from . import nn, ops
 from .config import LoRAConfig
 from .config import LossConfig
 from .config import S2FTConfig
+from .config import SparseConfig
+from .config import LoFiTConfig
+from .config import SelectiveLoRAConfig
+from .config import DSEEConfig
 from .config import QGOFTConfig
 from .dispatch import backends
 from .io import load, save
@@ -28,6 +32,10 @@ __all__ = [
     "LossConfig",
     "PatchReport",
     "S2FTConfig",
+    "SparseConfig",
+    "LoFiTConfig",
+    "SelectiveLoRAConfig",
+    "DSEEConfig",
     "QGOFTConfig",
     "backends",
     "export_peft",
@@ -49,3 +57,5 @@ __all__ += ["merge", "merged_state_dict"]
 from .io import adapter_state_dict
 from . import distributed  # noqa: F401  (DDP / FSDP2 helpers; see the README's "Multi-process training")
 __all__ += ["adapter_state_dict", "regularization_loss"]
+from .sparse_delta_io import apply_sparse_delta, revert_sparse_delta, save_sparse_delta
+__all__ += ["apply_sparse_delta", "revert_sparse_delta", "save_sparse_delta"]

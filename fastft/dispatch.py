@@ -48,12 +48,14 @@ import torch
 
 from . import _ext
 from .build import cache_root
+from .node_costs import NodeCost, register_node_cost
 
 KNOWN_BACKENDS = ("torch", "triton", "cpp", "cuda")
 
 _OP_BACKENDS: dict[str, tuple[str, ...]] = {}
 _OP_LIMITS: dict[str, dict[str, Callable[..., Optional[str]]]] = {}
 _OP_IMPLEMENTATIONS: dict[str, dict[str, Union[Mapping[str, Callable], "lazy"]]] = {}
+_COMPOSITE_OPS: set[str] = set()  # ops written in torch and other fastft ops: "torch" under any backend
 _LIBRARY_DEVICE = {"cpp": "cpu", "cuda": "cuda"}  # backend -> its csrc library (named by device) and device type
 
 
@@ -79,21 +81,34 @@ class lazy:
 
 
 def register_op(op: str, implementations: Mapping[str, Union[Mapping[str, Callable], lazy]],
-                limits: Optional[dict[str, Callable[..., Optional[str]]]] = None) -> None:
+                limits: Optional[dict[str, Callable[..., Optional[str]]]] = None,
+                node_costs: Optional[Mapping[str, NodeCost]] = None, composite: bool = False) -> None:
     """Register ``op``'s implementations: ``{backend: {entry: callable}}`` (or a :class:`lazy` per backend).
 
     The reference ``torch`` backend is mandatory and names every entry. ``limits``: for a backend that
     implements only some calls of the op, ``check(**call)`` returning None when it can run the call
     described by the keyword arguments the op passes to :func:`backend_for` (e.g. ``d=``, ``dtype=``),
-    else the reason it cannot.
+    else the reason it cannot. ``node_costs``: the FLOP formula of the op's backward per autograd node
+    name (``{node_costs.custom_op_node(op): formula}``), written beside the op and read by
+    :mod:`fastft.policies.cost` (see :mod:`fastft.node_costs`). ``composite=True``: the op is written in
+    torch and other fastft ops (which dispatch themselves), registers only ``torch`` and runs it under any
+    backend, a forced ``FASTFT_BACKEND`` included (it applies to the ops the composite calls).
     """
     backends = tuple(implementations)
     unknown = [b for b in backends if b not in KNOWN_BACKENDS]
     if unknown or "torch" not in backends:
         raise ValueError(f"op {op!r}: backends {backends} must include 'torch' and only {KNOWN_BACKENDS}")
+    if composite and backends != ("torch",):
+        raise ValueError(f"op {op!r}: a composite op registers only its 'torch' entries, got {backends}")
     _OP_BACKENDS[op] = backends
+    if composite:
+        _COMPOSITE_OPS.add(op)
+    else:
+        _COMPOSITE_OPS.discard(op)
     _OP_LIMITS[op] = dict(limits or {})
     _OP_IMPLEMENTATIONS[op] = dict(implementations)
+    for node_name, formula in (node_costs or {}).items():
+        register_node_cost(node_name, formula)
     for cache in (_ENTRY_CACHE, _RESOLVED):
         for key in [k for k in cache if k[0] == op]:
             del cache[key]
@@ -109,6 +124,8 @@ def implementation(op: str, entry: str, device: torch.device | str, **call) -> C
     Where the backend registers the entry in two paths (``entry@cublas``, ``entry@triton``) the callable
     chooses between them per call (:func:`choose_path`).
     """
+    if op in _COMPOSITE_OPS:  # no choice to make, nothing cached: traceable inside an autograd.Function
+        return _OP_IMPLEMENTATIONS[op]["torch"][entry]
     if not call and op in _PURE_OPS:  # the hot path of a layer: one dict look-up per call
         key = (op, entry, device, _raw_env(_BACKEND_KEY), _raw_env(_INTERPRET_KEY))
         found = _RESOLVED.get(key)
@@ -434,6 +451,8 @@ def backend_for(op: str, device: torch.device | str, **call) -> str:
     device = torch.device(device)
     if op not in _OP_BACKENDS:
         raise KeyError(f"fastft op {op!r} is not registered; known ops: {sorted(_OP_BACKENDS)}")
+    if op in _COMPOSITE_OPS:
+        return "torch"
     available = _OP_BACKENDS[op]
     forced = _forced()
     if forced:

@@ -170,7 +170,7 @@ def touched_tensors(model: nn.Module) -> list[Tensor]:
             for key, value in [*module.named_parameters(), *module.named_buffers()]:
                 if not key.startswith("base_layer."):
                     seen[id(value)] = value
-            if getattr(module, "init", None) == "pissa":
+            if getattr(module, "holds_residual", False):
                 weight = module.base_layer.weight
                 seen[id(weight)] = weight
         for edit in plan.edits:

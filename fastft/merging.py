@@ -4,8 +4,11 @@
     base_model.load_state_dict(merged)
 
 Each entry of ``models`` (and ``base``) may be a state dict, a ``fastft.patch``-ed model (its adapters
-merged in: :func:`merged_state_dict`), a plain model, or a saved adapter directory (``fastft.save`` or a
-PEFT LoRA/DoRA directory, applied to ``base``, which must then be the plain model). Every state dict must
+merged in: :func:`merged_state_dict`; LoRA, DoRA and sparse deltas), a plain model, a saved adapter
+directory (``fastft.save`` or a PEFT LoRA/DoRA directory, applied to ``base``, which must then be the plain
+model), or a sparse-delta file (``fastft.save_sparse_delta``: its ΔW added to ``base``, a model or a state
+dict). Sparse deltas compose by addition: ``merge(base, [lang, task], method="task_arithmetic")`` is
+``base + Δlang + Δtask``. Every state dict must
 have the base's names, shapes and dtypes; the first mismatch is named in a ``ValueError``.
 
 With w₀ the base, w₁..w_N the fine-tuned models and τᵢ = wᵢ − w₀ their task vectors, each floating-point
@@ -50,7 +53,11 @@ from .io import CONFIG_NAME, load
 from .nn.lora import LoRALinear
 from .patch import is_patched, patch_state, unpatch
 from .peft_compat import PEFT_CONFIG, from_peft
+from .nn.sparse_delta import SparseDeltaLinear
 from .plans.modules_to_save import TrainInFull
+from .plans.regularization import RegularizationEdit
+from .plans.sparse import ScheduleEdit
+from .sparse_delta_io import sparse_delta_state_dict
 from .targets import find_layer_stack
 
 StateDict = dict[str, Tensor]
@@ -69,7 +76,7 @@ _PARAMS = {
 def merged_state_dict(model: nn.Module, adapter: str | os.PathLike | None = None) -> StateDict:
     """The full state dict of ``model`` with its fastft adapters merged in, without changing the model.
 
-    - a model patched with LoRA / DoRA: what ``fastft.unpatch(model, merge=True).state_dict()`` would give
+    - a model patched with LoRA / DoRA / sparse deltas: what ``fastft.unpatch(model, merge=True).state_dict()`` would give
       (the same values, bit for bit), plain module names (``...q_proj.weight``, no ``base_layer``/``lora_*``);
       modules trained in full (``modules_to_save``) with their trained values;
     - a plain model and an ``adapter`` directory (``fastft.save`` or PEFT): the adapter is loaded onto the
@@ -86,14 +93,17 @@ def merged_state_dict(model: nn.Module, adapter: str | os.PathLike | None = None
     for plan in state.plans:
         if plan.config.method == "loss":  # a fused loss changes the forward only, never a weight
             continue
-        if not isinstance(plan.config, LoRAConfig) or any(not isinstance(e, TrainInFull) for e in plan.edits):
+        sparse = bool(plan.swaps) and all(isinstance(m, SparseDeltaLinear) for _, m in plan.swaps)
+        # edits that change no weight (a loss term, a training schedule) or whose weights are read (TrainInFull)
+        known = (TrainInFull, RegularizationEdit, ScheduleEdit)
+        if not (isinstance(plan.config, LoRAConfig) or sparse) or any(not isinstance(e, known) for e in plan.edits):
             raise ValueError(
-                f"fastft.merged_state_dict reads LoRA / DoRA patches; this model is also patched with "
+                f"fastft.merged_state_dict reads LoRA / DoRA / sparse-delta patches; this model is also patched with "
                 f"{plan.config.method!r}. Call fastft.unpatch(model, merge=True) and pass model.state_dict()."
             )
     patched = dict(state.modules())
     for name, module in patched.items():
-        if not isinstance(module, LoRALinear) or type(module.base_layer) is not nn.Linear:
+        if not isinstance(module, (LoRALinear, SparseDeltaLinear)) or type(module.base_layer) is not nn.Linear:
             what = "a 4-bit base" if getattr(module, "is_4bit", False) else type(module.base_layer).__name__
             raise ValueError(
                 f"fastft.merged_state_dict: {name} adapts {what}; merging needs plain nn.Linear bases "
@@ -140,9 +150,9 @@ def _adapter_state_dict(model: nn.Module, directory: str) -> StateDict:
     if os.path.exists(os.path.join(directory, CONFIG_NAME)):
         with open(os.path.join(directory, CONFIG_NAME)) as f:
             configs = json.load(f).get("configs", [])
-        if any(c.get("init") == "pissa" for c in configs):
+        if any(c.get("init") in ("pissa", "corda", "loldu") for c in configs):
             raise ValueError(
-                f"fastft.merged_state_dict: {directory!r} is a PiSSA adapter, whose loading rewrites the base "
+                f"fastft.merged_state_dict: {directory!r} is a PiSSA / CorDA / LoLDU adapter, whose loading rewrites the base "
                 "weights; load it yourself (fastft.load(model, dir)) and call fastft.merged_state_dict(model)."
             )
         load(model, directory)
@@ -158,9 +168,16 @@ def _adapter_state_dict(model: nn.Module, directory: str) -> StateDict:
         unpatch(model, merge=False)
 
 
-def _as_state(source: Any, base_model: nn.Module | None, what: str) -> StateDict:
+def _as_state(source: Any, base_model: nn.Module | None, what: str, base_state: StateDict | None = None) -> StateDict:
     if isinstance(source, nn.Module):
         return merged_state_dict(source)
+    if isinstance(source, (str, os.PathLike)) and os.path.isfile(source):  # a sparse-delta file
+        if base_state is None:
+            raise ValueError(
+                f"fastft.merge: {what} is a sparse-delta file ({os.fspath(source)!r}); pass the base model (or its "
+                "state dict) as base so the delta can be added to it."
+            )
+        return sparse_delta_state_dict(base_state, source, model=base_model)
     if isinstance(source, (str, os.PathLike)):
         if base_model is None:
             raise ValueError(
@@ -287,7 +304,7 @@ def merge(
         if is_patched(base_model):
             raise ValueError("fastft.merge: base is a fastft-patched model; pass the plain pretrained model as base.")
     base_state = None if base is None else _as_state(base, base_model, "base")
-    states = [_as_state(m, base_model, f"models[{i}]") for i, m in enumerate(models)]
+    states = [_as_state(m, base_model, f"models[{i}]", base_state) for i, m in enumerate(models)]
     reference = base_state if base_state is not None else states[0]
     against = "the base" if base_state is not None else "models[0]"
     for i, state in enumerate(states):

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 from torch import nn
 
-from .config import LoRAConfig, MethodConfig, check_bool
+from .config import LoRAConfig, MethodConfig, SparseConfig, check_bool
 from .dispatch import backend_for, path_for
 from .distributed import refuse_distributed, refuse_sharded_unpatch, unwrap
 from .nn import FASTFT_MODULES
@@ -95,12 +95,16 @@ def _refuse_meta(model: nn.Module, configs: Sequence[MethodConfig]) -> None:
     for cfg in configs:
         if cfg.method == "loss":
             continue
-        if isinstance(cfg, LoRAConfig) and not cfg.dora and cfg.init != "pissa":
+        if isinstance(cfg, LoRAConfig) and not cfg.dora and not cfg.holds_residual:
             continue
-        what = {"s2ft": "S²FT selects and permutes channels by the weights",
-                "qat": "QAT folds rotations into the weights and quantizes them"}.get(
-            cfg.method, f"LoRAConfig(dora={getattr(cfg, 'dora', False)}, init={getattr(cfg, 'init', None)!r}) "
-                        "initialises from the base weights")
+        if isinstance(cfg, SparseConfig):
+            what = (f"sparse fine-tuning (method={cfg.method!r}) selects its support from the weights and builds its "
+                    "indices and values beside them")
+        else:
+            what = {"s2ft": "S²FT selects and permutes channels by the weights",
+                    "qat": "QAT folds rotations into the weights and quantizes them"}.get(
+                cfg.method, f"LoRAConfig(dora={getattr(cfg, 'dora', False)}, init={getattr(cfg, 'init', None)!r}) "
+                            "initialises from the base weights")
         raise ValueError(
             f"fastft.patch: the model is on the meta device (e.g. {meta!r} is not materialized), and {what}, which "
             "meta tensors do not hold. Load the weights first, then patch; or patch with a LoRAConfig whose init is "

@@ -1,6 +1,8 @@
-"""Triton kernels of the DoRA ops (``fastft.ops.dora``), over a dense or a bitsandbytes 4-bit base weight.
+"""Triton kernels of the DoRA ops (``fastft.ops.dora_row_norm``, ``fastft.ops.dora``), over a dense or a
+bitsandbytes 4-bit base weight.
 
-The ops (see ``fastft/ops/dora.py`` for the full statement), for x (M×K), W (N×K), A (R×K), B (N×R)::
+The ops (see ``fastft/ops/dora_row_norm.py`` and ``fastft/ops/dora.py`` for the full statements), for x (M×K),
+W (N×K), A (R×K), B (N×R)::
 
     row norm   P = W Aᵀ,  G = A Aᵀ,  n = max(sqrt(max(‖W_i‖² + 2s·B_i·P_i + s²·B_i G B_iᵀ, 0)), eps)
     forward    xa = x Aᵀ,  y = g ⊙ (x Wᵀ + s·xa Bᵀ) + b

@@ -51,7 +51,7 @@ MUTATIONS = [
              "full = weight + (self.lora_B.detach().to(dtype) @ self.lora_A.detach().to(dtype))",
              ("tests/nn/test_dora_module.py::test_merge_folds_the_magnitude_and_direction_into_the_weight",
               "tests/nn/test_dora_module.py::test_qdora_merge_dequantizes_merges_requantizes_and_warns")),
-    Mutation("dora row norm 10% too large (reference)", "fastft/ops/dora.py",
+    Mutation("dora row norm 10% too large (reference)", "fastft/ops/dora_row_norm.py",
              "return q.clamp_min(0.0).sqrt().clamp_min(eps)",
              "return (1.1 * q.clamp_min(0.0).sqrt()).clamp_min(eps)",
              ("tests/test_dora_peft.py::test_magnitude_starts_at_the_row_norms_so_dora_equals_lora_at_init",)),

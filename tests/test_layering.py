@@ -5,7 +5,7 @@ The rules (also in docs/architecture.md). Each module of ``fastft/`` and ``kerne
 the graph has no cycle, not even through imports inside functions. The lower the layer, the less it knows:
 
     0 math         fastft.math                   pure math: Hadamard factorizations, quantization grids
-    1 base         config, report, distributed, build, measure, process_memory, _version
+    1 base         config, report, distributed, build, measure, process_memory, node_costs, _version
     2 bindings     fastft._ext, fastft.kernels   C/CUDA libraries through ctypes; Triton kernels
     3 dispatch     fastft.dispatch               the one place a backend is chosen
     4 ops          fastft.ops                    one torch.library op per file
@@ -13,7 +13,7 @@ the graph has no cycle, not even through imports inside functions. The lower the
     6 nn           fastft.nn                     drop-in modules (the FastFTLayer protocol)
     7 plans        fastft.plans, fastft.policies what a method does to a whole model; trainable selection
     8 patch        fastft.patch                  plan, check, apply with rollback, report
-    9 io           io, peft_compat, quantized, merging, integrations
+    9 io           io, peft_compat, quantized, merging, sparse_delta_io, integrations
    10 top          fastft (the package), fastft.demo, fastft.examples
 
 The only imports of fastft code inside functions: the Triton backends, registered with
@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [
     ("math", ["fastft.math"]),
     ("base", ["fastft._version", "fastft.config", "fastft.report", "fastft.distributed", "fastft.build",
-              "fastft.measure", "fastft.process_memory"]),
+              "fastft.measure", "fastft.process_memory", "fastft.node_costs"]),
     ("bindings", ["fastft._ext", "fastft.kernels"]),
     ("dispatch", ["fastft.dispatch"]),
     ("ops", ["fastft.ops"]),
@@ -38,7 +38,8 @@ LAYERS = [
     ("nn", ["fastft.nn"]),
     ("plans", ["fastft.plans", "fastft.policies"]),
     ("patch", ["fastft.patch"]),
-    ("io", ["fastft.io", "fastft.peft_compat", "fastft.quantized", "fastft.merging", "fastft.integrations"]),
+    ("io", ["fastft.io", "fastft.peft_compat", "fastft.quantized", "fastft.merging", "fastft.sparse_delta_io",
+            "fastft.integrations"]),
     ("top", ["fastft", "fastft.demo", "fastft.examples"]),
 ]
 

@@ -16,13 +16,17 @@ from .checks import (
     register_config,
 )
 from .lora import LoRAConfig
+from .lofit import LoFiTConfig
+from .selective_lora import SelectiveLoRAConfig
+from .dsee import DSEEConfig
 from .loss import LossConfig
 from .qat import ROTATIONS, QATConfig
 from .s2ft import S2FTConfig
+from .sparse import SparseConfig
 from .qgoft import QGOFTConfig
 
 __all__ = [
     "ALL_LINEAR", "CONFIG_CLASSES", "PEFT_NAMES", "MethodConfig", "Targets", "WrongType", "check_bool",
     "check_number", "config_from_dict", "register_config", "LoRAConfig", "LossConfig", "QATConfig", "ROTATIONS",
-    "S2FTConfig", "QGOFTConfig",
+    "S2FTConfig", "SparseConfig", "LoFiTConfig", "SelectiveLoRAConfig", "DSEEConfig", "QGOFTConfig",
 ]

@@ -171,6 +171,8 @@ def config_from_dict(data: dict[str, Any]) -> MethodConfig:
         raise ValueError(f"unknown fastft method {method!r} in saved config; known: {sorted(CONFIG_CLASSES)}")
     cls = CONFIG_CLASSES[method]
     fields = {f.name for f in dataclasses.fields(cls)}
+    if "method" in fields:  # one class for several methods (SparseConfig): the method is a field
+        data["method"] = method
     unknown = sorted(set(data) - fields)
     if unknown:
         raise ValueError(f"saved {cls.__name__} has fields this fastft does not know: {unknown}")

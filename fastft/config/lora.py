@@ -1,6 +1,7 @@
 """``LoRAConfig``: LoRA, DoRA, rsLoRA, PiSSA and the low-rank family on linear layers."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence, Union
@@ -16,6 +17,12 @@ from .checks import (
     register_config,
     with_known_names,
 )
+
+
+def _is_tensor(value: Any) -> bool:
+    import torch  # configs import torch only where a value must be a tensor (as QATConfig.calib)
+
+    return isinstance(value, torch.Tensor)
 
 
 def _check_modules_to_save(value: Any) -> Union[str, tuple[str, ...]]:
@@ -49,8 +56,19 @@ class LoRAConfig(MethodConfig):
         train_a: ``False`` keeps A frozen at its initialisation (asymmetric LoRA); only B trains, and the
             layer then saves only ``x Aᵀ`` for backward.
         init: ``"default"`` (PEFT's: A Kaiming-uniform with a=√5, B zero), ``"gaussian"`` (A ~ N(0, 1/r²),
-            B zero) or ``"pissa"`` (A, B from the top-r singular triplets of W; the base weight becomes the
-            residual ``W - s·BA``, so the model is unchanged at init).
+            B zero), ``"pissa"`` (A, B from the top-r singular triplets of W; the base weight becomes the
+            residual ``W - s·BA``, so the model is unchanged at init), ``"corda"`` (CorDA: A, B from the SVD of
+            W times the covariance of the layer's inputs on ``calib``, the components ``corda_mode`` names;
+            residual base as PiSSA) or ``"loldu"`` (LoLDU: ``W = P L D U``; A, B from the first r columns of PL
+            and rows of U, both frozen, and only the diagonal d trains: ``y = x W_resᵀ + s·((x Aᵀ) ⊙ d) Bᵀ``,
+            see :class:`fastft.nn.LoLDULinear`).
+        corda_mode: with ``init="corda"``: ``"kpm"`` (knowledge-preserved: the adapter starts from the r
+            smallest components, the largest stay frozen in the residual) or ``"ipm"`` (instruction-previewed:
+            from the r largest). Ignored by the other inits (must stay at its default).
+        calib: with ``init="corda"``: the calibration data whose activations give each layer's input
+            covariance: a tensor of token ids (batch×seq), a dict of model inputs, a list of either, or a
+            callable ``calib(model)`` that runs the model. Not saved; ``fastft.save`` writes ``"saved"``,
+            which tells ``fastft.load`` that the factors come from the saved adapter.
         layers: indices of the decoder layers to touch (``None``: all). Modules outside the decoder stack
             (``lm_head``) are touched only when named in ``targets``.
         dora: weight-decomposed LoRA (DoRA; QDoRA over a 4-bit base): ``y = g ⊙ (x Wᵀ + s·(x Aᵀ) Bᵀ) + b``
@@ -69,7 +87,9 @@ class LoRAConfig(MethodConfig):
     """
 
     method: ClassVar[str] = "lora"
-    INITS: ClassVar[tuple[str, ...]] = ("default", "gaussian", "pissa")
+    INITS: ClassVar[tuple[str, ...]] = ("default", "gaussian", "pissa", "corda", "loldu")
+    # inits whose base weight holds a residual W - s·(initial update): undone on unpatch(merge=False)
+    RESIDUAL_INITS: ClassVar[tuple[str, ...]] = ("pissa", "corda", "loldu")
 
     r: int = 16
     alpha: float = 32
@@ -82,6 +102,8 @@ class LoRAConfig(MethodConfig):
     dora: bool = False
     dora_detach_norm: bool = True
     modules_to_save: Any = "auto"
+    corda_mode: str = "kpm"
+    calib: Any = dataclasses.field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         self.r = check_number("LoRAConfig.r", self.r, low=1, integer=True,
@@ -94,6 +116,9 @@ class LoRAConfig(MethodConfig):
             raise ValueError(f"LoRAConfig.init={self.init!r}: choose one of {list(self.INITS)}.")
         for name in ("rslora", "train_a", "dora", "dora_detach_norm"):
             check_bool(f"LoRAConfig.{name}", getattr(self, name))
+        if self.init == "loldu" and (self.dora or self.dropout):
+            raise ValueError("LoRAConfig(init='loldu') trains only the diagonal between frozen LDU factors; it is not "
+                             "combined with dora=True or dropout > 0 here. Leave both at their defaults.")
         if not self.dora_detach_norm and not self.dora:
             raise ValueError(
                 "LoRAConfig.dora_detach_norm=False only applies to DoRA: set dora=True as well, or leave "
@@ -103,6 +128,37 @@ class LoRAConfig(MethodConfig):
         self.layers = check_layers(self.layers)
         self.dropout = float(self.dropout)
         self.modules_to_save = _check_modules_to_save(self.modules_to_save)
+        self._check_variants()
+
+    def _check_variants(self) -> None:
+        if self.corda_mode not in ("kpm", "ipm"):
+            raise ValueError(f"LoRAConfig.corda_mode={self.corda_mode!r}: choose 'kpm' (knowledge-preserved: adapt "
+                             "the smallest components) or 'ipm' (instruction-previewed: the largest).")
+        if self.init != "corda":
+            if self.corda_mode != "kpm" or self.calib is not None:
+                raise ValueError(f"LoRAConfig.corda_mode / calib apply to init='corda' only (init={self.init!r}); "
+                                 "drop them or set init='corda'.")
+            return
+        if self.calib is None:
+            raise ValueError("LoRAConfig(init='corda') needs calib=...: token ids (batch x seq), a dict of model "
+                             "inputs, a list of either, or a callable calib(model) that runs the model.")
+        ok = lambda c: callable(c) or isinstance(c, dict) or _is_tensor(c)  # noqa: E731
+        if not (self.calib == "saved" if isinstance(self.calib, str) else
+                (ok(self.calib) or (isinstance(self.calib, (list, tuple)) and self.calib and all(map(ok, self.calib))))):
+            raise ValueError(f"LoRAConfig.calib: got {type(self.calib).__name__}; pass token ids (a tensor), a dict of "
+                             "model inputs, a non-empty list of either, or a callable calib(model).")
+        if self.dora:
+            raise ValueError("LoRAConfig(init='corda', dora=True) is not supported; use dora=False.")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        data["calib"] = "saved" if self.init == "corda" else None  # activations are not saved: the factors are
+        return data
+
+    @property
+    def holds_residual(self) -> bool:
+        """True when the patched base weight holds ``W - s·(initial update)`` (PiSSA, CorDA, LoLDU)."""
+        return self.init in self.RESIDUAL_INITS
 
     @property
     def scale(self) -> float:

@@ -14,6 +14,10 @@ selection is active); then, after every N-th optimizer step, it runs:
   once at the start of training, after the Trainer has built its optimizer over every candidate parameter,
   so that parameters chosen later are in the optimizer (a parameter left out gets no gradient, and AdamW
   skips it: it keeps its state for when it is chosen again).
+* ``sparse_schedule=True`` (the default): the schedules of a sparse fine-tuning patch
+  (:class:`fastft.SparseConfig`: SpIEL's prune/regrow cycles, Diff Pruning's fixing step;
+  :mod:`fastft.plans.sparse_schedule`) run after every optimizer step with the Trainer's optimizer, so the
+  optimizer state follows the moved slots. A model with no sparse schedule is not affected.
 
 Everything that can be refused is checked in ``on_train_begin``, before the first step: COLA on a model
 without LoRA adapters or over 4-bit bases, a re-selection that turns on parameters the optimizer does not
@@ -31,6 +35,7 @@ except ImportError as err:  # transformers is a dependency; keep the message cle
     raise ImportError("fastft.integrations needs transformers (pip install transformers)") from err
 
 from ..patch import build_report, is_patched
+from ..plans.sparse_schedule import sparse_schedules
 from ..policies import select_trainable, selection_state, unselect
 from . import cola
 
@@ -67,6 +72,8 @@ class FastFTCallback(TrainerCallback):
         seed: base seed of COLA's re-initialisation (link at step t uses ``seed + t``); None: the Trainer's
             ``args.seed``.
         log: where reports and schedule events go (default ``print``, on the main process only); None: silent.
+        sparse_schedule: run the schedules of a :class:`fastft.SparseConfig` patch (SpIEL, Diff Pruning's
+            ``fix_at_step``) after every optimizer step; False leaves them to the caller.
     """
 
     def __init__(
@@ -76,6 +83,7 @@ class FastFTCallback(TrainerCallback):
         reselect_every: int | None = None,
         seed: int | None = None,
         log: Callable[[str], Any] | None = print,
+        sparse_schedule: bool = True,
     ):
         for name, value in (("cola_every", cola_every), ("reselect_every", reselect_every)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -91,6 +99,9 @@ class FastFTCallback(TrainerCallback):
         self.reselect_every = reselect_every
         self.seed = seed
         self.log = log
+        if not isinstance(sparse_schedule, bool):
+            raise ValueError(f"FastFTCallback.sparse_schedule={sparse_schedule!r}: True or False.")
+        self.sparse_schedule = sparse_schedule
         self.reported = False
         self.events: list[tuple[int, str]] = []  # (global step, what happened): COLA links, re-selections
 
@@ -152,3 +163,9 @@ class FastFTCallback(TrainerCallback):
             self._say(state, f"fastft: Chain of LoRA: merged and restarted {len(names)} adapters at step {state.global_step}")
         if self.reselect is not None and self._due(self.reselect_every, state):
             self._reselect(state, model, optimizer)
+        if self.sparse_schedule and model is not None:
+            for schedule in sparse_schedules(model):
+                final = bool(state.max_steps) and state.global_step >= state.max_steps
+                for done in schedule.step(model, state.global_step, optimizer, final=final):
+                    self.events.append((state.global_step, "sparse"))
+                    self._say(state, f"fastft: {done} at step {state.global_step}")

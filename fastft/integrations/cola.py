@@ -77,14 +77,15 @@ def merge_and_restart(model: nn.Module, optimizer: Any = None, seed: int = 0) ->
     """
     modules = chain_modules(model)
     params = [p for _, m in modules for p in m.adapter_parameters().values()]
+    inner = None if optimizer is None else _held_optimizer(optimizer, params)  # refuse before changing anything
     with torch.random.fork_rng(devices=_devices(modules)):
         torch.manual_seed(seed)
         for _, module in modules:
             module.merge_and_restart()
     for param in params:
         param.grad = None
-    if optimizer is not None:
-        reset_optimizer_state(optimizer, params)
+    if inner is not None:
+        _drop_state(inner, params)
     return [name for name, _ in modules]
 
 
@@ -94,6 +95,11 @@ def reset_optimizer_state(optimizer: Any, params: list[nn.Parameter]) -> int:
     Raises if none of ``params`` is held by the optimizer (it was built over other parameters, and the
     restarted adapters would never train).
     """
+    return _drop_state(_held_optimizer(optimizer, params), params)
+
+
+def _held_optimizer(optimizer: Any, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """The ``torch.optim`` optimizer inside ``optimizer``; raises unless it holds one of ``params``."""
     inner = optimizer
     while not isinstance(inner, torch.optim.Optimizer) and hasattr(inner, "optimizer"):
         inner = inner.optimizer
@@ -103,6 +109,10 @@ def reset_optimizer_state(optimizer: Any, params: list[nn.Parameter]) -> int:
             "Chain of LoRA: the optimizer holds none of the adapter parameters being restarted; build the "
             "optimizer over the patched model's trainable parameters (after fastft.patch)."
         )
+    return inner
+
+
+def _drop_state(inner: torch.optim.Optimizer, params: list[nn.Parameter]) -> int:
     dropped = 0
     for param in params:
         if inner.state.pop(param, None) is not None:

@@ -11,7 +11,7 @@ kept as the non-persistent buffer ``weight_sq_norm``; W + s·BA is never formed 
 the norm is detached (DoRA paper, section 4.3; PEFT): gradients reach A and B only through the numerator.
 ``LoRAConfig(dora_detach_norm=False)`` gives the exact gradient through the norm as well.
 
-A row whose norm is zero (an all-zero row of W with B's row zero) divides by ``fastft.ops.dora.NORM_EPS``
+A row whose norm is zero (an all-zero row of W with B's row zero) divides by ``fastft.ops.dora_row_norm.NORM_EPS``
 instead: its magnitude starts at that epsilon, g = 1, and outputs and gradients stay finite (PEFT gives
 NaN there).
 
@@ -29,7 +29,8 @@ from torch import Tensor, nn
 from ..bnb import four_bit_weight, requantize_like
 from ..config import LoRAConfig
 from ..distributed import copy_full_
-from ..ops.dora import NORM_EPS, dora_linear, dora_row_norm, norm_dtype
+from ..ops.dora import dora_linear
+from ..ops.dora_row_norm import NORM_EPS, dora_row_norm, norm_dtype
 from .lora import LoRALinear, adapter_dtype
 
 
@@ -146,7 +147,7 @@ class DoRALinear(LoRALinear):
         super().load_adapter_state_dict(state)  # checks the key set, loads A and B (and a PiSSA residual)
         with torch.no_grad():
             copy_full_(self.lora_magnitude_vector, magnitude)
-            if self.init == "pissa":
+            if self.holds_residual:
                 self._cache_weight_sq_norm()  # the residual base weight was re-derived
 
     def merged_weight(self) -> Tensor:

@@ -72,8 +72,8 @@ class LoRAExperts(FastFTLayer):
         if config.dropout:
             raise ValueError(f"fastft LoRA on MoE experts ({name}) needs dropout=0 (PEFT's rule for expert LoRA): "
                              "dropout inside a per-expert product cannot be factored out of the grouped GEMM.")
-        if config.dora or config.init == "pissa" or not config.train_a:
-            raise ValueError(f"fastft LoRA on MoE experts ({name}, {type(base_layer).__name__}): DoRA, PiSSA and "
+        if config.dora or config.holds_residual or not config.train_a:
+            raise ValueError(f"fastft LoRA on MoE experts ({name}, {type(base_layer).__name__}): DoRA, PiSSA/CorDA/LoLDU and "
                              "train_a=False are not supported on experts yet; leave the experts out of targets.")
         available = [p for p in EXPERT_PROJECTIONS if isinstance(getattr(base_layer, p, None), torch.Tensor)]
         self.params = tuple(params) if params else tuple(available)

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from ..bnb import four_bit_weight, is_linear4bit, requantize_like
 from ..config import LoRAConfig
 from ..distributed import copy_full_, full_tensor, is_sharded
+from ..math.lora_inits import corda_factors
 from ..ops.lora import lora_linear
 from .layer import FastFTLayer
 from ..targets import is_conv1d, linear_features, out_in_weight
@@ -74,15 +75,17 @@ class LoRALinear(FastFTLayer):
         self.is_4bit = is_linear4bit(base_layer)
         if self.is_4bit:
             four_bit_weight(base_layer)  # raises now if the layer holds no quantization state
-        if config.init == "pissa" and self.is_4bit:
+        if config.holds_residual and self.is_4bit:
             raise ValueError(
-                "init='pissa' needs a float base weight (the base becomes the residual W - s·BA); "
+                f"init={config.init!r} needs a float base weight (the base becomes the residual W - s·BA); "
                 "patch the unquantized model, then quantize the residual, or use init='default'."
             )
-        if config.init == "pissa" and min(base_layer.weight.shape) < config.r:
+        if config.holds_residual and min(base_layer.weight.shape) < config.r:
             raise ValueError(
-                f"init='pissa' needs r <= min(out, in) = {min(base_layer.weight.shape)}, got r={config.r}"
+                f"init={config.init!r} needs r <= min(out, in) = {min(base_layer.weight.shape)}, got r={config.r}"
             )
+        self.corda_mode = config.corda_mode
+        self.corda_covariance: "Tensor | None" = None  # set by the planner from the calibration run (CorDA)
         self.base_layer = base_layer
         # a Conv1D (GPT-2 family) stores its weight in×out: PEFT's fan_in_fan_out; the op sees the out×in view
         self.fan_in_fan_out = is_conv1d(base_layer)
@@ -151,24 +154,24 @@ class LoRALinear(FastFTLayer):
         the fifth layer leaves the first four as they were. Raises ``ValueError`` for a base weight holding
         NaN/inf and lets ``torch.linalg.LinAlgError`` (an SVD that does not converge) through.
         """
-        if self.attached or self.init != "pissa" or getattr(self, "_prepared", False):
+        if self.attached or not self.holds_residual or getattr(self, "_prepared", False):
             return
         if self._weight().is_meta:
             raise ValueError(
-                "init='pissa' takes the SVD of the base weight, which is on the meta device (not materialized); "
+                f"init={self.init!r} factorizes the base weight, which is on the meta device (not materialized); "
                 "patch the model after loading its weights, or use init='default' / 'gaussian'."
             )
         weight = self._weight().detach().to(self.lora_A.dtype)
         if not bool(torch.isfinite(weight).all()):
             raise ValueError(
-                f"init='pissa': the base weight ({self.out_features}x{self.in_features}) holds NaN or inf, so it has "
-                "no singular value decomposition; the checkpoint is corrupted. Load a finite one or use init='default'."
+                f"init={self.init!r}: the base weight ({self.out_features}x{self.in_features}) holds NaN or inf, so it "
+                "has no factorization; the checkpoint is corrupted. Load a finite one or use init='default'."
             )
-        u, s, vh = torch.linalg.svd(weight, full_matrices=False)
-        root = (s[: self.r] / self.scale).sqrt()
-        A, B = root[:, None] * vh[: self.r], u[:, : self.r] * root[None, :]
-        if not (bool(torch.isfinite(A).all()) and bool(torch.isfinite(B).all())):
-            raise ValueError("init='pissa': the SVD of the base weight gave NaN or inf factors; use init='default'.")
+        factors = self._initial_factors(weight)
+        if not all(bool(torch.isfinite(f).all()) for f in factors):
+            raise ValueError(f"init={self.init!r}: the factorization of the base weight gave NaN or inf factors; "
+                             "use init='default'.")
+        A, B = factors[0], factors[1]
         with torch.no_grad():
             self.lora_A.copy_(A)
             self.lora_B.copy_(B)
@@ -176,6 +179,26 @@ class LoRALinear(FastFTLayer):
         self.register_buffer("pissa_A0", self.lora_A.detach().clone(), persistent=False)
         self.register_buffer("pissa_B0", self.lora_B.detach().clone(), persistent=False)
         self._prepared = True
+
+    @property
+    def holds_residual(self) -> bool:
+        """True when the base weight holds the residual ``W - s·(initial update)`` (PiSSA, CorDA, LoLDU)."""
+        return self.init in LoRAConfig.RESIDUAL_INITS
+
+    def _initial_factors(self, weight: Tensor) -> tuple[Tensor, ...]:
+        """(A, B, ...) of a residual init from the base weight (out×in, adapter dtype): PiSSA's top-r SVD or
+        CorDA's covariance-aware SVD (:func:`fastft.math.lora_inits.corda_factors`)."""
+        if self.init == "corda":
+            if self.corda_covariance is None:  # fastft.load: the saved factors replace these at once
+                covariance = torch.eye(self.in_features, device=weight.device, dtype=weight.dtype)
+            else:
+                covariance = self.corda_covariance
+            A, B = corda_factors(weight, covariance.to(weight.device), self.r, self.corda_mode, self.scale)
+            self.corda_covariance = None  # in×in per layer: dropped once used
+            return A.to(weight.dtype), B.to(weight.dtype)
+        u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+        root = (s[: self.r] / self.scale).sqrt()
+        return root[:, None] * vh[: self.r], u[:, : self.r] * root[None, :]
 
     def attach(self) -> None:
         """Initialise A and B; for PiSSA also turn the base weight into the residual.
@@ -188,8 +211,8 @@ class LoRALinear(FastFTLayer):
         if self.attached:
             return
         if self.lora_A.is_meta:
-            if self.init == "pissa":
-                self.prepare()  # raises: PiSSA needs the real weight
+            if self.holds_residual:
+                self.prepare()  # raises: PiSSA / CorDA / LoLDU need the real weight
             self.needs_init = True
             self.attached = True
             return
@@ -201,8 +224,14 @@ class LoRALinear(FastFTLayer):
                 nn.init.normal_(self.lora_A, std=1.0 / self.r)
             else:
                 weight = self._weight()
-                weight.copy_((weight.to(self.lora_A.dtype) - self.scale * self.lora_B @ self.lora_A).to(weight.dtype))
+                weight.copy_((weight.to(self.lora_A.dtype) - self.initial_delta()).to(weight.dtype))
         self.attached = True
+
+    def initial_delta(self) -> Tensor:
+        """``s · B0 A0``: the update a residual init took out of the base weight (out×in, adapter dtype)."""
+        if getattr(self, "pissa_A0", None) is None:
+            return self.scale * self.lora_B.detach() @ self.lora_A.detach()
+        return self.scale * self.pissa_B0 @ self.pissa_A0
 
     def _apply(self, fn, recurse=True):
         # materializing a meta model (``model.to_empty(device=...)``, FSDP2's flow) runs _apply on every module:
@@ -217,9 +246,9 @@ class LoRALinear(FastFTLayer):
         alone. This is the hook of the materialize-from-meta flows: ``model.to_empty(device=...)`` then each
         module's ``reset_parameters()`` (as FSDP2's ``init_weights`` flow and ``model.apply`` loops call it).
         PiSSA cannot be re-initialised this way (its base holds the residual) and raises."""
-        if self.init == "pissa":
+        if self.holds_residual:
             raise ValueError(
-                "reset_parameters: a PiSSA adapter's base weight holds the residual W - s·BA; it cannot be "
+                f"reset_parameters: a {self.init} adapter's base weight holds the residual W - s·BA; it cannot be "
                 "re-initialised in place. Unpatch (merge=False) and patch again."
             )
         if self.lora_A.is_meta:
@@ -312,7 +341,7 @@ class LoRALinear(FastFTLayer):
     def adapter_state_dict(self) -> dict[str, Tensor]:
         """What ``fastft.save`` stores for this module."""
         state = {"lora_A": self.lora_A.detach(), "lora_B": self.lora_B.detach()}
-        if self.init == "pissa":
+        if self.holds_residual:
             state.update(pissa_A0=self.pissa_A0, pissa_B0=self.pissa_B0)
         return state
 
@@ -321,9 +350,9 @@ class LoRALinear(FastFTLayer):
         expected = set(self.adapter_state_dict())
         if set(state) != expected:
             raise ValueError(f"adapter state has keys {sorted(state)}, expected {sorted(expected)}")
-        if self.init == "pissa" and is_sharded(self.base_layer.weight):
+        if self.holds_residual and is_sharded(self.base_layer.weight):
             raise ValueError(
-                "loading a PiSSA adapter rewrites the base weight (the residual), which is sharded by FSDP here; "
+                f"loading a {self.init} adapter rewrites the base weight (the residual), which is sharded by FSDP here; "
                 "fastft.load it onto the model before sharding it."
             )
         with torch.no_grad():
@@ -332,7 +361,7 @@ class LoRALinear(FastFTLayer):
                 if state[name].shape != param.shape:
                     raise ValueError(f"{name}: saved shape {tuple(state[name].shape)} != {tuple(param.shape)}")
                 copy_full_(param, state[name])
-            if self.init == "pissa":
+            if self.holds_residual:
                 # re-derive the residual from the saved initial factors, whatever this SVD produced
                 weight = self._weight()
                 original = weight.to(self.lora_A.dtype) + self.scale * self.pissa_B0 @ self.pissa_A0
@@ -352,7 +381,7 @@ class LoRALinear(FastFTLayer):
         LoRA with A' = [A; A0], B' = [B, -B0]. ``extra`` is the rank multiplier (1 or 2).
         """
         A, B = full_tensor(self.lora_A.detach()), full_tensor(self.lora_B.detach())
-        if self.init != "pissa":
+        if not self.holds_residual:
             return A, B, 1
         return torch.cat([A, self.pissa_A0], 0), torch.cat([B, -self.pissa_B0], 1), 2
 
@@ -368,8 +397,8 @@ class LoRALinear(FastFTLayer):
         if merge:
             self._refuse_uninitialized()
             delta = self.delta_weight()
-        elif self.init == "pissa":
-            delta = self.scale * (self.pissa_B0 @ self.pissa_A0)
+        elif self.holds_residual:
+            delta = self.initial_delta()
         else:
             return base
         if self.is_4bit:
@@ -401,6 +430,10 @@ class LoRALinear(FastFTLayer):
             )
         if not self.attached:
             raise ValueError(f"{type(self).__name__}.merge_and_restart: the adapter was never attached (initialised).")
+        if self.init in ("corda", "loldu"):
+            raise ValueError(f"Chain of LoRA restarts the adapter with init's rule; init={self.init!r} is not restarted "
+                             "(CorDA's calibration covariance is gone after patching; LoLDU keeps its factors frozen). "
+                             "Use init='default' or 'pissa' with COLA.")
         with torch.no_grad():
             self._fold_update_into_base()
             self.lora_B.zero_()

@@ -256,9 +256,9 @@ class QuantLinear(FastFTLayer):
                 "merged into the weight before it is fake-quantized (so export matches training), which leaves no "
                 "separate low-rank input to drop out. Use dropout=0."
             )
-        if getattr(adapter, "init", "default") == "pissa":
+        if getattr(adapter, "init", "default") in ("pissa", "corda", "loldu"):
             raise ValueError(
-                "LoRAConfig(init='pissa') cannot be combined with QATConfig: the rotation folding rewrites the base "
+                f"LoRAConfig(init={adapter.init!r}) cannot be combined with QATConfig: the rotation folding rewrites the base "
                 "weight that PiSSA splits. Use init='default' or 'gaussian'."
             )
         self.trains_weight = False

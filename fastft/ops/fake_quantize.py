@@ -59,11 +59,12 @@ from torch import Tensor
 
 from .. import _ext
 from ..dispatch import implementation, lazy, register_op
+from ..node_costs import custom_op_node, reads_grad_shape
 from ..math.hadamard import compute_dtype
 from ..math.quantization import (  # noqa: F401  (re-exported)
     GRANULARITIES, SCALE_EPS, STE_MODES, _divisor_hint, check_quant_args, qrange,
 )
-from .hadamard import hadamard_transform_reference
+from .hadamard import hadamard_transform_flops, hadamard_transform_reference
 
 __all__ = [
     "GRANULARITIES",
@@ -164,12 +165,21 @@ def fake_quantize_backward_reference(grad: Tensor, mask: Tensor, rotate: bool) -
     return grad
 
 
+@reads_grad_shape
+def fake_quantize_backward_flops(node, grad_shape):
+    """FLOP formula of the backward (:mod:`fastft.node_costs`): the straight-through gradient is
+    elementwise (0); with ``rotate`` the inverse Hadamard transform of the gradient follows
+    (:func:`fastft.ops.hadamard.hadamard_transform_flops`)."""
+    return [(hadamard_transform_flops(grad_shape(node)) if node.rotate else 0, (0,))]
+
+
 register_op("fake_quantize", {
     "torch": {"forward": fake_quantize_reference, "backward": fake_quantize_backward_reference},
     "triton": lazy("fastft.kernels.fake_quantize", forward="fake_quantize", backward="fake_quantize_backward"),
     "cpp": {"forward": _ext.fake_quantize, "backward": _ext.fake_quantize_backward},
     "cuda": {"forward": _ext.fake_quantize, "backward": _ext.fake_quantize_backward},
-}, limits={"cuda": _cuda_limit, "cpp": _cpp_limit})
+}, limits={"cuda": _cuda_limit, "cpp": _cpp_limit},
+   node_costs={custom_op_node("fake_quantize"): fake_quantize_backward_flops})
 
 
 @torch.library.custom_op("fastft::fake_quantize", mutates_args=())

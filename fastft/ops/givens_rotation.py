@@ -23,8 +23,8 @@ them in registers.
 Arithmetic in float32 for float16/bfloat16/float32 input (float64 for float64); z and dx are returned in
 x's dtype, the block gradient in the blocks' dtype.
 
-FLOPs (:func:`givens_rotation_flops`, registered as the node cost of the op's backward in
-``fastft/policies/cost.py``): the map is elementwise multiply-adds (6 FLOPs a pair a stage:
+FLOPs (:func:`givens_rotation_flops`; the node cost of the op's backward, :func:`givens_rotation_backward_flops`,
+is registered with ``register_op(..., node_costs=...)``): the map is elementwise multiply-adds (6 FLOPs a pair a stage:
 ``6·N·(P/2)·S`` forward); FlopCounterMode counts matrix products only and so counts it 0, as it does the
 Hadamard butterflies. The backward costs ``6·N·(P/2)·S`` for dx and ``8·N·(P/2)·S`` for the block
 gradient plus, in the Triton kernel, the recomputation of the stage inputs (``6·N·(P/2)·S(S-1)/2``).
@@ -40,9 +40,10 @@ from torch import Tensor
 
 from ..dispatch import implementation, lazy, register_op
 from ..math.givens import butterfly_width
+from ..node_costs import custom_op_node
 
 __all__ = ["givens_rotation", "givens_rotation_reference", "givens_rotation_backward_reference",
-           "givens_rotation_flops"]
+           "givens_rotation_flops", "givens_rotation_backward_flops"]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -123,10 +124,17 @@ def givens_rotation_flops(tokens: int, d: int, stages: int, need_dx: bool = True
     return {"forward": 6 * pairs * stages, "backward": backward, "matmul": 0}
 
 
+def givens_rotation_backward_flops(node, grad_shape):
+    """FLOP formula of the backward (:mod:`fastft.node_costs`): elementwise multiply-adds per pair and stage
+    (:func:`givens_rotation_flops`), no matrix product, so 0 in FlopCounterMode's convention (as the
+    Hadamard butterflies); x is edge 0, the blocks edge 1."""
+    return [(0, (0, 1))]
+
+
 register_op("givens_rotation", {
     "torch": {"forward": givens_rotation_reference, "backward": givens_rotation_backward_reference},
     "triton": lazy("fastft.kernels.givens", forward="givens_forward", backward="givens_backward"),
-})
+}, node_costs={custom_op_node("givens_rotation"): givens_rotation_backward_flops})
 
 
 @torch.library.custom_op("fastft::givens_rotation", mutates_args=())

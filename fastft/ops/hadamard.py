@@ -76,6 +76,7 @@ from torch import Tensor
 
 from .. import _ext
 from ..dispatch import implementation, lazy, register_op
+from ..node_costs import custom_op_node, reads_grad_shape
 from ..math.hadamard import (  # noqa: F401  (the math this op is built on, re-exported)
     LLM_SIZES, MAX_K_FACTOR, WILLIAMSON_FIRST_ROWS, _factorization_or_none, _k_factor_numpy, compute_dtype, hadamard_factorization,
     hadamard_k_factor, hadamard_matrix, is_hadamard_size, k_factor_construction, supported_sizes_table,
@@ -138,12 +139,32 @@ def hadamard_transform_reference(x: Tensor, inverse: bool = False) -> Tensor:
     return y.reshape(x.shape).to(x.dtype)
 
 
+def hadamard_transform_flops(shape: tuple[int, ...]) -> int:
+    """FLOPs of one Hadamard transform over the last dimension d = K·2^n: butterflies and the 1/sqrt(d)
+    scale are additions and products by constants (0); the K×K product is 2·K·d per row (0 for K = 1)."""
+    if not shape:
+        return 0
+    K, _ = hadamard_factorization(int(shape[-1]))
+    numel = 1
+    for size in shape:
+        numel *= int(size)
+    return 2 * K * numel if K > 1 else 0
+
+
+@reads_grad_shape
+def hadamard_transform_backward_flops(node, grad_shape):
+    """FLOP formula of the backward (:mod:`fastft.node_costs`): the opposite transform of the gradient
+    (input x, edge 0)."""
+    return [(hadamard_transform_flops(grad_shape(node)), (0,))]
+
+
 register_op("hadamard_transform", {
     "torch": {"forward": hadamard_transform_reference},
     "triton": lazy("fastft.kernels.hadamard", forward="hadamard_transform"),
     "cpp": {"forward": _ext.hadamard_transform},
     "cuda": {"forward": _ext.hadamard_transform},
-}, limits={"cuda": _cuda_row_limit, "cpp": _cpp_dtype_limit})
+}, limits={"cuda": _cuda_row_limit, "cpp": _cpp_dtype_limit},
+   node_costs={custom_op_node("hadamard_transform"): hadamard_transform_backward_flops})
 
 
 @torch.library.custom_op("fastft::hadamard_transform", mutates_args=())

@@ -74,6 +74,7 @@ from torch import Tensor
 from torch._guards import detect_fake_mode
 
 from ..dispatch import implementation, lazy, register_op
+from ..node_costs import custom_op_node
 
 KINDS = ("ce", "dft", "talr")
 REDUCTIONS = ("mean", "sum", "none")
@@ -203,10 +204,37 @@ def reference_pass(
     return PassResult(lse, nll, z_mean, kind_weight, dh, dw, db, dh2, dw2)
 
 
+def linear_cross_entropy_backward_flops(node, grad_shape):
+    """FLOP formula of the backward (:mod:`fastft.node_costs`): for N tokens, hidden H, vocabulary V,
+    low-rank R (a LoRA lm_head)::
+
+        dh  = g W      2·N·V·H   when the hidden states need grad
+        dW  = gᵀ h     2·N·V·H   when the lm_head weight trains
+        dh₂ = g W₂     2·N·V·R   when h₂ = s·dropout(h)Aᵀ needs grad
+        dW₂ = gᵀ h₂    2·N·V·R   when W₂ = B trains
+        db  = Σ g      0
+
+    For ``reduction="mean"``/``"sum"`` the op computes these products during its forward (it keeps the
+    gradients, the backward only scales them), for ``"none"`` in the backward, which first recomputes the
+    logits (2·N·V·(H + R), whenever it runs). Either way they are the cost of training what they serve, so
+    they are counted here: for a fused-loss model the report's backward FLOPs are the step's FLOPs minus
+    those of a forward without gradients. Tensor inputs: hidden, weight, labels, [bias], [h₂, W₂], ...
+    """
+    tokens, hidden, vocab, rank, has_bias = node.sizes
+    h2_edge = 3 + (1 if has_bias else 0)
+    w2_edge = h2_edge + 1
+    items = [(2 * tokens * vocab * hidden, (0,)), (2 * tokens * vocab * hidden, (1,))]
+    if rank:
+        items += [(2 * tokens * vocab * rank, (h2_edge,)), (2 * tokens * vocab * rank, (w2_edge,))]
+    if node.reduction == "none":
+        items.append((2 * tokens * vocab * (hidden + rank), tuple(range(len(node.next_functions)))))
+    return items
+
+
 register_op("linear_cross_entropy", {
     "torch": {"pass": reference_pass},
     "triton": lazy("fastft.kernels.linear_cross_entropy", **{"pass": "fused_pass"}),
-})
+}, node_costs={custom_op_node("linear_cross_entropy"): linear_cross_entropy_backward_flops})
 
 
 def _run_pass(*args, **kwargs) -> PassResult:

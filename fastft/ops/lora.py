@@ -19,6 +19,16 @@ is rebuilt from x and the mask), and the boolean mask with dropout. The base out
 dequantized weight are never saved; W is re-read (re-dequantized for a 4-bit base) in backward.
 W and b receive no gradient.
 
+Trainable diagonal (LoLDU): with an optional ``scale_vector`` d (R) between the factors::
+
+    y  = x Wᵀ + b + s · (xa ⊙ d) Bᵀ            (= the formula above with B_d = B diag(d))
+    dd = Σ_tokens xa ⊙ (g B) · s = Σ_out B ⊙ dB_d      (dB_d = s · gᵀ xa, the plain dB of B_d)
+    dB = dB_d diag(d);   dx, dA as above with B_d
+
+d is folded into B (``B_d = B diag(d)``, O×R elementwise) before every backend, so each backend (torch,
+Triton fused or cuBLAS path) runs the same kernels on ``B_d``; dd is reduced from the backend's ``dB_d``
+(computed when B or d trains) with the saved B. Nothing more is saved than ``d`` itself: B is saved already.
+
 Registered as the ``torch.library`` ops ``fastft::lora_linear`` and ``fastft::lora_linear_backward``
 (with fake kernels, so ``torch.compile`` traces through them). The PyTorch implementation here is the
 reference and runs on every device; the Triton kernels in ``fastft.kernels.lora`` run on CUDA.
@@ -32,6 +42,7 @@ from torch import Tensor
 
 from ..config import check_number
 from ..dispatch import implementation, lazy, register_op
+from ..node_costs import custom_op_node
 from .dequantize_4bit import FourBitWeight, dequantize_4bit
 
 def _dense_weight(weight: Tensor, absmax: Optional[Tensor], code: Optional[Tensor], blocksize: int, shape: tuple[int, int], dtype: torch.dtype) -> Tensor:
@@ -86,6 +97,34 @@ def _scaled_mm(a: Tensor, b: Tensor, scale: float) -> Tensor:
     return a.new_empty(a.shape[0], b.shape[1]).addmm_(a, b, beta=0.0, alpha=scale)
 
 
+def lora_linear_backward_flops(node, grad_shape):
+    """FLOP formula of the backward (:mod:`fastft.node_costs`): for N tokens, in K, out O, rank R::
+
+        gb = g B      2·N·O·R   when x or A needs grad
+        dx = g W + s·gb A       2·N·K·O + 2·N·R·K   when x needs grad
+        dA = s·gbᵀ x̃  2·N·R·K   when A trains
+        dB = s·gᵀ xa  2·N·O·R   when B trains
+
+    The tensor inputs are x, weight, [absmax, code], [bias], lora_A, lora_B, [d] (no dropout mask: the graph
+    is read in eval mode), so x is edge 0 and A, B are the last two (before the diagonal d when there is one:
+    LoLDU). With d, dd = Σ_out B ⊙ dB_d reuses the product of dB (2·N·O·R, when B or d trains).
+    """
+    saved = node.saved_tensors
+    xa, lora_B = saved[1], saved[6]
+    has_vector = len(saved) > 8 and saved[8] is not None
+    in_features = node.meta[1]
+    tokens, rank = xa.shape
+    out_features = lora_B.shape[0]
+    last = len(node.next_functions) - 1
+    a_edge, b_edge = (last - 2, last - 1) if has_vector else (last - 1, last)
+    return [
+        (2 * tokens * out_features * rank, (0, a_edge)),
+        (2 * tokens * in_features * out_features + 2 * tokens * rank * in_features, (0,)),
+        (2 * tokens * rank * in_features, (a_edge,)),
+        (2 * tokens * out_features * rank, (b_edge, last) if has_vector else (b_edge,)),
+    ]
+
+
 register_op("lora_linear", {
     "torch": {"forward": lora_forward_reference, "backward": lora_backward_reference},
     # two paths (fastft.dispatch.choose_path): base GEMMs by cuBLAS, or the fused Triton GEMM kernels
@@ -93,6 +132,9 @@ register_op("lora_linear", {
         "forward@cublas": "lora_forward_cublas", "forward@triton": "lora_forward",
         "backward@cublas": "lora_backward_cublas", "backward@triton": "lora_backward",
     }),
+}, node_costs={
+    custom_op_node("lora_linear"): lora_linear_backward_flops,
+    "_LoRALinearEagerBackward": lora_linear_backward_flops,  # the same op without the custom-op machinery
 })
 
 
@@ -100,13 +142,27 @@ register_op("lora_linear", {
 def _lora_linear_op(
     x: Tensor, weight: Tensor, absmax: Optional[Tensor], code: Optional[Tensor], blocksize: int, out_features: int,
     bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, scale: float, mask: Optional[Tensor], p: float,
+    scale_vector: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
-    args = (x, weight, absmax, code, blocksize, out_features, bias, lora_A, lora_B, scale, mask, p)
+    args = (x, weight, absmax, code, blocksize, out_features, bias, lora_A, _with_vector(lora_B, scale_vector),
+            scale, mask, p)
     return implementation("lora_linear", "forward", x.device)(*args)
 
 
+def _with_vector(lora_B: Tensor, scale_vector: Optional[Tensor]) -> Tensor:
+    """``B diag(d)`` (the factor every backend sees), or B itself without a vector."""
+    return lora_B if scale_vector is None else lora_B * scale_vector
+
+
+def _vector_grads(dB_d: Tensor, lora_B: Tensor, scale_vector: Tensor, need_dB: bool, need_dd: bool):
+    """(dB, dd) from the backend's gradient of ``B_d = B diag(d)``."""
+    dd = (dB_d * lora_B).sum(0) if need_dd else dB_d.new_empty(0)
+    dB = dB_d * scale_vector if need_dB else dB_d.new_empty(0)
+    return dB, dd
+
+
 @_lora_linear_op.register_fake
-def _(x, weight, absmax, code, blocksize, out_features, bias, lora_A, lora_B, scale, mask, p):
+def _(x, weight, absmax, code, blocksize, out_features, bias, lora_A, lora_B, scale, mask, p, scale_vector=None):
     return x.new_empty(x.shape[0], out_features), x.new_empty(x.shape[0], lora_A.shape[0])
 
 
@@ -114,45 +170,69 @@ def _(x, weight, absmax, code, blocksize, out_features, bias, lora_A, lora_B, sc
 def _lora_linear_backward_op(
     grad_y: Tensor, x: Tensor, xa: Tensor, weight: Tensor, absmax: Optional[Tensor], code: Optional[Tensor],
     blocksize: int, in_features: int, lora_A: Tensor, lora_B: Tensor, scale: float, mask: Optional[Tensor], p: float,
-    need_dx: bool, need_dA: bool, need_dB: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    args = (grad_y, x, xa, weight, absmax, code, blocksize, in_features, lora_A, lora_B, scale, mask, p,
-            need_dx, need_dA, need_dB)
-    return implementation("lora_linear", "backward", grad_y.device)(*args)
+    need_dx: bool, need_dA: bool, need_dB: bool, scale_vector: Optional[Tensor] = None, need_dd: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _backward_impl(grad_y, x, xa, weight, absmax, code, blocksize, in_features, lora_A, lora_B, scale, mask, p,
+                          need_dx, need_dA, need_dB, scale_vector, need_dd)
+
+
+def _backward_impl(grad_y, x, xa, weight, absmax, code, blocksize, in_features, lora_A, lora_B, scale, mask, p,
+                   need_dx, need_dA, need_dB, scale_vector, need_dd):
+    """The backend's backward on ``B diag(d)``, then dB and dd from its dB (see the module docstring)."""
+    backward = implementation("lora_linear", "backward", grad_y.device)
+    if scale_vector is None:
+        dx, dA, dB = backward(grad_y, x, xa, weight, absmax, code, blocksize, in_features, lora_A, lora_B, scale,
+                              mask, p, need_dx, need_dA, need_dB)
+        return dx, dA, dB, grad_y.new_empty(0)
+    dx, dA, dB_d = backward(grad_y, x, xa, weight, absmax, code, blocksize, in_features, lora_A,
+                            _with_vector(lora_B, scale_vector), scale, mask, p, need_dx, need_dA, need_dB or need_dd)
+    if not (need_dB or need_dd):
+        return dx, dA, dB_d, grad_y.new_empty(0)
+    dB, dd = _vector_grads(dB_d, lora_B, scale_vector, need_dB, need_dd)
+    return dx, dA, dB, dd
 
 
 @_lora_linear_backward_op.register_fake
-def _(grad_y, x, xa, weight, absmax, code, blocksize, in_features, lora_A, lora_B, scale, mask, p, need_dx, need_dA, need_dB):
+def _(grad_y, x, xa, weight, absmax, code, blocksize, in_features, lora_A, lora_B, scale, mask, p, need_dx, need_dA, need_dB,
+      scale_vector=None, need_dd=False):
     return (
         grad_y.new_empty(grad_y.shape[0], in_features) if need_dx else grad_y.new_empty(0),
         grad_y.new_empty(lora_A.shape) if need_dA else grad_y.new_empty(0),
         grad_y.new_empty(lora_B.shape) if need_dB else grad_y.new_empty(0),
+        grad_y.new_empty(lora_B.shape[1]) if need_dd else grad_y.new_empty(0),
     )
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, absmax, code, blocksize, out_features, bias, lora_A, lora_B, scale, mask, p = inputs
+    x, weight, absmax, code, blocksize, out_features, bias, lora_A, lora_B, scale, mask, p = inputs[:12]
+    scale_vector = inputs[12] if len(inputs) > 12 else None
     _, xa = output
     need_dx, need_dA, need_dB = ctx.needs_input_grad[0], ctx.needs_input_grad[7], ctx.needs_input_grad[8]
+    need_dd = scale_vector is not None and ctx.needs_input_grad[12]
     keep_x = x if need_dA else None
     keep_mask = mask if (need_dx or need_dA) else None
-    ctx.save_for_backward(keep_x, xa, weight, absmax, code, lora_A, lora_B, keep_mask)
-    ctx.meta = (blocksize, x.shape[1], scale, p, need_dx, need_dA, need_dB)
+    ctx.save_for_backward(keep_x, xa, weight, absmax, code, lora_A, lora_B, keep_mask, scale_vector)
+    ctx.meta = (blocksize, x.shape[1], scale, p, need_dx, need_dA, need_dB, need_dd)
+
+
+def _grads(ctx, dx, dA, dB, dd) -> tuple:
+    _, _, _, _, need_dx, need_dA, need_dB, need_dd = ctx.meta
+    return (
+        dx if need_dx else None, None, None, None, None, None, None,
+        dA if need_dA else None, dB if need_dB else None, None, None, None, dd if need_dd else None,
+    )
 
 
 def _backward(ctx, grad_y, _grad_xa):
-    x, xa, weight, absmax, code, lora_A, lora_B, mask = ctx.saved_tensors
-    blocksize, in_features, scale, p, need_dx, need_dA, need_dB = ctx.meta
+    x, xa, weight, absmax, code, lora_A, lora_B, mask, scale_vector = ctx.saved_tensors
+    blocksize, in_features, scale, p, need_dx, need_dA, need_dB, need_dd = ctx.meta
     if x is None:
         x = xa.new_empty(0)
-    dx, dA, dB = _lora_linear_backward_op(
+    grads = _lora_linear_backward_op(
         grad_y.contiguous(), x, xa, weight, absmax, code, blocksize, in_features, lora_A, lora_B, scale, mask, p,
-        need_dx, need_dA, need_dB,
+        need_dx, need_dA, need_dB, scale_vector, need_dd,
     )
-    return (
-        dx if need_dx else None, None, None, None, None, None, None,
-        dA if need_dA else None, dB if need_dB else None, None, None, None,
-    )
+    return _grads(ctx, *grads)
 
 
 _lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
@@ -183,26 +263,25 @@ class _LoRALinearEager(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, absmax, code, blocksize, out_features, bias, lora_A, lora_B, scale, mask, p):
+    def forward(ctx, x, weight, absmax, code, blocksize, out_features, bias, lora_A, lora_B, scale, mask, p,
+                scale_vector=None):
         y, xa = implementation("lora_linear", "forward", x.device)(
-            x, weight, absmax, code, blocksize, out_features, bias, lora_A, lora_B, scale, mask, p)
-        _setup_context(ctx, (x, weight, absmax, code, blocksize, out_features, bias, lora_A, lora_B, scale, mask, p),
-                       (y, xa))
+            x, weight, absmax, code, blocksize, out_features, bias, lora_A, _with_vector(lora_B, scale_vector),
+            scale, mask, p)
+        _setup_context(ctx, (x, weight, absmax, code, blocksize, out_features, bias, lora_A, lora_B, scale, mask, p,
+                             scale_vector), (y, xa))
         return y  # xa is only saved: one output, no non-differentiable second output to track
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, xa, weight, absmax, code, lora_A, lora_B, mask = ctx.saved_tensors
-        blocksize, in_features, scale, p, need_dx, need_dA, need_dB = ctx.meta
+        x, xa, weight, absmax, code, lora_A, lora_B, mask, scale_vector = ctx.saved_tensors
+        blocksize, in_features, scale, p, need_dx, need_dA, need_dB, need_dd = ctx.meta
         if x is None:
             x = xa.new_empty(0)
-        dx, dA, dB = implementation("lora_linear", "backward", grad_y.device)(
+        grads = _backward_impl(
             grad_y.contiguous(), x, xa, weight, absmax, code, blocksize, in_features, lora_A, lora_B, scale, mask, p,
-            need_dx, need_dA, need_dB)
-        return (
-            dx if need_dx else None, None, None, None, None, None, None,
-            dA if need_dA else None, dB if need_dB else None, None, None, None,
-        )
+            need_dx, need_dA, need_dB, scale_vector, need_dd)
+        return _grads(ctx, *grads)
 
 
 _PLAIN = (Tensor, torch.nn.Parameter)
@@ -224,14 +303,19 @@ def lora_linear(
     scale: float,
     dropout_p: float = 0.0,
     dropout_mask: Optional[Tensor] = None,
+    scale_vector: Optional[Tensor] = None,
 ) -> Tensor:
     """``x Wᵀ + b + scale · (dropout(x) Aᵀ) Bᵀ`` over the last dimension of ``x`` (see the module docstring).
 
     ``weight`` is a dense (out×in) tensor of ``x``'s dtype or a :class:`~fastft.ops.dequantize_4bit.FourBitWeight`;
     ``lora_A``, ``lora_B`` and ``bias`` must already be in ``x``'s dtype. ``dropout_mask`` is a boolean
-    tensor of ``x``'s shape (True = keep) or None for no dropout.
+    tensor of ``x``'s shape (True = keep) or None for no dropout. ``scale_vector`` (r, ``x``'s dtype) is the
+    diagonal d between the factors: ``scale · ((dropout(x) Aᵀ) ⊙ d) Bᵀ`` (LoLDU), with its gradient.
     """
     check_low_rank_args("lora_linear", weight, bias, lora_A, lora_B, scale, dropout_p)
+    if scale_vector is not None and tuple(scale_vector.shape) != (lora_A.shape[0],):
+        raise ValueError(f"lora_linear: scale_vector must have shape ({lora_A.shape[0]},) (the rank), "
+                         f"got {tuple(scale_vector.shape)}")
     in_features = lora_A.shape[1]
     if x.shape[-1] != in_features:
         raise ValueError(f"lora_linear: input's last dimension is {x.shape[-1]}, the layer expects {in_features}")
@@ -247,7 +331,9 @@ def lora_linear(
                 lora_A, lora_B, float(scale), mask2, float(dropout_p))
     else:
         args = (x2, weight, None, None, 0, weight.shape[0], bias, lora_A, lora_B, float(scale), mask2, float(dropout_p))
-    if _eager(x2, args[1], bias, lora_A, lora_B):
+    if scale_vector is not None:
+        args = args + (scale_vector,)
+    if _eager(x2, args[1], bias, lora_A, lora_B, scale_vector):
         y = _LoRALinearEager.apply(*args)
     else:
         y, _ = _lora_linear_op(*args)

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from ..dispatch import implementation, lazy, register_op
+from ..node_costs import custom_op_node, reads_grad_shape, rows_and_features
 
 def slice_width(weight_slice: Tensor, rows: bool) -> int:
     """S: the number of trained rows (rows mode) or columns (columns mode)."""
@@ -65,6 +66,23 @@ def s2ft_backward_reference(
     return dx, dw
 
 
+@reads_grad_shape
+def s2ft_linear_backward_flops(node, grad_shape):
+    """FLOP formula of the backward (:mod:`fastft.node_costs`): for N tokens, in K, out O, slice width S::
+
+        dx   = g W                           2·N·O·K   when x needs grad
+        dW_s = gᵀ x[:, :S]   (columns)       2·N·O·S   when the slice trains
+             = g[:, :S]ᵀ x   (rows)          2·N·S·K
+
+    Tensor inputs: x, weight, [bias], weight_slice (the last edge).
+    """
+    width, rows, _, _, in_features = node.meta
+    tokens, out_features = rows_and_features(grad_shape(node))
+    slice_edge = len(node.next_functions) - 1
+    dw = 2 * tokens * width * in_features if rows else 2 * tokens * out_features * width
+    return [(2 * tokens * out_features * in_features, (0,)), (dw, (slice_edge,))]
+
+
 register_op("s2ft_linear", {
     "torch": {"forward": s2ft_forward_reference, "backward": s2ft_backward_reference},
     # two paths (fastft.dispatch.choose_path): every product by cuBLAS, or the fused Triton kernels
@@ -72,7 +90,7 @@ register_op("s2ft_linear", {
         "forward@cublas": "s2ft_forward_cublas", "forward@triton": "s2ft_forward",
         "backward@cublas": "s2ft_backward_cublas", "backward@triton": "s2ft_backward",
     }),
-})
+}, node_costs={custom_op_node("s2ft_linear"): s2ft_linear_backward_flops})
 
 
 @torch.library.custom_op("fastft::s2ft_linear", mutates_args=())

@@ -8,4 +8,8 @@ from . import loss  # noqa: F401
 from . import lora  # noqa: F401
 from . import qat  # noqa: F401
 from . import s2ft  # noqa: F401
+from . import sparse  # noqa: F401
+from . import lofit  # noqa: F401
+from . import selective_lora  # noqa: F401
+from . import dsee  # noqa: F401
 from . import qgoft  # noqa: F401

@@ -11,7 +11,7 @@ import torch
 from helpers import TOLERANCES, tiny_model
 
 import fastft
-import fastft.plans.loss as loss_method
+import fastft.nn.fused_loss as loss_method
 
 transformers = pytest.importorskip("transformers")
 

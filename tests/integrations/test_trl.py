@@ -5,7 +5,7 @@ import torch
 from helpers import TOLERANCES, tiny_model
 
 import fastft
-import fastft.plans.loss as loss_method
+import fastft.nn.fused_loss as loss_method
 
 trl = pytest.importorskip("trl", reason="TRL is an optional integration; install fastft[test]")
 datasets = pytest.importorskip("datasets", reason="TRL's trainers take a datasets.Dataset (installed with trl)")

@@ -16,7 +16,7 @@ import torch
 PAIRS = {
     "lora_forward": ("fastft.kernels.lora:lora_forward", "fastft.ops.lora:lora_forward_reference"),
     "lora_backward": ("fastft.kernels.lora:lora_backward", "fastft.ops.lora:lora_backward_reference"),
-    "dora_row_norm": ("fastft.kernels.dora:dora_row_norm", "fastft.ops.dora:dora_row_norm_reference"),
+    "dora_row_norm": ("fastft.kernels.dora:dora_row_norm", "fastft.ops.dora_row_norm:dora_row_norm_reference"),
     "dora_forward": ("fastft.kernels.dora:dora_forward", "fastft.ops.dora:dora_forward_reference"),
     "dora_backward": ("fastft.kernels.dora:dora_backward", "fastft.ops.dora:dora_backward_reference"),
     "fused_pass": ("fastft.kernels.linear_cross_entropy:fused_pass", "fastft.ops.linear_cross_entropy:reference_pass"),
@@ -26,6 +26,10 @@ PAIRS = {
                         "fastft.ops.dequantize_4bit:dequantize_4bit_reference"),
     "slice_weight_grad": ("fastft.kernels.s2ft:slice_weight_grad", None),
     "linear_saving_slice": ("fastft.kernels.s2ft:linear_saving_slice", None),
+    "sparse_delta_forward": ("fastft.kernels.sparse_delta:sparse_delta_forward",
+                             "fastft.ops.sparse_delta_linear:sparse_delta_forward_reference"),
+    "sparse_delta_backward": ("fastft.kernels.sparse_delta:sparse_delta_backward",
+                              "fastft.ops.sparse_delta_linear:sparse_delta_backward_reference"),
 }
 # relative Frobenius error allowed against the reference, per dtype (float32: IEEE dots, TF32 off)
 TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 2e-5}
@@ -192,3 +196,23 @@ def test_s2ft(dtype, gen, rows):
     g = _rand(M, N, dtype=dtype, gen=gen)
     want = (g[:, :S].double().t() @ x.double()) if rows else (g.double().t() @ x[:, :S].double())
     _close(grad(g, x if rows else xs, S, rows), want.to(dtype), dtype, f"s2ft dW rows={rows}")
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_sparse_delta(dtype, gen, dense):
+    from fastft.ops.sparse_delta_linear import sparse_support
+
+    forward, forward_ref = _pair("sparse_delta_forward")
+    backward, backward_ref = _pair("sparse_delta_backward")
+    k = N * K // 50
+    idx = torch.randperm(N * K, generator=gen, device=DEVICE)[:k].sort().values
+    support = sparse_support(idx, (N, K)).tensors()
+    x, W, b = _rand(M, K, dtype=dtype, gen=gen), _rand(N, K, dtype=dtype, std=K ** -0.5, gen=gen), _rand(N, dtype=dtype, gen=gen)
+    v, g = _rand(k, dtype=dtype, std=0.1, gen=gen), _rand(M, N, dtype=dtype, gen=gen)
+    _close(forward(x, W, None, None, 0, N, b, v, *support, dense), forward_ref(x, W, None, None, 0, N, b, v, *support, dense),
+           dtype, "sparse delta forward")
+    _close(backward(g, x, W, None, None, 0, K, v, *support, dense, True, True),
+           backward_ref(g, x, W, None, None, 0, K, v, *support, dense, True, True), dtype, "sparse delta backward")
+    first = backward(g, x, W, None, None, 0, K, v, *support, dense, True, True)
+    second = backward(g, x, W, None, None, 0, K, v, *support, dense, True, True)
+    assert torch.equal(first[1], second[1]) and (dense or torch.equal(first[0], second[0])), "not deterministic"

@@ -52,6 +52,9 @@ LAUNCHERS = {
     "fake_quantize": "fastft.kernels.fake_quantize:fake_quantize",
     "fake_quantize_backward": "fastft.kernels.fake_quantize:fake_quantize_backward",
     "dequantize_4bit": "fastft.kernels.dequantize_4bit:dequantize_4bit",
+    "sparse_delta_forward": "fastft.kernels.sparse_delta:sparse_delta_forward",
+    "sparse_delta_backward": "fastft.kernels.sparse_delta:sparse_delta_backward",
+    "sampled_gradient": "fastft.kernels.sparse_delta:sampled_gradient",
     "givens_forward": "fastft.kernels.givens:givens_forward",
     "givens_backward": "fastft.kernels.givens:givens_backward",
 }
@@ -154,6 +157,23 @@ def _s2ft(L, m, bias):
     L.slice_weight_grad(m(TOKENS, INTERMEDIATE), m(TOKENS, HIDDEN), S2FT_WIDTH, True)  # rows: g[:, :S]ᵀ x
 
 
+def _sparse_delta(L, m, four_bit, bias):
+    """0.5% of a 4096x4096 (or 14336x4096 NF4) weight; the sparse terms by the gather kernel, dv by the SDDMM."""
+    import torch
+
+    n, k = (INTERMEDIATE, HIDDEN) if four_bit else (HIDDEN, HIDDEN)
+    w, absmax, code, bs = _weight(m, four_bit, n, k)
+    nnz = n * k // 200
+
+    def i64(*shape):
+        return m(*shape, dtype=torch.int64)
+
+    support = (i64(nnz), i64(nnz), i64(nnz), i64(n + 1), i64(nnz), i64(k + 1))  # indices rows cols row_ptr order col_ptr
+    L.sparse_delta_forward(m(TOKENS, k), w, absmax, code, bs, n, m(n) if bias else None, m(nnz), *support, False)
+    L.sparse_delta_backward(m(TOKENS, n), m(TOKENS, k), w, absmax, code, bs, k, m(nnz), *support, False, True, True)
+    L.sampled_gradient(m(TOKENS, n), m(TOKENS, k), i64(4096), i64(4096))  # SpIEL's candidates
+
+
 def _cross_entropy(L, m, kind="ce", bias=False, smoothing=0.0, z_loss=0.0, softcap=None, lowrank=False, grads=True):
     import torch
 
@@ -210,6 +230,8 @@ SCENARIOS = {
     "qdora+dropout": lambda L, m: _dora(L, m, True, True, False),
     "s2ft": lambda L, m: _s2ft(L, m, False),
     "s2ft+bias": lambda L, m: _s2ft(L, m, True),
+    "sparse delta": lambda L, m: _sparse_delta(L, m, False, False),
+    "sparse delta+bias over nf4": lambda L, m: _sparse_delta(L, m, True, True),
     "ce": lambda L, m: _cross_entropy(L, m),
     "ce forward only": lambda L, m: _cross_entropy(L, m, grads=False),
     "ce+bias+smoothing+z_loss+softcap": lambda L, m: _cross_entropy(L, m, bias=True, smoothing=0.1, z_loss=1e-4,

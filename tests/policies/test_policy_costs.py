@@ -1,4 +1,4 @@
-"""The backward-FLOP formulas of fastft's ops (fastft/policies/cost.py), and select_trainable on every method.
+"""The backward-FLOP formulas of fastft's ops (beside each op in fastft/ops/, read by fastft/policies/cost.py), and select_trainable on every method.
 
 Each formula is checked against FlopCounterMode (fastft.measure.flops, the reference backend) on a real
 step, for every subset of the op's inputs that may need a gradient. What is compared is the cost of training:
