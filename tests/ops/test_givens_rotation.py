@@ -111,3 +111,20 @@ def test_bad_blocks_and_flops():
         givens_rotation(torch.ones(3, 8, dtype=torch.int64), torch.zeros(1, 4, 4))
     f = givens_rotation_flops(10, 12, 4)
     assert f == {"forward": 6 * 10 * 8 * 4, "backward": 14 * 10 * 8 * 4, "matmul": 0}
+
+
+def test_node_cost_is_registered_beside_the_op():
+    import importlib
+
+    from fastft import node_costs
+
+    op_module = importlib.import_module("fastft.ops.givens_rotation")  # fastft.ops.givens_rotation is the function
+
+    x = torch.randn(3, 8, requires_grad=True)
+    blocks = random_blocks(8, 3, torch.float32).requires_grad_(True)
+    with backend("torch"):
+        node = givens_rotation(x, blocks).grad_fn
+    while type(node).__name__ != node_costs.custom_op_node("givens_rotation"):
+        node = node.next_functions[0][0]
+    assert node_costs.NODE_COSTS[type(node).__name__] is op_module.givens_rotation_backward_flops
+    assert op_module.givens_rotation_backward_flops(node, None) == [(0, (0, 1))]
