@@ -15,6 +15,7 @@ from .config import SparseConfig
 from .config import LoFiTConfig
 from .config import SelectiveLoRAConfig
 from .config import DSEEConfig
+from .config import QGOFTConfig
 from .dispatch import backends
 from .io import load, save
 from . import plans  # noqa: F401  (registers the planners)
@@ -35,6 +36,7 @@ __all__ = [
     "LoFiTConfig",
     "SelectiveLoRAConfig",
     "DSEEConfig",
+    "QGOFTConfig",
     "backends",
     "export_peft",
     "from_peft",

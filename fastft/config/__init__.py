@@ -23,9 +23,10 @@ from .loss import LossConfig
 from .qat import ROTATIONS, QATConfig
 from .s2ft import S2FTConfig
 from .sparse import SparseConfig
+from .qgoft import QGOFTConfig
 
 __all__ = [
     "ALL_LINEAR", "CONFIG_CLASSES", "PEFT_NAMES", "MethodConfig", "Targets", "WrongType", "check_bool",
     "check_number", "config_from_dict", "register_config", "LoRAConfig", "LossConfig", "QATConfig", "ROTATIONS",
-    "S2FTConfig", "SparseConfig", "LoFiTConfig", "SelectiveLoRAConfig", "DSEEConfig",
+    "S2FTConfig", "SparseConfig", "LoFiTConfig", "SelectiveLoRAConfig", "DSEEConfig", "QGOFTConfig",
 ]

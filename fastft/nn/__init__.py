@@ -8,6 +8,7 @@ from .s2ft import S2FTLinear
 from .experts import LoRAExperts
 from .lofit import LoFiTLinear
 from .selective_lora import SelectiveLoRALinear, selective_lora_active
+from .qgoft import QGOFTLinear
 
 FASTFT_MODULES = (FastFTLayer,)  # isinstance(module, FASTFT_MODULES): a module fastft.patch put in
 
@@ -27,3 +28,4 @@ from .experts_dora import DoRAExperts
 from .router import LoRARouter
 
 __all__ += ["DoRAExperts", "LoRARouter"]
+__all__ += ["QGOFTLinear"]

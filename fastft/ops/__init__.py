@@ -8,12 +8,14 @@ from .fake_quantize import dequantize, fake_quantize, quantize
 from .linear_cross_entropy import linear_cross_entropy
 from .s2ft_linear import s2ft_linear
 from .qat_linear import quant_weight_linear
+from .givens_rotation import givens_rotation
 
 __all__ = ["FourBitWeight", "dequantize_4bit", "lora_linear"]
 __all__ += ["dora_linear", "dora_row_norm"]
 __all__ += ["hadamard_matrix", "hadamard_transform", "is_hadamard_size", "dequantize", "fake_quantize", "quantize"]
 __all__ += ["linear_cross_entropy"]
 __all__ += ["s2ft_linear", "quant_weight_linear"]
+__all__ += ["givens_rotation"]
 from .expert_lora import expert_lora
 
 __all__ += ["expert_lora"]

@@ -12,3 +12,4 @@ from . import sparse  # noqa: F401
 from . import lofit  # noqa: F401
 from . import selective_lora  # noqa: F401
 from . import dsee  # noqa: F401
+from . import qgoft  # noqa: F401

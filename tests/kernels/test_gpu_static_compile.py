@@ -55,6 +55,8 @@ LAUNCHERS = {
     "sparse_delta_forward": "fastft.kernels.sparse_delta:sparse_delta_forward",
     "sparse_delta_backward": "fastft.kernels.sparse_delta:sparse_delta_backward",
     "sampled_gradient": "fastft.kernels.sparse_delta:sampled_gradient",
+    "givens_forward": "fastft.kernels.givens:givens_forward",
+    "givens_backward": "fastft.kernels.givens:givens_backward",
 }
 KERNEL_PACKAGE = "fastft.kernels"  # every module in it is scanned for JIT functions named *_kernel
 CUDA_TOOLCHAIN = "fastft.build:cuda_toolchain"  # -> Toolchain(nvcc, version, cflags, ...)
@@ -75,6 +77,14 @@ KNOWN_TRITON_SPILLS = {
         "BLOCK_K 32, 4 warps, 2 stages: ptxas stops at 80 registers and spills 4/4 B on sm_80 (not on sm_90); "
         "caught by FASTFT_GPU_STATIC=full"),
 }
+_GIVENS_WIDE = (
+    "qGOFT's Givens butterfly over 14336 features (padded to 16384): a program holds one whole padded row, "
+    "16384 float32 values a tile (the backward two: h and g) over 16 warps, past the 128 registers a thread "
+    "has at 16 warps. Fix in kernels/givens.py: a column-split (four-step) kernel that runs the low stages on "
+    "column tiles and the high stages on a strided view, so a program holds a fraction of a row")
+for _target in ("sm_80", "sm_90"):
+    for _kernel in ("_givens_forward_kernel", "_givens_backward_kernel"):
+        KNOWN_TRITON_SPILLS[(_target, _kernel)] = (("givens (qGOFT) d=14336",), _GIVENS_WIDE)
 # ------------------------------------------------------------------------------------------------------
 
 TOKENS, HIDDEN, INTERMEDIATE, RANK, VOCAB = 8192, 4096, 14336, 16, 128256
@@ -198,6 +208,16 @@ def _dequantize(L, m):
     L.dequantize_4bit(packed, absmax, code, bs, (INTERMEDIATE, HIDDEN), m.dtype)
 
 
+def _givens(L, m, d):
+    import torch
+
+    stages = (d - 1).bit_length()  # 4096: 12 stages; 14336 pads to 16384, 14 stages
+    blocks = m(stages, 4, 1 << (stages - 1), dtype=torch.float32)
+    L.givens_forward(m(TOKENS, d), blocks)
+    L.givens_backward(m(TOKENS, d), m(TOKENS, d), blocks, True, True)
+    L.givens_backward(m(TOKENS, d), m(TOKENS, d), blocks, True, False)
+
+
 SCENARIOS = {
     "lora": lambda L, m: _lora(L, m, False, False, False),
     "lora+dropout+bias": lambda L, m: _lora(L, m, False, True, True),
@@ -222,6 +242,8 @@ SCENARIOS = {
     "hadamard": _hadamard,
     "fake_quantize": _fake_quantize,
     "dequantize_4bit": _dequantize,
+    "givens (qGOFT) d=4096": lambda L, m: _givens(L, m, HIDDEN),
+    "givens (qGOFT) d=14336": lambda L, m: _givens(L, m, INTERMEDIATE),
 }
 
 
