@@ -51,13 +51,18 @@ def page(rows: list[dict]) -> str:
     if "--full" in first.get("command", "").split():
         left_out = [r["op"] for r in rows if r["metric"] == "skipped" and "--full subset" in r["note"]]
         out.append("**Coverage.** This run is `--full`: full-size shapes and timing for a subset of the cases "
-                   "(`benchmarks.suite.FULL_SUBSET`, about 20 minutes on 2 CPU cores; the whole sweep takes hours "
+                   "(`benchmarks.suite.FULL_SUBSET`, about 10 minutes on a quiet 2-core CPU; the whole sweep takes hours "
                    "there)" + (f"; left out: {', '.join(left_out)}" if left_out else "") + ".\n")
-    if len(first.get("processor", "")) and "2 cores" in first.get("processor", ""):
-        out.append("**A shared machine.** The 2-core machine of this run was shared with other engineers' jobs: "
-                   "the load averages above (runnable processes, for 2 cores) say how busy it was. Timings on it are "
-                   "slower and noisier than on a quiet machine; ratios between providers timed interleaved in one "
-                   "case are the figures to read.\n")
+    loads = [v for r in rows for v in (r.get("load_avg"), r.get("load_start")) if v is not None]
+    threads = max((int(r["threads"]) for r in rows if str(r.get("threads", "")).isdigit()), default=1)
+    if loads and max(loads) > threads + 1:  # more runnable processes than the benchmark's own threads
+        out.append("**A shared machine.** Other jobs ran on the machine during this run: the load averages above "
+                   f"(runnable processes; the benchmark itself runs {threads} threads) say how busy it was. Timings "
+                   "on it are slower and noisier than on a quiet machine; ratios between providers timed "
+                   "interleaved in one case are the figures to read.\n")
+    elif loads:
+        out.append(f"**A quiet machine.** The 1-minute load average stayed at most {max(loads):.1f} with the "
+                   f"benchmark's own {threads} threads running: nothing else competed for the CPU.\n")
     out.append(f"## Sanity warnings ({len(warnings)})\n")
     out += [f"- {w.text()}" for w in warnings] or ["None."]
     out.append("")

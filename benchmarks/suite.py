@@ -2,7 +2,7 @@
 
     python -m benchmarks                    # the full sweep (prints its expected duration first)
     python -m benchmarks --quick            # small shapes, a few minutes on a 2-core CPU
-    python -m benchmarks --full             # full-size shapes, a subset of the cases (about 20 min on 2 cores)
+    python -m benchmarks --full             # full-size shapes, a subset of the cases (about 10 min on a quiet 2-core CPU)
     python -m benchmarks --only lora,qlora  # some benchmarks (names or tags: layer, e2e); --skip likewise
     python -m benchmarks --list             # what would run, with estimated durations; runs nothing
     python -m benchmarks --out DIR          # results.csv (appended), summary.md and plots/ (default bench-results/)
@@ -53,17 +53,18 @@ SUITE_MODULES = (
 )
 
 # ``--full``: full-size shapes and timing (as the full sweep) for a subset of the cases, chosen so that a run takes
-# about 20 minutes on a 2-core CPU shared with other work (the whole sweep takes hours there). Per benchmark: None =
+# about 10 minutes on a quiet 2-core CPU (7 min measured on 2026-12-07; the whole sweep takes hours there). Per benchmark: None =
 # its first case (the smallest full-size point), a dict = the cases whose config has those values. Every other
 # benchmark gets one "skipped" row saying it is not in the subset, so the results page states what it covers.
 FULL_SUBSET: dict[str, dict | None] = {
     "lora": None, "qlora": None, "dora": None, "qdora": None,
     "linear_ce": None, "fake_quant_weight": dict(d=4096, dtype="float32"),
     "hadamard": None, "rotate_quantize": None, "s2ft": dict(tokens=256),
+    "sparse": None, "moe_lora": None, "moe_dora": None,
     "host_overhead": dict(tokens=None),  # None: see FULL_HOST_TOKENS
 }
 FULL_HOST_TOKENS = (1, 64)
-NOT_IN_SUBSET = "not in the --full subset (about 20 minutes on 2 CPU cores); python -m benchmarks runs every case"
+NOT_IN_SUBSET = "not in the --full subset (about 10 minutes on a quiet 2-core CPU); python -m benchmarks runs every case"
 
 DEFAULT_OUT = "bench-results"
 QUICK_TIMING = dict(repeats=5, warmup=1, rounds=2, rep_ms=50)
@@ -265,7 +266,7 @@ def parse_args(argv: list[str] | None, prog: str = "python -m benchmarks") -> ar
                                      epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--quick", action="store_true", help="small shapes and fewer timed runs")
     parser.add_argument("--full", action="store_true",
-                        help="full-size shapes for a subset of the cases (about 20 min on 2 CPU cores; FULL_SUBSET)")
+                        help="full-size shapes for a subset of the cases (about 10 min on a quiet 2-core CPU; FULL_SUBSET)")
     parser.add_argument("--only", default="", help="comma-separated benchmark names or tags to run (default: all)")
     parser.add_argument("--skip", default="", help="comma-separated benchmark names or tags to leave out")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"results directory (default {DEFAULT_OUT}/)")
