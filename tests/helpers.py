@@ -241,3 +241,17 @@ def spy_on(monkeypatch, module, name: str) -> LaunchSpy:
     spy = LaunchSpy(getattr(module, name))
     monkeypatch.setattr(module, name, spy)
     return spy
+
+
+def training_losses(model, input_ids, steps: int = 6, lr: float = 1e-2) -> list[float]:
+    """Losses of ``steps`` Adam steps of ``model`` (a causal LM, its own inputs as labels) on one batch."""
+    model.train()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids, labels=input_ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses

@@ -31,6 +31,7 @@ from ..bnb import four_bit_weight, is_linear4bit, requantize_like
 from ..ops.sparse_delta_linear import SparseSupport, check_indices, sparse_delta_linear, sparse_support
 from ..targets import is_conv1d, linear_features, out_in_weight
 from .layer import FastFTLayer
+from .lora import adapter_dtype
 
 _SUPPORT_BUFFERS = ("rows", "cols", "row_ptr", "col_order", "col_ptr")
 
@@ -53,13 +54,6 @@ def _transform_key(name: str) -> str:
     return "value_transform_" + name.replace(".", "_")
 
 
-def default_value_dtype(base_layer: nn.Module) -> torch.dtype:
-    """float32 for half-precision and 4-bit bases, else the base weight's dtype."""
-    if is_linear4bit(base_layer) or base_layer.weight.dtype in (torch.float16, torch.bfloat16):
-        return torch.float32
-    return base_layer.weight.dtype
-
-
 class SparseDeltaLinear(FastFTLayer):
     """A trainable sparse ΔW over a frozen linear layer; see the module docstring.
 
@@ -67,7 +61,7 @@ class SparseDeltaLinear(FastFTLayer):
         base_layer: the ``nn.Linear``, ``Conv1D`` or quantized bitsandbytes ``Linear4bit`` (kept as a child).
         indices: int64 [k] flat positions (row·in + col) of the out×in weight, sorted and unique.
         values: initial deltas [k] (default zeros).
-        dtype: the dtype of ``delta_values`` (default :func:`default_value_dtype`).
+        dtype: the dtype of ``delta_values`` (default :func:`fastft.nn.lora.adapter_dtype`: float32 for half-precision and 4-bit bases, else the weight's).
     """
 
     op = "sparse_delta_linear"
@@ -86,7 +80,7 @@ class SparseDeltaLinear(FastFTLayer):
         device = base_layer.weight.device
         indices = self._checked_indices(indices, device)
         k = indices.numel()
-        dtype = dtype or default_value_dtype(base_layer)
+        dtype = dtype or adapter_dtype(base_layer)
         self.register_buffer("delta_indices", indices)
         self.delta_values = nn.Parameter(torch.zeros(k, device=device, dtype=dtype))
         if values is not None:

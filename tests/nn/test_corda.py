@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from helpers import assert_close, tiny_model
+from helpers import assert_close, tiny_model, training_losses
 
 import fastft
 from fastft.math.lora_inits import corda_factors, corda_sample_covariance
@@ -111,15 +111,7 @@ def test_tiny_llama_trains():
     model = tiny_model("llama")
     ids = calib_ids(4, 12)
     fastft.patch(model, fastft.LoRAConfig(r=4, init="corda", calib=ids))
-    model.train()
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(6):
-        loss = model(ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = training_losses(model, ids, lr=1e-2)
     assert losses[-1] < losses[0]
 
 

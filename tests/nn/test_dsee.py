@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from helpers import assert_close, tiny_model
+from helpers import assert_close, tiny_model, training_losses
 
 import fastft
 from fastft.nn import DSEELinear
@@ -83,16 +83,8 @@ def test_save_load_merge_unpatch_and_peft_refused(tmp_path):
 def test_tiny_llama_trains():
     model = tiny_model("llama")
     fastft.patch(model, fastft.DSEEConfig(r=4, sparse=16))
-    model.train()
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     x = ids(3, 4, 12)
-    losses = []
-    for _ in range(6):
-        loss = model(x, labels=x).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = training_losses(model, x, lr=1e-2)
     assert losses[-1] < losses[0]
 
 

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from helpers import assert_close, tiny_model
+from helpers import assert_close, tiny_model, training_losses
 
 import fastft
 from fastft.nn import LoFiTLinear
@@ -86,16 +86,8 @@ def test_given_selection_and_training_lowers_the_loss():
     fastft.patch(model, fastft.LoFiTConfig(selected={0: [1, 3], 1: [2]}))
     assert {n: m.heads for n, m in lofit_modules(model).items()} == {
         "model.layers.0.self_attn.o_proj": (1, 3), "model.layers.1.self_attn.o_proj": (2,)}
-    model.train()
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=5e-2)
     x = ids(4, 4, 12)
-    losses = []
-    for _ in range(6):
-        loss = model(x, labels=x).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = training_losses(model, x, lr=5e-2)
     assert losses[-1] < losses[0]
 
 

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from helpers import assert_close, tiny_model
+from helpers import assert_close, tiny_model, training_losses
 
 import fastft
 from fastft.math.lora_inits import loldu_factors
@@ -92,16 +92,8 @@ def test_save_load_and_peft_export(tmp_path):
 def test_tiny_llama_trains():
     model = tiny_model("llama")
     fastft.patch(model, fastft.LoRAConfig(r=4, init="loldu"))
-    model.train()
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=5e-2)
     x = ids(2, 4, 12)
-    losses = []
-    for _ in range(6):
-        loss = model(x, labels=x).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = training_losses(model, x, lr=5e-2)
     assert losses[-1] < losses[0]
 
 

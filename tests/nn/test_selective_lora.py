@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from helpers import assert_close, tiny_model
+from helpers import assert_close, tiny_model, training_losses
 
 import fastft
 from fastft.nn import SelectiveLoRALinear, selective_lora_active
@@ -111,16 +111,8 @@ def test_save_load_merge_and_peft_export(tmp_path):
 def test_tiny_llama_trains():
     model = tiny_model("llama")
     fastft.patch(model, fastft.SelectiveLoRAConfig(r=4, l1=1e-4))
-    model.train()
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     x = ids(3, 4, 12)
-    losses = []
-    for _ in range(6):
-        loss = model(x, labels=x).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = training_losses(model, x, lr=1e-2)
     assert losses[-1] < losses[0]
 
 
