@@ -185,19 +185,6 @@ class LoRAExperts(FastFTLayer):
         delta = self.delta_weight(param)
         return (weight.to(delta.dtype) + delta.to(weight.device)).to(weight.dtype)
 
-    def adapter_state_dict(self) -> dict[str, Tensor]:
-        return {n: p.detach() for n, p in self.adapter_parameters().items()}
-
-    def load_adapter_state_dict(self, state: dict[str, Tensor]) -> None:
-        expected = set(self.adapter_parameters())
-        if set(state) != expected:
-            raise ValueError(f"adapter state has keys {sorted(state)}, expected {sorted(expected)}")
-        with torch.no_grad():
-            for n, p in self.adapter_parameters().items():
-                if state[n].shape != p.shape:
-                    raise ValueError(f"{n}: saved shape {tuple(state[n].shape)} != {tuple(p.shape)}")
-                p.copy_(state[n])
-
     def delta_weight(self, param: str) -> Tensor:
         """``s·B_e A_e`` for every expert, in the stored layout of ``param`` (for merging only)."""
         A, B = getattr(self, f"lora_A_{param}").detach(), getattr(self, f"lora_B_{param}").detach()

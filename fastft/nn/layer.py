@@ -24,6 +24,7 @@ through these methods — no name matching, no ``getattr`` probing.
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 
@@ -46,10 +47,21 @@ class FastFTLayer(nn.Module):
         raise NotImplementedError(f"{type(self).__name__}.adapter_parameters")
 
     def adapter_state_dict(self) -> dict[str, Tensor]:
-        raise NotImplementedError(f"{type(self).__name__}.adapter_state_dict")
+        """The adapter parameters, detached (the default: a module that stores nothing else)."""
+        return {n: p.detach() for n, p in self.adapter_parameters().items()}
 
     def load_adapter_state_dict(self, state: dict[str, Tensor]) -> None:
-        raise NotImplementedError(f"{type(self).__name__}.load_adapter_state_dict")
+        """Copy ``state`` into the adapter parameters after checking every name and shape (nothing is copied
+        when one is wrong)."""
+        params = self.adapter_parameters()
+        if set(state) != set(params):
+            raise ValueError(f"{type(self).__name__}: adapter state has keys {sorted(state)}, expected {sorted(params)}")
+        for n, p in params.items():
+            if state[n].shape != p.shape:
+                raise ValueError(f"{type(self).__name__}: {n}: saved shape {tuple(state[n].shape)} != {tuple(p.shape)}")
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(state[n])
 
     def regularization(self) -> Tensor | None:
         """The term this layer adds to the training loss, already weighted; None adds nothing."""

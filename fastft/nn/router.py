@@ -116,19 +116,6 @@ class LoRARouter(FastFTLayer):
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         return {n: p for n, p in self.named_parameters(recurse=False)}
 
-    def adapter_state_dict(self) -> dict[str, Tensor]:
-        return {n: p.detach() for n, p in self.adapter_parameters().items()}
-
-    def load_adapter_state_dict(self, state: dict[str, Tensor]) -> None:
-        expected = set(self.adapter_parameters())
-        if set(state) != expected:
-            raise ValueError(f"adapter state has keys {sorted(state)}, expected {sorted(expected)}")
-        with torch.no_grad():
-            for n, p in self.adapter_parameters().items():
-                if state[n].shape != p.shape:
-                    raise ValueError(f"{n}: saved shape {tuple(state[n].shape)} != {tuple(p.shape)}")
-                p.copy_(state[n])
-
     def unpatched(self, merge: bool) -> nn.Module:
         base = self.base_layer
         if merge and self.attached:
