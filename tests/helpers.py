@@ -255,3 +255,18 @@ def training_losses(model, input_ids, steps: int = 6, lr: float = 1e-2) -> list[
         opt.zero_grad()
         losses.append(loss.item())
     return losses
+
+
+def tiny_moe_model(family: str):
+    """A small MoE causal LM with fused 3-D experts, in eval mode: qwen3_moe or mixtral."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  num_experts_per_tok=2)
+    if family == "qwen3_moe":
+        cfg = tf.Qwen3MoeConfig(**common, intermediate_size=48, moe_intermediate_size=16, num_experts=4, head_dim=8)
+        return tf.Qwen3MoeForCausalLM(cfg).eval()
+    if family == "mixtral":
+        return tf.MixtralForCausalLM(tf.MixtralConfig(**common, intermediate_size=24, num_local_experts=4)).eval()
+    raise ValueError(family)

@@ -10,6 +10,8 @@ import tempfile
 import pytest
 import torch
 
+from helpers import tiny_moe_model
+
 import fastft
 from fastft.nn import DoRAExperts, LoRARouter
 
@@ -17,18 +19,11 @@ tf = pytest.importorskip("transformers")
 
 
 def _qwen3_moe():
-    torch.manual_seed(0)
-    cfg = tf.Qwen3MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
-                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=4,
-                            num_experts_per_tok=2, head_dim=8)
-    return tf.Qwen3MoeForCausalLM(cfg).eval()
+    return tiny_moe_model("qwen3_moe")
 
 
 def _mixtral():
-    torch.manual_seed(0)
-    cfg = tf.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
-    return tf.MixtralForCausalLM(cfg).eval()
+    return tiny_moe_model("mixtral")
 
 
 def _randomize(model, std=0.3):
