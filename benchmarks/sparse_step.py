@@ -17,8 +17,11 @@ the low-rank peers get the rank r whose r·(O+K) is closest to k):
   torch.compile ``torch.compile`` (inductor) of the op's formula in plain PyTorch, :func:`plain_sparse_delta`:
                 ``y = x (W + ΔW)ᵀ`` with ΔW built by ``index_put`` of the k values into zeros, autograd for the
                 backward (the float64 spec the op's tests check against). The op's own PyTorch reference is not
-                what is compiled: its sparse term is a ``torch.sparse.mm`` of a CSR matrix, which inductor does
-                not compile. Suite only, not in ``--quick`` (a skipped row says so) or without a C++ compiler;
+                what is compiled: its sparse term builds a CSR matrix for ``torch.sparse.mm``, and
+                ``torch.compile(fullgraph=True)`` of it fails here ("Attempted to call function marked as
+                skipped"; without fullgraph that term runs eagerly behind a graph break), and its backward is a
+                hand-written function, not an autograd graph inductor could compile. Suite only, not in
+                ``--quick`` (a skipped row says so) or without a C++ compiler;
   frozen        the layer without training (the floor).
 
 In the suite (``python -m benchmarks``, benchmark "sparse"): forward + backward of each provider, measured by
