@@ -14,6 +14,14 @@ the low-rank peers get the rank r whose r·(O+K) is closest to k):
   shira         PEFT's SHiRA (``peft.ShiraConfig``: a random sparse support of r·(O+K) entries; its forward
                 scatters the values into a dense O×K update, "clone + scatter"), if PEFT has it;
   lora          fastft LoRA of rank r;
+  torch.compile ``torch.compile`` (inductor) of the op's formula in plain PyTorch, :func:`plain_sparse_delta`:
+                ``y = x (W + ΔW)ᵀ`` with ΔW built by ``index_put`` of the k values into zeros, autograd for the
+                backward (the float64 spec the op's tests check against). The op's own PyTorch reference is not
+                what is compiled: its sparse term builds a CSR matrix for ``torch.sparse.mm``, and
+                ``torch.compile(fullgraph=True)`` of it fails here ("Attempted to call function marked as
+                skipped"; without fullgraph that term runs eagerly behind a graph break), and its backward is a
+                hand-written function, not an autograd graph inductor could compile. Suite only, not in
+                ``--quick`` (a skipped row says so) or without a C++ compiler;
   frozen        the layer without training (the floor).
 
 In the suite (``python -m benchmarks``, benchmark "sparse"): forward + backward of each provider, measured by
@@ -53,6 +61,12 @@ LAYER_SUITE_SWEEPS = {
 def rank_for(out_features: int, in_features: int, k: int) -> int:
     """The rank r whose r·(out + in) trainable entries are closest to k (at least 1)."""
     return max(1, round(k / (out_features + in_features)))
+
+
+def plain_sparse_delta(x: torch.Tensor, weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """The op's formula in plain PyTorch: ``x (W + ΔW)ᵀ``, ΔW = ``values`` put at the flat ``indices`` of zeros."""
+    delta = torch.zeros(weight.numel(), dtype=values.dtype, device=values.device).index_put((indices,), values)
+    return nn.functional.linear(x, weight + delta.view_as(weight).to(weight.dtype))
 
 
 def support(out_features: int, in_features: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -107,8 +121,9 @@ def _shira(frozen: nn.Module, r: int):
 
 # ------------------------------------------------------------------------------------------- in the suite
 def layer_subjects(config: dict, ctx) -> list:
-    """fastft sparse delta (each backend; and on the path rule), masked dense, SHiRA and LoRA (peers), frozen."""
-    from .harness import DTYPES, Skipped, Subject, fastft_backends, forced_backend
+    """fastft sparse delta (each backend; and on the path rule), masked dense, SHiRA, LoRA and torch.compile of the
+    op's formula (peers), frozen."""
+    from .harness import DTYPES, Skipped, Subject, compiled_peer, fastft_backends, forced_backend
 
     dtype, device = DTYPES[config["dtype"]], ctx.device
     layers, _k, _r = build_layers(config["out_features"], config["in_features"], config["density"], dtype, device)
@@ -134,6 +149,10 @@ def layer_subjects(config: dict, ctx) -> list:
                                 lambda module=module: module(x), g, [x, *params], module,
                                 context=(lambda: forced_backend("torch")) if name == "lora" else None or _null))
     frozen = layers["frozen"][0]
+    values = sparse.delta_values.detach().clone().requires_grad_(True)
+    subjects.append(compiled_peer(ctx, plain_sparse_delta, (x, frozen.weight, sparse.delta_indices, values), g,
+                                  [x, values], [frozen.weight, values],
+                                  what="the sparse-delta formula x (W + ΔW)ᵀ in plain PyTorch (ΔW by index_put)"))
     subjects.append(Subject("frozen", "eager", "floor", lambda: frozen(x), g, [x], frozen))
     return subjects
 

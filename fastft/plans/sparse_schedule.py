@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import SparseConfig
-from ..distributed import unwrap
+from ..distributed import is_sharded, unwrap
 from ..nn.sparse_delta import SparseDeltaLinear
 from ..nn.sparse_gates import HardConcreteGate
 from .sparse_selection import random_support, spiel_support
@@ -154,6 +154,12 @@ class SparseSchedule:
         """
         done = []
         config = self.config
+        if config.method == "spiel" and any(is_sharded(m.delta_values) for _, m in self.modules):
+            raise ValueError(
+                "SparseSchedule: SpIEL under FSDP2 is not supported: its cycles rewrite the support, the deltas and "
+                "their optimizer state in place, which FSDP2 holds as shards. Train SpIEL under DDP (indices and "
+                "values replicated; the candidate gradients are summed across processes), or use a fixed support "
+                "(SparseConfig(method='random' or 'magnitude')), which FSDP2 shards like any parameter.")
         if config.method == "spiel" and global_step > 0 and global_step % config.regrow_every == 0 and not final:
             changed = self.regrow(optimizer)
             done.append(f"SpIEL cycle {self.cycle}: {changed} positions regrown")

@@ -1,0 +1,71 @@
+"""benchmarks/sparse_step.py's providers: the list a case yields, and the torch.compile peer's formula.
+
+Nothing here asserts a timing. Shapes tiny; torch.compile is replaced by the identity where the wiring is checked
+(inductor on 2 CPU cores takes about a minute a shape).
+"""
+import sys
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.append(str(REPO_ROOT))  # benchmarks/ is a top-level folder of the repository, not installed
+
+from benchmarks import harness, records, sparse_step  # noqa: E402
+from benchmarks.harness import Skipped, Subject  # noqa: E402
+
+POINT = dict(tokens=6, out_features=12, in_features=10, density=0.1, dtype="float32")
+
+
+def _ctx(quick=True, compile=False):
+    return harness.Context(device=torch.device("cpu"), quick=quick, compile=compile,
+                           env=records.Environment("cpu", 2, "t", "tr", "f", "run-1"))
+
+
+def _by_provider(subjects):
+    out = {}
+    for s in subjects:
+        if s.provider not in out or isinstance(out[s.provider], Skipped):
+            out[s.provider] = s
+    return out
+
+
+def _run(subject):
+    subject.drop_grads()
+    with subject.context():
+        y = subject.forward()
+        y.backward(subject.grad_output)
+    return y.detach().clone(), [t.grad.clone() for t in subject.grads]
+
+
+def test_providers_include_the_compiled_peer_skipped_in_quick():
+    subjects = _by_provider(sparse_step.layer_subjects(POINT, _ctx()))
+    assert {"fastft", "fastft-auto-path", "masked-dense", "lora", "torch.compile", "frozen"} <= set(subjects)
+    compiled = subjects["torch.compile"]
+    assert isinstance(compiled, Skipped) and (compiled.backend, compiled.role) == ("inductor", "peer")
+    assert "--compile" in compiled.reason and "index_put" in compiled.reason
+
+
+def test_the_compiled_peer_is_built_with_compile_and_computes_the_ops_output_and_gradients(monkeypatch):
+    monkeypatch.setattr(harness, "compiler_available", lambda: None)
+    compiled_fns = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled_fns.append((fn, kw)) or fn)
+    subjects = _by_provider(sparse_step.layer_subjects(POINT, _ctx(quick=False, compile=True)))
+    compiled = subjects["torch.compile"]
+    assert isinstance(compiled, Subject) and (compiled.backend, compiled.role) == ("inductor", "peer")
+    assert [fn for fn, _ in compiled_fns] == [sparse_step.plain_sparse_delta]
+    (y0, (dx0, dv0)), (y1, (dx1, dv1)) = _run(subjects["fastft"]), _run(compiled)
+    torch.testing.assert_close(y1, y0)
+    torch.testing.assert_close(dx1, dx0)
+    torch.testing.assert_close(dv1, dv0)
+    assert dv1.abs().max() > 0
+
+
+def test_plain_formula_is_the_dense_formula_in_float64():
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(3, 5, generator=gen, dtype=torch.float64), torch.randn(4, 5, generator=gen, dtype=torch.float64)
+    idx, v = torch.tensor([1, 7, 18]), torch.randn(3, generator=gen, dtype=torch.float64)
+    dense = w.clone()
+    dense.view(-1)[idx] += v
+    torch.testing.assert_close(sparse_step.plain_sparse_delta(x, w, idx, v), x @ dense.t(), rtol=0, atol=1e-12)
