@@ -50,6 +50,7 @@ SUITE_MODULES = (
     "benchmarks.host_overhead",
     "benchmarks.e2e",
     "benchmarks.moe_layer",
+    "benchmarks.variants_layer",
 )
 
 # ``--full``: full-size shapes and timing (as the full sweep) for a subset of the cases, chosen so that a run takes
@@ -62,6 +63,7 @@ FULL_SUBSET: dict[str, dict | None] = {
     "hadamard": None, "rotate_quantize": None, "s2ft": dict(tokens=256),
     "sparse": None, "moe_lora": None, "moe_dora": None,
     "host_overhead": dict(tokens=None),  # None: see FULL_HOST_TOKENS
+    "loldu": None, "corda": None, "selective_lora": None, "lofit": None, "dsee": None, "qgoft": None,
 }
 FULL_HOST_TOKENS = (1, 64)
 NOT_IN_SUBSET = "not in the --full subset (about 10 minutes on a quiet 2-core CPU); python -m benchmarks runs every case"

@@ -1,0 +1,78 @@
+"""benchmarks/variants_layer.py on tiny points: every method's case runs, and every provider it names produces
+figures (time, saved bytes, peak live memory, FLOPs, trainable parameters) or a skipped row with its reason."""
+from __future__ import annotations
+
+import csv
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("peft")
+REPO_ROOT = Path(__file__).resolve().parents[2]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.append(str(REPO_ROOT))  # benchmarks/ is a top-level folder of the repository, not installed
+
+from benchmarks import suite, variants_layer  # noqa: E402
+
+TINY = {("cpu", "quick"): (dict(hidden=64, tokens=24, dtype="float32"), dict(tokens=[24]))}
+
+# provider -> expected outcome per method: "figures" (measured) or "skipped" (a row saying why)
+EXPECTED = {
+    "loldu": {"fastft-lora": "figures", "peft-lora": "figures", "fastft": "figures", "peft-loldu": "skipped"},
+    "corda": {"fastft-lora": "figures", "peft-lora": "figures", "fastft": "figures", "peft-corda": "figures"},
+    "selective_lora": {"fastft-lora": "figures", "peft-lora": "figures", "fastft": "figures",
+                       "fastft-closed": "figures", "peft-selective_lora": "skipped"},
+    "lofit": {"fastft-lora": "figures", "peft-lora": "figures", "fastft": "figures", "peft-lofit": "skipped"},
+    "dsee": {"fastft-lora": "figures", "peft-lora": "figures", "fastft": "figures", "peft-dsee": "skipped"},
+    "qgoft": {"fastft-lora": "figures", "peft-lora": "figures", "fastft": "figures", "peft-oft": "figures",
+              "peft-boft": "figures", "torch.compile": "skipped"},  # --quick builds no compiled peer
+}
+FIGURES = [("time", "forward"), ("time", "backward"), ("time", "step"), ("saved_for_backward", "forward"),
+           ("peak_live", "step"), ("flops", "step"), ("trainable_params", "step")]
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory):
+    out = tmp_path_factory.mktemp("variants")
+    outcome = suite.run(["--quick", "--repeats", "1", "--no-progress", "--no-render", "--device", "cpu",
+                         "--out", str(out)], benchmarks=variants_layer.suite_benchmarks(TINY))
+    assert outcome.failures == []
+    with open(out / "results.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("method", variants_layer.METHODS)
+def test_every_provider_has_figures_or_a_stated_skip(rows, method):
+    mine = [r for r in rows if r["op"] == method]
+    providers = {r["provider"] for r in mine}
+    assert providers == set(EXPECTED[method]), providers
+    for provider, outcome in EXPECTED[method].items():
+        theirs = [r for r in mine if r["provider"] == provider]
+        if outcome == "skipped":
+            assert theirs and all(r["metric"] == "skipped" and r["note"] for r in theirs), theirs
+            continue
+        for metric, mode in FIGURES:
+            found = [float(r["p50"]) for r in theirs if (r["metric"], r["mode"]) == (metric, mode)
+                     and (r["role"] != "fastft" or r["backend"] == "torch")]
+            assert len(found) == 1 and math.isfinite(found[0]) and found[0] >= 0, (provider, metric, mode, found)
+
+
+def test_budgets_and_what_differs(rows):
+    def value(method, provider, metric, mode="step"):
+        found = [float(r["p50"]) for r in rows if (r["op"], r["provider"], r["metric"], r["mode"]) ==
+                 (method, provider, metric, mode) and r["backend"] in ("torch", "eager", "-")]
+        assert len(found) == 1, (method, provider, metric, found)
+        return found[0]
+
+    hidden, rank = 64, variants_layer.RANK
+    assert value("loldu", "fastft-lora", "trainable_params") == 2 * hidden * rank
+    assert value("loldu", "fastft", "trainable_params") == rank  # only the diagonal trains
+    assert value("dsee", "fastft", "trainable_params") == 2 * hidden * rank + variants_layer.DSEE_SPARSE
+    # a closed gate keeps nothing of the low-rank path for backward; LoFiT's offsets are a bias
+    assert value("selective_lora", "fastft-closed", "saved_for_backward", "forward") < \
+        value("selective_lora", "fastft", "saved_for_backward", "forward")
+    assert value("lofit", "fastft", "saved_for_backward", "forward") == 0
+    oft_note = [r["note"] for r in rows if r["op"] == "qgoft" and r["provider"] == "peft-oft"]
+    assert oft_note and all("different method" in n for n in oft_note)
