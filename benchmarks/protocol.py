@@ -245,3 +245,4 @@ def model_step_subject(provider: str, backend: str, role: str, model: torch.nn.M
     """
     if grads is None:
         grads = [p for p in model.parameters() if p.requires_grad]
+    return Subject(provider, backend, role, lambda: model(**inputs).loss, None, list(grads), model, **kwargs)
