@@ -9,8 +9,9 @@
     python -m benchmarks --strict           # exit 1 on a sanity warning that nothing explains
     python -m benchmarks.lora_layer ...     # one module's benchmarks, with the same options
 
-This module owns the command line, the CSV rows, the sanity checks and the rendering of every benchmark;
-a benchmark module only declares its cases and how to run one (``benchmarks.harness``).
+This module owns the run, the CSV rows, the sanity checks and the rendering of every benchmark (the options
+are parsed in ``benchmarks.cli``, the console output in ``benchmarks.console``); a benchmark module only
+declares its cases and how to run one (``benchmarks.harness``).
 
 Each benchmark module lists its cases through ``suite_benchmarks()`` (see ``benchmarks.harness``); the
 modules are in :data:`SUITE_MODULES`. A provider that is not installed or cannot run here is skipped with
@@ -19,8 +20,6 @@ then 1). Rows are appended to the CSV as each case ends, so an interrupted run k
 """
 from __future__ import annotations
 
-import argparse
-import math
 import sys
 import time
 import traceback
@@ -34,6 +33,9 @@ import torch
 from . import harness
 from .harness import Benchmark, Case, Context, Measurement
 from .records import CsvWriter, Environment, Row, format_config, load_average
+# the command line and the console output live in their own modules; their names stay reachable from here
+from .cli import DEFAULT_OUT, FULL_TIMING, QUICK_TIMING, command_line, make_context, parse_args  # noqa: F401
+from .console import Progress, _duration, _fmt, _label, format_case  # noqa: F401
 
 # Modules whose ``suite_benchmarks()`` make up the suite. To add a benchmark module: give it a
 # ``suite_benchmarks()`` returning harness.Benchmark objects and append its name here.
@@ -67,10 +69,6 @@ FULL_SUBSET: dict[str, dict | None] = {
 }
 FULL_HOST_TOKENS = (1, 64)
 NOT_IN_SUBSET = "not in the --full subset (about 10 minutes on a quiet 2-core CPU); python -m benchmarks runs every case"
-
-DEFAULT_OUT = "bench-results"
-QUICK_TIMING = dict(repeats=5, warmup=1, rounds=2, rep_ms=50)
-FULL_TIMING = dict(repeats=10, warmup=2, rounds=3, rep_ms=100)
 
 
 @dataclass
@@ -160,164 +158,7 @@ def status_row(op: str, metric: str, note: str, env: Environment, case: Case | N
                    x_value=x_value, p50=None, p20=None, p80=None, config=config, note=note)
 
 
-# ----------------------------------------------------------------------------------- printing
-def _fmt(value: float | None, unit: str) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if unit == "s":
-        from .render import format_seconds
-
-        return format_seconds(value)
-    if unit == "bytes":
-        from fastft.measure import format_bytes
-
-        return format_bytes(value)
-    if unit == "flop":
-        return f"{value / 1e9:.3g} G"
-    if unit in ("abs", "rel"):
-        return f"{value:.1e}"
-    if unit == "params":
-        return f"{int(value):,}"
-    return f"{value:.4g}"
-
-
-_CONSOLE_COLUMNS = [
-    ("time", "forward", "fwd"), ("time", "backward", "bwd"), ("time", "step", "step"),
-    ("saved_for_backward", "forward", "saved"), ("peak_live", "step", "peak live"),
-    ("peak_allocated", "step", "peak alloc"), ("flops", "step", "FLOP"), ("max_rel_diff", "step", "rel diff"),
-    ("time", "train", "step time"), ("final_loss", "train", "loss"), ("peak_rss", "train", "peak RSS"),
-    ("peak_rss_train", "train", "RSS train"), ("peak_allocated", "train", "peak alloc"),
-]
-
-
-def format_case(case: Case, measurements: list[Measurement]) -> str:
-    """A small table of one case: a line per provider, the main figures as columns, then skip notes."""
-    figures = [m for m in measurements if m.x is None and m.p50 is not None]
-    labels: list[str] = []
-    for m in figures:
-        label = _label(m.provider, m.backend, m.role)
-        if label not in labels:
-            labels.append(label)
-    present = {(m.metric, m.mode) for m in figures}
-    columns = [c for c in _CONSOLE_COLUMNS if (c[0], c[1]) in present]
-    cell = {(_label(m.provider, m.backend, m.role), m.metric, m.mode): _fmt(m.p50, m.unit) for m in figures}
-    table = [["provider", *(c[2] for c in columns)]]
-    table += [[label, *(cell.get((label, c[0], c[1]), "") for c in columns)] for label in labels]
-    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
-    lines = [f"{case.label}"] if figures else []
-    lines += ["  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in table] if figures else []
-    lines += [f"  skipped {_label(m.provider, m.backend, m.role)}: {m.note}" for m in measurements if m.metric == "skipped"]
-    return "\n".join(lines)
-
-
-def _label(provider: str, backend: str, role: str) -> str:
-    if role == "fastft":
-        return f"{provider}[{backend}]"
-    if role == "estimate":
-        return f"{provider} (estimate)"
-    if role == "floor":
-        return f"{provider} (floor)"
-    return provider
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    return f"{seconds / 60:.1f} min"
-
-
-class Progress:
-    """tqdm over the cases when installed (and ``enabled``), otherwise a plain "[i/n] case" line each."""
-
-    def __init__(self, total: int, enabled: bool = True):
-        self.total, self.done = total, 0
-        self.bar = None
-        if enabled and harness.installed("tqdm"):
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, unit="case", dynamic_ncols=True, file=sys.stderr)
-
-    def start(self, label: str) -> None:
-        if self.bar is not None:
-            self.bar.set_description(label[:60])
-        else:
-            print(f"[{self.done + 1}/{self.total}] {label} ...", flush=True)
-
-    def write(self, text: str) -> None:
-        if not text:
-            return
-        if self.bar is not None:
-            self.bar.write(text, file=sys.stdout)
-        else:
-            print(text, flush=True)
-
-    def advance(self) -> None:
-        self.done += 1
-        if self.bar is not None:
-            self.bar.update(1)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 # ----------------------------------------------------------------------------------- running
-def parse_args(argv: list[str] | None, prog: str = "python -m benchmarks") -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
-    parser.add_argument("--quick", action="store_true", help="small shapes and fewer timed runs")
-    parser.add_argument("--full", action="store_true",
-                        help="full-size shapes for a subset of the cases (about 10 min on a quiet 2-core CPU; FULL_SUBSET)")
-    parser.add_argument("--only", default="", help="comma-separated benchmark names or tags to run (default: all)")
-    parser.add_argument("--skip", default="", help="comma-separated benchmark names or tags to leave out")
-    parser.add_argument("--out", default=DEFAULT_OUT, help=f"results directory (default {DEFAULT_OUT}/)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                        help="where to run (auto: cuda when available)")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--repeats", type=int, default=None, help="CPU: timed rounds per mode (quick 5, full 10)")
-    parser.add_argument("--max-minutes", type=float, default=None,
-                        help="stop starting new cases after this long (the rest are recorded as skipped)")
-    parser.add_argument("--list", action="store_true", help="list the cases and their estimated durations; run nothing")
-    parser.add_argument("--no-render", action="store_true", help="write the CSV only (no plots, no summary.md)")
-    parser.add_argument("--no-progress", action="store_true", help="plain progress lines instead of a bar")
-    parser.add_argument("--strict", action="store_true",
-                        help="exit 1 when a sanity check warns and nothing explains it (benchmarks.sanity)")
-    parser.add_argument("--compile", dest="compile", action="store_true", default=None,
-                        help="build the torch.compile peers (default: in the full sweep, not in --quick)")
-    parser.add_argument("--no-compile", dest="compile", action="store_false", help="leave the torch.compile peers out")
-    args = parser.parse_args(argv)
-    if args.full and args.quick:
-        parser.error("--full and --quick exclude each other (--full: full-size shapes, a subset of the cases)")
-    args.prog = prog
-    args.only = [n.strip() for n in args.only.split(",") if n.strip()]
-    args.skip = [n.strip() for n in args.skip.split(",") if n.strip()]
-    return args
-
-
-def make_context(args: argparse.Namespace) -> Context:
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        if args.device == "cuda" and not torch.cuda.is_available():
-            raise SystemExit("--device cuda: no CUDA device is available to this torch "
-                             f"({torch.__version__}); use --device cpu")
-        device = torch.device(args.device)
-    timing = dict(QUICK_TIMING if args.quick else FULL_TIMING)
-    if args.repeats:
-        timing["repeats"] = args.repeats
-    compile_peers = (not args.quick) if args.compile is None else args.compile
-    env = Environment.current(device, sweep="quick" if args.quick else "full", command=command_line(args))
-    return Context(device=device, quick=args.quick, env=env, compile=compile_peers, **timing)
-
-
-def command_line(args: argparse.Namespace) -> str:
-    """The command that reproduces this run (its argv as given, after the program's name)."""
-    import shlex
-
-    return " ".join([args.prog, *(shlex.quote(a) for a in getattr(args, "argv", []))])
-
-
 def plan(benchmarks: list[Benchmark], ctx: Context, outcome: Outcome) -> list[tuple[Benchmark, Case]]:
     """The cases to run; benchmarks missing a package or failing to list their cases are recorded."""
     cases = []
@@ -363,7 +204,7 @@ def run(argv: list[str] | None = None, benchmarks: list[Benchmark] | None = None
         prog: str = "python -m benchmarks") -> Outcome:
     """Run the suite (``benchmarks`` replaces the collected ones; tests use it); returns the outcome."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv, prog)
+    args = parse_args(argv, prog, __doc__)
     args.argv = argv
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,4 +1,5 @@
-"""Data-dependent initialisations of low-rank factors: LoLDU's LDU split and CorDA's covariance-aware SVD.
+"""Data-dependent initialisations of low-rank factors: PiSSA's top-r SVD, LoLDU's LDU split and CorDA's
+covariance-aware SVD.
 
 Pure math on a weight W (out×in, float) and, for CorDA, the covariance C (in×in) of the layer's inputs. Each
 function returns factors (A: r×in, B: out×r, and LoLDU's diagonal d) such that the adapter's initial product
@@ -10,9 +11,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["CORDA_MODES", "corda_factors", "corda_sample_covariance", "loldu_factors"]
+__all__ = ["CORDA_MODES", "corda_factors", "corda_sample_covariance", "loldu_factors", "pissa_factors"]
 
 CORDA_MODES = ("kpm", "ipm")
+
+
+def pissa_factors(weight: Tensor, r: int, scale: float) -> tuple[Tensor, Tensor]:
+    """PiSSA (Meng et al. 2024): the top-r singular triplets of W, ``W ≈ U Σ Vᵀ``. Returns ``(A, B)`` with
+    ``A = √(Σ/s) Vᵀ``, ``B = U √(Σ/s)`` (in ``weight``'s dtype), so ``s · B A`` is W's best rank-r piece."""
+    u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+    root = (s[:r] / scale).sqrt()
+    return root[:, None] * vh[:r], u[:, :r] * root[None, :]
 
 
 def loldu_factors(weight: Tensor, r: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
