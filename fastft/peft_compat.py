@@ -91,6 +91,25 @@ def _peft_would_rewrite(model: nn.Module, names: list[str], r: int, alpha: float
     return [n for n in names if n.rsplit(".", 1)[-1] in leaves]
 
 
+def _peft_renamed_keys(model: nn.Module, tensors: dict, names: list[str], target_parameters: list[str], r: int,
+                       alpha: float) -> list[str]:
+    """The adapter keys PEFT's load-time weight conversion (transformers' checkpoint renamings applied to adapter
+    keys) would rename, so that they no longer name the module fastft trained: laguna's unescaped
+    ``mlp.shared_expert.`` pattern turns ``mlp.shared_experts.down_proj`` into ``mlp.shared_experts..down_proj``."""
+    try:
+        from peft import LoraConfig
+        from peft.utils.transformers_weight_conversion import convert_peft_adapter_state_dict_for_transformers
+    except ImportError:
+        return []
+    probe = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(names), target_parameters=target_parameters or None)
+    lora = {k: v for k, v in tensors.items() if ".lora_" in k}
+    try:
+        converted = convert_peft_adapter_state_dict_for_transformers(model, probe, dict(lora))
+    except Exception:  # noqa: BLE001 -- PEFT's loader would raise too: a loud failure, not a silent one
+        return []
+    return sorted(set(lora) - set(converted))
+
+
 def _expert_peft_tensors(name: str, module) -> dict[str, torch.Tensor]:
     """PEFT's keys for LoRA on several parameters of one module: one ParamWrapper per parameter, nested in the
     order of ``target_parameters`` (the first one innermost: ``<module>.base_layer.lora_A.weight``)."""
@@ -160,6 +179,16 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> None:
             f"conversion), so the adapters of these nn.Linear modules would be silently dropped: {rewritten[:6]}"
             f"{' ...' if len(rewritten) > 6 else ''} ({len(rewritten)} modules). Leave them out of targets to "
             "export to PEFT, or keep the adapter in fastft's own format (fastft.save / fastft.load)."
+        )
+    renamed = [] if rewritten else _peft_renamed_keys(model, tensors, names, target_parameters, r, alpha)
+    if renamed:
+        model_type = getattr(model.config, "model_type", "?")
+        raise ValueError(
+            f"fastft.export_peft: PEFT would load this adapter differently from how fastft trained it. For a "
+            f"{model_type!r} model PEFT renames adapter keys on load with transformers' checkpoint conversion, so "
+            f"these keys would no longer name the modules fastft trained and their adapters would be silently "
+            f"dropped: {renamed[:4]}{' ...' if len(renamed) > 4 else ''} ({len(renamed)} keys). Leave those modules "
+            "out of targets to export to PEFT, or keep the adapter in fastft's own format (fastft.save / fastft.load)."
         )
     peft_config = {
         "peft_type": "LORA",

@@ -82,6 +82,18 @@ def is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_linear4bit(module) or is_conv1d(module)
 
 
+# nn.Linear subclasses whose own forward is F.linear written out (x @ W.T + b): a LoRA wrapper reproduces them
+PLAIN_LINEAR_SUBCLASSES = frozenset({"FalconLinear"})
+
+
+def forward_of_its_own(module: nn.Module) -> bool:
+    """An ``nn.Linear`` subclass overriding ``forward`` with something fastft cannot assume is ``F.linear``
+    (DeepSeek-V4's grouped bmm projection): swapping it for a layer that calls ``F.linear`` would change the model."""
+    cls = type(module)
+    return (isinstance(module, nn.Linear) and cls.forward is not nn.Linear.forward and not is_linear4bit(module)
+            and not cls.__module__.startswith("bitsandbytes") and cls.__name__ not in PLAIN_LINEAR_SUBCLASSES)
+
+
 @dataclass
 class LayerStack:
     """The repeated blocks of a model (``model.layers``, ``encoder.layer``): a prefix and a count."""
@@ -251,6 +263,14 @@ def resolve_targets(
         raise ValueError(
             f"target matches '{n}' ({type(m).__name__}), which is not a {what}; "
             f"names of {what}s in this model: {_leaf_names(model, accept)}."
+        )
+    own = [(n, m) for n, m in chosen if is_linear(m) and forward_of_its_own(m)]
+    if own:
+        n, m = own[0]
+        raise ValueError(
+            f"target matches '{n}' ({type(m).__name__}), an nn.Linear subclass with a forward of its own, which "
+            "fastft's layers (they call F.linear) would not reproduce; leave it out of targets (name the other "
+            f"modules, e.g. {[x for x in _leaf_names(model, accept) if x != n.rsplit('.', 1)[-1]][:4]})."
         )
     if layers is not None:
         keep = set(layers)

@@ -149,3 +149,41 @@ def test_deepseek_export_of_attention_reloads_in_peft():
         fastft.export_peft(model, d)
         loaded = peft.PeftModel.from_pretrained(base, d).eval()
         torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+
+class _GroupedLinear(nn.Linear):  # DeepSeek-V4's o_a_proj shape: a forward of its own, not F.linear
+    def forward(self, x):
+        w = self.weight.view(2, -1, x.shape[-1]).transpose(1, 2)
+        return torch.bmm(x.reshape(-1, 2, x.shape[-1]).transpose(0, 1), w).transpose(0, 1).reshape(*x.shape[:-1], -1)
+
+
+class _PlainSubclass(nn.Linear):  # Falcon's FalconLinear: F.linear written out
+    def forward(self, x):
+        return x @ self.weight.T
+
+
+class FalconLinear(_PlainSubclass):
+    pass
+
+
+def _stack(make):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.ModuleList([nn.ModuleDict({"proj": make(), "up": nn.Linear(8, 8)}) for _ in range(2)]))
+
+
+def test_linear_subclass_with_its_own_forward_is_refused():
+    model = _stack(lambda: _GroupedLinear(8, 8))
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"'0\.0\.proj' \(_GroupedLinear\), an nn.Linear subclass with a forward of its own"):
+        fastft.patch(model, fastft.LoRAConfig(r=2))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    report = fastft.patch(model, fastft.LoRAConfig(r=2, targets=["up"]))  # leaving it out works
+    assert [row.name for row in report] == ["0.0.up", "0.1.up"]
+
+
+def test_known_plain_linear_subclass_is_adapted():
+    assert [row.name for row in fastft.patch(_stack(lambda: FalconLinear(8, 8)), fastft.LoRAConfig(r=2))] == \
+        ["0.0.proj", "0.0.up", "0.1.proj", "0.1.up"]
+    with pytest.raises(ValueError, match="forward of its own"):
+        fastft.patch(_stack(lambda: _PlainSubclass(8, 8)), fastft.LoRAConfig(r=2))

@@ -223,6 +223,10 @@ def check_architecture(model, head: str) -> tuple[str, str]:
         except ValueError as err:
             if "PEFT would load this adapter differently" not in str(err):
                 raise
+            if "renames adapter keys on load" in str(err):
+                return "export-refused", ("PEFT's load renames some adapter keys (transformers' checkpoint conversion "
+                                          "for this model) so they miss their modules; export_peft refuses (the "
+                                          "adapted set matches)")
             return "export-refused", ("PEFT would rename nn.Linear targets into expert parameters on load; "
                                       "export_peft refuses (the adapted set matches)")
         loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), d, is_trainable=True).eval()
@@ -234,13 +238,31 @@ def check_architecture(model, head: str) -> tuple[str, str]:
     for a, b in zip(grads, peft_grads):
         _close(a, b, "input gradients vs PEFT", atol=1e-6)
     _close(_run(again, inputs, backward=False)[0], logits, "logits after from_peft", atol=1e-6)
+    pair = (copy.deepcopy(patched), copy.deepcopy(loaded))  # before the step, for the float64 re-check
     _sgd(patched)
     _sgd(loaded)
     after, _ = _run(patched, inputs, backward=False)
-    _close(_run(loaded, inputs, backward=False)[0], after, "logits after one SGD step vs PEFT")
-    fastft.unpatch(patched, merge=True)
-    _close(_run(patched, inputs, backward=False)[0], after, "logits after merge")
     notes = []
+    try:
+        _close(_run(loaded, inputs, backward=False)[0], after, "logits after one SGD step vs PEFT")
+    except AssertionError as err:  # float32 rounding of the gradients amplified by a steep model (cpmant)?
+        ours64, theirs64 = (m.double() for m in pair)
+        for m in (ours64, theirs64):
+            m.zero_grad(set_to_none=True)
+            _run(m, inputs)
+            _sgd(m)
+        gap = (_run(ours64, inputs, backward=False)[0] - _run(theirs64, inputs, backward=False)[0]).abs().max()
+        if gap > 1e-9:
+            raise err
+        after64 = _run(ours64, inputs, backward=False)[0]
+        fastft.unpatch(ours64, merge=True)
+        _close(_run(ours64, inputs, backward=False)[0], after64, "logits after merge (float64)", atol=1e-9, rtol=1e-9)
+        patched = None  # the float32 merge check below would meet the same amplified rounding
+        notes.append("the SGD step matches PEFT in float64 (max logit gap "
+                     f"{gap:.0e}); float32 rounding of the gradients is amplified past the tolerance")
+    if patched is not None:
+        fastft.unpatch(patched, merge=True)
+        _close(_run(patched, inputs, backward=False)[0], after, "logits after merge")
     if outside:
         notes.append(f"PEFT also adapts {len(outside)} outside the stacks ({', '.join(sorted({n.rsplit('.', 1)[-1] for n in outside}))})")
     if only_ours:
