@@ -131,6 +131,31 @@ def _s2ft_fastft(model, setup):
     return model
 
 
+def sparse_config(model: nn.Module, setup):
+    """Sparse fine-tuning (a random support, SpIEL's starting point) with about LoRA's trainable count of ``setup``
+    on every decoder linear layer: density = Σ r·(in+out) / Σ in·out."""
+    import fastft
+
+    linears = decoder_linears(model).values()
+    lora = sum(setup.rank * (m.in_features + m.out_features) for m in linears)
+    dense = sum(m.in_features * m.out_features for m in linears)
+    return fastft.SparseConfig(method="random", density=lora / dense, targets="all-linear", seed=setup.seed)
+
+
+def _sparse_fastft(model, setup):
+    import fastft
+
+    fastft.patch(model, sparse_config(model, setup))
+    return model
+
+
+def _shira_peft(model, setup):
+    """PEFT's SHiRA (a random sparse support of r·(in+out) entries a layer: LoRA's count) on every decoder linear."""
+    from peft import ShiraConfig, get_peft_model
+
+    return get_peft_model(model, ShiraConfig(r=setup.rank, target_modules="all-linear", random_seed=setup.seed))
+
+
 @dataclass(frozen=True)
 class Method:
     """A fine-tuning method trained end to end: one patching function per provider.
@@ -165,4 +190,7 @@ METHODS: dict[str, Method] = {
     "s2ft": Method("s2ft", {"fastft": _s2ft_fastft, "lora": _lora_fastft},
                    description="S²FT with LoRA's trainable count (one head + FFN channels per layer); peer: LoRA "
                                "(PEFT has no S²FT)"),
+    "sparse": Method("sparse", {"fastft": _sparse_fastft, "peft": _shira_peft, "lora": _lora_fastft},
+                     description="sparse fine-tuning (a random support, LoRA's trainable count) on every decoder "
+                                 "linear layer; peers: PEFT SHiRA (its sparse method) and LoRA", quick=False),
 }

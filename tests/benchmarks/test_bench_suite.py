@@ -261,7 +261,7 @@ def test_list_runs_nothing_and_max_minutes_records_the_cases_it_did_not_start(tm
 # ------------------------------------------------------------------------------------------- every benchmark
 NEW_BENCHMARKS = {"dora", "qdora", "linear_ce", "fake_quant_weight", "s2ft", "s2ft_step", "qat_step", "partial_backprop",
                   "hadamard", "rotate_quantize", "e2e-dora", "e2e-qdora", "e2e-qat", "e2e-s2ft",
-                  "sparse"}
+                  "sparse", "e2e-sparse"}
 
 
 def _context(device: str, quick: bool) -> harness.Context:
