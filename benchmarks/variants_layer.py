@@ -29,7 +29,9 @@ What is measured and how: ``benchmarks.harness``. This module only declares the 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
 import sys
 
 import torch
@@ -112,6 +114,19 @@ def _first_runnable(subjects: list):
     return next((s for s in subjects if isinstance(s, Subject)), subjects[0])
 
 
+@contextlib.contextmanager
+def _environment_kept():
+    """Restore ``os.environ`` exactly afterwards. PEFT's BOFT tries to build its CUDA extension when a layer is
+    made, inside a ``patch_environment(CC="gcc", CXX="gcc")`` that does not restore them when the build fails (no
+    CUDA): CXX=gcc would then stay set in this process and every later C++ build (fastft's csrc) would use it."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 def _peft_subject(provider: str, base: nn.Linear, peft_config, x, g, prepare=None):
     from peft import get_peft_model
 
@@ -120,7 +135,8 @@ def _peft_subject(provider: str, base: nn.Linear, peft_config, x, g, prepare=Non
     holder = OneLinear(copy.deepcopy(base))
     if prepare is not None:
         prepare(holder)
-    model = get_peft_model(holder, peft_config)
+    with _environment_kept():  # PEFT's BOFT builds its extension here (layers are made, not run)
+        model = get_peft_model(holder, peft_config)
     layer = model.base_model.model.proj
     return Subject(provider, "eager", "peer", lambda: layer(x), g, [x, *_trainable(layer)], layer), layer
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -36,9 +37,13 @@ FIGURES = [("time", "forward"), ("time", "backward"), ("time", "step"), ("saved_
 @pytest.fixture(scope="module")
 def rows(tmp_path_factory):
     out = tmp_path_factory.mktemp("variants")
+    environment = dict(os.environ)
     outcome = suite.run(["--quick", "--repeats", "1", "--no-progress", "--no-render", "--device", "cpu",
                          "--out", str(out)], benchmarks=variants_layer.suite_benchmarks(TINY))
     assert outcome.failures == []
+    # the run leaves the process environment as it found it (PEFT's BOFT sets CC/CXX=gcc when its CUDA build
+    # fails; left set, every later C++ build in this process would use gcc for C++)
+    assert dict(os.environ) == environment
     with open(out / "results.csv", newline="") as f:
         return list(csv.DictReader(f))
 
