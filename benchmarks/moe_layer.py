@@ -13,6 +13,9 @@ loop ("fastft[torch]", what runs off Hopper) and through ``torch._grouped_mm`` (
 ``FASTFT_GROUPED_MM=grouped``, what runs on CUDA sm90+); the frozen experts and PEFT run the experts implementation
 transformers picks for a model ("grouped_mm": ``torch._grouped_mm``, which the CPU build runs too). PEFT forms
 W + s·B·A for every expert each forward (one ``baddbmm``) and runs the frozen forward on it; fastft never forms B·A.
+The ``torch.compile`` peer (full sweep) compiles :func:`experts_reference`, the same math in plain PyTorch through
+``torch._grouped_mm`` (B·A not formed for LoRA; DoRA's row norms from W + s·B·A, detached, as PEFT computes them);
+torch 2.13 compiles ``torch._grouped_mm`` for bfloat16 only, so its float32 points list the peer as not run.
 What is measured and how: ``benchmarks.harness``.
 """
 from __future__ import annotations
@@ -83,6 +86,58 @@ def suite_experts(config: dict, dtype: torch.dtype, device: torch.device, seed: 
     return experts.to(device=device, dtype=dtype).requires_grad_(False)
 
 
+def experts_reference(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, experts: nn.Module,
+                      factors: dict, scale: float, magnitudes: dict | None = None) -> torch.Tensor:
+    """LoRA (DoRA with ``magnitudes``) on a gated experts module in plain PyTorch: the compiled peer's code.
+
+    Tokens sorted by expert, every projection P in ``factors`` (name -> (A E×R×K, B E×O×R)) through grouped GEMMs::
+
+        y_P = x W_Pᵀ + s·(x A_Pᵀ) B_Pᵀ                       (per expert segment)
+        y_P ← y_P ⊙ m_P / ‖W_P + s·B_P A_P‖_row  (detached)    (DoRA)
+
+    then the module's gate, the down projection, the routing weights and the sum over each token's experts.
+    """
+    E, k = experts.num_experts, top_k_index.shape[-1]
+    sorted_ids, perm = torch.sort(top_k_index.reshape(-1), stable=True)
+    rows = perm // k
+    counts = torch.histc(sorted_ids.float(), bins=E, min=0, max=E - 1)
+    offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+
+    def project(h: torch.Tensor, param: str) -> torch.Tensor:
+        weight = getattr(experts, param).to(h.dtype)  # E×O×K
+        y = torch._grouped_mm(h, weight.transpose(1, 2), offs=offsets)
+        if param not in factors:
+            return y
+        A, B = (t.to(h.dtype) for t in factors[param])
+        xa = torch._grouped_mm(h, A.transpose(1, 2), offs=offsets)
+        y = y + scale * torch._grouped_mm(xa, B.transpose(1, 2), offs=offsets)
+        if magnitudes is not None:
+            norm = torch.linalg.vector_norm(weight + scale * torch.bmm(B, A), dim=2).detach()
+            y = y * (magnitudes[param] / norm).to(y.dtype)[sorted_ids]
+        return y
+
+    h = experts._apply_gate(project(x[rows], "gate_up_proj"))
+    y = project(h, "down_proj") * top_k_weights.reshape(-1)[perm].unsqueeze(-1)
+    return torch.zeros_like(x).index_add(0, rows, y)
+
+
+def compiled_subject(ctx, base: nn.Module, layer: nn.Module, dtype: torch.dtype, args: tuple, grad_y: torch.Tensor,
+                     dora: bool):
+    """torch.compile of :func:`experts_reference` on the fastft layer's own factors (bfloat16 only, see above)."""
+    from .harness import compiled_peer, not_run_here
+
+    if dtype != torch.bfloat16:
+        return not_run_here("torch.compile", "inductor", "peer", "torch 2.13 compiles torch._grouped_mm (the "
+                            "reference's segment GEMMs) for bfloat16 only; the bfloat16 points have this peer")
+    factors = {p: (getattr(layer, f"lora_A_{p}"), getattr(layer, f"lora_B_{p}")) for p in layer.params}
+    magnitudes = {p: getattr(layer, f"lora_magnitude_{p}") for p in layer.params} if dora else None
+    grads = [args[0]] + [t for p in layer.params for t in factors[p]] + list((magnitudes or {}).values())
+    reference = lambda x, index, weights: experts_reference(  # noqa: E731
+        x, index, weights, base, factors, layer.scale, magnitudes)
+    return compiled_peer(ctx, reference, args, grad_y, grads, layer,
+                         what="LoRA on experts in plain PyTorch (experts_reference)")
+
+
 def suite_subjects(config: dict, ctx, dora: bool) -> list:
     from .harness import DTYPES, Skipped, Subject, installed, missing_note
 
@@ -132,6 +187,7 @@ def suite_subjects(config: dict, ctx, dora: bool) -> list:
                                 peft_model))
     else:
         subjects.append(Skipped("peft", "ParamWrapper", "peer", missing_note("peft", "the PEFT provider")))
+    subjects.append(compiled_subject(ctx, base, layer, dtype, (x, index, weights), grad_y, dora))
     frozen = Holder(base)
     subjects.append(Subject("frozen", "grouped_mm", "floor", lambda: frozen(x, index, weights), grad_y, [x], frozen))
     return subjects
@@ -145,7 +201,7 @@ def suite_step_flops(config: dict) -> float:
 
 
 def _suite_cases(op: str, sweeps: dict, dora: bool):
-    from .harness import layer_case, layer_estimate, sweep_points
+    from .harness import COMPILE_SECONDS, layer_case, layer_estimate, sweep_points
 
     def cases(ctx) -> list:
         key = (ctx.device.type, ctx.sweep)
@@ -154,7 +210,8 @@ def _suite_cases(op: str, sweeps: dict, dora: bool):
         base, variables = sweeps[key]
         return [
             layer_case(op, point, x_names, build=lambda config, ctx: suite_subjects(config, ctx, dora),
-                       estimate_s=lambda ctx, point=point: layer_estimate(suite_step_flops(point), 4, ctx, 2.0))
+                       estimate_s=lambda ctx, point=point: layer_estimate(suite_step_flops(point), 4, ctx, 2.0)
+                       + (COMPILE_SECONDS if ctx.compile and point["dtype"] == "bfloat16" else 0.0))
             for point, x_names in sweep_points(base, variables)
         ]
 

@@ -63,7 +63,8 @@ FULL_SUBSET: dict[str, dict | None] = {
     "lora": None, "qlora": None, "dora": None, "qdora": None,
     "linear_ce": None, "fake_quant_weight": dict(d=4096, dtype="float32"),
     "hadamard": None, "rotate_quantize": None, "s2ft": dict(tokens=256),
-    "sparse": None, "moe_lora": None, "moe_dora": None,
+    "sparse": None,
+    "moe_lora": dict(dtype="bfloat16"), "moe_dora": dict(dtype="bfloat16"),  # where its torch.compile peer runs
     "host_overhead": dict(tokens=None),  # None: see FULL_HOST_TOKENS
     "loldu": None, "corda": None, "selective_lora": None, "lofit": None, "dsee": None, "qgoft": None,
 }

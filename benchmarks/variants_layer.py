@@ -21,9 +21,12 @@ its float64 reference); the ``trainable_params`` rows give each provider's param
 * lofit: ``LoFiTLinear`` on an o_proj-shaped layer of hidden/64 heads of 64, a quarter of them selected (at
   least one); the offsets are a bias of o_proj, so its step is about the frozen layer's.
 * dsee: ``DSEEConfig(r=16, sparse=64)``: LoRA plus 64 trained entries of W (residual support).
-* qgoft: ``QGOFTConfig()`` (log2 hidden stages, scale and relative angle trained); peers ``torch.compile`` of its
-  PyTorch reference (full sweep) and PEFT's OFT (block size 32) and BOFT (block size 32, 2 butterfly factors
-  asked; PEFT sets 1 without its CUDA extension), which are *different* orthogonal methods: the nearest PEFT has.
+* qgoft: ``QGOFTConfig()`` (log2 hidden stages, scale and relative angle trained); peers PEFT's OFT (block size
+  32) and BOFT (block size 32, 2 butterfly factors asked; PEFT sets 1 without its CUDA extension), which are
+  *different* orthogonal methods: the nearest PEFT has.
+
+Every method also has the ``torch.compile`` peer (full sweep): its formula in plain PyTorch (``REFERENCES``, on
+the fastft layer's own tensors, differentiated by autograd), compiled by inductor.
 
 What is measured and how: ``benchmarks.harness``. This module only declares the cases.
 """
@@ -179,7 +182,8 @@ def variant_subjects(method: str, config: dict, ctx) -> tuple[list, list]:
         subjects.append(Skipped("peft-lora", "eager", "peer", missing_note("peft", "the PEFT providers")))
 
     if method == "loldu":
-        subjects += _fastft_subjects("fastft", _patched(base, lora(init="loldu")), x, g, ctx)
+        layer = _patched(base, lora(init="loldu"))
+        subjects += _fastft_subjects("fastft", layer, x, g, ctx)
         if has_peft:
             subjects.append(_no_peft(method, "LoLDU"))
     elif method == "corda":
@@ -189,7 +193,8 @@ def variant_subjects(method: str, config: dict, ctx) -> tuple[list, list]:
             for batch in batches:
                 model(batch)
 
-        subjects += _fastft_subjects("fastft", _patched(base, lora(init="corda", calib=calibrate)), x, g, ctx)
+        layer = _patched(base, lora(init="corda", calib=calibrate))
+        subjects += _fastft_subjects("fastft", layer, x, g, ctx)
         if has_peft:
             from peft import LoraConfig
             from peft.tuners.lora.config import CordaConfig
@@ -208,14 +213,15 @@ def variant_subjects(method: str, config: dict, ctx) -> tuple[list, list]:
         _nonzero_b(opened.lora_B, closed.lora_B)
         with torch.no_grad():
             closed.lora_gate_score.fill_(0.0)  # below the threshold: the block is off
-        subjects += _fastft_subjects("fastft", opened, x, g, ctx)
+        layer = opened
+        subjects += _fastft_subjects("fastft", layer, x, g, ctx)
         subjects.append(_first_runnable(_fastft_subjects("fastft-closed", closed, x, g, ctx)))
         if has_peft:
             subjects.append(_no_peft(method, "Selective LoRA (gated LoRA blocks)"))
     elif method == "lofit":
         heads = max(1, (hidden // HEAD_DIM) // 4)
-        subjects += _fastft_subjects("fastft", fastft.nn.LoFiTLinear(copy.deepcopy(base), range(heads), HEAD_DIM),
-                                     x, g, ctx)
+        layer = fastft.nn.LoFiTLinear(copy.deepcopy(base), range(heads), HEAD_DIM)
+        subjects += _fastft_subjects("fastft", layer, x, g, ctx)
         if has_peft:
             subjects.append(_no_peft(method, "LoFiT (per-head offsets)"))
     elif method == "dsee":
@@ -227,8 +233,6 @@ def variant_subjects(method: str, config: dict, ctx) -> tuple[list, list]:
     elif method == "qgoft":
         layer = _patched(base, fastft.QGOFTConfig(targets=["proj"]))
         subjects += _fastft_subjects("fastft", layer, x, g, ctx)
-        subjects.append(compiled_peer(ctx, _qgoft_reference, (x, layer), g, [x, *_trainable(layer)], layer,
-                                      what="qGOFT's PyTorch reference (givens_rotation_reference + linear)"))
         if has_peft:
             from peft import BOFTConfig, OFTConfig
 
@@ -238,6 +242,8 @@ def variant_subjects(method: str, config: dict, ctx) -> tuple[list, list]:
                 boft_block_size=OFT_BLOCK, boft_n_butterfly_factor=2, target_modules=["proj"]), x, g)[0])
     else:
         raise ValueError(f"variants_layer: unknown method {method!r}; choose from {METHODS}")
+    reference, what = REFERENCES[method]
+    subjects.append(compiled_peer(ctx, reference, (x, layer), g, [x, *_trainable(layer)], layer, what=what))
 
     extra = []
     seen = set()
@@ -250,6 +256,39 @@ def variant_subjects(method: str, config: dict, ctx) -> tuple[list, list]:
     return subjects, extra
 
 
+def _lora_reference(x: torch.Tensor, layer: nn.Module, gate: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """LoRA in plain PyTorch: ``x Wᵀ + gate · s · (x Aᵀ) Bᵀ``."""
+    weight, A, B = (t.to(x.dtype) for t in (layer.base_layer.weight, layer.lora_A, layer.lora_B))
+    return torch.nn.functional.linear(x, weight) + gate * layer.scale * ((x @ A.t()) @ B.t())
+
+
+def _loldu_reference(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """LoLDU in plain PyTorch: ``x W_resᵀ + s · ((x Aᵀ) ⊙ d) Bᵀ`` (A, B frozen)."""
+    weight, A, B, d = (t.to(x.dtype) for t in (layer.base_layer.weight, layer.lora_A, layer.lora_B, layer.lora_diag))
+    return torch.nn.functional.linear(x, weight) + layer.scale * (((x @ A.t()) * d) @ B.t())
+
+
+def _selective_lora_reference(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """Selective LoRA with its gate open: LoRA times the straight-through gate ``σ - sg(σ) + 1``."""
+    score = layer.lora_gate_score
+    return _lora_reference(x, layer, (score - score.detach() + 1.0).to(x.dtype))
+
+
+def _lofit_reference(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """LoFiT in plain PyTorch: the offsets as a bias, ``x Wᵀ + W[:, c] v``."""
+    from fastft.ops.lofit_linear import lofit_forward_reference
+
+    weight, offset = layer.base_layer.weight.to(x.dtype), layer.lofit_offset.to(x.dtype)
+    return lofit_forward_reference(x, weight, None, layer.columns, offset)
+
+
+def _dsee_reference(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """DSEE in plain PyTorch: LoRA plus ``y[:, i] += Σ_(i,j) S_ij x[:, j]`` over the k trained entries."""
+    rows = layer.delta_indices // layer.in_features
+    cols = layer.delta_indices % layer.in_features
+    return _lora_reference(x, layer).index_add(1, rows, x[:, cols] * layer.delta_values.to(x.dtype))
+
+
 def _qgoft_reference(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     """qGOFT in plain PyTorch: the butterfly by fastft's reference (autograd differentiates it), then the GEMM."""
     from fastft.nn.qgoft import quasi_givens_blocks
@@ -258,6 +297,17 @@ def _qgoft_reference(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     blocks = quasi_givens_blocks(layer.theta, layer.scale, layer.delta, layer.live)
     z = givens_rotation_reference(x, blocks)
     return torch.nn.functional.linear(z, layer.base_layer.weight.to(z.dtype))
+
+
+# method -> (its formula in plain PyTorch on the fastft layer's tensors: the compiled peer's code, what it is)
+REFERENCES = {
+    "loldu": (_loldu_reference, "LoLDU in plain PyTorch"),
+    "corda": (_lora_reference, "LoRA over CorDA's residual weight in plain PyTorch"),
+    "selective_lora": (_selective_lora_reference, "Selective LoRA (gate open) in plain PyTorch"),
+    "lofit": (_lofit_reference, "LoFiT's offsets as a bias in plain PyTorch"),
+    "dsee": (_dsee_reference, "LoRA plus DSEE's sparse entries (gather, index_add) in plain PyTorch"),
+    "qgoft": (_qgoft_reference, "qGOFT's PyTorch reference (givens_rotation_reference + linear)"),
+}
 
 
 def _annotate(method: str, measurements: list) -> list:
@@ -289,7 +339,7 @@ def _cases(method: str, sweeps: dict):
                 build=lambda config, ctx: variant_subjects(method, config, ctx),
                 estimate_s=lambda ctx, point=point: layer_estimate(_step_flops(method, point), 2, ctx,
                                                                    8.0 if method == "qgoft" else 1.0)
-                + (COMPILE_SECONDS if ctx.compile and method == "qgoft" else 0.0),
+                + (COMPILE_SECONDS if ctx.compile else 0.0),
             )
             run = case.run
             case.run = lambda ctx, run=run: _annotate(method, run(ctx))
@@ -305,7 +355,7 @@ DESCRIPTIONS = {
     "selective_lora": "Selective LoRA, gate open and closed, on one linear layer, beside LoRA",
     "lofit": "LoFiT offsets on an o_proj-shaped layer, beside LoRA",
     "dsee": "DSEE (LoRA + sparse delta) on one linear layer, beside LoRA",
-    "qgoft": "qGOFT on one linear layer, beside LoRA, compiled reference, PEFT OFT/BOFT (different methods)",
+    "qgoft": "qGOFT on one linear layer, beside LoRA, PEFT OFT/BOFT (different methods)",
 }
 
 

@@ -3,12 +3,16 @@ target_parameters LoRA, saves less for backward than PEFT (which keeps W + sÂ·BÂ
 benchmark runs without a peer (PEFT refuses DoRA on experts)."""
 from __future__ import annotations
 
+import copy
 import csv
 import math
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+import fastft
 
 pytest.importorskip("transformers")
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -41,3 +45,44 @@ def test_tiny_moe_point(tmp_path):
             value("moe_lora", "peft", "saved_for_backward", "forward")
         assert math.isfinite(value("moe_dora", "fastft", "time", "step", backend))
     assert any(r["op"] == "moe_dora" and r["provider"] == "peft" and r["metric"] == "skipped" for r in rows)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_the_compiled_peers_code_is_the_method(dora, monkeypatch):
+    """experts_reference (what the torch.compile peer compiles) computes what fastft's experts layer computes:
+    the same output and the same gradients of x and every adapter tensor (float32: torch._grouped_mm runs it
+    eagerly). In bfloat16 it is built as a compiled peer; in float32 it is listed as not run (torch 2.13 compiles
+    torch._grouped_mm for bfloat16 only)."""
+    from benchmarks import harness, measuring, records
+
+    point = dict(hidden=32, intermediate=16, experts=4, top_k=2, tokens=24, rank=8)
+    monkeypatch.setattr(harness, "compiler_available", lambda: None)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)  # the compiled peer's code, run eagerly
+    ctx = harness.Context(device=torch.device("cpu"), quick=False, compile=True,
+                          env=records.Environment("cpu", 2, "t", "tr", "f", "run-1"))
+    for dtype, runs in (("float32", False), ("bfloat16", True)):
+        subjects = moe_layer.suite_subjects(dict(point, dtype=dtype), ctx, dora)
+        compiled = next(s for s in subjects if s.provider == "torch.compile")
+        assert isinstance(compiled, harness.Subject) == runs, compiled
+        if not runs:
+            assert "bfloat16" in compiled.reason
+    base = moe_layer.suite_experts(point, torch.float32, torch.device("cpu"))
+    holder = moe_layer.Holder(copy.deepcopy(base))
+    fastft.patch(holder, fastft.LoRAConfig(r=8, alpha=16, targets=["experts.gate_up_proj", "experts.down_proj"],
+                                           dora=dora))
+    experts = holder.experts
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in experts.params:
+            getattr(experts, f"lora_B_{p}").normal_(std=0.1, generator=gen)
+    x = torch.randn(24, 32, generator=gen, requires_grad=True)
+    weights, index = torch.topk(torch.randn(24, 4, generator=gen).softmax(-1), 2)
+    factors = {p: (getattr(experts, f"lora_A_{p}"), getattr(experts, f"lora_B_{p}")) for p in experts.params}
+    magnitudes = {p: getattr(experts, f"lora_magnitude_{p}") for p in experts.params} if dora else None
+    tensors = [x] + [t for p in experts.params for t in factors[p]] + list((magnitudes or {}).values())
+    grad_y = torch.randn(24, 32, generator=gen)
+    y_ours = holder(x, index, weights)
+    y_theirs = moe_layer.experts_reference(x, index, weights, base, factors, experts.scale, magnitudes)
+    ours = [y_ours.detach(), *torch.autograd.grad(y_ours, tensors, grad_y)]
+    theirs = [y_theirs.detach(), *torch.autograd.grad(y_theirs, tensors, grad_y)]
+    assert measuring.max_rel_diff(theirs, ours) < 1e-5

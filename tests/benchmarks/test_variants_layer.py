@@ -9,13 +9,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("peft")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:
     sys.path.append(str(REPO_ROOT))  # benchmarks/ is a top-level folder of the repository, not installed
 
-from benchmarks import suite, variants_layer  # noqa: E402
+from benchmarks import harness, measuring, records, suite, variants_layer  # noqa: E402
 
 TINY = {("cpu", "quick"): (dict(hidden=64, tokens=24, dtype="float32"), dict(tokens=[24]))}
 
@@ -28,8 +29,10 @@ EXPECTED = {
     "lofit": {"fastft-lora": "figures", "peft-lora": "figures", "fastft": "figures", "peft-lofit": "skipped"},
     "dsee": {"fastft-lora": "figures", "peft-lora": "figures", "fastft": "figures", "peft-dsee": "skipped"},
     "qgoft": {"fastft-lora": "figures", "peft-lora": "figures", "fastft": "figures", "peft-oft": "figures",
-              "peft-boft": "figures", "torch.compile": "skipped"},  # --quick builds no compiled peer
+              "peft-boft": "figures"},
 }
+for providers in EXPECTED.values():
+    providers["torch.compile"] = "skipped"  # --quick builds no compiled peer
 FIGURES = [("time", "forward"), ("time", "backward"), ("time", "step"), ("saved_for_backward", "forward"),
            ("peak_live", "step"), ("flops", "step"), ("trainable_params", "step")]
 
@@ -81,3 +84,23 @@ def test_budgets_and_what_differs(rows):
     assert value("lofit", "fastft", "saved_for_backward", "forward") == 0
     oft_note = [r["note"] for r in rows if r["op"] == "qgoft" and r["provider"] == "peft-oft"]
     assert oft_note and all("different method" in n for n in oft_note)
+
+
+@pytest.mark.parametrize("method", variants_layer.METHODS)
+def test_the_compiled_peers_code_is_the_method(method, monkeypatch):
+    """Each method's plain-PyTorch formula (what the torch.compile peer compiles) computes what the fastft layer
+    computes: the same output and the same gradients of x and of every trained tensor."""
+    config = dict(hidden=128, tokens=24, dtype="float32")
+    ctx = harness.Context(device=torch.device("cpu"), quick=False, compile=True,
+                          env=records.Environment("cpu", 2, "t", "tr", "f", "run-1"))
+    monkeypatch.setattr(harness, "compiler_available", lambda: None)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)  # the compiled peer's code, run eagerly
+    subjects, _ = variants_layer.variant_subjects(method, config, ctx)
+    compiled = next(s for s in subjects if s.provider == "torch.compile")
+    fastft_layer = next(s for s in subjects if isinstance(s, harness.Subject) and s.provider == "fastft")
+    assert isinstance(compiled, harness.Subject) and compiled.parameters is fastft_layer.parameters
+    expected, got = fastft_layer.results(), compiled.results()
+    assert len(expected) == len(got) == 1 + len(compiled.grads)
+    assert all(g.shape == e.shape for e, g in zip(expected, got))
+    # float32, the same products associated differently (LoLDU folds d into B first): the suite's agreement bound
+    assert measuring.max_rel_diff(got, expected) < 1e-5
