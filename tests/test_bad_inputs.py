@@ -12,7 +12,6 @@ import math
 import os
 import pathlib
 import re
-import shutil
 
 import pytest
 import torch

@@ -2,7 +2,6 @@
 with the model unchanged, or a correct, finite result; never NaN, never a changed model after an error."""
 import math
 
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

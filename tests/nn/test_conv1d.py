@@ -7,7 +7,6 @@ import tempfile
 
 import pytest
 import torch
-from torch import nn
 
 import fastft
 from fastft.nn import LoRALinear

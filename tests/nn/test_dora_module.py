@@ -8,7 +8,6 @@ import torch
 from helpers import assert_close, dequantized_copy, quantize_linears, tiny_model
 
 import fastft
-from fastft.bnb import four_bit_weight
 from fastft.nn import DoRALinear, LoRALinear
 from fastft.ops.dora import NORM_EPS
 

@@ -13,7 +13,7 @@ import types
 import pytest
 import torch
 import transformers as tf
-from helpers import assert_close, assert_model_unchanged, model_snapshot, randomize_lora, tiny_config, tiny_model
+from helpers import assert_close, assert_model_unchanged, model_snapshot, randomize_lora, tiny_config
 
 import fastft
 from fastft.plans.qat import plan_qat
