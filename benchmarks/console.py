@@ -5,6 +5,7 @@ import math
 import sys
 
 from . import harness
+from .presentation import format_seconds
 from .protocol import Case, Measurement
 
 
@@ -12,8 +13,6 @@ def _fmt(value: float | None, unit: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     if unit == "s":
-        from .render import format_seconds
-
         return format_seconds(value)
     if unit == "bytes":
         from fastft.measure import format_bytes

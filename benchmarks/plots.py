@@ -7,8 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .render import METRIC_ORDER, MODE_ORDER, NOT_PLOTTED, UNIT_SCALE, _figures, _number, _ordered, conditions, \
-    is_quick, label
+from . import sanity
+from .presentation import METRIC_ORDER, MODE_ORDER, NOT_PLOTTED, UNIT_SCALE, conditions, with_figures, is_quick, label, \
+    number, ordered
 
 
 def plot(rows: list[dict[str, Any]], plot_dir: Path, warnings: list | None = None) -> list[Path]:
@@ -19,16 +20,14 @@ def plot(rows: list[dict[str, Any]], plot_dir: Path, warnings: list | None = Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from . import sanity
-
     if warnings is None:
         warnings = sanity.check(rows)
     plot_dir.mkdir(parents=True, exist_ok=True)
-    figures = [r for r in _figures(rows) if r["metric"] not in NOT_PLOTTED]
+    figures = [r for r in with_figures(rows) if r["metric"] not in NOT_PLOTTED]
     paths = []
     for op in dict.fromkeys(r["op"] for r in figures):
         op_rows = [r for r in figures if r["op"] == op]
-        for metric in _ordered((r["metric"] for r in op_rows), METRIC_ORDER):
+        for metric in ordered((r["metric"] for r in op_rows), METRIC_ORDER):
             group = [r for r in op_rows if r["metric"] == metric]
             mine = [w for w in warnings if w.op == op and w.metric == metric]
             paths.append(_plot_group(plt, op, metric, group, plot_dir, mine))
@@ -55,7 +54,7 @@ def fixed_parameters(cell: list[dict[str, Any]], x_name: str) -> str:
 def _plot_group(plt, op: str, metric: str, group: list[dict[str, Any]], plot_dir: Path, warnings: list) -> Path:
     import textwrap
 
-    modes = _ordered((r["mode"] for r in group), MODE_ORDER)
+    modes = ordered((r["mode"] for r in group), MODE_ORDER)
     x_names = list(dict.fromkeys(r["x_name"] for r in group))
     unit = group[0]["unit"]
     scale, shown_unit = UNIT_SCALE.get(unit, (1.0, unit))
@@ -76,7 +75,7 @@ def _plot_group(plt, op: str, metric: str, group: list[dict[str, Any]], plot_dir
                 ax.set_visible(False)
                 continue
             xs_raw = list(dict.fromkeys(r["x_value"] for r in cell))
-            numeric = all(_number(x) is not None for x in xs_raw) and len(xs_raw) > 1
+            numeric = all(number(x) is not None for x in xs_raw) and len(xs_raw) > 1
             if numeric:
                 xs_raw.sort(key=float)
             names = list(dict.fromkeys(label(r) for r in cell))

@@ -19,14 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import sanity
+from .plots import plot
+from .presentation import METRIC_ORDER, MODE_ORDER, conditions, format_value, is_quick, label, select_run, with_figures
 from .records import read_rows
-
-MODE_ORDER = ("forward", "backward", "step", "train")
-METRIC_ORDER = ("time", "saved_for_backward", "peak_live", "peak_allocated", "flops", "max_rel_diff", "final_loss",
-                "peak_rss_train", "peak_rss", "rss_baseline", "trainable_params", "loss", "min_bytes")
-NOT_PLOTTED = {"skipped", "failed", "min_bytes", "trainable_params"}
-UNIT_SCALE = {"s": (1e3, "ms"), "bytes": (1 / 2**20, "MiB"), "flop": (1e-9, "GFLOP")}
-
 
 @dataclass
 class Rendered:
@@ -35,99 +31,14 @@ class Rendered:
     notes: list[str] = field(default_factory=list)
 
 
-def label(row: dict[str, Any]) -> str:
-    """How a provider is named in plots and tables: fastft[backend], peft, frozen (floor), roofline (estimate)."""
-    if row["role"] == "fastft":
-        return f"{row['provider']}[{row['backend']}]"
-    if row["role"] == "floor":
-        return f"{row['provider']} (floor)"
-    if row["role"] == "estimate":
-        return f"{row['provider']} (estimate)"
-    return row["provider"]
-
-
-def select_run(rows: list[dict[str, Any]], run_id: str | None = None) -> list[dict[str, Any]]:
-    """Rows of run ``run_id`` (default: the latest run in the file; "all": every row)."""
-    if run_id == "all" or not rows:
-        return rows
-    wanted = run_id or max(r["run_id"] for r in rows)
-    return [r for r in rows if r["run_id"] == wanted]
-
-
-def _ordered(values, order) -> list:
-    values = list(dict.fromkeys(values))
-    rank = {v: i for i, v in enumerate(order)}
-    return sorted(values, key=lambda v: (rank.get(v, len(order)), values.index(v)))
-
-
-def _figures(rows):
-    return [r for r in rows if r["metric"] not in ("skipped", "failed") and r["p50"] is not None]
-
-
-def _number(value: str) -> float | None:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def conditions(rows: list[dict[str, Any]]) -> str:
-    """Where, with what and how loaded the rows ran, and the command: the footer of every figure and summary."""
-    first = rows[0]
-    starts = [r["load_start"] for r in rows if r.get("load_start") is not None]
-    ends = [r["load_avg"] for r in rows if r.get("load_avg") is not None]
-    load = (f"1-min load {min(starts):.1f}–{max(starts):.1f} before its cases, {min(ends):.1f}–{max(ends):.1f} after"
-            if starts and ends else
-            f"1-min load {min(ends):.1f}–{max(ends):.1f}" if ends else "load n/a")
-    return (f"{first['device']} | {first.get('processor') or 'processor not recorded'} | {first['threads']} threads | "
-            f"{load} | torch {first['torch']}, triton {first['triton']}, fastft {first['fastft']} | run "
-            f"{first['run_id']}\nreproduce: {first.get('command') or 'python -m benchmarks'}")
-
-
-def is_quick(rows: list[dict[str, Any]]) -> bool:
-    return any(r.get("sweep") == "quick" for r in rows)
-
-
-def plot(rows: list[dict[str, Any]], plot_dir: Path, warnings: list | None = None) -> list[Path]:
-    """:func:`benchmarks.plots.plot` (the plots live there; it imports this module's helpers)."""
-    from .plots import plot as draw
-
-    return draw(rows, plot_dir, warnings)
-
-
 # ----------------------------------------------------------------------------------- summary
-def format_seconds(value: float) -> str:
-    """Seconds as "812 µs", "12.3 ms" or "2.01 s" (three significant digits)."""
-    if abs(value) >= 1:
-        return f"{value:.3g} s"
-    if abs(value) >= 1e-3:
-        return f"{value * 1e3:.3g} ms"
-    return f"{value * 1e6:.3g} µs"
-
-
-def format_value(value: float | None, unit: str) -> str:
-    if value is None:
-        return "-"
-    if unit == "s":
-        return format_seconds(value)
-    if unit == "bytes":
-        return f"{value / 2**20:.3g} MiB"
-    if unit == "flop":
-        return f"{value / 1e9:.3g} GFLOP"
-    if unit in ("abs", "rel"):
-        return f"{value:.1e}"
-    if unit == "params":
-        return f"{int(value):,}"
-    return f"{value:.4g}"
-
-
 def summary_tables(rows: list[dict[str, Any]], ops: list[str] | None = None,
                    metrics: list[tuple[str, str]] | None = None, heading: str = "###") -> str:
     """Markdown tables of ``rows``: per op, per (metric, mode), providers as columns, fastft / best peer.
 
     ``ops`` and ``metrics`` ((metric, mode) pairs) restrict what is shown.
     """
-    figures = [r for r in _figures(rows) if r["x_name"] != "step"]
+    figures = [r for r in with_figures(rows) if r["x_name"] != "step"]
     out = []
     for op in dict.fromkeys(r["op"] for r in figures):
         if ops is not None and op not in ops:
@@ -207,8 +118,6 @@ def _table(metric: str, mode: str, group: list[dict[str, Any]], heading: str) ->
 
 def summary_markdown(rows: list[dict[str, Any]], warnings: list | None = None) -> str:
     """The whole summary: the run's conditions, its failures, skips and sanity warnings, then the tables."""
-    from . import sanity
-
     if not rows:
         return "# fastft benchmark summary\n\nNo rows.\n"
     if warnings is None:
@@ -249,8 +158,6 @@ def render(csv_path: str | Path, out_dir: str | Path, run_id: str | None = None)
     rows = select_run(read_rows(csv_path), run_id)
     summary_path = out_dir / "summary.md"
     out_dir.mkdir(parents=True, exist_ok=True)
-    from . import sanity
-
     warnings = sanity.check(rows)
     summary_path.write_text(summary_markdown(rows, warnings))
     rendered = Rendered(summary_path)

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from . import render, sanity
+from .presentation import conditions, select_run
 from .records import read_rows
 
 DEFAULT_PAGE = "docs/results.md"
@@ -42,7 +43,7 @@ def page(rows: list[dict]) -> str:
         "## Conditions\n",
         *(["Several runs (each one's conditions below): an op measured in more than one has the figures of the "
            "last, which re-ran it.\n"] if len({r["run_id"] for r in rows}) > 1 else []),
-        *["- " + render.conditions([r for r in rows if r["run_id"] == run]).replace("\n", "\n- ") + "\n"
+        *["- " + conditions([r for r in rows if r["run_id"] == run]).replace("\n", "\n- ") + "\n"
           for run in dict.fromkeys(r["run_id"] for r in rows)],
         "Times are medians of interleaved rounds (the CSV has p20 and p80); \"fastft / best peer\" divides fastft's "
         "figure by the lowest peer figure at the same point (below 1: fastft better). Byte and FLOP counts are "
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     path = Path(args.path)
     every = read_rows(path / "results.csv" if path.is_dir() else path)
     runs = args.run.split(",") if args.run and "," in args.run else [args.run]
-    rows = latest_figures([r for run in runs for r in render.select_run(every, run)])
+    rows = latest_figures([r for run in runs for r in select_run(every, run)])
     try:
         text = page(rows)
     except ValueError as error:

@@ -35,8 +35,9 @@ callables many times). The quantities are chosen to carry over from this CPU-onl
 ``flops(fn)`` / ``flops_by_op(fn)``
     Floating-point operations counted by ``torch.utils.flop_counter.FlopCounterMode``: matrix
     products, convolutions and the attention kernels it has formulas for, 2 per multiply-add;
-    elementwise work counts 0. Three additions: the in-place forms ``addmm_`` / ``baddbmm_`` are counted
-    like ``addmm`` / ``baddbmm`` (FlopCounterMode alone skips them), the CPU fused attention kernels
+    elementwise work counts 0. Four additions: the in-place forms ``addmm_`` / ``baddbmm_`` are counted
+    like ``addmm`` / ``baddbmm`` (FlopCounterMode alone skips them), ``torch._grouped_mm`` (the MoE
+    experts' grouped GEMM: 2 per multiply-add of the rows its offsets cover; FlopCounterMode has no formula), the CPU fused attention kernels
     (``_scaled_dot_product_flash_attention_for_cpu`` and its backward) with torch's formulas for the CUDA
     ones (FlopCounterMode alone counts them 0; causal masking is not discounted), and calls to ops outside ``aten``
     (``torch.library`` custom ops such as ``fastft::lora_linear``, opaque to FlopCounterMode) are run
@@ -163,7 +164,9 @@ def saved_tensors(fn: Callable[[], Any], parameters: nn.Module | Iterable[Any] =
     def unpack(tensor: torch.Tensor) -> torch.Tensor:
         return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+    # the hooks are the measurement, never part of what is measured: torch.compile must not trace them (a compiled
+    # fn with graph breaks calls them from its eager parts, and dynamo would compile each new closure again)
+    with torch.autograd.graph.saved_tensors_hooks(torch.compiler.disable(pack), torch.compiler.disable(unpack)):
         fn()
     return records
 
@@ -295,6 +298,33 @@ def _cpu_attention_backward_flops(grad_out_shape, query_shape, key_shape, value_
     return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 
+def _grouped_mm_flops(mat_a, mat_b, offs=None, *args, out_val=None, **kwargs) -> int:
+    """``torch._grouped_mm(a, b, offs)``: 2 multiply-adds per product of the groups' GEMMs.
+
+    2-D a (rows×K) with 3-D b (G×K×N): each of the first ``offs[-1]`` rows is one GEMM row, 2·rows·K·N (rows
+    past ``offs[-1]``, e.g. tokens routed to no expert, are not computed). 2-D a (M×Ktot) with 2-D b (Ktot×N):
+    the groups split K (the weight gradient), 2·M·(offs[-1])·N. 3-D a (G×M×K) with 2-D b (K×Ntot): the groups
+    split N, 2·M·K·(offs[-1]). 3-D with 3-D: a batched GEMM, 2·G·M·K·N. Without ``offs``, the whole dimension.
+    """
+    covered = None
+    if offs is not None and not isinstance(offs, torch._subclasses.FakeTensor) and offs.numel():
+        covered = int(offs[-1])
+    a, b = tuple(mat_a.shape), tuple(mat_b.shape)
+    if len(a) == 2 and len(b) == 3:
+        rows = a[0] if covered is None else min(covered, a[0])
+        return 2 * rows * a[1] * b[2]
+    if len(a) == 2 and len(b) == 2:
+        depth = a[1] if covered is None else min(covered, a[1])
+        return 2 * a[0] * depth * b[1]
+    if len(a) == 3 and len(b) == 2:
+        cols = b[1] if covered is None else min(covered, b[1])
+        return 2 * a[1] * a[2] * cols
+    return 2 * a[0] * a[1] * a[2] * b[2]
+
+
+_grouped_mm_flops._get_raw = True  # FlopCounterMode passes the tensors themselves: the formula reads offs
+
+
 def _in_place_formulas() -> dict[Any, Any]:
     """FlopCounterMode ``custom_mapping`` entries (formulas over shapes): the in-place matmuls, and the CPU
     fused attention kernels, counted with the formulas torch uses for the CUDA ones."""
@@ -302,6 +332,7 @@ def _in_place_formulas() -> dict[Any, Any]:
     return {
         aten.addmm_: _addmm_inplace_flops,
         aten.baddbmm_: _baddbmm_inplace_flops,
+        aten._grouped_mm: _grouped_mm_flops,
         aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
         aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flops,
     }

@@ -63,6 +63,49 @@ def randomize_lora(model, seed: int = 1, std: float = 0.1) -> None:
                 module.lora_B.copy_(torch.randn(module.lora_B.shape, generator=gen) * std)
 
 
+def randomize_by_name(model, std: float = 0.3, magnitude_jitter: float = 0.0, seed: int = 3) -> None:
+    """Every parameter named ``*lora_B*`` drawn from N(0, std²) (B starts at zero, which hides bugs); every
+    ``*lora_magnitude*`` scaled by 1 + magnitude_jitter·U(0, 1) (DoRA's m starts at the row norms)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+            if "lora_magnitude" in name and magnitude_jitter:
+                p.mul_(1 + magnitude_jitter * torch.rand(p.shape, generator=gen))
+
+
+def assert_adapter_round_trips(model, base, x, directory, peft_export: bool = True, merge: bool = True):
+    """What a patched ``model`` saves reloads into a copy of its unpatched ``base`` with the same logits on ``x``:
+    ``fastft.save`` / ``fastft.load``; with ``peft_export``, ``fastft.export_peft`` loaded by PEFT's
+    ``PeftModel.from_pretrained``; with ``merge``, the reloaded copy after ``fastft.unpatch(merge=True)``.
+    Returns the reloaded copy."""
+    import copy
+    from pathlib import Path
+
+    import fastft
+
+    directory = Path(directory)
+    fastft.save(model, directory / "ours")
+    fresh = copy.deepcopy(base)
+    fastft.load(fresh, directory / "ours")
+    loaded = None
+    if peft_export:
+        import peft
+
+        fastft.export_peft(model, directory / "peft")
+        loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), directory / "peft")
+    with torch.no_grad():
+        want = model(x).logits
+        assert_close(fresh(x).logits, want, msg="fastft.load")
+        if loaded is not None:
+            assert_close(loaded(x).logits, want, msg="PEFT loading fastft.export_peft")
+        if merge:
+            fastft.unpatch(fresh, merge=True)
+            assert_close(fresh(x).logits, want, msg="unpatch(merge=True) after fastft.load")
+    return fresh
+
+
 def quantize_linears(model, nested: bool = True, quant_type: str = "nf4", compute_dtype=torch.float32):
     """Replace every nn.Linear inside the decoder layers by a bitsandbytes Linear4bit of the same weight."""
     import bitsandbytes as bnb

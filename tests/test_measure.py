@@ -147,6 +147,22 @@ def test_flops_of_matmuls_including_in_place_addmm():
     assert measure.flops(lambda: (a.exp() + 1).sum()) == 0
 
 
+def test_flops_of_grouped_mm_count_the_rows_its_offsets_cover():
+    """torch._grouped_mm (the MoE experts' GEMM; FlopCounterMode alone counts it 0): forward 2·rows·K·N over the
+    rows the offsets cover (the last 10 rows belong to no group), backward twice that (dx: 2-D × 3-D; dW: 2-D ×
+    2-D split along the rows)."""
+    rows, covered, K, N = 100, 90, 64, 32
+    x = torch.randn(rows, K, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(4, K, N, dtype=torch.bfloat16, requires_grad=True)
+    offs = torch.tensor([10, 40, 70, covered], dtype=torch.int32)
+    grad = torch.randn(rows, N, dtype=torch.bfloat16)
+    assert measure.flops(lambda: torch._grouped_mm(x, w, offs=offs)) == 2 * covered * K * N
+    step = measure.flops_by_op(lambda: torch._grouped_mm(x, w, offs=offs).backward(grad))
+    assert step == {"aten._grouped_mm": 3 * 2 * covered * K * N}
+    batched = torch.randn(4, 8, K, dtype=torch.bfloat16)
+    assert measure.flops(lambda: torch._grouped_mm(batched, w)) == 2 * 4 * 8 * K * N
+
+
 def test_flops_see_inside_fastft_custom_op():
     tokens, features_in, features_out, rank = 4, 8, 16, 2
     holder = nn.Module()

@@ -25,7 +25,7 @@ from ..config import LoRAConfig
 from ..ops.expert_lora import expert_lora
 from ..ops.grouped_gemm import describe_path
 from ..targets import is_fused_experts  # noqa: F401  (re-exported)
-from .layer import FastFTLayer
+from .layer import FastFTLayer, ReadsThroughToBase
 
 EXPERT_PROJECTIONS = ("gate_up_proj", "up_proj", "down_proj")
 
@@ -60,7 +60,7 @@ def expert_shapes(module: nn.Module, param: str) -> tuple[int, int, int]:
     return (E, d1, d2) if module.is_transposed else (E, d2, d1)
 
 
-class LoRAExperts(FastFTLayer):
+class LoRAExperts(ReadsThroughToBase, FastFTLayer):
     """LoRA over the fused experts of one MoE block; see the module docstring.
 
     Args:
@@ -124,16 +124,6 @@ class LoRAExperts(FastFTLayer):
                         nn.init.normal_(A[e], std=1.0 / self.r)
                     else:
                         nn.init.kaiming_uniform_(A[e], a=math.sqrt(5))
-
-    def __getattr__(self, name: str):
-        # what model code reads of the experts module (num_experts, act_fn, config, ...): the wrapped one's
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            modules = self.__dict__.get("_modules", {})
-            if "base_layer" not in modules or name.startswith("lora_"):
-                raise
-            return getattr(modules["base_layer"], name)
 
     # ---------------------------------------------------------------- forward
     def _adapted(self, x: Tensor, offsets: Tensor, weight: Tensor, param: str) -> Tensor:

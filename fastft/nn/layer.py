@@ -27,6 +27,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..bnb import four_bit_weight
+from ..targets import out_in_weight
+
 
 class FastFTLayer(nn.Module):
     """Base class of fastft's drop-in modules; see the module docstring for the contract."""
@@ -69,3 +72,62 @@ class FastFTLayer(nn.Module):
 
     def unpatched(self, merge: bool) -> nn.Module:
         raise NotImplementedError(f"{type(self).__name__}.unpatched")
+
+
+class ReadsThroughToBase:
+    """Attribute reads a wrapper cannot answer go to its ``base_layer``: what model code reads of the wrapped
+    module (``num_experts``, ``act_fn``, ``config``, ...). Names starting ``lora_`` never do (a missing adapter
+    tensor is an error, not the base's attribute). List it before ``FastFTLayer`` among the bases."""
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            modules = self.__dict__.get("_modules", {})
+            if "base_layer" not in modules or name.startswith("lora_"):
+                raise
+            return getattr(modules["base_layer"], name)
+
+
+class LinearOperands:
+    """The forward preamble of a module over a linear-like base (``nn.Linear``, transformers ``Conv1D``,
+    bitsandbytes ``Linear4bit``), which sets ``base_layer``, ``in_features`` and ``is_4bit``.
+
+    The compute dtype is the 4-bit layer's ``compute_dtype``, else autocast's, else the input's. Casts happen only
+    where a dtype differs: a no-op ``.to()`` still costs a dispatcher round trip per call.
+    """
+
+    def _weight(self) -> Tensor:
+        """The base weight as out×in (a transposed view for a Conv1D base)."""
+        return out_in_weight(self.base_layer)
+
+    def _compute_dtype(self, x: Tensor) -> torch.dtype:
+        if self.is_4bit and self.base_layer.compute_dtype is not None:
+            return self.base_layer.compute_dtype
+        if torch.is_autocast_enabled(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+        return x.dtype
+
+    def _linear_operands(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None, torch.dtype]:
+        """(x, weight, bias, input dtype): x checked against ``in_features`` and cast to the compute dtype; the
+        base weight (out×in, or the packed 4-bit weight) and bias in that dtype."""
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"{type(self).__name__}: the input's last dimension is {x.shape[-1]} but this layer takes "
+                f"{self.in_features} features (input shape {tuple(x.shape)})."
+            )
+        input_dtype = x.dtype
+        dtype = self._compute_dtype(x)
+        if input_dtype != dtype:
+            x = x.to(dtype)
+        base = self.base_layer  # read once: each nn.Module attribute read is a Python __getattr__ (host time)
+        if self.is_4bit:
+            weight = four_bit_weight(base)
+        else:
+            weight = self._weight()
+            if weight.dtype != dtype:
+                weight = weight.to(dtype)
+        bias = base.bias
+        if bias is not None and bias.dtype != dtype:
+            bias = bias.to(dtype)
+        return x, weight, bias, input_dtype

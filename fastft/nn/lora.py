@@ -22,9 +22,9 @@ from ..bnb import four_bit_weight, is_linear4bit, requantize_like
 from ..config import LoRAConfig
 from ..distributed import copy_full_, full_tensor, is_sharded
 from ..ops.lora import lora_linear
-from .layer import FastFTLayer
+from .layer import FastFTLayer, LinearOperands
 from .lora_inits import LoRAInit
-from ..targets import is_conv1d, linear_features, out_in_weight
+from ..targets import is_conv1d, linear_features
 
 
 def check_linear(layer: nn.Module, what: str = "LoRA") -> None:
@@ -49,7 +49,7 @@ def adapter_dtype(base_layer: nn.Module) -> torch.dtype:
     return base_layer.weight.dtype
 
 
-class LoRALinear(LoRAInit, FastFTLayer):
+class LoRALinear(LoRAInit, LinearOperands, FastFTLayer):
     """LoRA over a frozen linear layer; see the module docstring for the math, and
     :class:`fastft.nn.lora_inits.LoRAInit` for the init schemes (``config.init``).
 
@@ -146,42 +146,14 @@ class LoRALinear(LoRAInit, FastFTLayer):
             parts.append(f"init={self.init}")
         return " ".join(parts)
 
-    def _weight(self) -> Tensor:
-        """The base weight as out×in (a transposed view for a Conv1D base)."""
-        return out_in_weight(self.base_layer)
-
     # ---------------------------------------------------------------- forward
-    def _compute_dtype(self, x: Tensor) -> torch.dtype:
-        if self.is_4bit and self.base_layer.compute_dtype is not None:
-            return self.base_layer.compute_dtype
-        if torch.is_autocast_enabled(x.device.type):
-            return torch.get_autocast_dtype(x.device.type)
-        return x.dtype
-
     def forward(self, x: Tensor) -> Tensor:
         self._refuse_uninitialized()
         base = self.base_layer  # read once: each nn.Module attribute read is a Python __getattr__ (host time)
         if getattr(type(base), "forward_with_update", None) is not None:  # a hosting base (QAT): see rebase()
             return base.forward_with_update(x, self.lora_A, self.lora_B, self.scale)
-        if x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"{type(self).__name__}: the input's last dimension is {x.shape[-1]} but this layer takes "
-                f"{self.in_features} features (input shape {tuple(x.shape)})."
-            )
-        input_dtype = x.dtype
-        dtype = self._compute_dtype(x)
-        # casts only where the dtype differs: a no-op .to() still costs a dispatcher round trip per call
-        if input_dtype != dtype:
-            x = x.to(dtype)
-        if self.is_4bit:
-            weight = four_bit_weight(base)
-        else:
-            weight = self._weight()  # out×in (a transposed view of a Conv1D weight)
-            if weight.dtype != dtype:
-                weight = weight.to(dtype)
-        bias = base.bias
-        if bias is not None and bias.dtype != dtype:
-            bias = bias.to(dtype)
+        x, weight, bias, input_dtype = self._linear_operands(x)
+        dtype = x.dtype
         lora_A, lora_B = self.lora_A, self.lora_B
         if lora_A.dtype != dtype:
             lora_A, lora_B = lora_A.to(dtype), lora_B.to(dtype)

@@ -24,7 +24,7 @@ from torch.func import functional_call
 from ..config import LoRAConfig
 from ..ops.dora_row_norm import NORM_EPS
 from ..ops.lora_weight import lora_weight
-from .layer import FastFTLayer
+from .layer import FastFTLayer, ReadsThroughToBase
 
 
 def check_router(module: nn.Module, name: str = "this module") -> None:
@@ -33,7 +33,7 @@ def check_router(module: nn.Module, name: str = "this module") -> None:
         raise TypeError(f"fastft LoRA on a MoE router: {name} ({type(module).__name__}) has no 2-D weight.")
 
 
-class LoRARouter(FastFTLayer):
+class LoRARouter(ReadsThroughToBase, FastFTLayer):
     """LoRA / DoRA on a router module's ``weight``; see the module docstring."""
 
     op = "lora_weight"
@@ -86,15 +86,6 @@ class LoRARouter(FastFTLayer):
                 nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             if self.dora:
                 self.lora_magnitude_vector.copy_(self._row_norm(self.base_layer.weight.to(self.lora_A.dtype)))
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            modules = self.__dict__.get("_modules", {})
-            if "base_layer" not in modules or name.startswith("lora_"):
-                raise
-            return getattr(modules["base_layer"], name)
 
     @staticmethod
     def _row_norm(w: Tensor) -> Tensor:

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from ..bnb import four_bit_weight, is_linear4bit, requantize_like
 from ..ops.sparse_delta_linear import SparseSupport, check_indices, sparse_delta_linear, sparse_support
 from ..targets import is_conv1d, linear_features, out_in_weight
-from .layer import FastFTLayer
+from .layer import FastFTLayer, LinearOperands
 from .lora import adapter_dtype
 
 _SUPPORT_BUFFERS = ("rows", "cols", "row_ptr", "col_order", "col_ptr")
@@ -54,7 +54,7 @@ def _transform_key(name: str) -> str:
     return "value_transform_" + name.replace(".", "_")
 
 
-class SparseDeltaLinear(FastFTLayer):
+class SparseDeltaLinear(LinearOperands, FastFTLayer):
     """A trainable sparse ΔW over a frozen linear layer; see the module docstring.
 
     Args:
@@ -222,33 +222,9 @@ class SparseDeltaLinear(FastFTLayer):
             return self.delta_values
         return self.value_transform(self.delta_values)
 
-    def _compute_dtype(self, x: Tensor) -> torch.dtype:
-        if self.is_4bit and self.base_layer.compute_dtype is not None:
-            return self.base_layer.compute_dtype
-        if torch.is_autocast_enabled(x.device.type):
-            return torch.get_autocast_dtype(x.device.type)
-        return x.dtype
-
     def forward(self, x: Tensor) -> Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"{type(self).__name__}: the input's last dimension is {x.shape[-1]} but this layer takes "
-                f"{self.in_features} features (input shape {tuple(x.shape)})."
-            )
-        input_dtype = x.dtype
-        dtype = self._compute_dtype(x)
-        if input_dtype != dtype:
-            x = x.to(dtype)
-        base = self.base_layer
-        if self.is_4bit:
-            weight = four_bit_weight(base)
-        else:
-            weight = out_in_weight(base)
-            if weight.dtype != dtype:
-                weight = weight.to(dtype)
-        bias = base.bias
-        if bias is not None and bias.dtype != dtype:
-            bias = bias.to(dtype)
+        x, weight, bias, input_dtype = self._linear_operands(x)
+        dtype = x.dtype
         values = self.effective_values()
         if self._candidate_values is not None and self.training and torch.is_grad_enabled():
             support, order = self._union_support()

@@ -7,21 +7,15 @@ import csv
 import datetime
 import dataclasses
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from fastft import dispatch
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.append(str(REPO_ROOT))  # benchmarks/ is a top-level folder of the repository, not installed
+from fastft import measure
 
-from fastft import measure  # noqa: E402
-
-from benchmarks import e2e, harness, lora_layer, records, render, sanity, suite  # noqa: E402
-from benchmarks import csrc_ops, dora_layer, hadamard, linear_ce, partial_backprop, qat_step, s2ft_step  # noqa: E402
+from benchmarks import e2e, harness, lora_layer, records, render, sanity, suite
+from benchmarks import csrc_ops, dora_layer, hadamard, linear_ce, partial_backprop, qat_step, s2ft_step
 
 TINY = {("cpu", "quick"): (dict(hidden=32, tokens=16, rank=4, dtype="float32"), dict(hidden=[32, 48]))}
 FLOAT32 = 4

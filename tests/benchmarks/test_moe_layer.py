@@ -6,8 +6,6 @@ from __future__ import annotations
 import copy
 import csv
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,11 +13,7 @@ import torch
 import fastft
 
 pytest.importorskip("transformers")
-REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.append(str(REPO_ROOT))  # benchmarks/ is a top-level folder of the repository, not installed
-
-from benchmarks import moe_layer, suite  # noqa: E402
+from benchmarks import moe_layer, suite
 
 TINY = {("cpu", "quick"): (dict(hidden=32, intermediate=16, experts=8, top_k=2, tokens=24, rank=4, dtype="float32"),
                            dict(experts=[8]))}

@@ -2,18 +2,12 @@
 
 Nothing here asserts a timing: only which providers a case yields and the rows their skips leave. Shapes tiny.
 """
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.append(str(REPO_ROOT))  # benchmarks/ is a top-level folder of the repository, not installed
-
-from benchmarks import harness, linear_ce, qat_step, records, s2ft_step, suite  # noqa: E402
-from benchmarks.harness import Skipped, Subject  # noqa: E402
+from benchmarks import harness, linear_ce, qat_step, records, s2ft_step, suite
+from benchmarks.harness import Skipped, Subject
 
 
 def _ctx(quick=True, compile=False):

@@ -3,17 +3,11 @@
 Nothing here asserts a timing. Shapes tiny; torch.compile is replaced by the identity where the wiring is checked
 (inductor on 2 CPU cores takes about a minute a shape).
 """
-import sys
-from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.append(str(REPO_ROOT))  # benchmarks/ is a top-level folder of the repository, not installed
-
-from benchmarks import harness, records, sparse_step  # noqa: E402
-from benchmarks.harness import Skipped, Subject  # noqa: E402
+from benchmarks import harness, records, sparse_step
+from benchmarks.harness import Skipped, Subject
 
 POINT = dict(tokens=6, out_features=12, in_features=10, density=0.1, dtype="float32")
 

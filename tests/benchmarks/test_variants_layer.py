@@ -5,18 +5,12 @@ from __future__ import annotations
 import csv
 import math
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 pytest.importorskip("peft")
-REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.append(str(REPO_ROOT))  # benchmarks/ is a top-level folder of the repository, not installed
-
-from benchmarks import harness, measuring, records, suite, variants_layer  # noqa: E402
+from benchmarks import harness, measuring, records, suite, variants_layer
 
 TINY = {("cpu", "quick"): (dict(hidden=64, tokens=24, dtype="float32"), dict(tokens=[24]))}
 

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from helpers import assert_close, tiny_model, training_losses
+from helpers import assert_adapter_round_trips, assert_close, tiny_model, training_losses
 
 import fastft
 from fastft.math.lora_inits import loldu_factors
@@ -70,23 +70,14 @@ def test_layer_matches_its_formula_with_gradients():
 
 
 def test_save_load_and_peft_export(tmp_path):
-    peft = pytest.importorskip("peft")
+    pytest.importorskip("peft")
     base = tiny_model("llama", torch.float64)
     model = copy.deepcopy(base)
     fastft.patch(model, fastft.LoRAConfig(r=4, init="loldu", targets=["q_proj", "down_proj"]))
     with torch.no_grad():
         for m in loldu_modules(model).values():
             m.lora_diag.add_(0.3 * torch.randn_like(m.lora_diag))
-    x = ids(1)
-    fastft.save(model, tmp_path / "ours")
-    fresh = copy.deepcopy(base)
-    fastft.load(fresh, tmp_path / "ours")
-    fastft.export_peft(model, tmp_path / "peft")
-    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft")
-    with torch.no_grad():
-        want = model(x).logits
-        assert_close(fresh(x).logits, want)
-        assert_close(loaded(x).logits, want)
+    assert_adapter_round_trips(model, base, ids(1), tmp_path)
 
 
 def test_tiny_llama_trains():

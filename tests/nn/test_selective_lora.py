@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from helpers import assert_close, tiny_model, training_losses
+from helpers import assert_adapter_round_trips, assert_close, tiny_model, training_losses
 
 import fastft
 from fastft.nn import SelectiveLoRALinear, selective_lora_active
@@ -86,7 +86,7 @@ def test_l1_term_is_added_to_the_loss_and_gates_close_monotonically():
 
 
 def test_save_load_merge_and_peft_export(tmp_path):
-    peft = pytest.importorskip("peft")
+    pytest.importorskip("peft")
     base = tiny_model("llama", torch.float64)
     model = copy.deepcopy(base)
     fastft.patch(model, fastft.SelectiveLoRAConfig(r=4, targets=["q_proj", "up_proj"]))
@@ -94,18 +94,7 @@ def test_save_load_merge_and_peft_export(tmp_path):
         for i, m in enumerate(gated(model).values()):
             m.lora_B.normal_(std=0.1)
             m.lora_gate_score.fill_(0.05 if i % 2 else 0.9)  # half the blocks closed
-    x = ids(2)
-    fastft.save(model, tmp_path / "ours")
-    fresh = copy.deepcopy(base)
-    fastft.load(fresh, tmp_path / "ours")
-    fastft.export_peft(model, tmp_path / "peft")
-    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft")
-    with torch.no_grad():
-        want = model(x).logits
-        assert_close(fresh(x).logits, want)
-        assert_close(loaded(x).logits, want)
-        fastft.unpatch(fresh, merge=True)
-        assert_close(fresh(x).logits, want)
+    assert_adapter_round_trips(model, base, ids(2), tmp_path)
 
 
 def test_tiny_llama_trains():

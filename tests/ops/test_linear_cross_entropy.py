@@ -6,8 +6,6 @@ the tolerance table of tests/helpers.py.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,13 +13,9 @@ import torch
 import torch.nn.functional as F
 from helpers import assert_close, backend
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.append(str(REPO_ROOT))  # benchmarks/ is a top-level folder of the repository, not installed
-
-from fastft import measure  # noqa: E402
-from fastft.ops import linear_cross_entropy  # noqa: E402
-from fastft.ops.linear_cross_entropy import default_chunk_size  # noqa: E402
+from fastft import measure
+from fastft.ops import linear_cross_entropy
+from fastft.ops.linear_cross_entropy import default_chunk_size
 
 B, T, H, V = 3, 7, 12, 37
 IGNORE = -100

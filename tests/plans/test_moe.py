@@ -9,7 +9,7 @@ import tempfile
 import pytest
 import torch
 
-from helpers import tiny_moe_model
+from helpers import randomize_by_name, tiny_moe_model
 
 import fastft
 from fastft.nn import LoRAExperts
@@ -67,14 +67,6 @@ def _mixtral():
     return tiny_moe_model("mixtral")
 
 
-def _randomize(model, std=0.3):
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
-
-
 @pytest.mark.parametrize("build", [_qwen3_moe, _mixtral])
 def test_experts_match_peft_both_directions(build):
     peft = pytest.importorskip("peft")
@@ -83,7 +75,7 @@ def test_experts_match_peft_both_directions(build):
     report = fastft.patch(model, fastft.LoRAConfig(r=2, alpha=4))
     experts = [row for row in report if row.kind == "lora-experts"]
     assert len(experts) == 2 and "grouped" in experts[0].detail
-    _randomize(model)
+    randomize_by_name(model)
     ids = torch.randint(0, 64, (2, 7))
     logits = model(input_ids=ids).logits
     with tempfile.TemporaryDirectory() as d:

@@ -10,7 +10,7 @@ import tempfile
 import pytest
 import torch
 
-from helpers import tiny_moe_model
+from helpers import randomize_by_name, tiny_moe_model
 
 import fastft
 from fastft.nn import DoRAExperts, LoRARouter
@@ -26,16 +26,6 @@ def _mixtral():
     return tiny_moe_model("mixtral")
 
 
-def _randomize(model, std=0.3):
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
-            if "lora_magnitude" in n:
-                p.mul_(1 + 0.2 * torch.rand(p.shape, generator=gen))
-
-
 @pytest.mark.parametrize("build", [_qwen3_moe, _mixtral])
 def test_dora_experts_match_explicit_weights_train_save_merge(build, tmp_path):
     model = build()
@@ -46,7 +36,7 @@ def test_dora_experts_match_explicit_weights_train_save_merge(build, tmp_path):
     rows = [row for row in report if row.kind == "dora-experts"]
     assert len(rows) == 2 and "one GEMM per expert segment" in rows[0].detail
     torch.testing.assert_close(model(input_ids=ids).logits, base(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
-    _randomize(model)
+    randomize_by_name(model, magnitude_jitter=0.2)
     logits = model(input_ids=ids).logits
     # the explicit formula: each expert's W' = m/‖W + s·BA‖ ⊙ (W + s·BA), formed in full, in a plain model
     explicit = copy.deepcopy(base)
@@ -107,7 +97,7 @@ def test_router_matches_peft_both_ways():
     base = _mixtral()
     model = copy.deepcopy(base)
     fastft.patch(model, fastft.LoRAConfig(r=2, alpha=4, targets=["q_proj", "mlp.gate"]))
-    _randomize(model, std=1.0)
+    randomize_by_name(model, std=1.0, magnitude_jitter=0.2)
     ids = torch.randint(0, 64, (2, 7))
     logits = model(input_ids=ids).logits
     assert not torch.allclose(logits, base(input_ids=ids).logits, atol=1e-3)
@@ -141,7 +131,7 @@ def test_router_matches_peft_both_ways():
 def test_dora_router_merges():
     model = _mixtral()
     fastft.patch(model, fastft.LoRAConfig(r=2, alpha=4, dora=True, targets=["mlp.gate"]))
-    _randomize(model, std=1.0)
+    randomize_by_name(model, std=1.0, magnitude_jitter=0.2)
     ids = torch.randint(0, 64, (2, 7))
     logits = model(input_ids=ids).logits
     fastft.unpatch(model, merge=True)

@@ -6,23 +6,17 @@ training step's backward; the knapsack against brute force; the probe's restorat
 import itertools
 import math
 import random
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import transformers as tf
 from helpers import assert_model_unchanged, model_snapshot, tiny_config, tiny_model
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.append(str(REPO_ROOT))  # benchmarks/ is a top-level folder of the repository, not installed
-
-import fastft  # noqa: E402
-from fastft import measure  # noqa: E402
-from fastft.nn import LoRALinear  # noqa: E402
-from fastft.policies import build_context, selection_state  # noqa: E402
-from fastft.policies.knapsack import SelectionProblem, brute_force, solve  # noqa: E402
+import fastft
+from fastft import measure
+from fastft.nn import LoRALinear
+from fastft.policies import build_context, selection_state
+from fastft.policies.knapsack import SelectionProblem, brute_force, solve
 
 
 def ids(seed=0, shape=(2, 9)):

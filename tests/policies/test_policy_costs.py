@@ -6,9 +6,7 @@ the FLOPs of forward + backward minus those of the same forward without gradient
 backward alone; the fused loss computes its gradient products during its forward (reductions "mean"/"sum").
 """
 import itertools
-import sys
 from functools import partial
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,16 +14,12 @@ import transformers as tf
 from helpers import backend, tiny_config, tiny_model
 from torch import nn
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.append(str(REPO_ROOT))  # benchmarks/ is a top-level folder of the repository, not installed
-
-import fastft  # noqa: E402
-from fastft import measure  # noqa: E402
-from fastft.nn import DoRALinear, LoRALinear, S2FTLinear  # noqa: E402
-from fastft.ops import fake_quantize, hadamard_transform, linear_cross_entropy  # noqa: E402
-from fastft.ops.qat_linear import quant_weight_linear  # noqa: E402
-from fastft.policies.cost import build_cost_model  # noqa: E402
+import fastft
+from fastft import measure
+from fastft.nn import DoRALinear, LoRALinear, S2FTLinear
+from fastft.ops import fake_quantize, hadamard_transform, linear_cross_entropy
+from fastft.ops.qat_linear import quant_weight_linear
+from fastft.policies.cost import build_cost_model
 
 
 def training_flops(run, module) -> int:
