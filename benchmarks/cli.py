@@ -7,6 +7,7 @@ import argparse
 
 import torch
 
+from . import allocator
 from .protocol import Context
 from .records import Environment
 
@@ -23,7 +24,7 @@ def parse_args(argv: list[str] | None, prog: str = "python -m benchmarks", doc: 
                                      epilog=(doc.split("\n\n", 1)[1:] or [None])[0])
     parser.add_argument("--quick", action="store_true", help="small shapes and fewer timed runs")
     parser.add_argument("--full", action="store_true",
-                        help="full-size shapes for a subset of the cases (about 10 min on a quiet 2-core CPU; FULL_SUBSET)")
+                        help="full-size shapes for a subset of the cases (about 4 min on a quiet 2-core CPU; FULL_SUBSET)")
     parser.add_argument("--only", default="", help="comma-separated benchmark names or tags to run (default: all)")
     parser.add_argument("--skip", default="", help="comma-separated benchmark names or tags to leave out")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"results directory (default {DEFAULT_OUT}/)")
@@ -38,12 +39,18 @@ def parse_args(argv: list[str] | None, prog: str = "python -m benchmarks", doc: 
     parser.add_argument("--no-progress", action="store_true", help="plain progress lines instead of a bar")
     parser.add_argument("--strict", action="store_true",
                         help="exit 1 when a sanity check warns and nothing explains it (benchmarks.sanity)")
+    parser.add_argument("--allocator", choices=("kept", "system"), default=None,
+                        help="CPU: 'kept' times with glibc keeping freed memory for reuse, as a GPU caching allocator "
+                             "does (default in full runs; benchmarks.allocator), 'system' with glibc's defaults "
+                             "(default in --quick)")
     parser.add_argument("--compile", dest="compile", action="store_true", default=None,
                         help="build the torch.compile peers (default: in the full sweep, not in --quick)")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="leave the torch.compile peers out")
     args = parser.parse_args(argv)
     if args.full and args.quick:
         parser.error("--full and --quick exclude each other (--full: full-size shapes, a subset of the cases)")
+    if args.allocator is None:
+        args.allocator = "system" if args.quick else "kept"
     args.prog = prog
     args.only = [n.strip() for n in args.only.split(",") if n.strip()]
     args.skip = [n.strip() for n in args.skip.split(",") if n.strip()]
@@ -62,7 +69,8 @@ def make_context(args: argparse.Namespace) -> Context:
     if args.repeats:
         timing["repeats"] = args.repeats
     compile_peers = (not args.quick) if args.compile is None else args.compile
-    env = Environment.current(device, sweep="quick" if args.quick else "full", command=command_line(args))
+    env = Environment.current(device, sweep="quick" if args.quick else "full", command=command_line(args),
+                              allocator=allocator.describe(args.allocator, device))
     return Context(device=device, quick=args.quick, env=env, compile=compile_peers, **timing)
 
 

@@ -261,7 +261,7 @@ def suite_benchmarks() -> list:
                 where = "own process" if first == label else f"the {first} variant, run once"
                 out.append(Case(f"e2e-{method.name}", config, ("setup",), run,
                                 estimate if first == label else (lambda ctx: 0.0),
-                                name=f"{label} ({setup_name} Llama, {where})"))
+                                name=f"{label} ({setup_name} Llama, {where})", own_process=True))
             return out
 
         return cases

@@ -78,7 +78,9 @@ def compiler_available() -> str | None:
     return None
 
 
-COMPILE_SECONDS = 40.0  # a forward + backward compiled by inductor on 2 CPU cores (for duration estimates)
+# a forward + backward compiled by inductor on 2 CPU cores, for duration estimates only (2026-12-07, empty cache: whole
+# small cases with 2 and 6 compiled peers took 16 s and 27 s; the --full run with 17 compiled peers 3.2 min in all)
+COMPILE_SECONDS = 10.0
 
 
 def compiled_peer(ctx: "Context", fn: Callable[..., Any], args: Sequence[Any], grad_output: torch.Tensor | None,

@@ -58,8 +58,9 @@ def conditions(rows: list[dict[str, Any]]) -> str:
     load = (f"1-min load {min(starts):.1f}–{max(starts):.1f} before its cases, {min(ends):.1f}–{max(ends):.1f} after"
             if starts and ends else
             f"1-min load {min(ends):.1f}–{max(ends):.1f}" if ends else "load n/a")
+    allocators = list(dict.fromkeys(r.get("allocator") or "allocator not recorded" for r in rows))
     return (f"{first['device']} | {first.get('processor') or 'processor not recorded'} | {first['threads']} threads | "
-            f"{load} | torch {first['torch']}, triton {first['triton']}, fastft {first['fastft']} | run "
+            f"allocator: {'; '.join(allocators)} | {load} | torch {first['torch']}, triton {first['triton']}, fastft {first['fastft']} | run "
             f"{first['run_id']}\nreproduce: {first.get('command') or 'python -m benchmarks'}")
 
 

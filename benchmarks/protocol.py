@@ -109,6 +109,7 @@ class Case:
     run: Callable[[Context], list[Measurement]]
     estimate_s: Callable[[Context], float] = lambda ctx: 5.0
     name: str = ""  # shown in the progress instead of op + config (e.g. when a case is one provider)
+    own_process: bool = False  # measured in a process of its own, under the system allocator (end to end)
 
     @property
     def label(self) -> str:

@@ -15,9 +15,10 @@ One row is one figure: a metric of one provider (on one backend) in one mode at 
     x_value   its value at this point
     p50 p20 p80   median and 20th / 80th percentiles (equal for exact counts; empty for skipped/failed)
     config    the whole point as "key=value" pairs
-    device processor threads torch triton fastft timestamp
+    device processor threads allocator torch triton fastft timestamp
               where and with what it ran (processor: the CPU model, and the GPU's name on CUDA; threads:
-              torch's intra-op threads), when (UTC, ISO 8601)
+              torch's intra-op threads; allocator: how freed memory is reused, ``benchmarks.allocator``),
+              when (UTC, ISO 8601)
     load_start  the machine's 1-minute load average when the row's case started
     load_avg  the 1-minute load average when the row was recorded, at the end of its case (CPU timings
               are noisy when other processes compete for the cores)
@@ -59,6 +60,7 @@ class Row:
     device: str
     processor: str
     threads: int
+    allocator: str
     torch: str
     triton: str
     fastft: str
@@ -135,9 +137,10 @@ class Environment:
     processor: str = ""
     sweep: str = ""
     command: str = ""
+    allocator: str = ""
 
     @classmethod
-    def current(cls, device: torch.device, sweep: str = "", command: str = "") -> "Environment":
+    def current(cls, device: torch.device, sweep: str = "", command: str = "", allocator: str = "") -> "Environment":
         return cls(
             device=device_name(device),
             threads=torch.get_num_threads(),
@@ -148,6 +151,7 @@ class Environment:
             processor=processor_name(),
             sweep=sweep,
             command=command,
+            allocator=allocator,
         )
 
     def row(self, load_start: float | None = None, **values: Any) -> Row:

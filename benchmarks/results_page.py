@@ -52,7 +52,7 @@ def page(rows: list[dict]) -> str:
     if "--full" in first.get("command", "").split():
         left_out = [r["op"] for r in rows if r["metric"] == "skipped" and "--full subset" in r["note"]]
         out.append("**Coverage.** This run is `--full`: full-size shapes and timing for a subset of the cases "
-                   "(`benchmarks.suite.FULL_SUBSET`, about 10 minutes on a quiet 2-core CPU; the whole sweep takes hours "
+                   "(`benchmarks.suite.FULL_SUBSET`, about 4 minutes on a quiet 2-core CPU; the whole sweep takes hours "
                    "there)" + (f"; left out: {', '.join(left_out)}" if left_out else "") + ".\n")
     loads = [v for r in rows for v in (r.get("load_avg"), r.get("load_start")) if v is not None]
     threads = max((int(r["threads"]) for r in rows if str(r.get("threads", "")).isdigit()), default=1)

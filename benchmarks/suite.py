@@ -20,6 +20,8 @@ then 1). Rows are appended to the CSV as each case ends, so an interrupted run k
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import sys
 import time
 import traceback
@@ -30,7 +32,7 @@ from typing import Iterable
 
 import torch
 
-from . import harness
+from . import allocator, harness
 from .harness import Benchmark, Case, Context, Measurement
 from .records import CsvWriter, Environment, Row, format_config, load_average
 # the command line and the console output live in their own modules; their names stay reachable from here
@@ -56,7 +58,8 @@ SUITE_MODULES = (
 )
 
 # ``--full``: full-size shapes and timing (as the full sweep) for a subset of the cases, chosen so that a run takes
-# about 10 minutes on a quiet 2-core CPU (7 min measured on 2026-12-07; the whole sweep takes hours there). Per benchmark: None =
+# about 4 minutes on a quiet 2-core CPU (3.2 min measured on 2026-12-07 with an empty inductor cache; the whole sweep
+# takes hours there). Per benchmark: None =
 # its first case (the smallest full-size point), a dict = the cases whose config has those values. Every other
 # benchmark gets one "skipped" row saying it is not in the subset, so the results page states what it covers.
 FULL_SUBSET: dict[str, dict | None] = {
@@ -69,7 +72,7 @@ FULL_SUBSET: dict[str, dict | None] = {
     "loldu": None, "corda": None, "selective_lora": None, "lofit": None, "dsee": None, "qgoft": None,
 }
 FULL_HOST_TOKENS = (1, 64)
-NOT_IN_SUBSET = "not in the --full subset (about 10 minutes on a quiet 2-core CPU); python -m benchmarks runs every case"
+NOT_IN_SUBSET = "not in the --full subset (about 4 minutes on a quiet 2-core CPU); python -m benchmarks runs every case"
 
 
 @dataclass
@@ -140,6 +143,8 @@ def case_rows(case: Case, measurements: Iterable[Measurement], env: Environment,
     """The CSV rows of a case: one per measurement and sweep (or per curve point)."""
     rows = []
     config = format_config(case.config)
+    if case.own_process and env.allocator != allocator.SYSTEM:
+        env = dataclasses.replace(env, allocator=f"{allocator.SYSTEM} (measured in a process of its own)")
     for m in measurements:
         points = [m.x] if m.x is not None else [(name, case.config.get(name, "")) for name in case.x_names]
         for x_name, x_value in points:
@@ -263,6 +268,9 @@ def run(argv: list[str] | None = None, benchmarks: list[Benchmark] | None = None
     writer.append(outcome.rows)
     started = time.perf_counter()
     progress = Progress(len(cases), enabled=not args.no_progress)
+    memory = contextlib.ExitStack()
+    if args.allocator == "kept":
+        memory.enter_context(allocator.freed_memory_kept(ctx.device))
     try:
         for benchmark, case in cases:
             elapsed = time.perf_counter() - started
@@ -292,6 +300,7 @@ def run(argv: list[str] | None = None, benchmarks: list[Benchmark] | None = None
             progress.advance()
     finally:
         progress.close()
+        memory.close()
     outcome.elapsed_s = time.perf_counter() - started
     outcome.csv_path = writer.path
     from . import sanity
