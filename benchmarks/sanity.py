@@ -47,6 +47,13 @@ EXPLANATIONS = {
     ("lora", "floor", "torch.compile"): "the compiled LoRA runs inductor's generated code for the two skinny "
                                         "GEMMs and their elementwise glue, plus the compiled graph's host cost",
     ("fake_quant_weight", "floor"): "fake quantization is elementwise work (no FLOPs counted)",
+    ("moe_lora", "floor"): "LoRA's rank-16 products run far below the frozen GEMMs' rate on a CPU (one expert's "
+                           "64-row segment, bfloat16, measured 2026-12-07: 303 GFLOP/s for x·W, about 50 for x·Aᵀ "
+                           "and (x·Aᵀ)·Bᵀ), and the segment loop issues 3 GEMM calls per expert and projection where "
+                           "the frozen experts issue one grouped call; PEFT and the compiled peer pay the same products",
+    ("moe_dora", "floor"): "besides LoRA's skinny products (see moe_lora), DoRA on experts forms the row norms of every "
+                           "expert's W + s·B·A on each call: a float32 pass over all experts' weights (W·Aᵀ, "
+                           "memory-bound: 2-3 ms per projection here, measured 2026-12-07), whatever the routing",
     ("linear_ce", "step_sum"): "the fused loss computes its gradients in its forward; its backward only scales "
                                "them (not timed alone)",
 }
