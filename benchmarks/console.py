@@ -1,30 +1,15 @@
 """What ``python -m benchmarks`` prints while it runs: a table per case, durations, the progress bar."""
 from __future__ import annotations
 
-import math
 import sys
 
 from . import harness
-from .presentation import format_seconds
+from .presentation import format_value
 from .protocol import Case, Measurement
 
 
 def _fmt(value: float | None, unit: str) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if unit == "s":
-        return format_seconds(value)
-    if unit == "bytes":
-        from fastft.measure import format_bytes
-
-        return format_bytes(value)
-    if unit == "flop":
-        return f"{value / 1e9:.3g} G"
-    if unit in ("abs", "rel"):
-        return f"{value:.1e}"
-    if unit == "params":
-        return f"{int(value):,}"
-    return f"{value:.4g}"
+    return format_value(value, unit, compact=True)
 
 
 _CONSOLE_COLUMNS = [

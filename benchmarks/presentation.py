@@ -2,7 +2,10 @@
 provider is labelled, the order of metrics and modes, units and number formats, and the conditions footer."""
 from __future__ import annotations
 
+import math
 from typing import Any
+
+from fastft.measure import format_bytes
 
 MODE_ORDER = ("forward", "backward", "step", "train")
 METRIC_ORDER = ("time", "saved_for_backward", "peak_live", "peak_allocated", "flops", "max_rel_diff", "final_loss",
@@ -77,15 +80,16 @@ def format_seconds(value: float) -> str:
     return f"{value * 1e6:.3g} µs"
 
 
-def format_value(value: float | None, unit: str) -> str:
-    if value is None:
+def format_value(value: float | None, unit: str, compact: bool = False) -> str:
+    """A figure with its unit for tables; ``compact`` (the console): bytes in B/KiB/MiB/GiB, FLOPs as "G"."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     if unit == "s":
         return format_seconds(value)
     if unit == "bytes":
-        return f"{value / 2**20:.3g} MiB"
+        return format_bytes(value) if compact else f"{value / 2**20:.3g} MiB"
     if unit == "flop":
-        return f"{value / 1e9:.3g} GFLOP"
+        return f"{value / 1e9:.3g} {'G' if compact else 'GFLOP'}"
     if unit in ("abs", "rel"):
         return f"{value:.1e}"
     if unit == "params":
