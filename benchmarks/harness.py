@@ -89,7 +89,7 @@ def compiled_peer(ctx: "Context", fn: Callable[..., Any], args: Sequence[Any], g
     """``torch.compile(fn)`` as a peer ("torch.compile", backend "inductor"): the strong, fair peer every op gets.
 
     ``fn(*args)`` is the op's plain PyTorch reference (autograd differentiates it; inductor compiles forward
-    and backward). Not built in ``--quick`` (compiling one shape takes about a minute on 2 CPU cores) or where
+    and backward). Not built in ``--quick`` (compiling one shape takes 5 to 60 s on 2 CPU cores) or where
     inductor cannot compile: a skipped row says which.
     """
     if device_type(ctx) == "cpu":
@@ -98,7 +98,7 @@ def compiled_peer(ctx: "Context", fn: Callable[..., Any], args: Sequence[Any], g
             return not_run_here("torch.compile", "inductor", "peer", missing)
     if not ctx.compile:
         return Skipped("torch.compile", "inductor", "peer",
-                       f"torch.compile of {what}: not run in --quick (compiling a shape takes about a minute on a "
+                       f"torch.compile of {what}: not run in --quick (compiling a shape takes 5 to 60 s on a "
                        "2-core CPU); the full sweep runs it (or pass --compile)")
     compiled = torch.compile(fn, dynamic=False)
     return Subject("torch.compile", "inductor", "peer", lambda: compiled(*args), grad_output, list(grads), parameters,
