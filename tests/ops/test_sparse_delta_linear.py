@@ -45,12 +45,17 @@ def run(x, W, b, idx, v, grad, dense=None):
     return y.detach(), x.grad, v.grad
 
 
+# the reference's two sparse paths: at most min(O, K) slots gathers columns, more slots go through a CSR product
+PATHS = pytest.mark.parametrize("k", [min(O, K) - 4, 37], ids=["gather", "csr"])
+
+
+@PATHS
 @pytest.mark.parametrize("dense", [False, True], ids=["sparse", "dense"])
 @pytest.mark.parametrize("lead", [(N,), (3, 5)], ids=["2d", "3d"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_reference_matches_dense_formula(dense, lead, bias, dtype):
-    x, W, b, idx, v, grad = make(dtype, bias=bias, lead=lead)
+def test_reference_matches_dense_formula(dense, lead, bias, dtype, k):
+    x, W, b, idx, v, grad = make(dtype, k=k, bias=bias, lead=lead)
     with backend("torch"):
         y, dx, dv = run(x, W, b, idx, v, grad, dense=dense)
     want_y, want_dx, want_dW = dense_formula(x, W, b, idx, v, grad)
@@ -60,9 +65,10 @@ def test_reference_matches_dense_formula(dense, lead, bias, dtype):
     assert_close(dv, want_dW.reshape(-1)[idx], dtype, msg="dv")
 
 
+@pytest.mark.parametrize("k", [min(O, K) - 4, 60], ids=["gather", "csr"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_accumulates_in_float32(dtype):
-    x, W, b, idx, v, grad = make(dtype, k=60)
+def test_half_precision_accumulates_in_float32(dtype, k):
+    x, W, b, idx, v, grad = make(dtype, k=k)
     with backend("torch"):
         y, dx, dv = run(x, W, b, idx, v, grad)
     want_y, want_dx, want_dW = dense_formula(x, W, b, idx, v, grad)
@@ -233,13 +239,14 @@ def test_cost_model_reads_the_formula_on_the_right_edges(bias):
     assert cost.flops(0b11) == 2 * tokens * O * K + 4 * tokens * k
 
 
+@PATHS
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_token_and_slot_blocks_do_not_change_the_result(monkeypatch, dtype):
+def test_token_and_slot_blocks_do_not_change_the_result(monkeypatch, dtype, k):
     """The reference works in blocks of tokens and of slots to bound its transients; tiny blocks, same answer."""
     import sys
 
     op = sys.modules["fastft.ops.sparse_delta_linear"]  # the package exports a function of the same name
-    x, W, b, idx, v, grad = make(dtype, lead=(3, 5))
+    x, W, b, idx, v, grad = make(dtype, k=k, lead=(3, 5))
     with backend("torch"):
         whole = run(x, W, b, idx, v, grad, dense=False)
         monkeypatch.setattr(op, "_TOKEN_BLOCK", 2 * O)  # 1 or 2 tokens a block
