@@ -300,6 +300,25 @@ def training_losses(model, input_ids, steps: int = 6, lr: float = 1e-2) -> list[
     return losses
 
 
+def bench_context(quick: bool = True, compile: bool = False):
+    """A CPU ``benchmarks.harness.Context`` with a fixed stand-in environment, for building a benchmark's subjects."""
+    from benchmarks import harness, records
+
+    return harness.Context(device=torch.device("cpu"), quick=quick, compile=compile,
+                           env=records.Environment("cpu", 2, "t", "tr", "f", "run-1"))
+
+
+def subjects_by_provider(subjects) -> dict:
+    """provider -> its subject (a runnable one before a skipped one: fastft[triton] is skipped on a CPU)."""
+    from benchmarks.harness import Skipped
+
+    out = {}
+    for s in subjects:
+        if s.provider not in out or isinstance(out[s.provider], Skipped):
+            out[s.provider] = s
+    return out
+
+
 def tiny_moe_model(family: str):
     """A small MoE causal LM with fused 3-D experts, in eval mode: qwen3_moe or mixtral."""
     import transformers as tf

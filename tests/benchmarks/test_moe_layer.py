@@ -13,6 +13,8 @@ import torch
 import fastft
 
 pytest.importorskip("transformers")
+from helpers import bench_context
+
 from benchmarks import moe_layer, suite
 
 TINY = {("cpu", "quick"): (dict(hidden=32, intermediate=16, experts=8, top_k=2, tokens=24, rank=4, dtype="float32"),
@@ -47,13 +49,12 @@ def test_the_compiled_peers_code_is_the_method(dora, monkeypatch):
     the same output and the same gradients of x and every adapter tensor (float32: torch._grouped_mm runs it
     eagerly). In bfloat16 it is built as a compiled peer; in float32 it is listed as not run (torch 2.13 compiles
     torch._grouped_mm for bfloat16 only)."""
-    from benchmarks import harness, measuring, records
+    from benchmarks import harness, measuring
 
     point = dict(hidden=32, intermediate=16, experts=4, top_k=2, tokens=24, rank=8)
     monkeypatch.setattr(harness, "compiler_available", lambda: None)
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)  # the compiled peer's code, run eagerly
-    ctx = harness.Context(device=torch.device("cpu"), quick=False, compile=True,
-                          env=records.Environment("cpu", 2, "t", "tr", "f", "run-1"))
+    ctx = bench_context(quick=False, compile=True)
     for dtype, runs in (("float32", False), ("bfloat16", True)):
         subjects = moe_layer.suite_subjects(dict(point, dtype=dtype), ctx, dora)
         compiled = next(s for s in subjects if s.provider == "torch.compile")

@@ -6,29 +6,19 @@ Nothing here asserts a timing: only which providers a case yields and the rows t
 import pytest
 import torch
 
+from helpers import bench_context, subjects_by_provider
+
 from benchmarks import harness, linear_ce, qat_step, records, s2ft_step, suite
 from benchmarks.harness import Skipped, Subject
 
 
-def _ctx(quick=True, compile=False):
-    return harness.Context(device=torch.device("cpu"), quick=quick, compile=compile,
-                           env=records.Environment("cpu", 2, "t", "tr", "f", "run-1"))
-
-
-def _by_provider(subjects):
-    """provider -> its subject (a runnable one before a skipped one: fastft[triton] is skipped on a CPU)."""
-    out = {}
-    for s in subjects:
-        if s.provider not in out or isinstance(out[s.provider], Skipped):
-            out[s.provider] = s
-    return out
 
 
 S2FT_POINT = dict(tokens=8, hidden=16, intermediate=24, ffn_ratio=0.25, dtype="float32")
 
 
 def test_s2ft_layer_has_the_plain_compiled_and_shira_peers():
-    subjects = _by_provider(s2ft_step.layer_subjects(S2FT_POINT, _ctx()))
+    subjects = subjects_by_provider(s2ft_step.layer_subjects(S2FT_POINT, bench_context()))
     assert {"fastft", "lora", "pytorch", "torch.compile", "peft-shira", "frozen"} <= set(subjects)
     # --quick does not compile: the compiled peer is a skipped row that says how to get it
     assert isinstance(subjects["torch.compile"], Skipped) and "--compile" in subjects["torch.compile"].reason
@@ -38,7 +28,7 @@ def test_s2ft_layer_has_the_plain_compiled_and_shira_peers():
 
 
 def test_the_plain_s2ft_peer_computes_the_layer_and_only_the_slice_gradient():
-    subjects = _by_provider(s2ft_step.layer_subjects(S2FT_POINT, _ctx()))
+    subjects = subjects_by_provider(s2ft_step.layer_subjects(S2FT_POINT, bench_context()))
     fastft, plain = subjects["fastft"], subjects["pytorch"]
     outputs = []
     for subject in (fastft, plain):
@@ -57,14 +47,14 @@ def test_the_plain_s2ft_peer_computes_the_layer_and_only_the_slice_gradient():
 def test_the_s2ft_compiled_peer_is_built_with_compile(monkeypatch):
     monkeypatch.setattr(harness, "compiler_available", lambda: None)
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)  # no inductor run: the wiring only
-    subjects = _by_provider(s2ft_step.layer_subjects(S2FT_POINT, _ctx(quick=False, compile=True)))
+    subjects = subjects_by_provider(s2ft_step.layer_subjects(S2FT_POINT, bench_context(quick=False, compile=True)))
     compiled = subjects["torch.compile"]
     assert isinstance(compiled, Subject) and compiled.backend == "inductor" and compiled.role == "peer"
 
 
 def test_a_missing_shira_is_a_skipped_row_with_the_install_hint(monkeypatch):
     monkeypatch.setattr(harness, "installed", lambda name: name != "peft")
-    subjects = _by_provider(s2ft_step.layer_subjects(S2FT_POINT, _ctx()))
+    subjects = subjects_by_provider(s2ft_step.layer_subjects(S2FT_POINT, bench_context()))
     assert isinstance(subjects["peft-shira"], Skipped) and "peft is not installed" in subjects["peft-shira"].reason
 
 
@@ -72,7 +62,7 @@ QAT_POINT = dict(hidden=32, intermediate=64, layers=1, heads=4, vocab=64, batch=
 
 
 def test_qat_step_has_the_torchao_peer_or_says_why_not(monkeypatch):
-    subjects = _by_provider(qat_step.suite_subjects(QAT_POINT, _ctx()))
+    subjects = subjects_by_provider(qat_step.suite_subjects(QAT_POINT, bench_context()))
     assert {"lora", "qat+lora", "torchao+peft"} <= set(subjects)
     peer = subjects["torchao+peft"]
     if harness.installed("torchao") and harness.installed("peft"):
@@ -83,16 +73,16 @@ def test_qat_step_has_the_torchao_peer_or_says_why_not(monkeypatch):
         # only the LoRA factors train; the fake-quantized linears are in place of the decoder's
         assert all(p.ndim == 2 for p in peer.grads) and len(peer.grads) == 2 * len(qat_step.TORCHAO_TARGETS)
     monkeypatch.setattr(harness, "installed", lambda name: name != "torchao")
-    peer = _by_provider(qat_step.suite_subjects(QAT_POINT, _ctx()))["torchao+peft"]
+    peer = subjects_by_provider(qat_step.suite_subjects(QAT_POINT, bench_context()))["torchao+peft"]
     assert isinstance(peer, Skipped) and "torchao is not installed" in peer.reason
 
 
 def test_liger_is_listed_not_run_here_on_a_cpu_and_cce_is_listed():
     h, W, _, shifted = linear_ce.make_inputs(8, 16, 32, torch.float32)
     grads = [h]
-    liger = linear_ce._liger(_ctx(), h, W, shifted, grads)
+    liger = linear_ce._liger(bench_context(), h, W, shifted, grads)
     assert isinstance(liger, Skipped) and "not run here" in liger.reason and "GPU" in liger.reason
-    cce = linear_ce._cce(_ctx(), h, W, shifted, grads)
+    cce = linear_ce._cce(bench_context(), h, W, shifted, grads)
     assert isinstance(cce, Skipped)  # --quick: its torch_compile implementation compiles
     assert "--compile" in cce.reason or "not installed" in cce.reason
 
@@ -101,7 +91,7 @@ def test_cce_runs_its_torch_compile_implementation_on_a_cpu_with_compile(monkeyp
     if not harness.installed("cut_cross_entropy"):
         pytest.skip("cut-cross-entropy is not installed (pip install cut-cross-entropy)")
     h, W, _, shifted = linear_ce.make_inputs(8, 16, 32, torch.float32)
-    cce = linear_ce._cce(_ctx(quick=False, compile=True), h, W, shifted, [h])
+    cce = linear_ce._cce(bench_context(quick=False, compile=True), h, W, shifted, [h])
     assert isinstance(cce, Subject) and (cce.provider, cce.backend) == ("cce", "torch_compile")
     # its FLOPs are counted with the compiled function run eagerly (fullgraph refuses the FLOP counter's mode)
     assert cce.flops_context is not None and cce.backward_alone is False  # compiled backward: no retained graph
@@ -198,8 +188,8 @@ def test_the_compiled_hadamard_peer_is_differentiable(monkeypatch):
     monkeypatch.setattr(harness, "compiler_available", lambda: None)
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)  # the wiring, run eagerly
     subjects = csrc_ops._suite_subjects("hadamard_transform", dict(d=16, tokens=4, dtype="float32"),
-                                        _ctx(quick=False, compile=True))
-    compiled = _by_provider(subjects)["torch.compile"]
+                                        bench_context(quick=False, compile=True))
+    compiled = subjects_by_provider(subjects)["torch.compile"]
     assert isinstance(compiled, Subject)
     compiled.forward().backward(compiled.grad_output)
     assert compiled.grads[0].grad is not None
@@ -215,7 +205,7 @@ def test_host_overhead_on_a_cpu_is_the_threads_cpu_time_per_call_interleaved():
     assert len(order) == 2 * 5 * host_overhead.CALLS_PER_SAMPLE and all(t >= 0 for v in samples.values() for t in v)
     # rounds rotate: the second round starts with b
     assert order[host_overhead.CALLS_PER_SAMPLE * 2] == "b"
-    measured = host_overhead.run_method("lora", 16, 2, _ctx())
+    measured = host_overhead.run_method("lora", 16, 2, bench_context())
     times = [m for m in measured if m.metric == "time"]
     assert times and all("thread CPU time" in m.note for m in times)
     assert torch.get_num_threads() >= 1

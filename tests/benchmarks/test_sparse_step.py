@@ -6,23 +6,14 @@ Nothing here asserts a timing. Shapes tiny; torch.compile is replaced by the ide
 
 import torch
 
-from benchmarks import harness, records, sparse_step
+from helpers import bench_context, subjects_by_provider
+
+from benchmarks import harness, sparse_step
 from benchmarks.harness import Skipped, Subject
 
 POINT = dict(tokens=6, out_features=12, in_features=10, density=0.1, dtype="float32")
 
 
-def _ctx(quick=True, compile=False):
-    return harness.Context(device=torch.device("cpu"), quick=quick, compile=compile,
-                           env=records.Environment("cpu", 2, "t", "tr", "f", "run-1"))
-
-
-def _by_provider(subjects):
-    out = {}
-    for s in subjects:
-        if s.provider not in out or isinstance(out[s.provider], Skipped):
-            out[s.provider] = s
-    return out
 
 
 def _run(subject):
@@ -34,7 +25,7 @@ def _run(subject):
 
 
 def test_providers_include_the_compiled_peer_skipped_in_quick():
-    subjects = _by_provider(sparse_step.layer_subjects(POINT, _ctx()))
+    subjects = subjects_by_provider(sparse_step.layer_subjects(POINT, bench_context()))
     assert {"fastft", "fastft-auto-path", "masked-dense", "lora", "torch.compile", "frozen"} <= set(subjects)
     compiled = subjects["torch.compile"]
     assert isinstance(compiled, Skipped) and (compiled.backend, compiled.role) == ("inductor", "peer")
@@ -45,7 +36,7 @@ def test_the_compiled_peer_is_built_with_compile_and_computes_the_ops_output_and
     monkeypatch.setattr(harness, "compiler_available", lambda: None)
     compiled_fns = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled_fns.append((fn, kw)) or fn)
-    subjects = _by_provider(sparse_step.layer_subjects(POINT, _ctx(quick=False, compile=True)))
+    subjects = subjects_by_provider(sparse_step.layer_subjects(POINT, bench_context(quick=False, compile=True)))
     compiled = subjects["torch.compile"]
     assert isinstance(compiled, Subject) and (compiled.backend, compiled.role) == ("inductor", "peer")
     assert [fn for fn, _ in compiled_fns] == [sparse_step.plain_sparse_delta]

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 pytest.importorskip("peft")
-from benchmarks import harness, measuring, records, suite, variants_layer
+from helpers import bench_context
+
+from benchmarks import harness, measuring, suite, variants_layer
 
 TINY = {("cpu", "quick"): (dict(hidden=64, tokens=24, dtype="float32"), dict(tokens=[24]))}
 
@@ -85,8 +87,7 @@ def test_the_compiled_peers_code_is_the_method(method, monkeypatch):
     """Each method's plain-PyTorch formula (what the torch.compile peer compiles) computes what the fastft layer
     computes: the same output and the same gradients of x and of every trained tensor."""
     config = dict(hidden=128, tokens=24, dtype="float32")
-    ctx = harness.Context(device=torch.device("cpu"), quick=False, compile=True,
-                          env=records.Environment("cpu", 2, "t", "tr", "f", "run-1"))
+    ctx = bench_context(quick=False, compile=True)
     monkeypatch.setattr(harness, "compiler_available", lambda: None)
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)  # the compiled peer's code, run eagerly
     subjects, _ = variants_layer.variant_subjects(method, config, ctx)

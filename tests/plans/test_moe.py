@@ -9,7 +9,7 @@ import tempfile
 import pytest
 import torch
 
-from helpers import randomize_by_name, tiny_moe_model
+from helpers import randomize_by_name, tiny_moe_model, training_losses
 
 import fastft
 from fastft.nn import LoRAExperts
@@ -116,16 +116,8 @@ def test_experts_train_and_merge():
     fastft.patch(model, fastft.LoRAConfig(r=2, alpha=4, targets=["q_proj", "mlp.experts.down_proj"]))
     experts = [m for m in model.modules() if isinstance(m, LoRAExperts)]
     assert experts and experts[0].params == ("down_proj",)
-    model.train()
     ids = torch.randint(0, 64, (2, 9))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(3):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = training_losses(model, ids, steps=3)
     assert losses[-1] < losses[0]
     model.eval()
     logits = model(input_ids=ids).logits

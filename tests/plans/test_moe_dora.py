@@ -10,7 +10,7 @@ import tempfile
 import pytest
 import torch
 
-from helpers import randomize_by_name, tiny_moe_model
+from helpers import randomize_by_name, tiny_moe_model, training_losses
 
 import fastft
 from fastft.nn import DoRAExperts, LoRARouter
@@ -71,16 +71,8 @@ def test_dora_all_linear_exact_norm_grad_trains():
     report = fastft.patch(model, fastft.LoRAConfig(r=2, alpha=4, dora=True, dora_detach_norm=False))
     kinds = {row.kind for row in report}
     assert {"dora", "dora-experts", "dora-router"} <= kinds
-    model.train()
     ids = torch.randint(0, 64, (2, 9))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(3):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = training_losses(model, ids, steps=3)
     assert losses[-1] < losses[0]
 
 
