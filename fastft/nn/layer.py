@@ -74,6 +74,19 @@ class FastFTLayer(nn.Module):
         raise NotImplementedError(f"{type(self).__name__}.unpatched")
 
 
+class WrapsLinear:
+    """``weight`` and ``bias`` read through to ``base_layer``: what model code reads of the linear layer a module
+    replaced (``proj.weight.dtype``, ``proj.bias is None``), the wrapped layer's own parameters."""
+
+    @property
+    def weight(self) -> Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base_layer.bias
+
+
 class ReadsThroughToBase:
     """Attribute reads a wrapper cannot answer go to its ``base_layer``: what model code reads of the wrapped
     module (``num_experts``, ``act_fn``, ``config``, ...). Names starting ``lora_`` never do (a missing adapter

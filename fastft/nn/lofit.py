@@ -16,10 +16,10 @@ from torch import Tensor, nn
 
 from ..distributed import copy_full_
 from ..ops.lofit_linear import lofit_linear
-from .layer import FastFTLayer
+from .layer import FastFTLayer, WrapsLinear
 
 
-class LoFiTLinear(FastFTLayer):
+class LoFiTLinear(WrapsLinear, FastFTLayer):
     """Offsets on the selected heads' slices of an ``nn.Linear``'s input; see the module docstring.
 
     Args:
@@ -52,14 +52,6 @@ class LoFiTLinear(FastFTLayer):
     @property
     def kind(self) -> str:
         return "lofit"
-
-    @property
-    def weight(self) -> Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> Tensor | None:
-        return self.base_layer.bias
 
     def report_detail(self) -> str:
         return f"heads={list(self.heads)} head_dim={self.head_dim}"

@@ -22,7 +22,7 @@ from ..bnb import four_bit_weight, is_linear4bit, requantize_like
 from ..config import LoRAConfig
 from ..distributed import copy_full_, full_tensor, is_sharded
 from ..ops.lora import lora_linear
-from .layer import FastFTLayer, LinearOperands
+from .layer import FastFTLayer, LinearOperands, WrapsLinear
 from .lora_inits import LoRAInit
 from ..targets import is_conv1d, linear_features
 
@@ -49,7 +49,7 @@ def adapter_dtype(base_layer: nn.Module) -> torch.dtype:
     return base_layer.weight.dtype
 
 
-class LoRALinear(LoRAInit, LinearOperands, FastFTLayer):
+class LoRALinear(LoRAInit, LinearOperands, WrapsLinear, FastFTLayer):
     """LoRA over a frozen linear layer; see the module docstring for the math, and
     :class:`fastft.nn.lora_inits.LoRAInit` for the init schemes (``config.init``).
 
@@ -128,14 +128,6 @@ class LoRALinear(LoRAInit, LinearOperands, FastFTLayer):
 
     # What model code reads of the layer it replaced (``self.wo.weight.dtype``, ``self.proj.bias``): the wrapped
     # layer's own parameters, read-only (no setter: assigning raises), as PEFT's wrappers expose them.
-    @property
-    def weight(self) -> Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> Tensor | None:
-        return self.base_layer.bias
-
     def report_detail(self) -> str:
         parts = [f"r={self.r}", f"s={self.scale:g}"]
         if self.dropout_p:

@@ -27,7 +27,7 @@ from ..distributed import copy_full_
 from ..ops.fake_quantize import dequantize, fake_quantize, fake_quantize_with_mask, quantize
 from ..ops.hadamard import hadamard_factorization, hadamard_transform
 from ..ops.qat_linear import effective_weight, quant_weight_linear
-from .layer import FastFTLayer
+from .layer import FastFTLayer, WrapsLinear
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ def check_group_sizes(in_features: int, config: QATConfig, what: str) -> None:
         )
 
 
-class QuantLinear(FastFTLayer):
+class QuantLinear(WrapsLinear, FastFTLayer):
     """Fake-quantized linear layer; see the module docstring for the math.
 
     Args:
@@ -137,14 +137,6 @@ class QuantLinear(FastFTLayer):
     @classmethod
     def from_linear(cls, layer: nn.Linear, config: QATConfig, rotate_input: bool = False) -> "QuantLinear":
         return cls(layer, config, rotate_input=rotate_input)
-
-    @property
-    def weight(self) -> nn.Parameter:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> nn.Parameter | None:
-        return self.base_layer.bias
 
     def report_detail(self) -> str:
         parts = [f"W {self.weight_quant.describe()}", f"A {self.input_quant.describe()}" if self.input_quant else "A float"]

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from ..math.givens import butterfly_width, live_pairs, max_stages
 from ..ops.givens_rotation import givens_rotation, givens_rotation_backward_reference
 from ..targets import is_conv1d, linear_features, out_in_weight
-from .layer import FastFTLayer
+from .layer import FastFTLayer, WrapsLinear
 
 _PARAMS = ("theta", "scale", "delta")
 
@@ -76,7 +76,7 @@ def soft_orthogonality(scale: Optional[Tensor], delta: Optional[Tensor], live: T
     return torch.where(live, term, torch.zeros((), device=live.device)).sum()
 
 
-class QGOFTLinear(FastFTLayer):
+class QGOFTLinear(WrapsLinear, FastFTLayer):
     """``y = (x Mᵀ) Wᵀ + b`` with M the trainable quasi-Givens butterfly over the input features.
 
     Args:
@@ -120,14 +120,6 @@ class QGOFTLinear(FastFTLayer):
         self.delta = nn.Parameter(torch.zeros(S, P // 2, **opts)) if relative_angle else None
 
     # What model code reads of the layer it replaced.
-    @property
-    def weight(self) -> Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> Optional[Tensor]:
-        return self.base_layer.bias
-
     def blocks(self) -> Tensor:
         """The current (S, 4, P/2) float32 blocks of the butterfly."""
         return quasi_givens_blocks(self.theta, self.scale, self.delta, self.live)

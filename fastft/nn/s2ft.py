@@ -36,7 +36,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from ..bnb import is_linear4bit
 from ..distributed import is_fsdp_managed
 from ..ops.s2ft_linear import s2ft_linear
-from .layer import FastFTLayer
+from .layer import FastFTLayer, WrapsLinear
 
 
 def _check_base(layer: nn.Module) -> None:
@@ -52,7 +52,7 @@ def _check_base(layer: nn.Module) -> None:
         raise TypeError(f"fastft S²FT patches nn.Linear layers with float weights; got {what}.")
 
 
-class S2FTLinear(FastFTLayer):
+class S2FTLinear(WrapsLinear, FastFTLayer):
     """Trains ``W[:, :width]`` (or ``W[:width, :]`` with ``rows=True``) of a frozen ``nn.Linear``.
 
     Args:
@@ -110,14 +110,6 @@ class S2FTLinear(FastFTLayer):
         return cls(layer, width, rows=rows, index=index)
 
     # What model code reads of the layer it replaced: the wrapped layer's parameters, read-only (no setter).
-    @property
-    def weight(self) -> Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> Optional[Tensor]:
-        return self.base_layer.bias
-
     # ----------------------------------------------------------------- the view
     def _slice_view(self) -> Tensor:
         weight = self.base_layer.weight.detach()

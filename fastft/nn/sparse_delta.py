@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from ..bnb import four_bit_weight, is_linear4bit, requantize_like
 from ..ops.sparse_delta_linear import SparseSupport, check_indices, sparse_delta_linear, sparse_support
 from ..targets import is_conv1d, linear_features, out_in_weight
-from .layer import FastFTLayer, LinearOperands
+from .layer import FastFTLayer, LinearOperands, WrapsLinear
 from .lora import adapter_dtype
 
 _SUPPORT_BUFFERS = ("rows", "cols", "row_ptr", "col_order", "col_ptr")
@@ -54,7 +54,7 @@ def _transform_key(name: str) -> str:
     return "value_transform_" + name.replace(".", "_")
 
 
-class SparseDeltaLinear(LinearOperands, FastFTLayer):
+class SparseDeltaLinear(LinearOperands, WrapsLinear, FastFTLayer):
     """A trainable sparse ΔW over a frozen linear layer; see the module docstring.
 
     Args:
@@ -91,15 +91,6 @@ class SparseDeltaLinear(LinearOperands, FastFTLayer):
         self._union: Optional[tuple[SparseSupport, Tensor]] = None
         self._build_support()
         self.support_moves: Optional[Tensor] = None
-
-    # What model code reads of the layer it replaced: the wrapped layer's own parameters, read-only.
-    @property
-    def weight(self) -> Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> Optional[Tensor]:
-        return self.base_layer.bias
 
     @property
     def shape(self) -> tuple[int, int]:
