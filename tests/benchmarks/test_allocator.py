@@ -1,6 +1,6 @@
 """benchmarks/allocator.py: under ``freed_memory_kept`` a 64 MiB tensor allocated again and again reuses pages already
 faulted in (glibc's default maps it fresh every time: one page fault per 4 KiB page); afterwards glibc's defaults
-are back. Run in a fresh interpreter: the test must not change the malloc settings of the pytest process. Full runs
+are back (memory the heap kept may still serve blocks that fit in it, so the check uses a larger one). Run in a fresh interpreter: the test must not change the malloc settings of the pytest process. Full runs
 record the allocator in every row; --quick keeps the system's; end-to-end rows (own processes) say so."""
 from __future__ import annotations
 
@@ -24,11 +24,11 @@ FAULTS_PER_ALLOCATION = textwrap.dedent("""
     import json, resource, torch
     from benchmarks import allocator
 
-    def faults():
+    def faults(rows=4096, times=12):
         out = []
-        for _ in range(12):
+        for _ in range(times):
             before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            x = torch.empty(4096, 4096)
+            x = torch.empty(rows, 4096)
             x.fill_(1.0)
             del x
             out.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -38,7 +38,8 @@ FAULTS_PER_ALLOCATION = textwrap.dedent("""
     with allocator.freed_memory_kept(torch.device("cpu")):
         faults()  # glibc settles its free lists over the first allocations (the suite's warm-up rounds)
         result["kept"] = faults()
-    result["after"] = faults()
+    # the defaults again: a block larger than anything the heap kept (512 MiB) is mapped fresh every time
+    result["after"] = faults(rows=32768, times=3)
     print(json.dumps(result))
 """)
 
@@ -52,7 +53,7 @@ def test_kept_memory_is_reused_without_page_faults():
     pages = 4096 * 4096 * 4 // 4096
     assert min(result["system"]) >= pages  # glibc's default: a fresh mapping, every page faulted in
     assert max(result["kept"]) == 0
-    assert min(result["after"]) >= pages  # the defaults are back
+    assert min(result["after"]) >= 8 * pages  # the defaults are back (what the heap kept may still serve smaller blocks)
 
 
 def _one_case(own_process: bool) -> Benchmark:
