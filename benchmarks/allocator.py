@@ -58,7 +58,8 @@ def describe(mode: str, device: torch.device) -> str:
 def freed_memory_kept(device: torch.device) -> Iterator[None]:
     """glibc keeps freed memory for reuse inside the block (CPU, glibc only; elsewhere nothing changes).
 
-    Afterwards glibc's defaults are set again and the kept memory given back (``malloc_trim``)."""
+    Afterwards glibc's defaults are set again and what can be is given back (``malloc_trim``); memory the heap
+    still holds may go on serving blocks that fit in it."""
     libc = _glibc() if device.type == "cpu" else None
     if libc is None:
         yield
