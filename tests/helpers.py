@@ -300,6 +300,40 @@ def training_losses(model, input_ids, steps: int = 6, lr: float = 1e-2) -> list[
     return losses
 
 
+def loaded_from_peft(base, peft_config, b_std: float):
+    """(fastft model, PEFT model): PEFT's adapter of ``peft_config`` on a copy of ``base`` with lora_B drawn from
+    N(0, b_std²), saved, and loaded into another copy of ``base`` by ``fastft.from_peft``."""
+    import copy
+    import tempfile
+
+    import peft
+
+    import fastft
+
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft_config)
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=b_std)
+    theirs.eval()
+    with tempfile.TemporaryDirectory() as d:
+        theirs.save_pretrained(d)
+        ours = copy.deepcopy(base)
+        fastft.from_peft(ours, d)
+    return ours, theirs
+
+
+def assert_same_logits_and_input_grads(ours, theirs, base, ids) -> None:
+    """Both causal LMs give the same logits on ``ids`` and the same gradient of mean(logits²) in their inputs."""
+    x = base.get_input_embeddings()(ids).detach()
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    a, b = ours(inputs_embeds=x1).logits, theirs(inputs_embeds=x2).logits
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    a.square().mean().backward()
+    b.square().mean().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, atol=1e-6, rtol=1e-5)
+
+
 def bench_context(quick: bool = True, compile: bool = False):
     """A CPU ``benchmarks.harness.Context`` with a fixed stand-in environment, for building a benchmark's subjects."""
     from benchmarks import harness, records

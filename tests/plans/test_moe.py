@@ -9,7 +9,8 @@ import tempfile
 import pytest
 import torch
 
-from helpers import randomize_by_name, tiny_moe_model, training_losses
+from helpers import (assert_same_logits_and_input_grads, loaded_from_peft, randomize_by_name, tiny_moe_model,
+                     training_losses)
 
 import fastft
 from fastft.nn import LoRAExperts
@@ -89,24 +90,8 @@ def test_experts_match_peft_both_directions(build):
     names = [n for n, m in base.named_modules() if type(m).__name__.endswith("Experts")]
     pcfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
                            target_parameters=[f"{n}.{p}" for n in names for p in ("gate_up_proj", "down_proj")])
-    pm = peft.get_peft_model(copy.deepcopy(base), pcfg)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_B" in n:
-                p.normal_(std=0.3)
-    pm.eval()
-    with tempfile.TemporaryDirectory() as d:
-        pm.save_pretrained(d)
-        ours = copy.deepcopy(base)
-        fastft.from_peft(ours, d)
-    x = base.get_input_embeddings()(ids).detach()
-    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    a = ours(inputs_embeds=x1).logits
-    b = pm(inputs_embeds=x2).logits
-    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    a.square().mean().backward()
-    b.square().mean().backward()
-    torch.testing.assert_close(x1.grad, x2.grad, atol=1e-6, rtol=1e-5)
+    ours, pm = loaded_from_peft(base, pcfg, b_std=0.3)
+    assert_same_logits_and_input_grads(ours, pm, base, ids)
     ours_grads = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
     assert all(g is not None for g in ours_grads.values())
 

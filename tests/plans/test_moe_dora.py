@@ -10,7 +10,8 @@ import tempfile
 import pytest
 import torch
 
-from helpers import randomize_by_name, tiny_moe_model, training_losses
+from helpers import (assert_same_logits_and_input_grads, loaded_from_peft, randomize_by_name, tiny_moe_model,
+                     training_losses)
 
 import fastft
 from fastft.nn import DoRAExperts, LoRARouter
@@ -100,24 +101,9 @@ def test_router_matches_peft_both_ways():
         again = copy.deepcopy(base)
         fastft.from_peft(again, d)
         torch.testing.assert_close(again(input_ids=ids).logits, logits, atol=1e-6, rtol=1e-6)
-    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"],
-                                                                  target_parameters=["mlp.gate.weight"]))
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_B" in n:
-                p.normal_(std=1.0)
-    pm.eval()
-    with tempfile.TemporaryDirectory() as d:
-        pm.save_pretrained(d)
-        ours = copy.deepcopy(base)
-        fastft.from_peft(ours, d)
-    x = base.get_input_embeddings()(ids).detach()
-    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    a, b = ours(inputs_embeds=x1).logits, pm(inputs_embeds=x2).logits
-    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    a.square().mean().backward()
-    b.square().mean().backward()
-    torch.testing.assert_close(x1.grad, x2.grad, atol=1e-6, rtol=1e-5)
+    ours, pm = loaded_from_peft(base, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"],
+                                                      target_parameters=["mlp.gate.weight"]), b_std=1.0)
+    assert_same_logits_and_input_grads(ours, pm, base, ids)
 
 
 def test_dora_router_merges():
