@@ -143,7 +143,7 @@ def _suite_min_bytes(op: str, config: dict, mode: str) -> int:
 
 
 def _suite_cases(op: str, sweeps: dict):
-    from .harness import layer_case, sweep_points
+    from .harness import layer_case, sweep_of, sweep_points
 
     def estimate(ctx, point) -> float:
         if ctx.on_gpu:
@@ -153,10 +153,7 @@ def _suite_cases(op: str, sweeps: dict):
         return calls * point["tokens"] * point["d"] * 50e-9 * ctx.contention + compile_s + 2.0
 
     def cases(ctx) -> list:
-        key = (ctx.device.type, ctx.sweep)
-        if key not in sweeps:
-            raise ValueError(f"{op}: no sweep for {key}; known: {sorted(sweeps)}")
-        base, variables = sweeps[key]
+        base, variables = sweep_of(op, sweeps, ctx)
         return [
             layer_case(op, point, x_names, build=lambda config, ctx: _suite_subjects(op, config, ctx),
                        min_bytes=lambda config, mode: _suite_min_bytes(op, config, mode),

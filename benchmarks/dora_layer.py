@@ -143,14 +143,11 @@ def suite_min_bytes(config: dict, mode: str, quantized: bool) -> int:
 
 
 def _suite_cases(op: str, sweeps: dict, quantized: bool):
-    from .harness import COMPILE_SECONDS, layer_case, layer_estimate, sweep_points
+    from .harness import COMPILE_SECONDS, layer_case, layer_estimate, sweep_of, sweep_points
     from .lora_layer import suite_step_flops
 
     def cases(ctx) -> list:
-        key = (ctx.device.type, ctx.sweep)
-        if key not in sweeps:
-            raise ValueError(f"{op}: no sweep for {key}; known: {sorted(sweeps)}")
-        base, variables = sweeps[key]
+        base, variables = sweep_of(op, sweeps, ctx)
         slowdown = 2.0 if quantized else 1.0  # dequantizing the 4-bit weight on every pass
         flops = lambda p: suite_step_flops(p) + 2.0 * p["hidden"] ** 2 * p["rank"]  # noqa: E731  (+ P = W Aᵀ)
         return [

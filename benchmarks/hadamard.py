@@ -163,15 +163,12 @@ def _weight_min_bytes(config: dict, mode: str) -> int:
 def suite_benchmarks(weight_sweeps: dict | None = None) -> list:
     """The weight fake-quantization benchmark of ``python -m benchmarks`` ("fake_quant_weight"); sweeps
     replaceable (tests)."""
-    from .harness import Benchmark, layer_case, layer_estimate, sweep_points
+    from .harness import Benchmark, layer_case, layer_estimate, sweep_of, sweep_points
 
     table = weight_sweeps or WEIGHT_SUITE_SWEEPS
 
     def cases(ctx) -> list:
-        key = (ctx.device.type, ctx.sweep)
-        if key not in table:
-            raise ValueError(f"fake_quant_weight: no sweep for {key}; known: {sorted(table)}")
-        base, variables = table[key]
+        base, variables = sweep_of("fake_quant_weight", table, ctx)
         return [layer_case("fake_quant_weight", point, x_names, build=weight_quantize_subjects,
                            min_bytes=_weight_min_bytes,
                            estimate_s=lambda ctx, point=point: layer_estimate(0.0, 3, ctx))

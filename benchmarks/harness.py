@@ -40,7 +40,7 @@ from .device_peaks import calibrate_gemm, contention, measure_peaks  # noqa: F40
 from .measuring import (WARM_UP_CALLS, WARM_UP_S, halves_disagree, layer_case, layer_estimate,  # noqa: F401
                         max_rel_diff, measure_subjects, roofline_estimates, time_calls, time_checked, warm_up)
 from .protocol import (DTYPES, Benchmark, Case, Context, Measurement, Peaks, Skipped, Subject,  # noqa: F401
-                       model_step_subject, sweep_points)
+                       model_step_subject, sweep_of, sweep_points)
 
 INSTALL_HINTS = {
     "peft": 'pip install -e ".[peft]" from the fastft checkout',

@@ -240,7 +240,7 @@ def suite_min_bytes(config: dict, mode: str) -> int:
 
 def suite_benchmarks(sweeps: dict | None = None) -> list:
     """The fused-loss benchmark of ``python -m benchmarks`` ("linear_ce"); sweeps replaceable (tests)."""
-    from .harness import COMPILE_SECONDS, Benchmark, layer_case, layer_estimate, sweep_points
+    from .harness import COMPILE_SECONDS, Benchmark, layer_case, layer_estimate, sweep_of, sweep_points
 
     sweeps = sweeps or SUITE_SWEEPS
 
@@ -248,10 +248,7 @@ def suite_benchmarks(sweeps: dict | None = None) -> list:
         return 2.0 * p["tokens"] * p["vocab"] * p["hidden"] * (3 if p["lm_head"] == "trainable" else 2)
 
     def cases(ctx) -> list:
-        key = (ctx.device.type, ctx.sweep)
-        if key not in sweeps:
-            raise ValueError(f"linear_ce: no sweep for {key}; known: {sorted(sweeps)}")
-        base, variables = sweeps[key]
+        base, variables = sweep_of("linear_ce", sweeps, ctx)
         return [layer_case("linear_ce", point, x_names, build=suite_subjects, min_bytes=suite_min_bytes,
                            estimate_s=lambda ctx, point=point: layer_estimate(step_flops(point), 2 + 2 * ctx.compile, ctx)
                            + (2 * COMPILE_SECONDS if ctx.compile else 0.0))

@@ -172,13 +172,10 @@ def suite_step_flops(config: dict) -> float:
 
 
 def _suite_cases(op: str, sweeps: dict, quantized: bool):
-    from .harness import COMPILE_SECONDS, layer_case, layer_estimate, sweep_points
+    from .harness import COMPILE_SECONDS, layer_case, layer_estimate, sweep_of, sweep_points
 
     def cases(ctx) -> list:
-        key = (ctx.device.type, ctx.sweep)
-        if key not in sweeps:
-            raise ValueError(f"{op}: no sweep for {key}; known: {sorted(sweeps)}")
-        base, variables = sweeps[key]
+        base, variables = sweep_of(op, sweeps, ctx)
         providers = (5 if ctx.on_gpu else 4) + (not quantized and ctx.compile)
         slowdown = 2.0 if quantized else 1.0  # dequantizing the 4-bit weight on every pass
         return [

@@ -201,13 +201,10 @@ def suite_step_flops(config: dict) -> float:
 
 
 def _suite_cases(op: str, sweeps: dict, dora: bool):
-    from .harness import COMPILE_SECONDS, layer_case, layer_estimate, sweep_points
+    from .harness import COMPILE_SECONDS, layer_case, layer_estimate, sweep_of, sweep_points
 
     def cases(ctx) -> list:
-        key = (ctx.device.type, ctx.sweep)
-        if key not in sweeps:
-            raise ValueError(f"{op}: no sweep for {key}; known: {sorted(sweeps)}")
-        base, variables = sweeps[key]
+        base, variables = sweep_of(op, sweeps, ctx)
         return [
             layer_case(op, point, x_names, build=lambda config, ctx: suite_subjects(config, ctx, dora),
                        estimate_s=lambda ctx, point=point: layer_estimate(suite_step_flops(point), 4, ctx, 2.0)

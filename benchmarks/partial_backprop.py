@@ -182,7 +182,7 @@ def suite_subjects(config: dict, ctx):
 
 def suite_benchmarks(sweeps: dict | None = None) -> list:
     """The partial-backprop benchmark of ``python -m benchmarks`` ("partial_backprop"); sweeps replaceable."""
-    from .harness import Benchmark, layer_case, layer_estimate, sweep_points
+    from .harness import Benchmark, layer_case, layer_estimate, sweep_of, sweep_points
 
     sweeps = sweeps or SUITE_SWEEPS
 
@@ -191,10 +191,7 @@ def suite_benchmarks(sweeps: dict | None = None) -> list:
         return 6.0 * tokens * (layers * (4 * h * h + 3 * h * i) + 2 * p["vocab"] * h)
 
     def cases(ctx) -> list:
-        key = (ctx.device.type, ctx.sweep)
-        if key not in sweeps:
-            raise ValueError(f"partial_backprop: no sweep for {key}; known: {sorted(sweeps)}")
-        base, variables = sweeps[key]
+        base, variables = sweep_of("partial_backprop", sweeps, ctx)
         return [layer_case("partial_backprop", point, x_names, build=suite_subjects, agreement=False,
                            estimate_s=lambda ctx, point=point: layer_estimate(
                                step_flops(point), 3 + len(suite_budgets(ctx)), ctx))

@@ -130,6 +130,14 @@ class Benchmark:
     requires: tuple[str, ...] = ()
 
 
+def sweep_of(op: str, sweeps: dict, ctx: "Context") -> tuple[dict[str, Any], dict[str, Sequence[Any]]]:
+    """(base point, {variable: values}) of ``sweeps[(device type, sweep)]`` for this run; a clear error without one."""
+    key = (ctx.device.type, ctx.sweep)
+    if key not in sweeps:
+        raise ValueError(f"{op}: no sweep for {key}; known: {sorted(sweeps)}")
+    return sweeps[key]
+
+
 def sweep_points(base: dict[str, Any], sweeps: dict[str, Sequence[Any]]) -> list[tuple[dict[str, Any], tuple[str, ...]]]:
     """One-at-a-time sweeps around ``base``: each variable takes its values while the others stay at base.
 

@@ -183,7 +183,7 @@ def _torchao_subject(args: argparse.Namespace, dtype: torch.dtype, ctx, inputs: 
 
 def suite_benchmarks(sweeps: dict | None = None) -> list:
     """The QAT step benchmark of ``python -m benchmarks`` ("qat_step"); sweeps replaceable (tests)."""
-    from .harness import Benchmark, layer_case, layer_estimate, sweep_points
+    from .harness import Benchmark, layer_case, layer_estimate, sweep_of, sweep_points
 
     sweeps = sweeps or SUITE_SWEEPS
 
@@ -192,10 +192,7 @@ def suite_benchmarks(sweeps: dict | None = None) -> list:
         return 4.0 * tokens * (layers * (4 * h * h + 3 * h * i) + p["vocab"] * h)
 
     def cases(ctx) -> list:
-        key = (ctx.device.type, ctx.sweep)
-        if key not in sweeps:
-            raise ValueError(f"qat_step: no sweep for {key}; known: {sorted(sweeps)}")
-        base, variables = sweeps[key]
+        base, variables = sweep_of("qat_step", sweeps, ctx)
         # fake quantization and rotations are elementwise: on a CPU they cost about as much again as the GEMMs
         return [layer_case("qat_step", point, x_names, build=suite_subjects, agreement=False,
                            estimate_s=lambda ctx, point=point: layer_estimate(step_flops(point), 4, ctx, 4.0))

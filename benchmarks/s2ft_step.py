@@ -326,14 +326,11 @@ def _llama_step_flops(config: dict) -> float:
 
 def suite_benchmarks(layer_sweeps: dict | None = None, step_sweeps: dict | None = None) -> list:
     """The S²FT benchmarks of ``python -m benchmarks`` ("s2ft", "s2ft_step"); sweeps replaceable (tests)."""
-    from .harness import COMPILE_SECONDS, Benchmark, layer_case, layer_estimate, sweep_points
+    from .harness import COMPILE_SECONDS, Benchmark, layer_case, layer_estimate, sweep_of, sweep_points
 
     def family(op: str, table: dict, build, flops, providers: int, agreement: bool, compiles: bool = False):
         def cases(ctx) -> list:
-            key = (ctx.device.type, ctx.sweep)
-            if key not in table:
-                raise ValueError(f"{op}: no sweep for {key}; known: {sorted(table)}")
-            base, variables = table[key]
+            base, variables = sweep_of(op, table, ctx)
             return [layer_case(op, point, x_names, build=build, agreement=agreement,
                                estimate_s=lambda ctx, point=point: layer_estimate(flops(point), providers, ctx)
                                + (COMPILE_SECONDS if compiles and ctx.compile else 0.0))

@@ -165,15 +165,12 @@ def _null():
 
 def suite_benchmarks(layer_sweeps: dict | None = None) -> list:
     """The sparse-delta benchmark of ``python -m benchmarks`` ("sparse"); sweeps replaceable (tests)."""
-    from .harness import Benchmark, layer_case, layer_estimate, sweep_points
+    from .harness import Benchmark, layer_case, layer_estimate, sweep_of, sweep_points
 
     table = layer_sweeps or LAYER_SUITE_SWEEPS
 
     def cases(ctx) -> list:
-        key = (ctx.device.type, ctx.sweep)
-        if key not in table:
-            raise ValueError(f"sparse: no sweep for {key}; known: {sorted(table)}")
-        base, variables = table[key]
+        base, variables = sweep_of("sparse", table, ctx)
         flops = lambda p: 6.0 * p["tokens"] * p["out_features"] * p["in_features"]  # noqa: E731
         return [layer_case("sparse", point, x_names, build=layer_subjects, agreement=False,
                            estimate_s=lambda ctx, point=point: layer_estimate(flops(point), 6, ctx))

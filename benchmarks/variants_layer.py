@@ -325,13 +325,10 @@ def _step_flops(method: str, config: dict) -> float:
 
 
 def _cases(method: str, sweeps: dict):
-    from .harness import COMPILE_SECONDS, layer_case, layer_estimate, sweep_points
+    from .harness import COMPILE_SECONDS, layer_case, layer_estimate, sweep_of, sweep_points
 
     def cases(ctx) -> list:
-        key = (ctx.device.type, ctx.sweep)
-        if key not in sweeps:
-            raise ValueError(f"{method}: no sweep for {key}; known: {sorted(sweeps)}")
-        base, variables = sweeps[key]
+        base, variables = sweep_of(method, sweeps, ctx)
         out = []
         for point, x_names in sweep_points(base, variables):
             case = layer_case(

@@ -480,3 +480,12 @@ def test_a_compiled_peer_runs_with_compile(tmp_path):
     compiled = [r for r in rows if r["provider"] == "torch.compile"]
     assert {r["backend"] for r in compiled} == {"inductor"} and {r["role"] for r in compiled} == {"peer"}
     assert {r["mode"] for r in compiled if r["metric"] == "time"} == {"forward", "backward", "step"}
+
+
+def test_a_benchmark_without_a_sweep_for_this_run_says_which_it_has():
+    from helpers import bench_context
+
+    sweeps = {("cpu", "quick"): (dict(n=1), dict(n=[1, 2]))}
+    assert harness.sweep_of("toy", sweeps, bench_context(quick=True)) == sweeps[("cpu", "quick")]
+    with pytest.raises(ValueError, match=r"toy: no sweep for \('cpu', 'full'\); known: \[\('cpu', 'quick'\)\]"):
+        harness.sweep_of("toy", sweeps, bench_context(quick=False))
